@@ -1,0 +1,1 @@
+"""Learned image retrieval: train, evaluate, export and serve embeddings."""

@@ -1,0 +1,1 @@
+"""Manifests, datasets, transforms, samplers and the data module."""
