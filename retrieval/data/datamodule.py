@@ -1,0 +1,126 @@
+"""The LightningDataModule: manifest -> checked rows -> datasets -> P x K / eval loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from retrieval.data.dataset import ImageDataset
+from retrieval.data.images import DEFAULT_MAX_PIXELS, find_unreadable, report_unreadable
+from retrieval.data.manifest import ManifestRow, read_manifest, select_split
+from retrieval.data.sampler import PKBatchSampler
+from retrieval.data.transforms import eval_transform, train_transform
+from retrieval.models.backbone import Preprocessing
+
+
+class RetrievalDataModule(pl.LightningDataModule):
+    """Training on ``train_split`` with P x K batches; validation on the held-out ``val_split``.
+
+    Args:
+        manifest: CSV manifest (see data/README.md).
+        root: folder that relative manifest paths start from (default: the manifest's folder).
+        preprocessing: the backbone's preprocessing; ``image_size`` overrides its input size.
+        sampler: builds the batch sampler from ``labels``, ``seed``, ``num_replicas``, ``rank``.
+        max_labels: keep only the first N labels (sorted) of each split, for quick runs.
+        strict_images: unreadable images are an error instead of being skipped with a warning.
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path,
+        preprocessing: Preprocessing,
+        sampler: Callable[..., PKBatchSampler],
+        root: str | Path | None = None,
+        image_size: int | None = None,
+        train_split: str = "train",
+        val_split: str = "test",
+        eval_batch_size: int = 64,
+        num_workers: int = 2,
+        strict_images: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        train_scale: Sequence[float] = (0.25, 1.0),
+        hflip: bool = True,
+        color_jitter: float = 0.0,
+        max_labels: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.manifest = Path(manifest)
+        self.root = Path(root) if root is not None else None
+        self.preprocessing = preprocessing.with_size(image_size)
+        self.sampler_factory = sampler
+        self.splits = (train_split, val_split)
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.strict_images = strict_images
+        self.max_pixels = max_pixels
+        self.train_scale, self.hflip, self.color_jitter = tuple(train_scale), hflip, color_jitter
+        self.max_labels = max_labels
+        self.seed = seed
+        self.train_set: ImageDataset | None = None
+        self.val_set: ImageDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and check everything before any training step; idempotent."""
+        if self.train_set is not None:
+            return
+        rows = read_manifest(self.manifest, self.root)
+        train_rows, val_rows = (self._rows(rows, split) for split in self.splits)
+        self.train_set = ImageDataset(
+            train_rows,
+            train_transform(self.preprocessing, self.train_scale, self.hflip, self.color_jitter),
+            self.max_pixels,
+        )
+        self.val_set = ImageDataset(val_rows, eval_transform(self.preprocessing), self.max_pixels)
+        self._sampler(rank=0, num_replicas=1)  # fail now on a batch shape the data cannot fill
+
+    def _rows(self, rows: list[ManifestRow], split: str) -> list[ManifestRow]:
+        selected = select_split(rows, split, str(self.manifest))
+        if self.max_labels is not None:
+            keep = set(sorted({r.label for r in selected})[: self.max_labels])
+            selected = [r for r in selected if r.label in keep]
+        bad = find_unreadable([r.path for r in selected], self.max_pixels)
+        report_unreadable(
+            bad, len(selected), self.strict_images, f"split '{split}' of {self.manifest}"
+        )
+        skipped = {b.path for b in bad}
+        return [r for r in selected if r.path not in skipped]
+
+    @property
+    def num_train_labels(self) -> int:
+        self.setup()
+        assert self.train_set is not None
+        return len(self.train_set.label_names)
+
+    def _sampler(self, rank: int, num_replicas: int) -> PKBatchSampler:
+        assert self.train_set is not None
+        return self.sampler_factory(
+            labels=self.train_set.labels, seed=self.seed, num_replicas=num_replicas, rank=rank
+        )
+
+    def _loaded(self) -> tuple[ImageDataset, ImageDataset]:
+        self.setup()
+        assert self.train_set is not None and self.val_set is not None
+        return self.train_set, self.val_set
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        return DataLoader(
+            self._loaded()[0],
+            batch_sampler=self._sampler(rank, world),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self._loaded()[1],
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )

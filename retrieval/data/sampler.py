@@ -1,0 +1,110 @@
+"""P x K batch sampling: every batch holds P labels with K images each.
+
+Metric-learning losses need positives in the batch; drawing P labels and K images of each
+guarantees them. Labels with fewer than K images are drawn with replacement inside the label
+(documented behaviour, so K stays fixed); labels with a single image give no positive pair and
+are left out of training with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+class PKBatchSampler(Sampler[list[int]]):
+    """Yields batches of dataset indices: ``labels_per_batch`` labels x ``samples_per_label``.
+
+    Deterministic for a given ``seed`` and epoch (call :meth:`set_epoch` before each epoch).
+    Under distributed training every rank builds the same global sequence of batches and takes
+    every ``num_replicas``-th one from ``rank``, so ranks see different batches and the same
+    number of them.
+
+    Args:
+        labels: label of each dataset item (any hashable values), length N.
+        labels_per_batch: P, distinct labels per batch.
+        samples_per_label: K, items per label in a batch.
+        batches_per_epoch: global batches per epoch; default ``N // (P * K)``.
+        batch_size: alternative to P: must be a multiple of K, and P = batch_size / K.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[object],
+        labels_per_batch: int = 8,
+        samples_per_label: int = 4,
+        batches_per_epoch: int | None = None,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        batch_size: int | None = None,
+    ) -> None:
+        if batch_size is not None:
+            if batch_size % samples_per_label:
+                raise ValueError(
+                    f"sampler.batch_size={batch_size} cannot be filled by "
+                    f"samples_per_label={samples_per_label} images per label: "
+                    "make it a multiple of samples_per_label"
+                )
+            labels_per_batch = batch_size // samples_per_label
+        if labels_per_batch < 2 or samples_per_label < 2:
+            raise ValueError(
+                "sampler needs labels_per_batch >= 2 and samples_per_label >= 2 "
+                f"(got P={labels_per_batch}, K={samples_per_label})"
+            )
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        _, inverse = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+        groups = [np.flatnonzero(inverse == c) for c in range(inverse.max(initial=-1) + 1)]
+        singles = sum(len(g) == 1 for g in groups)
+        self.groups = [g for g in groups if len(g) >= 2]
+        if singles:
+            warnings.warn(
+                f"sampler: {singles} labels have a single image and are left out of "
+                "training (they give no positive pair)",
+                stacklevel=2,
+            )
+        if len(self.groups) < labels_per_batch:
+            raise ValueError(
+                f"sampler needs labels_per_batch={labels_per_batch} labels with at least 2 "
+                f"images, but the training split has {len(self.groups)}; lower "
+                "sampler.labels_per_batch"
+            )
+        self.p, self.k = labels_per_batch, samples_per_label
+        total = batches_per_epoch or len(labels) // (self.p * self.k)
+        self.batches_per_rank = max(1, total // num_replicas)
+        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
+        self.epoch = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.p * self.k
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_rank
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        queues: list[list[int]] = [[] for _ in self.groups]
+        for step in range(self.batches_per_rank * self.num_replicas):
+            chosen = rng.choice(len(self.groups), size=self.p, replace=False)
+            batch = [i for c in chosen for i in self._take(rng, queues, int(c))]
+            if step % self.num_replicas == self.rank:
+                yield batch
+
+    def _take(self, rng: np.random.Generator, queues: list[list[int]], c: int) -> list[int]:
+        """K items of label ``c``: without replacement while the label has K left in its
+        shuffled queue (refilled when exhausted), with replacement if it has fewer than K."""
+        group = self.groups[c]
+        if len(group) < self.k:
+            return [int(i) for i in rng.choice(group, size=self.k, replace=True)]
+        if len(queues[c]) < self.k:
+            queues[c] = [int(i) for i in rng.permutation(group)]
+        taken, queues[c] = queues[c][: self.k], queues[c][self.k :]
+        return taken

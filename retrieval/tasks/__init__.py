@@ -1,0 +1,1 @@
+"""The only Hydra-aware library code: one function per entry point."""

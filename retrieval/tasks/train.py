@@ -1,0 +1,96 @@
+"""``train(cfg)``: compose the objects a config describes, validate the untrained model, fit,
+and write the run's metrics. Called by ``train.py`` and directly by tests."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from retrieval.loggers import describe_wandb
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a dict-of-configs group (callbacks, loggers), skipping nulls."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node is not None]
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Every object of a training run, with the data read and checked before anything trains."""
+    pl.seed_everything(cfg.seed, workers=True)
+    embedder = instantiate(cfg.model.embedder)
+    # Partial: a dataclass passed through instantiate() would be turned into a config.
+    datamodule = instantiate(cfg.data, _partial_=True)(
+        preprocessing=embedder.preprocessing, sampler=instantiate(cfg.sampler), seed=cfg.seed
+    )
+    datamodule.setup("fit")
+    module = instantiate(cfg.model, embedder=embedder, num_classes=datamodule.num_train_labels)
+    # Set afterwards: instantiate() would build the _target_ nodes inside the dict.
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return {
+        "embedder": embedder,
+        "datamodule": datamodule,
+        "module": module,
+        "callbacks": callbacks,
+        "loggers": loggers,
+        "trainer": trainer,
+    }
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train per ``cfg``; returns ``(metrics, objects)``. ``metrics`` holds the untrained
+    baseline (``baseline/...``), the last validation (``val/...``) and the best monitored value."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    objects = build(cfg)
+    trainer, module, datamodule = objects["trainer"], objects["module"], objects["datamodule"]
+
+    metrics: dict[str, Any] = {}
+    if cfg.get("ckpt_path") is None:
+        baseline = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        metrics.update({k.replace("val/", "baseline/"): v for k, v in baseline.items()})
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics.update(
+        {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    )
+
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.best_model_score is not None:
+        metrics[f"best/{cfg.monitor}"] = float(checkpoint.best_model_score)
+        metrics["best/checkpoint"] = checkpoint.best_model_path
+    metrics["output_dir"] = str(output_dir)
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _report(metrics, cfg.monitor, objects["loggers"])
+    return metrics, objects
+
+
+def _report(metrics: dict[str, Any], monitor: str, loggers: list[Any]) -> None:
+    """Print the final table: every validation metric before and after training."""
+    names = sorted(k.split("/", 1)[1] for k in metrics if k.startswith("val/"))
+    lines = [f"{'metric':<18}{'untrained':>10}{'trained':>10}"]
+    for name in names:
+        before = metrics.get(f"baseline/{name}")
+        shown = f"{before:10.4f}" if before is not None else f"{'-':>10}"
+        lines.append(f"{'val/' + name:<18}{shown}{metrics[f'val/{name}']:10.4f}")
+    if f"best/{monitor}" in metrics:
+        lines.append(
+            f"best {monitor} = {metrics[f'best/{monitor}']:.4f} ({metrics['best/checkpoint']})"
+        )
+    for logger in loggers:
+        if logger.__class__.__name__ == "WandbLogger":
+            lines.append(describe_wandb(logger))
+    lines.append(f"run directory: {metrics['output_dir']}")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,65 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from retrieval.data.sampler import PKBatchSampler
+
+LABELS = [f"l{i % 10}" for i in range(200)]  # 10 labels x 20 images
+
+
+def batches(sampler: PKBatchSampler, epoch: int = 0) -> list[list[int]]:
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_every_batch_has_p_labels_with_k_images_each():
+    sampler = PKBatchSampler(LABELS, labels_per_batch=4, samples_per_label=5)
+    result = batches(sampler)
+    assert len(result) == len(sampler) == 200 // 20
+    for batch in result:
+        counts = Counter(LABELS[i] for i in batch)
+        assert len(counts) == 4 and set(counts.values()) == {5}
+        assert len(set(batch)) == 20  # no repeats inside a label with enough images
+
+
+def test_deterministic_for_seed_and_epoch_and_different_across_epochs():
+    a = PKBatchSampler(LABELS, 4, 5, seed=1)
+    b = PKBatchSampler(LABELS, 4, 5, seed=1)
+    assert batches(a, 3) == batches(b, 3)
+    assert batches(a, 3) != batches(a, 4)
+    assert batches(a, 0) != batches(PKBatchSampler(LABELS, 4, 5, seed=2), 0)
+
+
+def test_ranks_get_disjoint_batches_of_equal_count():
+    per_rank = [
+        batches(PKBatchSampler(LABELS, 2, 4, seed=0, num_replicas=3, rank=r), 1) for r in range(3)
+    ]
+    assert len({len(b) for b in per_rank}) == 1
+    single = batches(PKBatchSampler(LABELS, 2, 4, seed=0), 1)
+    interleaved = [per_rank[i % 3][i // 3] for i in range(3 * len(per_rank[0]))]
+    assert interleaved == single[: len(interleaved)]
+    keys = [tuple(b) for rank in per_rank for b in rank]
+    assert len(keys) == len(set(keys))
+
+
+def test_small_labels_are_drawn_with_replacement_and_singletons_dropped():
+    labels = ["a"] * 2 + ["b"] * 8 + ["c"] * 8 + ["d"]
+    with pytest.warns(UserWarning, match="1 labels have a single image"):
+        sampler = PKBatchSampler(labels, 2, 4, batches_per_epoch=30)
+    seen = Counter()
+    for batch in batches(sampler):
+        assert len(batch) == 8
+        seen.update(labels[i] for i in batch)
+    assert "d" not in seen and seen["a"] > 0 and all(v % 4 == 0 for v in seen.values())
+
+
+def test_bad_shapes_fail_with_a_clear_message():
+    with pytest.raises(ValueError, match="batch_size=30 cannot be filled"):
+        PKBatchSampler(LABELS, samples_per_label=4, batch_size=30)
+    with pytest.raises(ValueError, match="labels_per_batch=12 labels"):
+        PKBatchSampler(LABELS, labels_per_batch=12, samples_per_label=2)
+    assert PKBatchSampler(LABELS, samples_per_label=4, batch_size=32).p == 8
+    assert np.array_equal(
+        np.sort(np.concatenate([g for g in PKBatchSampler(LABELS).groups])), np.arange(200)
+    )

@@ -1,0 +1,68 @@
+"""Every option of every config group composes and instantiates."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_train(overrides: list[str], tmp_path: Path):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                f"paths.data_dir={tmp_path}/data",
+                f"paths.output_dir={tmp_path}/out",
+                *overrides,
+            ],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes(group, option, tmp_path):
+    overrides = [f"{group}={option}"]
+    if group == "data" and option != "demo":
+        overrides.append(f"data.{'manifest' if option == 'manifest' else 'root'}={tmp_path}")
+    if group == "experiment":
+        overrides.append(f"data.root={tmp_path}")
+    cfg = compose_train(overrides, tmp_path)
+    assert cfg.monitor == "val/recall@1"
+    node = cfg.get(group)
+    if group in ("loss", "optimizer", "scheduler", "sampler", "miner") and node is not None:
+        assert instantiate(node) is not None
+    if group in ("callbacks", "logger"):
+        assert all(instantiate(n) is not None for n in node.values())
+    if group == "backbone":
+        with open_dict(cfg):
+            cfg.backbone.pretrained = option == "efficientnet_lite0"
+        assert instantiate(cfg.backbone).num_features > 0
+
+
+def test_monitor_is_interpolated_everywhere(tmp_path):
+    cfg = compose_train(["monitor=val/map@r", "callbacks=early_stopping"], tmp_path)
+    assert cfg.callbacks.model_checkpoint.monitor == "val/map@r"
+    assert cfg.callbacks.early_stopping.monitor == "val/map@r"
+
+
+def test_unknown_keys_and_options_fail(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="loss/nope"):
+        compose_train(["loss=nope"], tmp_path)
+    with pytest.raises(ConfigCompositionException, match="optimizer.lrr"):
+        compose_train(["optimizer.lrr=0.1"], tmp_path)
