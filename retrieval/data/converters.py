@@ -1,0 +1,249 @@
+"""Official dataset layouts → manifest CSVs with the zero-shot DML splits. Each converter reads the
+layout under ``root`` (data/README.md), checks every listed image exists, writes ``output`` (default
+``root/manifest.csv``) with paths relative to ``root``, returns it; bad layouts: ManifestError."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import random
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from retrieval.data.manifest import ManifestError, ManifestRow, read_manifest, write_manifest
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+_README = "see data/README.md for the expected layout"
+
+
+def _root(root: str | Path, dataset: str) -> Path:
+    """Absolute dataset root (symlinks kept); it must be an existing folder."""
+    base = Path(os.path.abspath(Path(root).expanduser()))
+    if not base.is_dir():
+        raise ManifestError(f"{dataset}: dataset root {base} is not an existing folder ({_README})")
+    return base
+
+
+def _need(base: Path, names: Sequence[str], dataset: str, layout: str) -> Path:
+    """The first of ``names`` that exists under ``base``; otherwise an error naming them all."""
+    for name in names:
+        if (base / name).exists():
+            return base / name
+    wanted = " or ".join(repr(n) for n in names)
+    raise ManifestError(f"{dataset}: {wanted} missing under {base}; layout: {layout} ({_README})")
+
+
+def _table(path: Path, width: int, skip: int = 0) -> list[tuple[int, list[str]]]:
+    """Non-blank lines after ``skip`` lines split on whitespace into exactly ``width`` fields
+    (the last keeps inner spaces), with 1-based line numbers."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path}: not UTF-8 text ({err})") from None
+    numbered = enumerate(lines[skip:], start=skip + 1)
+    table = [(n, line.split(maxsplit=width - 1)) for n, line in numbered if line.strip()]
+    for number, fields in table:
+        if len(fields) != width:
+            raise ManifestError(f"{path}, line {number}: expected {width} fields, got {fields}")
+    return table
+
+
+def _int(value: object, where: str, name: str) -> int:
+    """``value`` as an int; otherwise an error naming the place and the field."""
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ManifestError(f"{where}, field '{name}': {value!r} is not an integer") from None
+
+
+def _finish(rows: list[ManifestRow], base: Path, output: str | Path | None, dataset: str) -> Path:
+    """Check the listed images exist, then write the manifest relative to ``base``."""
+    if not rows:
+        raise ManifestError(f"{dataset}: the annotations under {base} list no images ({_README})")
+    missing = [str(r.path) for r in rows if not r.path.is_file()]
+    if missing:
+        raise ManifestError(
+            f"{dataset}: {len(missing)} of {len(rows)} listed images are missing under {base} "
+            f"(first: {'; '.join(missing[:5])}); the archive may be only partly extracted"
+        )
+    out = Path(output).expanduser() if output is not None else base / "manifest.csv"
+    return write_manifest(rows, out, root=base)
+
+
+def cub200(root: str | Path, output: str | Path | None = None) -> Path:
+    """CUB-200-2011: classes 1-100 train, 101-200 test; ``root`` may also be its parent folder."""
+    base = given = _root(root, "cub200")
+    if not (base / "images.txt").exists() and (base / "CUB_200_2011").is_dir():
+        base = base / "CUB_200_2011"
+    layout = "images.txt, image_class_labels.txt, images/<class folder>/<image>.jpg"
+    images = _table(_need(base, ["images.txt"], "cub200", layout), 2)
+    labels_file = _need(base, ["image_class_labels.txt"], "cub200", layout)
+    labels = {image_id: cls for _, (image_id, cls) in _table(labels_file, 2)}
+    _need(base, ["images"], "cub200", layout)
+    rows = []
+    for number, (image_id, rel) in images:
+        where = f"{base / 'images.txt'}, line {number}"
+        if image_id not in labels:
+            raise ManifestError(f"{where}: image id {image_id} is not in {labels_file}")
+        cls = _int(labels[image_id], f"{labels_file}, image id {image_id}", "class_id")
+        rows.append(ManifestRow(base / "images" / rel, str(cls), "train" if cls <= 100 else "test"))
+    return _finish(rows, given, output, "cub200")
+
+
+def _cars_mat(path: Path) -> list[tuple[str, int]]:
+    """(relative_im_path, class) pairs from the struct array ``annotations`` in cars_annos.mat."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        hint = "run 'pip install scipy' or provide cars_annos.csv (relative_im_path,class)"
+        raise ManifestError(f"{path}: reading .mat files needs scipy; {hint}") from None
+    try:
+        annotations = loadmat(str(path), squeeze_me=True)["annotations"].reshape(-1)
+    except Exception as err:
+        raise ManifestError(f"{path}: cannot read the struct array 'annotations' ({err})") from None
+    fields = annotations.dtype.names or ()
+    if "relative_im_path" not in fields or "class" not in fields:
+        raise ManifestError(f"{path}: 'annotations' lacks relative_im_path or class: {fields}")
+    return [
+        (str(a["relative_im_path"]), _int(a["class"], f"{path}, annotation {i + 1}", "class"))
+        for i, a in enumerate(annotations)
+    ]
+
+
+def _cars_csv(path: Path) -> list[tuple[str, int]]:
+    """(relative_im_path, class) pairs from cars_annos.csv (header row required)."""
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not {"relative_im_path", "class"} <= set(reader.fieldnames or []):
+            raise ManifestError(f"{path}, row 1: needs the columns relative_im_path,class")
+        return [
+            (r["relative_im_path"].strip(), _int(r["class"], f"{path}, row {i}", "class"))
+            for i, r in enumerate(reader, start=2)
+        ]
+
+
+def cars196(root: str | Path, output: str | Path | None = None) -> Path:
+    """Stanford Cars: classes 1-98 train, 99-196 test (the official ``test`` flag is ignored)."""
+    base = _root(root, "cars196")
+    layout = "cars_annos.mat (or cars_annos.csv: relative_im_path,class) and car_ims/<image>.jpg"
+    annos = _need(base, ["cars_annos.mat", "cars_annos.csv"], "cars196", layout)
+    pairs = _cars_mat(annos) if annos.suffix == ".mat" else _cars_csv(annos)
+    rows = [ManifestRow(base / rel, str(c), "train" if c <= 98 else "test") for rel, c in pairs]
+    return _finish(rows, base, output, "cars196")
+
+
+def sop(root: str | Path, output: str | Path | None = None) -> Path:
+    """Stanford Online Products: Ebay_train.txt → train, Ebay_test.txt → test; extra column
+    ``category`` is the super_class_id."""
+    base = _root(root, "sop")
+    header = ["image_id", "class_id", "super_class_id", "path"]
+    layout = f"Ebay_train.txt and Ebay_test.txt (header '{' '.join(header)}'), <category>_final/"
+    rows = []
+    for split in ("train", "test"):
+        path = _need(base, [f"Ebay_{split}.txt"], "sop", layout)
+        table = _table(path, 4)
+        if not table or table[0] != (1, header):
+            raise ManifestError(f"{path}, line 1: expected the header '{' '.join(header)}'")
+        for number, (_, cls, sup, rel) in table[1:]:
+            at = f"{path}, line {number}"
+            extra = {"category": str(_int(sup, at, "super_class_id"))}
+            rows.append(ManifestRow(base / rel, str(_int(cls, at, "class_id")), split, extra=extra))
+    return _finish(rows, base, output, "sop")
+
+
+_INSHOP_STATUS = {"train": ("train", False, False), "query": ("test", True, False)}
+_INSHOP_STATUS["gallery"] = ("test", False, True)
+
+
+def inshop(root: str | Path, output: str | Path | None = None) -> Path:
+    """In-Shop Clothes: status train → train; query/gallery → test with is_query/is_gallery.
+    Images are under ``img/``, ``Img/img/`` or ``Img/`` (the first holding the first listed
+    image); the partition file may also be under ``Eval/``."""
+    base = _root(root, "inshop")
+    layout = "list_eval_partition.txt (or Eval/list_eval_partition.txt) and img/<...>/<image>.jpg"
+    names = ["list_eval_partition.txt", "Eval/list_eval_partition.txt"]
+    part = _need(base, names, "inshop", layout)
+    _need(base, ["img", "Img"], "inshop", layout)
+    with open(part, encoding="utf-8") as handle:
+        count = _int(handle.readline(), f"{part}, line 1", "image count")
+    table = _table(part, 3, skip=1)
+    if not table or table[0][1] != ["image_name", "item_id", "evaluation_status"]:
+        raise ManifestError(f"{part}, line 2: expected 'image_name item_id evaluation_status'")
+    if count != len(table) - 1:
+        raise ManifestError(f"{part}, line 1: says {count} images but lists {len(table) - 1}")
+    first = table[1][1][0].removeprefix("img/") if count else ""
+    prefix = next((p for p in ("img", "Img/img", "Img") if (base / p / first).is_file()), "img")
+    rows = []
+    for number, (name, item, status) in table[1:]:
+        if status not in _INSHOP_STATUS:
+            where = f"{part}, line {number}, field 'evaluation_status'"
+            raise ManifestError(f"{where}: {status!r} is not train, query or gallery")
+        split, is_query, is_gallery = _INSHOP_STATUS[status]
+        rel = f"{prefix}/{name[4:]}" if name.startswith("img/") else name
+        rows.append(ManifestRow(base / rel, item, split, is_query, is_gallery))
+    return _finish(rows, base, output, "inshop")
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """Image files under ``folder``, sorted (recursive; hidden files, symlinked folders skipped)."""
+    found = [Path(d) / f for d, _, files in os.walk(folder) for f in files if f[0] != "."]
+    return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def image_folder(
+    root: str | Path, output: str | Path | None = None, test_fraction: float = 0.5, seed: int = 0
+) -> Path:
+    """Generic ``root/<label>/<images>``: labels (folder names, hidden ones skipped) sorted, then
+    shuffled with ``seed``; the first ``round(n * (1 - test_fraction))`` are train, the rest
+    test. Label folders without images are ignored; files directly in ``root`` are ignored."""
+    base = _root(root, "folder")
+    if not 0.0 <= test_fraction <= 1.0:
+        raise ManifestError(f"folder: test_fraction must be in [0, 1], got {test_fraction}")
+    layout = f"{base}/<label>/<image files> ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+    folders = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    images = {f.name: files for f in folders if (files := _images_under(f))}
+    if not images:
+        what = "image files in the label folders" if folders else "label folders"
+        raise ManifestError(f"folder: no {what} under {base}; expected {layout}")
+    labels = sorted(images)
+    random.Random(seed).shuffle(labels)
+    train = set(labels[: round(len(labels) * (1 - test_fraction))])
+    split = {label: "train" if label in train else "test" for label in images}
+    rows = [ManifestRow(p, label, split[label]) for label in sorted(images) for p in images[label]]
+    return _finish(rows, base, output, "folder")
+
+
+CONVERTERS: dict[str, Callable[..., Path]] = dict(
+    cub200=cub200, cars196=cars196, sop=sop, inshop=inshop, folder=image_folder
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: convert, print the manifest path and the images and labels per split.
+    Returns 0; bad arguments exit with status 2, a ManifestError exits with status 1."""
+    about = "Write a manifest CSV from a dataset's official layout (see data/README.md)."
+    parser = argparse.ArgumentParser(prog="python -m retrieval.data.converters", description=about)
+    parser.add_argument("dataset", choices=list(CONVERTERS))
+    parser.add_argument("root", type=Path, help="dataset root folder")
+    parser.add_argument("--output", type=Path, help="manifest path (default: ROOT/manifest.csv)")
+    parser.add_argument("--test-fraction", type=float, default=0.5, help="folder only")
+    parser.add_argument("--seed", type=int, default=0, help="folder only: label shuffle seed")
+    args = parser.parse_args(argv)
+    folder = args.dataset == "folder"
+    kw = {"test_fraction": args.test_fraction, "seed": args.seed} if folder else {}
+    try:
+        out = CONVERTERS[args.dataset](args.root, args.output, **kw)
+    except ManifestError as err:
+        parser.exit(1, f"error: {err}\n")
+    rows = read_manifest(out, root=args.root, check_files=False)
+    print(out)
+    for split, n in Counter(r.split for r in rows).items():
+        print(f"{split}: {n} images, {len({r.label for r in rows if r.split == split})} labels")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Safe image loading (pixel limit checked from the header, EXIF orientation, RGB) and a cheap
+integrity scan of image files before training."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit (Image.MAX_IMAGE_PIXELS)
+_ALPHA_MODES = {"LA", "La", "RGBA", "RGBa", "PA"}
+_JPEG_TAIL = 1024
+_OPEN_LOCK = threading.Lock()  # warnings.catch_warnings changes process-wide state
+
+
+class ImageLoadError(OSError):
+    """An image file cannot be used; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """A file that failed the integrity scan and why."""
+
+    path: Path
+    reason: str
+
+
+def _open_checked(path: Path, max_pixels: int) -> ImageFile.ImageFile:
+    """Open ``path`` lazily (header only) and enforce the pixel limit before any decoding.
+
+    Pillow's own limit (``Image.MAX_IMAGE_PIXELS``) still applies, with its
+    DecompressionBombWarning raised as an error, so a ``max_pixels`` above it has no effect.
+    Raises ImageLoadError for a missing, empty, unidentifiable or too large file.
+    """
+    try:
+        if path.stat().st_size == 0:
+            raise ImageLoadError(f"{path}: empty file (0 bytes)")
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageLoadError(f"{path}: over Pillow's pixel limit ({err})") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{path}: not an image format Pillow can identify") from None
+    except ImageLoadError:
+        raise
+    except OSError as err:
+        raise ImageLoadError(f"{path}: cannot be opened ({err})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageLoadError(
+            f"{path}: {width}x{height} = {width * height} pixels is over the limit of "
+            f"{max_pixels} pixels; raise max_pixels to allow it, or downscale the file"
+        )
+    return image
+
+
+def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
+    """Map 16/32-bit integer and float grayscale to 8-bit L.
+
+    ``I;16*`` is scaled from 0..65535; ``I`` is scaled the same way when its maximum exceeds
+    255 (16-bit data stored as 32-bit), otherwise kept; ``F`` and other values are clipped to
+    0..255.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+        values = values / 257.0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB version of ``image``; transparent pixels are composited onto white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode.startswith(("I", "F")):
+        image = _high_bit_depth_to_l(image)
+    return image.convert("RGB")
+
+
+def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Load ``path`` as a fully decoded RGB image.
+
+    The pixel count is checked from the header before decoding (see ``_open_checked``); EXIF
+    orientation is applied; L/1/I/F/CMYK/YCbCr become RGB; palette images with transparency
+    and LA/RGBA/PA are composited onto white; animated images give their first frame. Missing,
+    zero-byte, truncated, corrupt and non-image files raise ImageLoadError (truncated files are
+    only accepted if the caller set ``ImageFile.LOAD_TRUNCATED_IMAGES``).
+    """
+    file = Path(path)
+    image = _open_checked(file, max_pixels)
+    try:
+        with image:
+            image.load()
+            # Not in place: a new image independent of the file (closed on exit) is returned.
+            oriented = ImageOps.exif_transpose(image) or image.copy()
+        return _to_rgb(oriented)
+    except Exception as err:  # Pillow's decoders raise many types for corrupt data
+        raise ImageLoadError(f"{file}: cannot be decoded ({type(err).__name__}: {err})") from None
+
+
+def _jpeg_is_truncated(path: Path) -> bool:
+    """True when the last KiB of a JPEG file has no end-of-image marker (0xFFD9)."""
+    with open(path, "rb") as handle:
+        size = handle.seek(0, 2)
+        handle.seek(max(0, size - _JPEG_TAIL))
+        return b"\xff\xd9" not in handle.read()
+
+
+def _scan_one(path: Path, max_pixels: int) -> BadImage | None:
+    """The reason ``path`` is unusable, or None; does not decode pixel data."""
+    try:
+        image = _open_checked(path, max_pixels)
+    except ImageLoadError as err:
+        return BadImage(path, str(err).removeprefix(f"{path}: "))
+    try:
+        with image:
+            fmt = image.format
+            image.verify()
+        if fmt == "JPEG" and _jpeg_is_truncated(path):
+            return BadImage(path, "truncated JPEG (no end-of-image marker)")
+    except Exception as err:  # verify() raises many types for corrupt data
+        return BadImage(path, f"failed verification ({type(err).__name__}: {err})")
+    return None
+
+
+def find_unreadable(
+    paths: Sequence[Path], max_pixels: int = DEFAULT_MAX_PIXELS, num_threads: int = 2
+) -> list[BadImage]:
+    """Scan ``paths`` with ``num_threads`` threads and return the bad ones in input order.
+
+    Detects missing and zero-byte files, files Pillow cannot identify, images over the pixel
+    limit, files that fail ``Image.verify()`` and JPEGs with no end-of-image marker in their
+    last KiB. Pixel data is not decoded, so some corrupt files can still pass; ``load_rgb``
+    catches those. An empty ``paths`` gives []. Raises ValueError if ``num_threads`` < 1.
+    """
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be at least 1, got {num_threads}")
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        results = pool.map(lambda p: _scan_one(Path(p), max_pixels), paths)
+        return [bad for bad in results if bad is not None]
+
+
+def report_unreadable(bad: Sequence[BadImage], total: int, strict: bool, where: str) -> None:
+    """Report the result of ``find_unreadable``: nothing if ``bad`` is empty; with ``strict``
+    an ImageLoadError; otherwise one UserWarning. Both name the count, ``where`` and the first
+    5 files with reasons."""
+    if not bad:
+        return
+    first = f"first {min(len(bad), 5)}: " + "; ".join(f"{b.path} ({b.reason})" for b in bad[:5])
+    if strict:
+        raise ImageLoadError(
+            f"{len(bad)} of {total} images in {where} cannot be read: {first}. Fix or "
+            "remove them, or set data.strict_images=false to skip them with a warning"
+        )
+    warnings.warn(
+        f"skipping {len(bad)} of {total} images in {where} that cannot be read: {first}; "
+        "set data.strict_images=true to make this an error",
+        UserWarning,
+        stacklevel=2,
+    )
