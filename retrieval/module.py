@@ -90,7 +90,8 @@ class RetrievalModule(pl.LightningModule):
         self._outputs.append(
             {
                 "embedding": self.model(batch["image"]),
-                **{k: batch[k] for k in ("label", "index", "is_query", "is_gallery")},
+                # integers only: collective ops of some backends reject bool tensors
+                **{k: batch[k].long() for k in ("label", "index", "is_query", "is_gallery")},
             }
         )
 
@@ -104,9 +105,11 @@ class RetrievalModule(pl.LightningModule):
             gathered["is_gallery"],
             ks=self.eval_ks,
         )
-        stage = "val" if self.trainer.state.stage != "test" else "test"
         for name, value in result.metrics.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "recall@1", sync_dist=False)
+            # every rank holds the same gathered result, so no reduction is needed
+            self.log(f"val/{name}", value, prog_bar=name == "recall@1", sync_dist=False)
+        # queries whose label has no other image cannot be scored and are left out
+        self.log("val/excluded_queries", float(result.num_excluded), sync_dist=False)
 
     def _gather(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
         """Concatenate this rank's outputs, gather all ranks', and keep one copy of each dataset

@@ -79,12 +79,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _report(metrics: dict[str, Any], monitor: str, loggers: list[Any]) -> None:
     """Print the final table: every validation metric before and after training."""
+
+    def cell(value: float | None, name: str) -> str:
+        if value is None:
+            return f"{'-':>10}"
+        return f"{value:10.0f}" if name.endswith("queries") else f"{value:10.4f}"
+
     names = sorted(k.split("/", 1)[1] for k in metrics if k.startswith("val/"))
-    lines = [f"{'metric':<18}{'untrained':>10}{'trained':>10}"]
+    lines = [f"{'metric':<22}{'untrained':>10}{'trained':>10}"]
     for name in names:
-        before = metrics.get(f"baseline/{name}")
-        shown = f"{before:10.4f}" if before is not None else f"{'-':>10}"
-        lines.append(f"{'val/' + name:<18}{shown}{metrics[f'val/{name}']:10.4f}")
+        before, after = metrics.get(f"baseline/{name}"), metrics[f"val/{name}"]
+        lines.append(f"{'val/' + name:<22}{cell(before, name)}{cell(after, name)}")
     if f"best/{monitor}" in metrics:
         lines.append(
             f"best {monitor} = {metrics[f'best/{monitor}']:.4f} ({metrics['best/checkpoint']})"
