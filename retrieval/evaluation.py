@@ -260,7 +260,10 @@ def evaluate_protocol(
     if is_query.all() and is_gallery.all():
         return evaluate_embeddings(embeddings, labels, ks=ks)
     if (is_query & is_gallery).any():
-        raise ValueError("some rows are both query and gallery while others are not: mark each "
-                         "row of a query/gallery split as exactly one of them")
-    return evaluate_embeddings(embeddings[is_query], labels[is_query],
-                               embeddings[is_gallery], labels[is_gallery], ks=ks)
+        raise ValueError(
+            "some rows are both query and gallery while others are not: mark each "
+            "row of a query/gallery split as exactly one of them"
+        )
+    return evaluate_embeddings(
+        embeddings[is_query], labels[is_query], embeddings[is_gallery], labels[is_gallery], ks=ks
+    )

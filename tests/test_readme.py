@@ -21,8 +21,9 @@ def train_commands() -> list[str]:
 def test_readme_documents_the_main_commands():
     commands = train_commands()
     assert "python train.py" in commands
-    assert any("backbone=resnet50" in c and "data=cub200" in c and "data.root=" in c
-               for c in commands)
+    assert any(
+        "backbone=resnet50" in c and "data=cub200" in c and "data.root=" in c for c in commands
+    )
     text = (ROOT / "README.md").read_text()
     assert 'pip install -e ".[dev]" && python -m pytest' in text
     assert "python -m pytest" in (ROOT / ".ci" / "run").read_text()
