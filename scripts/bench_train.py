@@ -25,30 +25,19 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from PIL import Image
 
 from retrieval.data.datamodule import RetrievalDataModule
 from retrieval.data.images import load_rgb
 from retrieval.losses import compute_loss
 from retrieval.module import RetrievalModule
+from retrieval.tasks.config import compose_config
 from retrieval.tasks.train import build
 
 REPO = Path(__file__).resolve().parents[1]
 Args = argparse.Namespace
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    """The config ``python train.py OVERRIDES`` would run, composed in-process."""
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
 
 
 def _cycle(batches: Iterable[Any], sampler: Any, steps: int) -> Iterator[Any]:
