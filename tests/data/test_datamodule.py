@@ -1,0 +1,79 @@
+import csv
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.data.datamodule import RetrievalDataModule
+from retrieval.data.images import ImageLoadError
+from retrieval.data.sampler import PKBatchSampler
+from retrieval.evaluation import evaluate_protocol
+from retrieval.models.backbone import Preprocessing
+
+PRE = Preprocessing(input_size=224, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def datamodule(manifest: Path, **kwargs) -> RetrievalDataModule:
+    sampler = partial(PKBatchSampler, labels_per_batch=4, samples_per_label=3)
+    return RetrievalDataModule(manifest, PRE, sampler, image_size=48, num_workers=0, **kwargs)
+
+
+def with_bad_files(small_demo: Path, tmp_path: Path) -> Path:
+    """A copy of the demo manifest with a zero-byte, a truncated and a non-image train file."""
+    root = small_demo.parent
+    with small_demo.open() as f:
+        rows = [[str(root / r["path"]), r["label"], r["split"]] for r in csv.DictReader(f)]
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    good = Path(rows[0][0]).read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(good[: len(good) // 2])
+    bad = [[str(tmp_path / n), rows[0][1], "train"] for n in ("empty.jpg", "text.jpg", "cut.jpg")]
+    path = tmp_path / "m.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows(rows + bad)
+    return path
+
+
+def test_unreadable_images_are_skipped_with_one_warning_or_fatal_when_strict(
+    small_demo, tmp_path
+):
+    manifest = with_bad_files(small_demo, tmp_path)
+    dm = datamodule(manifest)
+    with pytest.warns(UserWarning, match=r"skipping 3 of \d+ images .*empty\.jpg") as record:
+        dm.setup()
+    assert len([w for w in record if "skipping" in str(w.message)]) == 1
+    assert not any("jpg" in str(r.path) and r.path.parent == tmp_path for r in dm.train_set.rows)
+    with pytest.raises(ImageLoadError, match="3 of .* cannot be read"):
+        datamodule(manifest, strict_images=True).setup()
+
+
+def test_loaders_give_pk_batches_and_eval_tensors(small_demo):
+    dm = datamodule(small_demo, max_labels=6)
+    dm.setup()
+    assert dm.num_train_labels == 6 and len(dm.val_set.label_names) == 6
+    assert set(dm.train_set.label_names).isdisjoint(dm.val_set.label_names)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (12, 3, 48, 48)
+    assert sorted(torch.bincount(batch["label"]).tolist())[-4:] == [3, 3, 3, 3]
+    val = next(iter(dm.val_dataloader()))
+    assert val["image"].shape[1:] == (3, 48, 48) and bool(val["is_query"].all())
+    # eval images are normalised with the backbone's mean/std, not ImageNet's
+    assert val["image"].min() >= (0 - 0.5) / 0.25 - 1e-4
+
+
+def test_query_gallery_flags_select_the_protocol():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 4)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = np.array([0, 0, 1, 1, 0, 0, 1, 1])
+    flags = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    split = evaluate_protocol(x, labels, flags, 1 - flags, ks=(1,))
+    assert split.num_queries == 4  # In-Shop: 4 queries against 4 gallery images
+    loo = evaluate_protocol(x, labels, np.ones(8), np.ones(8), ks=(1,))
+    assert loo.num_queries == 8
+    with pytest.raises(ValueError, match="both query and gallery"):
+        evaluate_protocol(x, labels, np.ones(8), flags, ks=(1,))
