@@ -6,11 +6,12 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from retrieval.io import atomic_write
 
 SPLITS = ("train", "val", "test")
 REQUIRED = ("path", "label", "split")
@@ -159,18 +160,8 @@ def _read_records(handle: Iterable[str], name: Path) -> list[tuple[int, list[str
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path``, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
 
 
 def _relative(path: Path, root: Path) -> str:
