@@ -1,44 +1,23 @@
-"""Tests of retrieval.index.EmbeddingIndex against numpy brute force."""
+"""Tests of EmbeddingIndex building, training, adding and searching, against brute force."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from retrieval.index import EmbeddingIndex
+from retrieval.index import EmbeddingIndex, knn_recall
+from tests.index.synthetic import brute_force, clustered, unit
 
 
-def _unit(a: np.ndarray) -> np.ndarray:
-    return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
-
-
-def _clustered(rng: np.random.Generator, sizes: tuple[int, ...], dim: int = 32) -> list[np.ndarray]:
-    """Sets of unit vectors around 16 shared random centres (the structure IVF exploits)."""
-    c = _unit(rng.standard_normal((16, dim)))
-    return [_unit(c[rng.integers(0, 16, n)] + 0.15 * rng.standard_normal((n, dim))) for n in sizes]
-
-
-def _brute_force(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    scores = xq.astype(np.float64) @ xb.astype(np.float64).T
-    ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, ids, axis=1), ids
-
-
-def _overlap(found: np.ndarray, exact: np.ndarray) -> float:
-    return float(
-        np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found, exact, strict=True)])
-    )
-
-
-def test_flat_matches_brute_force():
+def test_flat_matchesbrute_force():
     rng = np.random.default_rng(0)
-    xb = _unit(rng.standard_normal((500, 16)))
-    xq = _unit(rng.standard_normal((40, 16)))
+    xb = unit(rng.standard_normal((500, 16)))
+    xq = unit(rng.standard_normal((40, 16)))
     index = EmbeddingIndex(16, "Flat", use_gpu=False)
     index.add(xb)
     assert (index.ntotal, index.dim, index.factory) == (500, 16, "Flat")
     scores, ids = index.search(xq, 10)
-    exp_scores, exp_ids = _brute_force(xq, xb, 10)
+    exp_scores, exp_ids = brute_force(xq, xb, 10)
     assert scores.dtype == np.float32 and ids.dtype == np.int64
     assert scores.shape == ids.shape == (40, 10)
     np.testing.assert_array_equal(ids, exp_ids)
@@ -47,7 +26,7 @@ def test_flat_matches_brute_force():
 
 def test_add_converts_dtype_and_layout():
     rng = np.random.default_rng(1)
-    xb = _unit(rng.standard_normal((16, 50))).T.astype(np.float64)  # (50, 16), F-order
+    xb = unit(rng.standard_normal((16, 50))).T.astype(np.float64)  # (50, 16), F-order
     index = EmbeddingIndex(16, use_gpu=False)
     index.add(xb)
     index.add(xb[:0])
@@ -57,8 +36,8 @@ def test_add_converts_dtype_and_layout():
 
 def test_chunking_does_not_change_results():
     rng = np.random.default_rng(2)
-    xb = _unit(rng.standard_normal((300, 8)))
-    xq = _unit(rng.standard_normal((103, 8)))
+    xb = unit(rng.standard_normal((300, 8)))
+    xq = unit(rng.standard_normal((103, 8)))
     index = EmbeddingIndex(8, use_gpu=False)
     index.add(xb)
     s_all, i_all = index.search(xq, 7, chunk_size=4096)
@@ -70,7 +49,7 @@ def test_chunking_does_not_change_results():
 
 def test_k_larger_than_ntotal_is_clamped():
     rng = np.random.default_rng(3)
-    xb = _unit(rng.standard_normal((5, 4)))
+    xb = unit(rng.standard_normal((5, 4)))
     index = EmbeddingIndex(4, use_gpu=False)
     index.add(xb)
     scores, ids = index.search(xb, 50)
@@ -83,30 +62,30 @@ def test_k_larger_than_ntotal_is_clamped():
 @pytest.mark.parametrize("factory", ["HNSW32", "IVF16,Flat"])
 def test_approximate_indexes_reach_recall(factory):
     rng = np.random.default_rng(4)
-    xb, xq = _clustered(rng, (2000, 200))
+    xb, xq = clustered(rng, (2000, 200))
     index = EmbeddingIndex(32, factory, use_gpu=False)
     assert index.is_trained == (factory == "HNSW32")
     index.train(xb)
     index.add(xb)
     _, ids = index.search(xq, 10)
-    _, exact = _brute_force(xq, xb, 10)
-    assert _overlap(ids, exact) >= 0.9
+    _, exact = brute_force(xq, xb, 10)
+    assert knn_recall(ids, exact) >= 0.9
 
 
 def test_ivf_search_params_probe_all_lists_is_exact():
     rng = np.random.default_rng(6)
-    xb = _unit(rng.standard_normal((2000, 32)))
-    xq = _unit(rng.standard_normal((50, 32)))
+    xb = unit(rng.standard_normal((2000, 32)))
+    xq = unit(rng.standard_normal((50, 32)))
     index = EmbeddingIndex(32, "IVF16,Flat", use_gpu=False, search_params="nprobe=16")
     index.add(xb)  # trains on xb first
     _, ids = index.search(xq, 10)
-    _, exact = _brute_force(xq, xb, 10)
+    _, exact = brute_force(xq, xb, 10)
     np.testing.assert_array_equal(ids, exact)
 
 
 def test_train_samples_at_most_max_train_and_needs_enough_rows():
     rng = np.random.default_rng(7)
-    xb = _unit(rng.standard_normal((400, 8)))
+    xb = unit(rng.standard_normal((400, 8)))
     index = EmbeddingIndex(8, "IVF16,Flat", use_gpu=False)
     with pytest.raises(ValueError, match="at least 16 training vectors, got 10"):
         index.train(xb, max_train=10)
@@ -148,18 +127,20 @@ def test_errors():
         EmbeddingIndex(0)
     with pytest.raises(ValueError, match="search_params"):
         EmbeddingIndex(4, "Flat", search_params="nprobe=2")
-    with pytest.raises(ValueError, match="only 'Flat'"):
-        EmbeddingIndex(4, "HNSW32", use_gpu=True)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="gpu_temp_memory"):
+            EmbeddingIndex(4, gpu_temp_memory=bad)
 
 
 def test_gpu_request_without_gpu_raises():
-    from retrieval import index as index_module
+    from retrieval.index._faiss import gpu_available, import_faiss
 
-    if index_module._gpu_available(index_module._faiss()):
+    if gpu_available(import_faiss()):
         pytest.skip("faiss sees a GPU")
-    with pytest.raises(RuntimeError, match="no usable GPU"):
-        EmbeddingIndex(4, "Flat", use_gpu=True)
-    assert not EmbeddingIndex(4, "Flat").on_gpu
+    for factory in ("Flat", "HNSW32"):
+        with pytest.raises(RuntimeError, match="no usable GPU"):
+            EmbeddingIndex(4, factory, use_gpu=True)
+        assert not EmbeddingIndex(4, factory).on_gpu
 
 
 def test_missing_faiss_gives_install_hint(monkeypatch):
@@ -175,3 +156,11 @@ def test_missing_faiss_gives_install_hint(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match="pip install faiss-cpu"):
         EmbeddingIndex(4)
+
+
+def test_importing_the_package_does_not_import_faiss():
+    import subprocess
+    import sys
+
+    code = "import sys, retrieval.index; assert 'faiss' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,99 @@
+"""The lazy ``faiss`` import and GPU placement: the one place that talks to faiss's GPU API.
+
+Nothing here imports faiss at module import time, so the package imports without it and a
+missing install fails with a clear ImportError only when an index is actually needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def import_faiss() -> Any:
+    """Return the ``faiss`` module, or raise an ImportError that says how to install it."""
+    try:
+        import faiss
+    except ImportError as err:
+        raise ImportError(
+            "retrieval.index needs FAISS: pip install faiss-cpu (or faiss-gpu-cu12 for GPU search)"
+        ) from err
+    return faiss
+
+
+def gpu_available(faiss: Any) -> bool:
+    """True when the installed faiss build has GPU support and sees at least one GPU."""
+    get_num_gpus = getattr(faiss, "get_num_gpus", None)
+    return (
+        get_num_gpus is not None
+        and hasattr(faiss, "StandardGpuResources")
+        and hasattr(faiss, "index_cpu_to_gpu")
+        and get_num_gpus() > 0
+    )
+
+
+def check_temp_memory(gpu_temp_memory: int | None) -> int | None:
+    """Validate the ``gpu_temp_memory`` option: ``None`` or a byte count >= 0."""
+    if gpu_temp_memory is None:
+        return None
+    if (
+        isinstance(gpu_temp_memory, bool)
+        or not isinstance(gpu_temp_memory, (int, np.integer))
+        or gpu_temp_memory < 0
+    ):
+        raise ValueError(
+            f"gpu_temp_memory must be None or a number of bytes >= 0, got {gpu_temp_memory!r}"
+        )
+    return int(gpu_temp_memory)
+
+
+def to_gpu(
+    faiss: Any, cpu_index: Any, use_gpu: bool | None, temp_memory: int | None, what: str
+) -> tuple[Any, Any]:
+    """Place ``cpu_index`` on GPU 0 when asked and possible.
+
+    Args:
+        faiss: the faiss module.
+        cpu_index: a CPU faiss index of any type.
+        use_gpu: ``False`` keeps the CPU index; ``None`` moves it when faiss has a GPU and
+            can convert this index type, else keeps it on the CPU; ``True`` requires both.
+        temp_memory: bytes of FAISS GPU scratch memory (``setTempMemory``); ``None`` keeps
+            the FAISS default.
+        what: how to name the index in messages (its factory string).
+
+    Returns:
+        ``(index, gpu_resources)``; ``gpu_resources`` is ``None`` for a CPU index and must be
+        kept alive as long as the GPU index is.
+
+    Raises:
+        RuntimeError: ``use_gpu=True`` but faiss has no usable GPU.
+        ValueError: ``use_gpu=True`` but faiss cannot put this index type on a GPU.
+    """
+    if use_gpu is False:
+        return cpu_index, None
+    if not gpu_available(faiss):
+        if use_gpu:
+            raise RuntimeError("use_gpu=True but the installed faiss has no usable GPU")
+        return cpu_index, None
+    resources = faiss.StandardGpuResources()
+    if temp_memory is not None:
+        resources.setTempMemory(temp_memory)
+    try:
+        return faiss.index_cpu_to_gpu(resources, 0, cpu_index), resources
+    except RuntimeError as err:  # e.g. "This index type is not implemented on GPU." (HNSW)
+        if use_gpu:
+            raise ValueError(
+                f"faiss cannot put a {what!r} index on the GPU ({err}); "
+                "pass use_gpu=None to fall back to the CPU"
+            ) from err
+        log.info("faiss cannot put a %r index on the GPU (%s); it stays on the CPU", what, err)
+        return cpu_index, None
+
+
+def to_cpu(faiss: Any, index: Any, on_gpu: bool) -> Any:
+    """The CPU form of ``index``: a copy when it lives on a GPU, else ``index`` itself."""
+    return faiss.index_gpu_to_cpu(index) if on_gpu else index

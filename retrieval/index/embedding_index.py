@@ -1,0 +1,287 @@
+"""EmbeddingIndex: an inner-product FAISS index over L2-normalised float32 embeddings."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from retrieval.index import _structure
+from retrieval.index._checks import as_ids, as_vectors, check_dim, check_positive, sample_rows
+from retrieval.index._faiss import check_temp_memory, import_faiss, to_cpu, to_gpu
+from retrieval.index._files import read_checked, write_atomically
+
+__all__ = ["EmbeddingIndex"]
+
+
+class EmbeddingIndex:
+    """Nearest-neighbour index over L2-normalised float32 vectors, scored by inner product.
+
+    The index is fully described by its dimension, a FAISS factory string (``"Flat"``,
+    ``"HNSW32"``, ``"IVF1024,Flat"``, ``"IVF256,PQ16"``, ...) and the inner-product metric, so
+    that on unit vectors scores are cosine similarities (higher = more similar). Vectors are
+    expected to be L2-normalised already; the index does not normalise them. Ids are row
+    numbers: the i-th vector added has id i, and ``remove_ids`` renumbers like deleting rows.
+
+    Args:
+        dim: embedding dimension, >= 1.
+        factory: FAISS ``index_factory`` string. ``"Flat"`` is exact search.
+        use_gpu: ``None`` puts the index on GPU 0 when faiss has GPU support, sees a GPU and
+            can convert this index type (HNSW, for one, stays on the CPU). ``True`` requires
+            all that and raises otherwise; ``False`` always stays on the CPU.
+        search_params: optional FAISS ``ParameterSpace`` string applied at construction, e.g.
+            ``"nprobe=16"`` for IVF indexes or ``"efSearch=64"`` for HNSW; ``""`` keeps the
+            FAISS defaults (``nprobe=1``, ``efSearch=16``).
+        gpu_temp_memory: bytes of scratch memory FAISS may reserve on the GPU
+            (``StandardGpuResources.setTempMemory``); ``None`` keeps the FAISS default.
+            Ignored on the CPU.
+
+    Raises:
+        ImportError: faiss is not installed.
+        ValueError: bad ``dim`` or ``gpu_temp_memory``, unknown factory string, unknown
+            search parameter, or ``use_gpu=True`` with an index type faiss cannot put on a GPU.
+        RuntimeError: ``use_gpu=True`` but faiss has no usable GPU.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        factory: str = "Flat",
+        use_gpu: bool | None = None,
+        search_params: str = "",
+        gpu_temp_memory: int | None = None,
+    ) -> None:
+        faiss = import_faiss()
+        dim = check_dim(dim)
+        temp_memory = check_temp_memory(gpu_temp_memory)
+        try:
+            index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as err:
+            raise ValueError(f"invalid FAISS factory string {factory!r}: {err}") from err
+        _structure.apply_search_params(faiss, index, search_params, factory)
+        self._setup(faiss, index, factory, search_params, use_gpu, temp_memory)
+
+    def _setup(
+        self,
+        faiss: Any,
+        cpu_index: Any,
+        factory: str,
+        search_params: str,
+        use_gpu: bool | None,
+        temp_memory: int | None,
+    ) -> None:
+        """Hold ``cpu_index`` (built or read from disk), on GPU 0 if asked and possible."""
+        self._dim = int(cpu_index.d)
+        self._factory = factory
+        self._search_params = search_params
+        self._use_gpu = use_gpu
+        self._temp_memory = temp_memory
+        self._bytes_per_vector = _structure.bytes_per_vector(faiss, cpu_index)
+        self._min_train_rows = _structure.min_train_rows(faiss, cpu_index)  # GPU forms hide it
+        self._index, self._gpu_resources = to_gpu(faiss, cpu_index, use_gpu, temp_memory, factory)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        dim: int | None = None,
+        factory: str | None = None,
+        use_gpu: bool | None = None,
+        search_params: str = "",
+        sha256: str | None = None,
+        gpu_temp_memory: int | None = None,
+    ) -> EmbeddingIndex:
+        """Read an index written by :meth:`save`.
+
+        Args:
+            path: the index file.
+            dim: expected dimension; ``None`` accepts the file's.
+            factory: the factory string to report as :attr:`factory` (faiss files do not
+                store it); ``None`` derives one from the index (e.g. ``"IVF64,PQ8x8"``).
+            use_gpu, gpu_temp_memory: as for the constructor.
+            search_params: applied after reading. faiss files keep ``nprobe`` / ``efSearch``
+                as they were when saved, and ``""`` keeps those.
+            sha256: the hex digest :meth:`save` returned; when given, the file is checked
+                against it before faiss parses it.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: checksum mismatch; a truncated, corrupt or non-faiss file; an index
+                whose metric is not inner product or whose dimension is not ``dim``; bad
+                ``search_params``; and the constructor's GPU errors. Messages name the file.
+        """
+        faiss = import_faiss()
+        expected_dim = None if dim is None else check_dim(dim)
+        temp_memory = check_temp_memory(gpu_temp_memory)
+        index = read_checked(faiss, path, sha256, expected_dim)
+        what = factory if factory is not None else _structure.describe(faiss, index)
+        _structure.apply_search_params(faiss, index, search_params, what)
+        loaded = cls.__new__(cls)
+        loaded._setup(faiss, index, what, search_params, use_gpu, temp_memory)
+        return loaded
+
+    def save(self, path: str | os.PathLike[str]) -> str:
+        """Write the CPU form of the index to ``path`` atomically; return its sha256 hex.
+
+        The file is written to a temporary file in the same folder, fsynced and renamed over
+        ``path``, so a failure leaves any previous file at ``path`` intact and no temporary
+        file behind. A GPU index is copied to the CPU for writing (memory for one more copy).
+
+        Raises:
+            FileNotFoundError: the folder of ``path`` does not exist.
+            OSError, RuntimeError: writing failed (nothing at ``path`` changed).
+        """
+        faiss = import_faiss()
+        return write_atomically(faiss, to_cpu(faiss, self._index, self.on_gpu), path)
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return self._dim
+
+    @property
+    def factory(self) -> str:
+        """FAISS factory string the index was built from (or the description of a loaded one)."""
+        return self._factory
+
+    @property
+    def search_params(self) -> str:
+        """FAISS ParameterSpace string applied at construction (``""`` for defaults)."""
+        return self._search_params
+
+    @property
+    def ntotal(self) -> int:
+        """Number of vectors in the index."""
+        return int(self._index.ntotal)
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether the index can accept vectors (always true for ``"Flat"`` and ``"HNSW*"``)."""
+        return bool(self._index.is_trained)
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the index lives on a GPU."""
+        return self._gpu_resources is not None
+
+    @property
+    def bytes_per_vector(self) -> float:
+        """Bytes one stored vector costs: e.g. ``4 * dim`` for Flat, ``m + 8`` for IVF-PQm.
+
+        Code, id and (for HNSW, on average) graph links; fixed costs such as IVF centroids
+        and PQ codebooks are left out. See ``retrieval.index._structure.bytes_per_vector``.
+        """
+        return self._bytes_per_vector
+
+    def train(self, xb: np.ndarray, max_train: int = 100_000, seed: int = 0) -> None:
+        """Train the index (IVF centroids, PQ codebooks); a no-op if it is already trained.
+
+        Args:
+            xb: (n, dim) real array, converted to C-contiguous float32.
+            max_train: at most this many rows are used, drawn uniformly without replacement
+                with ``numpy.random.default_rng(seed)`` when ``n > max_train``.
+            seed: seed of that sample, so training is deterministic.
+
+        Raises:
+            ValueError: bad shape or non-finite values; ``max_train < 1``; fewer rows than
+                the index needs (e.g. fewer than ``nlist`` rows for ``"IVF{nlist},..."``).
+        """
+        if self.is_trained:
+            return
+        x = sample_rows(as_vectors(xb, self._dim, "xb"), max_train, seed)
+        if x.shape[0] < self._min_train_rows:
+            raise ValueError(
+                f"index {self._factory!r} needs at least {self._min_train_rows} training vectors, "
+                f"got {x.shape[0]}"
+            )
+        try:
+            self._index.train(x)
+        except RuntimeError as err:
+            raise ValueError(f"training index {self._factory!r} failed: {err}") from err
+
+    def add(self, xb: np.ndarray) -> None:
+        """Add vectors; ids are assigned consecutively from ``ntotal``.
+
+        Args:
+            xb: (n, dim) real array (L2-normalised expected), converted to C-contiguous
+                float32. ``n == 0`` is a no-op. An untrained index is first trained on ``xb``
+                with the defaults of ``train``.
+
+        Raises:
+            ValueError: bad shape, non-finite values, or too few rows to train.
+        """
+        x = as_vectors(xb, self._dim, "xb")
+        if x.shape[0] == 0:
+            return
+        if not self.is_trained:
+            self.train(x)
+        self._index.add(x)
+
+    def remove_ids(self, ids: np.ndarray) -> int:
+        """Remove vectors by id; the rest are renumbered as if rows were deleted from a list.
+
+        After removing ids ``R``, a vector that had id ``i`` has id ``i - |{r in R: r < i}|``,
+        so ids stay ``0 .. ntotal - 1`` and the next ``add`` continues from ``ntotal``.
+        Works for flat-code (Flat, PQ, SQ) and IVF indexes. Needs exclusive access: no
+        search may run meanwhile. A GPU index is copied to the CPU and back.
+
+        Args:
+            ids: (n,) integer ids in ``[0, ntotal)``; duplicates count once; may be empty.
+
+        Returns:
+            The number of vectors removed.
+
+        Raises:
+            ValueError: bad ids; an HNSW index ("HNSW indexes cannot remove vectors; rebuild")
+                or another type that cannot remove vectors.
+        """
+        to_remove = as_ids(ids, self.ntotal)
+        if to_remove.size == 0:
+            return 0
+        faiss = import_faiss()
+        cpu_index = to_cpu(faiss, self._index, self.on_gpu)
+        _structure.remove_ids(faiss, cpu_index, to_remove, self._factory)
+        if self.on_gpu:
+            self._index, self._gpu_resources = to_gpu(
+                faiss, cpu_index, self._use_gpu, self._temp_memory, self._factory
+            )
+        return int(to_remove.size)
+
+    def search(
+        self, xq: np.ndarray, k: int, chunk_size: int = 4096
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return the ``k`` most similar indexed vectors of each query, best first.
+
+        Queries are searched ``chunk_size`` at a time, so FAISS's working memory beyond the
+        returned arrays is O(chunk_size * k).
+
+        Args:
+            xq: (nq, dim) real array, converted to C-contiguous float32; ``nq`` may be 0.
+            k: number of neighbours, >= 1. A ``k`` larger than ``ntotal`` is clamped to
+                ``ntotal``, so the outputs then have ``ntotal`` columns.
+            chunk_size: queries per FAISS call, >= 1.
+
+        Returns:
+            ``(D, I)``: D (nq, k') float32 inner-product scores, non-increasing along each
+            row; I (nq, k') int64 ids in ``[0, ntotal)``, where ``k' = min(k, ntotal)``.
+            Approximate indexes (IVF, HNSW) may find fewer than k' neighbours; the missing
+            slots hold id -1 and a score of about -3.4e38. Ties in score are ordered as FAISS
+            returns them.
+
+        Raises:
+            ValueError: empty index, ``k < 1``, ``chunk_size < 1``, bad shape or non-finite
+                values.
+        """
+        if self.ntotal == 0:
+            raise ValueError("cannot search an empty index: add vectors first")
+        k_eff = min(check_positive(k, "k"), self.ntotal)
+        check_positive(chunk_size, "chunk_size")
+        x = as_vectors(xq, self._dim, "xq")
+        nq = x.shape[0]
+        scores = np.empty((nq, k_eff), dtype=np.float32)
+        ids = np.empty((nq, k_eff), dtype=np.int64)
+        for start in range(0, nq, chunk_size):
+            stop = min(start + chunk_size, nq)
+            scores[start:stop], ids[start:stop] = self._index.search(x[start:stop], k_eff)
+        return scores, ids

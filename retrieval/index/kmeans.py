@@ -1,0 +1,81 @@
+"""k-means clustering of embeddings with faiss (used by the NMI metric)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from retrieval.index._checks import as_vectors, check_positive
+from retrieval.index._faiss import import_faiss
+
+__all__ = ["kmeans"]
+
+
+def kmeans(
+    x: np.ndarray,
+    k: int,
+    seed: int = 0,
+    niter: int = 20,
+    max_points_per_centroid: int = 256,
+    init: str = "k-means++",
+) -> np.ndarray:
+    """Cluster the rows of ``x`` into ``k`` groups with ``faiss.Kmeans`` (Euclidean, CPU).
+
+    Centroids are not projected on the unit sphere (``spherical=False``). The result is
+    deterministic for a given ``seed`` on a given machine (faiss's initial centroids and
+    subsample are seeded). faiss's default random initialisation often merges well-separated
+    clusters (with 8 clean clusters it found all 8 for 4 seeds in 50), so k-means++ is the
+    default (49 in 50).
+
+    Args:
+        x: (n, d) real array, converted to C-contiguous float32; n >= 1.
+        k: number of clusters, ``1 <= k <= n``.
+        seed: seed of faiss's initialisation and subsampling.
+        niter: k-means iterations, >= 1.
+        max_points_per_centroid: centroids are trained on at most ``k *`` this many rows,
+            drawn with ``seed``; every row is then assigned to its nearest centroid.
+        init: ``"k-means++"`` or ``"random"`` (k random rows). Older faiss releases, without
+            ``ClusteringInitMethod``, have only ``"random"``; ``"k-means++"`` then falls
+            back to it with a warning.
+
+    Returns:
+        (n,) int64 cluster of each row, in ``[0, k)``.
+
+    Raises:
+        ValueError: ``x`` not 2-D, empty or non-finite; ``k`` not in ``[1, n]``; ``niter``
+            or ``max_points_per_centroid`` < 1; an unknown ``init``.
+    """
+    arr = np.asarray(x)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"x must be a non-empty 2-D array (n, d), got shape {arr.shape}")
+    xs = as_vectors(arr, arr.shape[1], "x")
+    n, d = xs.shape
+    k = check_positive(k, "k")
+    if k > n:
+        raise ValueError(f"k must be <= the number of rows ({n}), got {k}")
+    niter = check_positive(niter, "niter")
+    max_points_per_centroid = check_positive(max_points_per_centroid, "max_points_per_centroid")
+    if init not in ("k-means++", "random"):
+        raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
+    faiss = import_faiss()
+    options = {}
+    plus_plus = getattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS", None)
+    if init == "k-means++" and plus_plus is None:
+        warnings.warn("this faiss has no k-means++; using random initialisation", stacklevel=2)
+    elif init == "k-means++":
+        options["init_method"] = plus_plus
+    km = faiss.Kmeans(
+        d,
+        k,
+        niter=niter,
+        seed=int(seed),
+        spherical=False,
+        max_points_per_centroid=max_points_per_centroid,
+        min_points_per_centroid=1,  # few points per cluster is normal here, not a warning
+        verbose=False,
+        **options,
+    )
+    km.train(xs)
+    _, labels = km.index.search(xs, 1)
+    return np.ascontiguousarray(labels[:, 0], dtype=np.int64)
