@@ -9,17 +9,25 @@ Common input convention:
 - ``num_relevant``: (nq,) integer array; R_q = number of gallery items with the query's
   label, excluding the query itself in leave-one-out evaluation.
 
-Every function returns a float64 (nq,) array of per-query scores; callers average them.
-Queries with no relevant gallery item (R_q == 0) have no defined MAP@R or R-precision and
-must be filtered out by the caller: ``map_at_r`` and ``r_precision`` raise ValueError on them.
-``nq == 0`` gives an empty result.
+Every ranking function returns a float64 (nq,) array of per-query scores; callers average
+them. Queries with no relevant gallery item (R_q == 0) have no defined MAP@R, R-precision,
+MAP@k or AP and must be filtered out by the caller: the functions taking ``num_relevant``
+raise ValueError on them. ``nq == 0`` gives an empty result. ``nmi`` scores a clustering.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["map_at_r", "r_precision", "recall_at_k"]
+__all__ = [
+    "average_precision",
+    "map_at_k",
+    "map_at_r",
+    "nmi",
+    "precision_at_k",
+    "r_precision",
+    "recall_at_k",
+]
 
 
 def _relevance(neighbor_labels: np.ndarray, query_labels: np.ndarray) -> np.ndarray:
@@ -36,8 +44,8 @@ def _relevance(neighbor_labels: np.ndarray, query_labels: np.ndarray) -> np.ndar
     return nl == ql[:, None]
 
 
-def _num_relevant(num_relevant: np.ndarray, nq: int, num_cols: int) -> np.ndarray:
-    """Validate ``num_relevant`` against (nq, K = num_cols); return it as int64."""
+def _num_relevant(num_relevant: np.ndarray, nq: int, num_cols: int | None) -> np.ndarray:
+    """Validate ``num_relevant`` (and, unless ``num_cols`` is None, R <= K); return int64."""
     r = np.asarray(num_relevant)
     if r.shape != (nq,):
         raise ValueError(f"num_relevant must have shape ({nq},), got {r.shape}")
@@ -50,7 +58,7 @@ def _num_relevant(num_relevant: np.ndarray, nq: int, num_cols: int) -> np.ndarra
             "num_relevant must be >= 1 for every query; filter out queries with no relevant "
             "gallery item before calling"
         )
-    if r.max() > num_cols:
+    if num_cols is not None and r.max() > num_cols:
         raise ValueError(
             f"neighbor_labels has K={num_cols} columns but max(num_relevant)={r.max()}: "
             "search at least max(num_relevant) neighbours"
@@ -77,10 +85,49 @@ def recall_at_k(neighbor_labels: np.ndarray, query_labels: np.ndarray, k: int) -
     Raises:
         ValueError: bad shapes or dtypes, or k outside ``[1, K]``.
     """
+    rel = _relevance_at_k(neighbor_labels, query_labels, k)
+    return np.asarray(rel.any(axis=1), dtype=np.float64)
+
+
+def _relevance_at_k(neighbor_labels: np.ndarray, query_labels: np.ndarray, k: int) -> np.ndarray:
+    """Validate the labels and ``1 <= k <= K``; return the (nq, k) bool hit matrix."""
     rel = _relevance(neighbor_labels, query_labels)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= rel.shape[1]:
         raise ValueError(f"k must be an int in [1, K={rel.shape[1]}], got {k!r}")
-    return np.asarray(rel[:, :k].any(axis=1), dtype=np.float64)
+    return rel[:, :k]
+
+
+def precision_at_k(neighbor_labels: np.ndarray, query_labels: np.ndarray, k: int) -> np.ndarray:
+    """Precision@k: ``(1 / k) * (number of the first k results with the query's label)``.
+
+    Same inputs, ``k`` range (callers clamp k to K) and errors as ``recall_at_k``;
+    precision@1 equals recall@1. Returns a (nq,) float64 array in [0, 1].
+    """
+    rel = _relevance_at_k(neighbor_labels, query_labels, k)
+    return rel.sum(axis=1) / np.float64(k)
+
+
+def map_at_k(
+    neighbor_labels: np.ndarray, query_labels: np.ndarray, num_relevant: np.ndarray, k: int
+) -> np.ndarray:
+    """MAP@k: average precision over the first k results, normalised by ``min(k, R)``::
+
+        MAP@k[q] = (1 / min(k, R)) * sum_{i=1..k} P(i) * rel(i)
+
+    with P(i) as in ``map_at_r``: a query whose first min(k, R) results are all relevant
+    scores 1. Frameworks disagree on this normaliser: pytorch-metric-learning's
+    ``mean_average_precision`` with an int ``k`` divides by R (a perfect top k with k < R
+    scores k / R there); others divide by the number of hits within k. All agree, and equal
+    full average precision, when every relevant item is among the first k. Example: labels
+    [1, 0, 1] for a query of label 1 with R = 5 and k = 3 give (1 + 2/3) / 3.
+
+    Inputs, ``k`` range and errors as ``recall_at_k``, plus ``num_relevant``: (nq,) integers
+    >= 1 (ValueError otherwise), which may exceed K. Returns a (nq,) float64 array in [0, 1].
+    """
+    rel = _relevance_at_k(neighbor_labels, query_labels, k)
+    r = _num_relevant(num_relevant, rel.shape[0], None)
+    precision = np.cumsum(rel, axis=1) / np.arange(1, k + 1, dtype=np.float64)
+    return (precision * rel).sum(axis=1) / np.minimum(r, k)
 
 
 def _relevance_at_r(
@@ -138,3 +185,80 @@ def r_precision(
     """
     rel, r = _relevance_at_r(neighbor_labels, query_labels, num_relevant)
     return rel.sum(axis=1) / r
+
+
+def average_precision(relevant_ranks: np.ndarray, num_relevant: np.ndarray) -> np.ndarray:
+    """Full average precision from the positions of the relevant items in the whole ranking.
+
+    ``AP[q] = (1 / R) * sum_{j=1..R} j / rank_j`` where rank_1 < ... < rank_R are the 1-based
+    positions of query q's R = R_q relevant gallery items in its full ranking (as returned
+    by ``retrieval.ranking.relevant_ranks``). Example: ranks [1, 3] give (1/1 + 2/3) / 2.
+
+    Args:
+        relevant_ranks: (nq, Rmax) integers, Rmax >= max(R): row q holds its R_q ranks
+            ascending in columns 0..R_q-1, then zeros.
+        num_relevant: (nq,) integers >= 1.
+
+    Returns:
+        (nq,) float64 array in (0, 1].
+
+    Raises:
+        ValueError: bad shapes or dtypes, ``num_relevant < 1``, ranks not strictly
+            increasing, a rank_j < j, or non-zero padding.
+    """
+    ranks = np.asarray(relevant_ranks)
+    if ranks.ndim != 2 or not np.issubdtype(ranks.dtype, np.integer):
+        raise ValueError(
+            f"relevant_ranks must be a 2-D integer array, got {ranks.dtype} {ranks.shape}"
+        )
+    r = _num_relevant(num_relevant, ranks.shape[0], ranks.shape[1])
+    ranks = ranks.astype(np.int64)
+    j = np.arange(1, ranks.shape[1] + 1, dtype=np.int64)
+    valid = j[None, :] <= r[:, None]
+    if np.any(ranks[~valid] != 0):
+        raise ValueError("relevant_ranks must be 0 after column num_relevant[q] of each row")
+    steps = np.diff(ranks, axis=1, prepend=0)
+    if np.any(valid & ((ranks < j) | (steps < 1))):
+        raise ValueError(
+            "relevant_ranks must hold strictly increasing ranks with rank_j >= j in each row"
+        )
+    return np.where(valid, j / np.maximum(ranks, 1), 0.0).sum(axis=1) / r
+
+
+def _entropy(counts: np.ndarray) -> float:
+    p = counts / counts.sum()  # counts > 0
+    return float(-(p * np.log(p)).sum())
+
+
+def nmi(cluster_ids: np.ndarray, labels: np.ndarray) -> float:
+    """Normalised mutual information of a clustering with the labels, in nats.
+
+    ``NMI = MI(C, L) / ((H(C) + H(L)) / 2)``: arithmetic-mean normalisation, the default of
+    scikit-learn's ``normalized_mutual_info_score`` (which pytorch-metric-learning's "NMI"
+    calls), with its conventions for degenerate inputs: 1.0 when both partitions have a
+    single group (or there are no samples), 0.0 when only one of them has a single group or
+    when MI is 0. Symmetric in its two arguments; ids are only compared for equality.
+
+    Args: ``cluster_ids`` and ``labels``, (n,) integer arrays. Returns a float in [0, 1].
+    Raises ValueError unless both are 1-D integer arrays of the same length.
+    """
+    c, lab = np.asarray(cluster_ids), np.asarray(labels)
+    if c.ndim != 1 or c.shape != lab.shape:
+        raise ValueError(f"cluster_ids, labels must be 1-D of one length: {c.shape}, {lab.shape}")
+    for name, arr in (("cluster_ids", c), ("labels", lab)):
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    _, ci, c_counts = np.unique(c, return_inverse=True, return_counts=True)
+    _, li, l_counts = np.unique(lab, return_inverse=True, return_counts=True)
+    if c_counts.size == l_counts.size <= 1:
+        return 1.0
+    if c_counts.size == 1 or l_counts.size == 1:
+        return 0.0
+    pairs = ci.astype(np.int64) * l_counts.size + li
+    pair_ids, joint = np.unique(pairs, return_counts=True)
+    n = float(c.size)
+    outer = c_counts[pair_ids // l_counts.size] * l_counts[pair_ids % l_counts.size]
+    mi = float(np.clip((joint / n * np.log(joint * n / outer)).sum(), 0.0, None))
+    if mi <= 0.0:
+        return 0.0
+    return min(1.0, mi / ((_entropy(c_counts) + _entropy(l_counts)) / 2))
