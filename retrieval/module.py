@@ -33,6 +33,8 @@ class RetrievalModule(pl.LightningModule):
         frozen_backbone_epochs: epochs at the start during which only the head and the loss
             parameters train (the backbone runs in eval mode without gradients).
         eval_ks: the k of recall@k reported by validation.
+        eval_metrics: metric families validation reports (see
+            :func:`retrieval.evaluation.evaluate_embeddings`).
         run_config: plain dict stored in checkpoints so a run can be rebuilt from them.
     """
 
@@ -48,6 +50,7 @@ class RetrievalModule(pl.LightningModule):
         loss_lr: float = 1e-2,
         frozen_backbone_epochs: int = 0,
         eval_ks: Sequence[int] = (1, 2, 4, 8),
+        eval_metrics: Sequence[str] = ("recall", "map@r", "r_precision"),
         run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -60,6 +63,7 @@ class RetrievalModule(pl.LightningModule):
         self.loss_lr = loss_lr
         self.frozen_backbone_epochs = frozen_backbone_epochs
         self.eval_ks = tuple(eval_ks)
+        self.eval_metrics = tuple(eval_metrics)
         self.run_config = run_config or {}
         self._outputs: list[dict[str, torch.Tensor]] = []
 
@@ -98,12 +102,13 @@ class RetrievalModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         gathered = self._gather(self._outputs)
         self._outputs = []
-        result = evaluate_protocol(
+        result, _, _ = evaluate_protocol(
             gathered["embedding"],
             gathered["label"],
             gathered["is_query"],
             gathered["is_gallery"],
             ks=self.eval_ks,
+            metrics=self.eval_metrics,
         )
         for name, value in result.metrics.items():
             # every rank holds the same gathered result, so no reduction is needed

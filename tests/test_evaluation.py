@@ -11,6 +11,8 @@ import pytest
 from retrieval.evaluation import RetrievalResult, evaluate_embeddings, search_excluding_self
 from retrieval.index import EmbeddingIndex
 
+THREE = ("recall", "map@r", "r_precision")
+
 
 def _unit(a: np.ndarray) -> np.ndarray:
     return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
@@ -32,8 +34,13 @@ def _pml_accuracy(*args, **kwargs) -> dict[str, float]:
     torch = pytest.importorskip("torch")
     ac_module = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
     ac = ac_module.AccuracyCalculator(
-        include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
-        k="max_bin_count",
+        include=(
+            "precision_at_1",
+            "r_precision",
+            "mean_average_precision_at_r",
+            "mean_average_precision",
+        ),
+        k=None,  # the whole reference set: mean_average_precision is then full mAP
         device=torch.device("cpu"),
     )
     return ac.get_accuracy(*args, **kwargs)
@@ -43,6 +50,8 @@ def _check_parity(ours: RetrievalResult, theirs: dict[str, float]) -> None:
     assert ours.metrics["recall@1"] == pytest.approx(theirs["precision_at_1"], abs=1e-6)
     assert ours.metrics["map@r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-6)
     assert ours.metrics["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-6)
+    assert ours.metrics["map"] == pytest.approx(theirs["mean_average_precision"], abs=1e-6)
+    assert ours.metrics["precision@1"] == ours.metrics["recall@1"]
     # guard against a vacuous comparison (all zeros or all ones)
     assert 0.0 < ours.metrics["map@r"] < 1.0
 
@@ -78,13 +87,11 @@ def test_leave_one_out_parity_with_pytorch_metric_learning():
     lone = int(np.sum(counts[labels] == 1))
     assert lone >= 6
     assert (ours.num_queries, ours.num_excluded) == (len(x) - lone, lone)
-    assert set(ours.metrics) == {
-        "recall@1",
-        "recall@2",
-        "recall@4",
-        "recall@8",
+    families = ("recall", "precision", "map")
+    assert set(ours.metrics) == {f"{f}@{k}" for f in families for k in (1, 2, 4, 8)} | {
         "map@r",
         "r_precision",
+        "map",
     }
 
 
@@ -147,7 +154,7 @@ def test_duplicate_of_the_query_is_a_hit_at_rank_one():
     x, labels = _with_unique_labels(10, 8, seed=5)
     x[5] = x[0]
     labels[5] = labels[0]
-    result = evaluate_embeddings(x, labels, ks=(1,))
+    result = evaluate_embeddings(x, labels, ks=(1,), metrics=THREE)
     assert (result.num_queries, result.num_excluded) == (2, 8)
     assert result.metrics == {"recall@1": 1.0, "map@r": 1.0, "r_precision": 1.0}
 
@@ -159,7 +166,7 @@ def test_duplicate_with_another_label_is_a_miss_not_the_query_itself():
     x[2] = _unit(-x[0:1] + 0.05 * x[4:5])[0]
     labels[0] = labels[1] = 0  # the nearest neighbour of each scored query has the other label
     labels[5] = labels[2] = 1
-    result = evaluate_embeddings(x, labels, ks=(1,))
+    result = evaluate_embeddings(x, labels, ks=(1,), metrics=THREE)
     assert result.num_queries == 4
     assert result.metrics == {"recall@1": 0.0, "map@r": 0.0, "r_precision": 0.0}
 
@@ -171,7 +178,8 @@ def test_search_excluding_self_drops_the_query_by_index():
     index = EmbeddingIndex(8, use_gpu=False)
     index.add(x)
     for k in (1, 2, 3, 4, 6, 20):
-        ids = search_excluding_self(index, x, np.arange(12), k)
+        scores, ids = search_excluding_self(index, x, np.arange(12), k)
+        np.testing.assert_allclose(scores, np.sum(x[:, None, :] * x[ids], axis=2), atol=1e-6)
         assert ids.shape == (12, min(k, 11))
         assert not np.any(ids == np.arange(12)[:, None])
         copies = ids[:5, : min(k, 4)]
@@ -239,6 +247,8 @@ def test_invalid_inputs_raise():
         evaluate_embeddings(x, np.arange(20))
     with pytest.raises(ValueError, match="factory"):
         evaluate_embeddings(x, labels, factory="NotAnIndex")
+    with pytest.raises(ValueError, match="metrics must be"):
+        evaluate_embeddings(x, labels, metrics=("recall", "accuracy"))
 
 
 def test_retrieval_result_is_a_validated_value_object():
@@ -253,3 +263,57 @@ def test_retrieval_result_is_a_validated_value_object():
         RetrievalResult(metrics={}, num_queries=1, num_excluded=-1)
     with pytest.raises(ValueError, match="num_queries"):
         RetrievalResult(metrics={}, num_queries=0, num_excluded=2)
+
+
+def test_approximate_index_is_reported_beside_exact_search():
+    x, labels = _leave_one_out_data(seed=12, n=400, dim=16)
+    exact = evaluate_embeddings(x, labels)
+    assert exact.exact_metrics is None and exact.index["factory"] == "Flat"
+    assert exact.index["bytes_per_vector"] == 16 * 4
+    # probing every list is exact search through an IVF index
+    full = evaluate_embeddings(x, labels, factory="IVF8,Flat", search_params="nprobe=8")
+    assert full.metrics == exact.metrics == full.exact_metrics
+    assert full.index["knn_recall@8"] == 1.0
+    # one list of eight: misses neighbours, and the report shows how many
+    coarse = evaluate_embeddings(x, labels, factory="IVF8,Flat", search_params="nprobe=1")
+    assert coarse.exact_metrics == exact.metrics
+    assert coarse.index["knn_recall@8"] < 1.0
+    assert coarse.metrics["recall@8"] < exact.metrics["recall@8"]
+    assert coarse.metrics["map"] == exact.metrics["map"]  # full mAP is always exact
+    no_compare = evaluate_embeddings(x, labels, factory="HNSW8", compare_exact=False)
+    assert no_compare.exact_metrics is None and "knn_recall@1" not in no_compare.index
+
+
+def test_per_query_values_and_kept_neighbours():
+    q, ql, g, gl = _query_gallery_data(seed=13)
+    result = evaluate_embeddings(q, ql, g, gl, keep_neighbors=3, chunk_size=7)
+    rows = result.query_rows
+    assert rows is not None and len(rows) == result.num_queries
+    assert np.all(np.isin(ql[rows], gl)) and not np.any(np.isin(np.delete(ql, rows), gl))
+    for name, values in result.per_query.items():
+        assert values.mean() == pytest.approx(result.metrics[name], abs=1e-12)
+    ids, scores = result.neighbor_ids, result.neighbor_scores
+    assert ids is not None and scores is not None and ids.shape == scores.shape == (len(rows), 3)
+    brute = q[rows] @ g.T
+    np.testing.assert_array_equal(ids, np.argsort(-brute, axis=1)[:, :3])
+    np.testing.assert_allclose(scores, np.take_along_axis(brute, ids, axis=1), atol=1e-6)
+    hit = (gl[ids[:, 0]] == ql[rows]).astype(float)
+    np.testing.assert_array_equal(result.per_query["recall@1"], hit)
+    same = evaluate_embeddings(q, ql, g, gl, keep_neighbors=3, chunk_size=4096)
+    assert same == result
+
+
+def test_nmi_is_that_of_kmeans_clusters_of_the_queries():
+    from retrieval.index import kmeans
+    from retrieval.metrics import nmi
+
+    rng = np.random.default_rng(14)
+    centres = 4 * rng.standard_normal((6, 8))
+    labels = np.repeat(np.arange(6), 20)
+    x = _unit(centres[labels] + 0.3 * rng.standard_normal((120, 8)))
+    result = evaluate_embeddings(x, labels, metrics=("nmi", "recall"), seed=3)
+    expected = nmi(kmeans(x, 6, seed=3), labels)
+    assert result.metrics["nmi"] == pytest.approx(expected, abs=1e-12)
+    assert result.metrics["nmi"] > 0.9  # well-separated clusters
+    shuffled = evaluate_embeddings(x, rng.permutation(labels), metrics=("nmi",), seed=3)
+    assert shuffled.metrics["nmi"] < 0.2

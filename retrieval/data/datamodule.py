@@ -23,16 +23,18 @@ class RetrievalDataModule(pl.LightningDataModule):
         manifest: CSV manifest (see data/README.md).
         root: folder that relative manifest paths start from (default: the manifest's folder).
         preprocessing: the backbone's preprocessing; ``image_size`` overrides its input size.
-        sampler: builds the batch sampler from ``labels``, ``seed``, ``num_replicas``, ``rank``.
+        sampler: builds the batch sampler from ``labels``, ``seed``, ``num_replicas``, ``rank``;
+            ``None`` when the module only evaluates.
         max_labels: keep only the first N labels (sorted) of each split, for quick runs.
         strict_images: unreadable images are an error instead of being skipped with a warning.
+        eval_ks: the k of Recall@k that papers report on this dataset.
     """
 
     def __init__(
         self,
         manifest: str | Path,
         preprocessing: Preprocessing,
-        sampler: Callable[..., PKBatchSampler],
+        sampler: Callable[..., PKBatchSampler] | None = None,
         root: str | Path | None = None,
         image_size: int | None = None,
         train_split: str = "train",
@@ -46,6 +48,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         color_jitter: float = 0.0,
         max_labels: int | None = None,
         seed: int = 0,
+        eval_ks: Sequence[int] = (1, 2, 4, 8),
     ) -> None:
         super().__init__()
         self.manifest = Path(manifest)
@@ -60,22 +63,32 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.train_scale, self.hflip, self.color_jitter = tuple(train_scale), hflip, color_jitter
         self.max_labels = max_labels
         self.seed = seed
+        self.eval_ks = tuple(eval_ks)
         self.train_set: ImageDataset | None = None
         self.val_set: ImageDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        """Read and check everything before any training step; idempotent."""
-        if self.train_set is not None:
+        """Read and check everything a stage needs before it starts; idempotent. Stages other
+        than ``fit`` (``validate``, ``test``, ``predict``) read only the evaluation split."""
+        training = stage in (None, "fit")
+        if self.val_set is not None and (self.train_set is not None or not training):
             return
         rows = read_manifest(self.manifest, self.root)
-        train_rows, val_rows = (self._rows(rows, split) for split in self.splits)
-        self.train_set = ImageDataset(
-            train_rows,
-            train_transform(self.preprocessing, self.train_scale, self.hflip, self.color_jitter),
-            self.max_pixels,
-        )
-        self.val_set = ImageDataset(val_rows, eval_transform(self.preprocessing), self.max_pixels)
-        self._sampler(rank=0, num_replicas=1)  # fail now on a batch shape the data cannot fill
+        if self.val_set is None:
+            val_rows = self._rows(rows, self.splits[1])
+            self.val_set = ImageDataset(
+                val_rows, eval_transform(self.preprocessing), self.max_pixels
+            )
+        if training:
+            train_rows = self._rows(rows, self.splits[0])
+            self.train_set = ImageDataset(
+                train_rows,
+                train_transform(
+                    self.preprocessing, self.train_scale, self.hflip, self.color_jitter
+                ),
+                self.max_pixels,
+            )
+            self._sampler(rank=0, num_replicas=1)  # fail now on a batch shape the data cannot fill
 
     def _rows(self, rows: list[ManifestRow], split: str) -> list[ManifestRow]:
         selected = select_split(rows, split, str(self.manifest))
@@ -97,6 +110,8 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     def _sampler(self, rank: int, num_replicas: int) -> PKBatchSampler:
         assert self.train_set is not None
+        if self.sampler_factory is None:
+            raise ValueError("this data module has no sampler: pass sampler= to train with it")
         return self.sampler_factory(
             labels=self.train_set.labels, seed=self.seed, num_replicas=num_replicas, rank=rank
         )
@@ -116,9 +131,15 @@ class RetrievalDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def eval_set(self) -> ImageDataset:
+        """The evaluation split (``val_split``) as a dataset, without reading the training split."""
+        self.setup("validate")
+        assert self.val_set is not None
+        return self.val_set
+
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
-            self._loaded()[1],
+            self.eval_set(),
             batch_size=self.eval_batch_size,
             shuffle=False,
             num_workers=self.num_workers,

@@ -1,4 +1,4 @@
-"""Retrieval evaluation of embeddings: Recall@k, MAP@R and R-precision through FAISS search.
+"""Retrieval evaluation of embeddings through the one :class:`~retrieval.index.EmbeddingIndex`.
 
 Two protocols:
 
@@ -9,237 +9,266 @@ Two protocols:
 
 Queries whose label has no other member in the gallery are excluded from the averages and
 counted in ``RetrievalResult.num_excluded`` (as pytorch-metric-learning does).
+
+Memory stays bounded on large galleries: the index is searched in chunks of queries keeping
+only the first ``K = max(max(ks), max R)`` results per query, and full mAP counts ranks chunk
+by chunk; no query x gallery matrix is ever held.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-from retrieval.index import EmbeddingIndex
-from retrieval.metrics import map_at_r, r_precision, recall_at_k
+from retrieval.evaluation.inputs import (
+    as_embeddings,
+    as_labels,
+    encode_labels,
+    encode_pair,
+    l2_normalised,
+)
+from retrieval.evaluation.result import RetrievalResult
+from retrieval.index import EmbeddingIndex, kmeans, knn_recall
+from retrieval.metrics import (
+    average_precision,
+    map_at_k,
+    map_at_r,
+    nmi,
+    precision_at_k,
+    r_precision,
+    recall_at_k,
+)
+from retrieval.ranking import relevant_ranks
 
-__all__ = ["RetrievalResult", "evaluate_embeddings", "search_excluding_self"]
+__all__ = [
+    "ALL_METRICS",
+    "DEFAULT_METRICS",
+    "evaluate_embeddings",
+    "evaluate_protocol",
+    "search_excluding_self",
+]
 
-_NORM_TOLERANCE = 1e-4
-
-
-@dataclass(frozen=True)
-class RetrievalResult:
-    """Scores of one evaluation.
-
-    Attributes:
-        metrics: metric name -> mean over the scored queries, each a finite float in [0, 1];
-            keys ``"recall@{k}"``, ``"map@r"``, ``"r_precision"``.
-        num_queries: number of queries scored (>= 1).
-        num_excluded: number of queries with no relevant gallery item, left out of the means.
-    """
-
-    metrics: dict[str, float]
-    num_queries: int
-    num_excluded: int
-
-    def __post_init__(self) -> None:
-        clean: dict[str, float] = {}
-        for name, value in dict(self.metrics).items():
-            if not isinstance(name, str):
-                raise ValueError(f"metric names must be str, got {name!r}")
-            v = float(value)
-            if not (math.isfinite(v) and 0.0 <= v <= 1.0):
-                raise ValueError(f"metric {name!r} must be a finite value in [0, 1], got {v}")
-            clean[name] = v
-        object.__setattr__(self, "metrics", clean)
-        for name in ("num_queries", "num_excluded"):
-            n = getattr(self, name)
-            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {n!r}")
-            object.__setattr__(self, name, int(n))
-        if self.num_queries == 0:
-            raise ValueError("num_queries must be >= 1")
-
-
-def _check_embeddings(x: np.ndarray, name: str) -> np.ndarray:
-    """Validate a non-empty (n, d) array of finite floats; return it as float32."""
-    arr = np.asarray(x)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (n, dim) array, got shape {arr.shape}")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {arr.shape})")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"{name} must be a floating-point array, got dtype {arr.dtype}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return np.ascontiguousarray(arr, dtype=np.float32)
-
-
-def _normalise(x: np.ndarray, name: str) -> tuple[np.ndarray, bool]:
-    """Return (unit-norm float32 copy or ``x`` itself, whether ``x`` needed normalising)."""
-    norms = np.linalg.norm(x.astype(np.float64), axis=1)
-    if (norms == 0).any():
-        raise ValueError(f"{name} contains zero vectors, which cannot be L2-normalised")
-    if np.abs(norms - 1.0).max() <= _NORM_TOLERANCE:
-        return x, False
-    return (x / norms[:, None]).astype(np.float32), True
-
-
-def _check_labels(labels: np.ndarray, n: int, name: str) -> np.ndarray:
-    """Return ``labels`` as a 1-D array of length ``n`` (object dtype for tuples, mixed kinds)."""
-    if isinstance(labels, np.ndarray):
-        arr = labels
-    else:
-        items = list(labels)
-        try:
-            arr = np.asarray(items)
-        except ValueError:
-            arr = np.empty(0)
-        if arr.ndim != 1 or arr.shape[0] != len(items):
-            arr = np.fromiter(items, dtype=object, count=len(items))
-    if arr.ndim != 1 or arr.shape[0] != n:
-        raise ValueError(f"{name} must be 1-D with {n} entries (one per vector), got {arr.shape}")
-    return arr
-
-
-def _encode_labels(labels: np.ndarray) -> np.ndarray:
-    """Map arbitrary labels to int64 codes 0..L-1 (equal labels <-> equal codes)."""
-    try:
-        return np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int64)
-    except TypeError:
-        codes: dict[object, int] = {}
-        return np.array([codes.setdefault(v, len(codes)) for v in labels.tolist()], np.int64)
+#: Metric families: ``recall``, ``precision`` and ``map@k`` give one value per k.
+ALL_METRICS = ("recall", "precision", "map@k", "map@r", "r_precision", "map", "nmi")
+#: NMI is left out by default: its k-means costs more than everything else together.
+DEFAULT_METRICS = ("recall", "precision", "map@k", "map@r", "r_precision", "map")
 
 
 def search_excluding_self(
     index: EmbeddingIndex, xq: np.ndarray, self_ids: np.ndarray, k: int, chunk_size: int = 4096
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """Search ``k`` neighbours of queries that are themselves in ``index``, dropping self.
 
     Searches ``k + 1`` neighbours (clamped to ``index.ntotal``) and removes, per row, the
     column whose id equals the query's own id; if the query's id is not among them (ties
-    with exact duplicates can push it out), the last column is removed instead. Duplicates
-    of a query therefore remain as ordinary results.
+    with exact duplicates, or an approximate index, can push it out), the last column is
+    removed instead. Duplicates of a query therefore remain as ordinary results.
 
     Args:
         index: index holding the queries, under the ids ``self_ids``.
         xq: (nq, dim) float32 queries.
         self_ids: (nq,) int ids of the queries in ``index``.
-        k: neighbours wanted per query, ``1 <= k``; the result has
-            ``min(k + 1, ntotal) - 1`` columns.
+        k: neighbours wanted per query, ``1 <= k``.
         chunk_size: queries per FAISS call.
 
     Returns:
-        (nq, min(k + 1, ntotal) - 1) int64 ids, best first; never the query's own id.
+        ``(D, I)``, each (nq, min(k + 1, ntotal) - 1): scores and int64 ids, best first;
+        never the query's own id.
     """
-    _, ids = index.search(xq, k + 1, chunk_size=chunk_size)
+    scores, ids = index.search(xq, k + 1, chunk_size=chunk_size)
     nq, cols = ids.shape
     is_self = ids == np.asarray(self_ids, dtype=np.int64)[:, None]
     drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), cols - 1)
     keep = np.ones_like(ids, dtype=bool)
     keep[np.arange(nq), drop] = False
-    return ids[keep].reshape(nq, cols - 1)
+    return scores[keep].reshape(nq, cols - 1), ids[keep].reshape(nq, cols - 1)
 
 
-def evaluate_embeddings(
-    query: np.ndarray,
-    query_labels: np.ndarray,
-    gallery: np.ndarray | None = None,
-    gallery_labels: np.ndarray | None = None,
-    ks: Sequence[int] = (1, 2, 4, 8),
-    factory: str = "Flat",
-    chunk_size: int = 4096,
-) -> RetrievalResult:
-    """Evaluate retrieval with Recall@k, MAP@R and R-precision.
-
-    Args:
-        query: (nq, dim) float array of finite values. Rows not of unit L2 norm (tolerance
-            1e-4) are normalised to float32 with a single warning per call.
-        query_labels: (nq,) labels of any kind (ints, strs, hashables); only equality matters.
-        gallery: (ng, dim) float array, or ``None`` for leave-one-out within ``query``.
-        gallery_labels: (ng,) labels; given exactly when ``gallery`` is.
-        ks: cut-offs of Recall@k (see ``metrics.recall_at_k``), positive ints. A k larger
-            than the gallery (ng, or nq - 1 in leave-one-out) is clamped to the gallery
-            size: recall@k then takes the whole gallery as the top k.
-        factory: FAISS factory string for ``EmbeddingIndex``; ``"Flat"`` is exact.
-        chunk_size: queries per FAISS call.
-
-    Returns:
-        RetrievalResult with ``recall@{k}`` for each k, ``map@r`` and ``r_precision``,
-        averaged over the queries that have at least one relevant gallery item.
-
-    Raises:
-        ValueError: non-2-D, non-float, empty or non-finite embeddings; dimension or label
-            length mismatch; only one of gallery / gallery_labels given; bad ks; zero
-            vectors; or no query with a relevant gallery item.
-    """
-    if (gallery is None) != (gallery_labels is None):
-        raise ValueError("pass gallery and gallery_labels together, or neither")
+def _check_options(ks: Sequence[int], metrics: Sequence[str]) -> tuple[list[int], list[str]]:
     ks = list(ks)
     if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) for k in ks):
         raise ValueError(f"ks must be a non-empty sequence of ints, got {ks!r}")
     if min(ks) < 1:
         raise ValueError(f"ks must be positive, got {ks!r}")
+    names = list(metrics)
+    unknown = sorted(set(names) - set(ALL_METRICS))
+    if unknown or not names:
+        raise ValueError(f"metrics must be a non-empty subset of {ALL_METRICS}, got {names!r}")
+    return sorted(set(int(k) for k in ks)), names
 
-    xq = _check_embeddings(query, "query")
-    lq = _check_labels(query_labels, xq.shape[0], "query_labels")
-    leave_one_out = gallery is None
-    if gallery is None or gallery_labels is None:
-        xg, lg = xq, lq
+
+def _per_query(
+    ids: np.ndarray,
+    gallery_codes: np.ndarray,
+    query_codes: np.ndarray,
+    num_relevant: np.ndarray,
+    ks: list[int],
+    metrics: list[str],
+) -> dict[str, np.ndarray]:
+    """Per-query values of every ranking metric from the (nq, K) ids of the results."""
+    labels = np.where(ids >= 0, gallery_codes[np.clip(ids, 0, None)], -1)
+    cols = labels.shape[1]
+    out: dict[str, np.ndarray] = {}
+    # a k past the gallery takes the whole gallery
+    if "recall" in metrics:
+        out.update({f"recall@{k}": recall_at_k(labels, query_codes, min(k, cols)) for k in ks})
+    if "precision" in metrics:
+        out.update(
+            {f"precision@{k}": precision_at_k(labels, query_codes, min(k, cols)) for k in ks}
+        )
+    if "map@k" in metrics:
+        out.update(
+            {f"map@{k}": map_at_k(labels, query_codes, num_relevant, min(k, cols)) for k in ks}
+        )
+    if "map@r" in metrics:
+        out["map@r"] = map_at_r(labels, query_codes, num_relevant)
+    if "r_precision" in metrics:
+        out["r_precision"] = r_precision(labels, query_codes, num_relevant)
+    return out
+
+
+def _search(
+    xq: np.ndarray,
+    xg: np.ndarray,
+    self_ids: np.ndarray | None,
+    k: int,
+    factory: str,
+    search_params: str,
+    chunk_size: int,
+) -> tuple[np.ndarray, np.ndarray, EmbeddingIndex]:
+    index = EmbeddingIndex(xg.shape[1], factory=factory, search_params=search_params)
+    index.add(xg)
+    if self_ids is None:
+        scores, ids = index.search(xq, k, chunk_size=chunk_size)
     else:
-        xg = _check_embeddings(gallery, "gallery")
+        scores, ids = search_excluding_self(index, xq, self_ids, k, chunk_size)
+    return scores, ids, index
+
+
+def evaluate_embeddings(
+    query: np.ndarray,
+    query_labels: np.ndarray | Sequence[object],
+    gallery: np.ndarray | None = None,
+    gallery_labels: np.ndarray | Sequence[object] | None = None,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    factory: str = "Flat",
+    search_params: str = "",
+    compare_exact: bool = True,
+    keep_neighbors: int = 0,
+    chunk_size: int = 4096,
+    seed: int = 0,
+) -> RetrievalResult:
+    """Evaluate retrieval of ``query`` in ``gallery`` (or leave-one-out within ``query``).
+
+    Metrics (definitions in :mod:`retrieval.metrics`), averaged over the scored queries:
+
+    - ``recall@{k}``: a relevant item among the first k (the papers' Recall@k, a hit rate);
+    - ``precision@{k}``: the share of the first k that is relevant;
+    - ``map@{k}``: average precision over the first k, divided by min(k, R);
+    - ``map@r``: MAP@R (Musgrave et al. 2020); ``r_precision``: precision of the first R;
+    - ``map``: full mean average precision over the whole exact ranking;
+    - ``nmi``: normalised mutual information of k-means clusters of the queries (k = number of
+      query labels) with their labels.
+
+    R is the number of relevant gallery items of a query. A k larger than the gallery is
+    clamped to the gallery size. ``map`` and ``nmi`` never depend on ``factory``.
+
+    Args:
+        query: (nq, dim) floats, finite. Rows not of unit norm are normalised (one warning).
+        query_labels: (nq,) labels of any kind; only equality matters (``1 != "1"``).
+        gallery: (ng, dim) floats, or ``None`` for leave-one-out within ``query``.
+        gallery_labels: (ng,) labels; given exactly when ``gallery`` is.
+        ks: cut-offs of the ``@k`` metrics.
+        metrics: which of :data:`ALL_METRICS` to compute.
+        factory: FAISS factory string of the search index; ``"Flat"`` is exact.
+        search_params: FAISS parameters of that index, e.g. ``"nprobe=16"``.
+        compare_exact: with an approximate index, also search exactly and report
+            ``exact_metrics`` and the index's ``knn_recall@{k}``.
+        keep_neighbors: keep this many first results per query in the result (for reports).
+        chunk_size: queries per FAISS call and per rank-counting step.
+        seed: seed of k-means (``nmi``).
+
+    Raises:
+        ValueError: non-2-D, non-float, empty or non-finite embeddings; zero vectors;
+            dimension or label length mismatch; only one of gallery / gallery_labels;
+            bad ks or metric names; an invalid factory; or no query with a relevant item.
+    """
+    if (gallery is None) != (gallery_labels is None):
+        raise ValueError("pass gallery and gallery_labels together, or neither")
+    ks_, names = _check_options(ks, metrics)
+    xq = as_embeddings(query, "query")
+    lq = as_labels(query_labels, xq.shape[0], "query_labels")
+    loo = gallery is None
+    if gallery is None:
+        xq = l2_normalised({"query": xq})["query"]
+        xg, cq = xq, encode_labels(lq)
+        cg = cq
+    else:
+        xg = as_embeddings(gallery, "gallery")
         if xg.shape[1] != xq.shape[1]:
             raise ValueError(f"query has dim {xq.shape[1]} but gallery has dim {xg.shape[1]}")
-        lg = _check_labels(gallery_labels, xg.shape[0], "gallery_labels")
-
-    xq, q_changed = _normalise(xq, "query")
-    g_changed = False
-    if leave_one_out:
-        xg = xq
-    else:
-        xg, g_changed = _normalise(xg, "gallery")
-    if q_changed or g_changed:
-        warnings.warn(
-            "embeddings are not L2-normalised; normalising them (float32) for evaluation",
-            UserWarning,
-            stacklevel=2,
-        )
+        lg = as_labels(gallery_labels, xg.shape[0], "gallery_labels")
+        unit = l2_normalised({"query": xq, "gallery": xg})
+        xq, xg = unit["query"], unit["gallery"]
+        cq, cg = encode_pair(lq, lg)
 
     nq, ng = xq.shape[0], xg.shape[0]
-    if leave_one_out:
-        cq = cg = _encode_labels(lq)
-    else:
-        if lq.dtype.kind != lg.dtype.kind:  # keep 1 and "1" distinct: no cast to str
-            lq, lg = lq.astype(object), lg.astype(object)
-        codes = _encode_labels(np.concatenate([lq, lg]))
-        cq, cg = codes[:nq], codes[nq:]
-    counts = np.bincount(cg, minlength=int(cq.max()) + 1)
-    num_relevant = counts[cq] - (1 if leave_one_out else 0)
+    counts = np.bincount(cg, minlength=int(max(cq.max(), cg.max())) + 1)
+    num_relevant = counts[cq] - (1 if loo else 0)
     scored = np.flatnonzero(num_relevant > 0)
     if scored.size == 0:
         raise ValueError("no query has a relevant gallery item (every query label is lone)")
     r = num_relevant[scored]
-    gallery_size = ng - 1 if leave_one_out else ng
-    k_needed = min(max(max(ks), int(r.max())), gallery_size)
-
-    index = EmbeddingIndex(xg.shape[1], factory=factory)
-    index.add(xg)
-    if leave_one_out:
-        ids = search_excluding_self(index, xq[scored], scored, k_needed, chunk_size)
-    else:
-        _, ids = index.search(xq[scored], k_needed, chunk_size=chunk_size)
-    neighbor_labels = np.where(ids >= 0, cg[np.clip(ids, 0, None)], -1)
     labels = cq[scored]
+    self_ids = scored if loo else None
+    k_needed = min(max(max(ks_), int(r.max())), ng - 1 if loo else ng)
 
-    metrics: dict[str, float] = {}
-    for k in ks:
-        hits = recall_at_k(neighbor_labels, labels, min(k, k_needed))
-        metrics[f"recall@{k}"] = float(hits.mean())
-    metrics["map@r"] = float(map_at_r(neighbor_labels, labels, r).mean())
-    metrics["r_precision"] = float(r_precision(neighbor_labels, labels, r).mean())
+    scores, ids, index = _search(
+        xq[scored], xg, self_ids, k_needed, factory, search_params, chunk_size
+    )
+    per_query = _per_query(ids, cg, labels, r, ks_, names)
+    info: dict[str, object] = {
+        "factory": factory,
+        "search_params": search_params,
+        "bytes_per_vector": float(index.bytes_per_vector),
+    }
+    exact_metrics = None
+    if factory != "Flat" and compare_exact:
+        _, exact_ids, _ = _search(xq[scored], xg, self_ids, k_needed, "Flat", "", chunk_size)
+        exact = _per_query(exact_ids, cg, labels, r, ks_, names)
+        for k in ks_:
+            kk = min(k, k_needed)
+            info[f"knn_recall@{k}"] = knn_recall(ids[:, :kk], exact_ids[:, :kk])
+    if "map" in names:
+        # one (chunk, ng) float32 score block at a time: at most 256 MB
+        rank_chunk = max(1, min(chunk_size, (256 << 20) // (4 * ng)))
+        ranks, _ = relevant_ranks(
+            xq[scored], xg, labels, cg, self_ids=self_ids, chunk_size=rank_chunk
+        )
+        per_query["map"] = average_precision(ranks, r)
+        if factory != "Flat" and compare_exact:
+            exact["map"] = per_query["map"]
+    means = {name: float(v.mean()) for name, v in per_query.items()}
+    if factory != "Flat" and compare_exact:
+        exact_metrics = {name: float(v.mean()) for name, v in exact.items()}
+    if "nmi" in names:
+        clusters = kmeans(xq, k=int(np.unique(cq).size), seed=seed)
+        means["nmi"] = nmi(clusters, cq)
+        if exact_metrics is not None:
+            exact_metrics["nmi"] = means["nmi"]
+    keep = min(keep_neighbors, ids.shape[1])
     return RetrievalResult(
-        metrics=metrics, num_queries=int(scored.size), num_excluded=int(nq - scored.size)
+        metrics=means,
+        num_queries=int(scored.size),
+        num_excluded=int(nq - scored.size),
+        exact_metrics=exact_metrics,
+        index=info,
+        query_rows=scored,
+        per_query=per_query,
+        neighbor_ids=ids[:, :keep],
+        neighbor_scores=scores[:, :keep],
     )
 
 
@@ -248,22 +277,35 @@ def evaluate_protocol(
     labels: np.ndarray,
     is_query: np.ndarray,
     is_gallery: np.ndarray,
-    ks: Sequence[int] = (1, 2, 4, 8),
-) -> RetrievalResult:
+    **options: object,
+) -> tuple[RetrievalResult, np.ndarray, np.ndarray]:
     """Evaluate one split with its protocol read from the manifest flags.
 
     Every row both query and gallery (no flags, as in CUB, Cars196, SOP): leave-one-out.
     Otherwise (In-Shop): rows with ``is_query`` search the rows with ``is_gallery``; a row that
-    is both would find itself, so that mix is rejected.
+    is both would find itself, so that mix is rejected. ``options`` go to
+    :func:`evaluate_embeddings`.
+
+    Returns:
+        ``(result, query_rows, gallery_rows)``: the result, and the positions in
+        ``embeddings`` of the query set and of the gallery set (``result.query_rows`` and
+        ``result.neighbor_ids`` index into these).
     """
     is_query, is_gallery = np.asarray(is_query, bool), np.asarray(is_gallery, bool)
+    everything = np.arange(len(labels))
     if is_query.all() and is_gallery.all():
-        return evaluate_embeddings(embeddings, labels, ks=ks)
+        return evaluate_embeddings(embeddings, labels, **options), everything, everything  # type: ignore[arg-type]
     if (is_query & is_gallery).any():
         raise ValueError(
             "some rows are both query and gallery while others are not: mark each "
             "row of a query/gallery split as exactly one of them"
         )
-    return evaluate_embeddings(
-        embeddings[is_query], labels[is_query], embeddings[is_gallery], labels[is_gallery], ks=ks
+    q, g = everything[is_query], everything[is_gallery]
+    result = evaluate_embeddings(
+        embeddings[q],
+        labels[q],
+        embeddings[g],
+        labels[g],
+        **options,  # type: ignore[arg-type]
     )
+    return result, q, g

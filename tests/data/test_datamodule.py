@@ -38,9 +38,7 @@ def with_bad_files(small_demo: Path, tmp_path: Path) -> Path:
     return path
 
 
-def test_unreadable_images_are_skipped_with_one_warning_or_fatal_when_strict(
-    small_demo, tmp_path
-):
+def test_unreadable_images_are_skipped_with_one_warning_or_fatal_when_strict(small_demo, tmp_path):
     manifest = with_bad_files(small_demo, tmp_path)
     dm = datamodule(manifest)
     with pytest.warns(UserWarning, match=r"skipping 3 of \d+ images .*empty\.jpg") as record:
@@ -71,9 +69,10 @@ def test_query_gallery_flags_select_the_protocol():
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     labels = np.array([0, 0, 1, 1, 0, 0, 1, 1])
     flags = np.array([1, 1, 1, 1, 0, 0, 0, 0])
-    split = evaluate_protocol(x, labels, flags, 1 - flags, ks=(1,))
+    split, q_rows, g_rows = evaluate_protocol(x, labels, flags, 1 - flags, ks=(1,))
     assert split.num_queries == 4  # In-Shop: 4 queries against 4 gallery images
-    loo = evaluate_protocol(x, labels, np.ones(8), np.ones(8), ks=(1,))
-    assert loo.num_queries == 8
+    assert q_rows.tolist() == [0, 1, 2, 3] and g_rows.tolist() == [4, 5, 6, 7]
+    loo, q_rows, g_rows = evaluate_protocol(x, labels, np.ones(8), np.ones(8), ks=(1,))
+    assert loo.num_queries == 8 and q_rows.tolist() == g_rows.tolist() == list(range(8))
     with pytest.raises(ValueError, match="both query and gallery"):
         evaluate_protocol(x, labels, np.ones(8), flags, ks=(1,))
