@@ -13,7 +13,12 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+EVALUATE_ONLY = {"index"}
+
+
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g in GROUPS if g not in EVALUATE_ONLY for o in options(g)]
+)
 def test_every_option_composes(group, option, tmp_path):
     overrides = [f"{group}={option}"]
     if group == "data" and option != "demo":
@@ -31,6 +36,23 @@ def test_every_option_composes(group, option, tmp_path):
         with open_dict(cfg):
             cfg.backbone.pretrained = option == "efficientnet_lite0"
         assert instantiate(cfg.backbone).num_features > 0
+
+
+@pytest.mark.parametrize("option", options("index"))
+def test_every_index_option_builds_a_searchable_index(option, tmp_path):
+    import numpy as np
+
+    from retrieval.index import EmbeddingIndex
+    from retrieval.tasks.config import compose_config
+
+    cfg = compose_config([f"index={option}", f"paths.output_dir={tmp_path}"], name="evaluate")
+    assert cfg.get("data") is None and cfg.index.compare_exact is True
+    x = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = EmbeddingIndex(64, factory=cfg.index.factory, search_params=cfg.index.search_params)
+    index.add(x)
+    _, ids = index.search(x[:20], 1)
+    assert (ids[:, 0] == np.arange(20)).mean() >= 0.9  # each vector finds itself
 
 
 def test_monitor_is_interpolated_everywhere(tmp_path):

@@ -1,0 +1,162 @@
+"""Embedding a dataset: batched inference with the one :class:`Embedder`, and a cache of the result.
+
+Extraction runs in inference mode, channels-last (the Embedder's own setting), in bfloat16 autocast
+on CUDA (float32 on the CPU, where bfloat16 is slower on most processors), with the loader's
+workers, and shows a progress bar on a terminal. The output is always float32 rows of unit norm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Iterable, Mapping, Sized
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from retrieval.io import atomic_write
+
+__all__ = ["Embeddings", "embed_loader", "fingerprint", "load_cached", "save_cached"]
+
+_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Embeddings of a dataset, in dataset order.
+
+    Attributes:
+        vectors: (n, dim) float32, L2-normalised rows.
+        labels: (n,) int64 label codes (positions in the dataset's ``label_names``).
+        is_query, is_gallery: (n,) bool protocol flags.
+    """
+
+    vectors: np.ndarray
+    labels: np.ndarray
+    is_query: np.ndarray
+    is_gallery: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = self.vectors.shape[0]
+        if self.vectors.ndim != 2:
+            raise ValueError(f"vectors must be 2-D (n, dim), got shape {self.vectors.shape}")
+        for name in ("labels", "is_query", "is_gallery"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},), got {getattr(self, name).shape}")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device, precision: str) -> Any:
+    """Autocast context for ``precision``: ``auto`` (bf16 on CUDA, fp32 elsewhere), ``bf16``,
+    ``fp16`` or ``fp32``."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    if precision not in dtypes:
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    return torch.autocast(device.type, dtype=dtypes[precision])
+
+
+def embed_loader(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, torch.Tensor]],
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    progress: bool | None = None,
+    description: str = "embedding",
+) -> Embeddings:
+    """Embed every batch of ``loader`` (items as :class:`~retrieval.data.dataset.ImageDataset`
+    yields them) and return the rows in dataset order (by each item's ``index``).
+
+    Args:
+        model: maps (B, 3, H, W) images to (B, dim) embeddings; put in eval mode here.
+        loader: batches with ``image``, ``label``, ``index``, ``is_query``, ``is_gallery``.
+        device: ``auto`` (CUDA when available), or a torch device.
+        precision: ``auto`` | ``fp32`` | ``bf16`` | ``fp16`` autocast.
+        progress: show a progress bar; ``None`` shows it when stderr is a terminal.
+
+    Raises:
+        ValueError: the loader yields nothing, or the model returns non-finite values.
+    """
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    model.eval().to(dev)
+    show = sys.stderr.isatty() if progress is None else progress
+    total = len(loader) if isinstance(loader, Sized) else None
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("vec", "label", "index", "q", "g")}
+    with torch.inference_mode(), _autocast(dev, precision):
+        for batch in tqdm(loader, total=total, desc=description, disable=not show, unit="batch"):
+            out = model(batch["image"].to(dev, non_blocking=True)).float()
+            parts["vec"].append(out.cpu().numpy())
+            parts["label"].append(batch["label"].numpy())
+            parts["index"].append(batch["index"].numpy())
+            parts["q"].append(batch["is_query"].numpy())
+            parts["g"].append(batch["is_gallery"].numpy())
+    if not parts["vec"]:
+        raise ValueError("the loader yielded no images to embed")
+    vectors = np.concatenate(parts["vec"]).astype(np.float32, copy=False)
+    if not np.isfinite(vectors).all():
+        raise ValueError("the model produced NaN or infinite embeddings")
+    order = np.argsort(np.concatenate(parts["index"]), kind="stable")
+    return Embeddings(
+        vectors=np.ascontiguousarray(vectors[order]),
+        labels=np.concatenate(parts["label"]).astype(np.int64)[order],
+        is_query=np.concatenate(parts["q"]).astype(bool)[order],
+        is_gallery=np.concatenate(parts["g"]).astype(bool)[order],
+    )
+
+
+def fingerprint(model: nn.Module, description: Mapping[str, Any]) -> str:
+    """A hex digest of the model's weights and of ``description`` (dataset rows, preprocessing,
+    precision...): equal fingerprints mean re-embedding would give the same vectors."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(description, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_cached(embeddings: Embeddings, path: str | Path, key: str) -> None:
+    """Write ``embeddings`` to ``path`` (.npz) atomically, tagged with the fingerprint ``key``."""
+    with atomic_write(path) as handle:
+        np.savez(
+            handle,
+            version=np.int64(_CACHE_VERSION),
+            key=np.array(key),
+            vectors=embeddings.vectors,
+            labels=embeddings.labels,
+            is_query=embeddings.is_query,
+            is_gallery=embeddings.is_gallery,
+        )
+
+
+def load_cached(path: str | Path, key: str) -> Embeddings | None:
+    """The embeddings cached at ``path`` if they were made with fingerprint ``key``, else None
+    (missing, stale or unreadable caches are simply recomputed)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if int(data["version"]) != _CACHE_VERSION or str(data["key"]) != key:
+                return None
+            return Embeddings(
+                vectors=data["vectors"],
+                labels=data["labels"],
+                is_query=data["is_query"],
+                is_gallery=data["is_gallery"],
+            )
+    except (OSError, KeyError, ValueError):
+        return None

@@ -1,0 +1,160 @@
+"""The report of ``evaluate``: metrics.json, per-label CSV, the results picture, the printed
+table, and the same sent to the configured loggers (Weights & Biases, CSV)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from retrieval.io import atomic_write
+from retrieval.loggers import describe_wandb
+from retrieval.reports import choose_queries, per_label_table, results_grid, save_png, write_csv
+
+if TYPE_CHECKING:
+    from retrieval.tasks.evaluate import EvalInputs
+
+
+def _table(metrics: dict[str, float], exact: dict[str, float] | None, index: dict[str, Any]) -> str:
+    """Metrics one per line; with an approximate index, exact search beside it."""
+    head = f"{'metric':<20}{'value':>10}"
+    if exact is not None:
+        head = f"{'metric':<20}{index['factory'][:12]:>12}{'exact':>10}"
+    lines = [head]
+    for name, value in metrics.items():
+        line = f"{name:<20}{value:>10.4f}" if exact is None else f"{name:<20}{value:>12.4f}"
+        if exact is not None:
+            line += f"{exact.get(name, float('nan')):>10.4f}"
+        lines.append(line)
+    for name, value in index.items():
+        if name.startswith("knn_recall@"):
+            lines.append(f"{'index ' + name:<20}{value:>12.4f}")
+    lines.append(f"{'bytes per vector':<20}{index['bytes_per_vector']:>10.1f}")
+    return "\n".join(lines)
+
+
+def _picture(inputs: EvalInputs, cfg: DictConfig, path: Path) -> bool:
+    """Draw N queries with their first results; False when the images are unknown."""
+    result = inputs.result
+    if inputs.query_paths is None or inputs.gallery_paths is None:
+        return False
+    if result.neighbor_ids is None or result.neighbor_scores is None or result.query_rows is None:
+        return False
+    ids = result.neighbor_ids
+    hits = None
+    if ids.shape[1]:
+        first = np.where(ids[:, 0] >= 0, inputs.gallery_labels[np.clip(ids[:, 0], 0, None)], None)
+        hits = first == inputs.query_labels[result.query_rows]
+    chosen = choose_queries(int(cfg.report.num_queries), result.num_queries, int(cfg.seed), hits)
+    rows, found = result.query_rows[chosen], ids[chosen]
+    safe = np.clip(found, 0, None)
+    image = results_grid(
+        inputs.query_paths[rows],
+        inputs.query_labels[rows],
+        np.where(found >= 0, inputs.gallery_paths[safe], ""),
+        np.where(found >= 0, inputs.gallery_labels[safe], "-"),
+        result.neighbor_scores[chosen],
+        thumb_size=int(cfg.report.thumb_size),
+    )
+    save_png(image, path)
+    return True
+
+
+def _query_table(inputs: EvalInputs, limit: int) -> tuple[list[str], list[list[Any]]]:
+    """Per-query rows (worst first by the first metric), for a W&B table."""
+    result = inputs.result
+    assert result.query_rows is not None and result.neighbor_ids is not None
+    names = list(result.per_query)
+    order = np.lexsort([result.per_query[n] for n in reversed(names)])[:limit]
+    columns = ["query", "label", "first results", *names]
+    data = []
+    for i in order:
+        row = result.query_rows[i]
+        found = [
+            str(inputs.gallery_labels[j]) if j >= 0 else "-" for j in result.neighbor_ids[i][:5]
+        ]
+        path = inputs.query_paths[row] if inputs.query_paths is not None else str(row)
+        values = [float(result.per_query[n][i]) for n in names]
+        data.append([str(path), str(inputs.query_labels[row]), " ".join(found), *values])
+    return columns, data
+
+
+def _log(
+    loggers: list[Any],
+    metrics: dict[str, float],
+    picture: Path | None,
+    inputs: EvalInputs,
+    cfg: DictConfig,
+) -> list[str]:
+    lines = []
+    for logger in loggers:
+        logger.log_metrics(metrics)
+        if logger.__class__.__name__ == "WandbLogger":
+            if picture is not None:
+                logger.log_image(key="results", images=[str(picture)])
+            columns, data = _query_table(inputs, int(cfg.report.table_rows))
+            logger.log_table(key="queries", columns=columns, data=data)
+            lines.append(describe_wandb(logger))
+        logger.save()
+        if hasattr(logger, "finalize"):
+            logger.finalize("success")
+    return lines
+
+
+def write_report(
+    inputs: EvalInputs, cfg: DictConfig, output_dir: Path, loggers: list[Any]
+) -> dict[str, Any]:
+    """Write and print the report; return the metrics named ``{split}/{name}``."""
+    result = inputs.result
+    split = cfg.split
+    metrics: dict[str, Any] = {f"{split}/{k}": v for k, v in result.metrics.items()}
+    counts = {"queries": result.num_queries, "excluded_queries": result.num_excluded}
+
+    assert result.query_rows is not None
+    label_rows = per_label_table(inputs.query_labels[result.query_rows], result.per_query)
+    write_csv(label_rows, output_dir / "per_label.csv")
+    picture: Path | None = output_dir / "results.png"
+    assert picture is not None
+    if not _picture(inputs, cfg, picture):
+        picture = None
+
+    payload = {
+        "metrics": metrics,
+        "exact_metrics": (
+            {f"{split}/{k}": v for k, v in result.exact_metrics.items()}
+            if result.exact_metrics is not None
+            else None
+        ),
+        "index": result.index,
+        **counts,
+        "protocol": inputs.protocol,
+        "files": {
+            "per_label": "per_label.csv",
+            "picture": picture.name if picture else None,
+        },
+    }
+    with atomic_write(output_dir / "metrics.json", "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, default=str)
+        handle.write("\n")
+
+    lines = [_table(result.metrics, result.exact_metrics, result.index)]
+    lines.append(
+        f"{result.num_queries} queries scored, {result.num_excluded} without a relevant "
+        f"gallery item left out ({inputs.protocol['data']['protocol']})"
+    )
+    if label_rows:
+        worst = label_rows[0]
+        lines.append(f"worst label: {worst['label']} (see per_label.csv)")
+    lines += _log(
+        loggers, {**metrics, **{f"{split}/{k}": v for k, v in counts.items()}}, picture, inputs, cfg
+    )
+    lines.append(f"report: {output_dir}")
+    print("\n".join(lines), flush=True)
+    return {
+        **metrics,
+        **{f"{split}/{k}": v for k, v in counts.items()},
+        "output_dir": str(output_dir),
+    }

@@ -1,0 +1,183 @@
+"""Benchmark: our evaluation against pytorch-metric-learning's AccuracyCalculator.
+
+Each measurement runs in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own; data
+are synthetic, clustered, L2-normalised and identical for both (seeded). Measured: wall time
+of the metric computation only (data generation excluded), median over ``--repeats`` runs,
+and the process's peak RSS.
+
+    python scripts/bench_eval.py                 # SOP-sized, 200k x 128, and the 1M gallery
+    python scripts/bench_eval.py --quick         # small sizes: checks the script in seconds
+    python scripts/bench_eval.py --record experiments/FILE.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+#: name -> (items, dim, mean images per label, queries for a query/gallery run or 0)
+DATASETS = {
+    "sop": (60_502, 512, 5.35, 0),
+    "200k": (200_000, 128, 10.0, 0),
+    "1m": (1_000_000, 128, 10.0, 10_000),
+}
+QUICK = {
+    "sop": (6_000, 512, 5.35, 0),
+    "200k": (20_000, 128, 10.0, 0),
+    "1m": (100_000, 128, 10.0, 1_000),
+}
+
+
+def make_data(n: int, dim: int, per_label: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` unit vectors in labels of about ``per_label`` items (sizes 2 .. 2*per_label - 2)."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(2, int(2 * per_label) - 1, size=int(n / per_label) + 10)
+    labels = np.repeat(np.arange(len(sizes)), sizes)[:n]
+    centres = rng.standard_normal((len(sizes), dim)).astype(np.float32)
+    x = np.empty((n, dim), dtype=np.float32)
+    step = 100_000
+    for start in range(0, n, step):  # in blocks: the 1M set needs no float64 copy
+        y = labels[start : start + step]
+        block = centres[y] + 0.7 * rng.standard_normal((len(y), dim)).astype(np.float32)
+        x[start : start + step] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return x, labels
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+
+
+def child(which: str, dataset: str, quick: bool) -> dict[str, object]:
+    n, dim, per_label, queries = (QUICK if quick else DATASETS)[dataset]
+    x, labels = make_data(n, dim, per_label)
+    data_mb = peak_rss_mb()
+    start = time.perf_counter()
+    if which == "ours":
+        from retrieval.evaluation import evaluate_embeddings
+
+        if queries:
+            q, ql = make_data(queries, dim, per_label, seed=1)
+            ql = ql % (labels.max() + 1)
+            result = evaluate_embeddings(
+                q, ql, x, labels, ks=(1, 10), metrics=("recall", "map@r", "r_precision")
+            )
+        else:
+            result = evaluate_embeddings(
+                x, labels, ks=(1,), metrics=("recall", "map@r", "r_precision")
+            )
+        values = {
+            "precision_at_1": result.metrics["recall@1"],
+            "r_precision": result.metrics["r_precision"],
+            "mean_average_precision_at_r": result.metrics["map@r"],
+        }
+    else:
+        import torch
+        from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+        calc = AccuracyCalculator(
+            include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
+            k="max_bin_count",
+            device=torch.device("cpu"),
+        )
+        values = calc.get_accuracy(x, labels, ref_includes_query=True)
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "data_rss_mb": data_mb,
+        "values": {k: float(v) for k, v in values.items()},
+    }
+
+
+def run_child(which: str, dataset: str, quick: bool) -> dict[str, object]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            which,
+            "--dataset",
+            dataset,
+            *(["--quick"] if quick else []),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--record", type=Path, default=None, help="append the table to this file")
+    parser.add_argument("--child", choices=("ours", "pml"), help=argparse.SUPPRESS)
+    parser.add_argument("--dataset", choices=tuple(DATASETS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.dataset, args.quick)))
+        return
+
+    sizes = QUICK if args.quick else DATASETS
+    lines = [
+        f"# bench_eval ({'quick' if args.quick else 'full'}) on {platform.node()}, "
+        f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}",
+        "",
+        "| data | impl | time s (median) | peak RSS MB | data RSS MB | P@1 | R-prec | MAP@R |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ratios = []
+    for dataset in ("sop", "200k", "1m"):
+        n, dim, per_label, queries = sizes[dataset]
+        impls = ("ours",) if queries else ("ours", "pml")
+        runs = {
+            impl: [run_child(impl, dataset, args.quick) for _ in range(args.repeats)]
+            for impl in impls
+        }
+        name = f"{n:,} x {dim}" + (f", {queries:,} queries" if queries else " leave-one-out")
+        for impl, results in runs.items():
+            v = results[0]["values"]
+            lines.append(
+                f"| {name} | {impl} | {statistics.median(r['seconds'] for r in results):.2f} "
+                f"| {max(r['peak_rss_mb'] for r in results):.0f} | {results[0]['data_rss_mb']:.0f} "
+                f"| {v['precision_at_1']:.6f} | {v['r_precision']:.6f} "
+                f"| {v['mean_average_precision_at_r']:.6f} |"
+            )
+        if "pml" in runs:
+            ours, pml = runs["ours"], runs["pml"]
+            same = all(
+                abs(ours[0]["values"][k] - pml[0]["values"][k]) <= 1e-6 for k in pml[0]["values"]
+            )
+            t = statistics.median(r["seconds"] for r in ours) / statistics.median(
+                r["seconds"] for r in pml
+            )
+            m = max(r["peak_rss_mb"] for r in ours) / max(r["peak_rss_mb"] for r in pml)
+            ratios.append(
+                f"- {name}: time ours/PML = {t:.3f}, peak RSS ours/PML = {m:.3f}, "
+                f"values identical within 1e-6: {same}"
+            )
+    text = "\n".join([*lines, "", *ratios, ""])
+    print(text)
+    if args.record:
+        with args.record.open("a") as handle:
+            handle.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""``evaluate(cfg)`` in its three modes: embeddings file, backbone as-is, trained checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retrieval.checkpoints import CheckpointError
+from retrieval.evaluation import evaluate_embeddings
+from retrieval.tasks.config import compose_config
+from retrieval.tasks.evaluate import evaluate
+from retrieval.tasks.train import train
+from tests.test_train import fast_cfg
+
+QUICK = ["logger=csv", "metrics=[recall,precision,map@k,map@r,r_precision,map]"]
+
+
+def compose_eval(tmp_path: Path, *overrides: str):
+    return compose_config(
+        [
+            f"paths.data_dir={tmp_path}/data",
+            f"paths.output_dir={tmp_path}/out",
+            f"paths.log_dir={tmp_path}/logs",
+            *QUICK,
+            *overrides,
+        ],
+        name="evaluate",
+    )
+
+
+def _clusters(seed: int, labels: int, per_label: int, dim: int = 16, noise: float = 0.6):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((labels, dim))
+    y = np.repeat(np.arange(labels), per_label)
+    x = centres[y] + noise * rng.standard_normal((len(y), dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+
+def _thumbs(folder: Path, labels: np.ndarray) -> np.ndarray:
+    """One small image per label value, so the picture has something to show."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, label in enumerate(labels):
+        path = folder / f"{i}.png"
+        shade = int(label) * 37 % 255
+        Image.new("RGB", (40, 30), (shade, 255 - shade, 90)).save(path)
+        paths.append(str(path))
+    return np.array(paths)
+
+
+def test_embeddings_file_leave_one_out_matches_the_library(tmp_path, capsys):
+    x, y = _clusters(0, labels=12, per_label=5)
+    y[:2] = [100, 101]  # two lone labels: excluded, and counted
+    names = np.array([f"item-{v}" for v in y])
+    np.savez(tmp_path / "emb.npz", embeddings=x, labels=names)
+    metrics, _ = evaluate(compose_eval(tmp_path, f"embeddings={tmp_path}/emb.npz"))
+
+    expected = evaluate_embeddings(x, names, metrics=QUICK_METRICS)
+    out = tmp_path / "out"
+    report = json.loads((out / "metrics.json").read_text())
+    for name, value in expected.metrics.items():
+        assert metrics[f"test/{name}"] == pytest.approx(value, abs=1e-12)
+        assert report["metrics"][f"test/{name}"] == pytest.approx(value, abs=1e-12)
+    assert 0 < metrics["test/map@r"] < 1
+    assert report["excluded_queries"] == 2 and report["queries"] == len(x) - 2
+    assert report["protocol"]["data"]["protocol"] == "leave-one-out"
+    assert report["protocol"]["embeddings_file"]["sha256"]
+    assert report["files"]["picture"] is None  # no image paths in the file
+    with (out / "per_label.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["label"] for r in rows} == {f"item-{v}" for v in range(12)}
+    worst = min(float(r["recall@1"]) for r in rows)
+    assert float(rows[0]["recall@1"]) == worst
+    printed = capsys.readouterr().out
+    assert "recall@1" in printed and "left out" in printed and str(out) in printed
+
+
+QUICK_METRICS = ["recall", "precision", "map@k", "map@r", "r_precision", "map"]
+
+
+def test_embeddings_file_query_gallery_with_an_approximate_index(tmp_path):
+    x, y = _clusters(1, labels=20, per_label=30, dim=32)
+    q, g = x[::3], np.delete(x, np.s_[::3], axis=0)
+    ql, gl = y[::3], np.delete(y, np.s_[::3])
+    np.savez(
+        tmp_path / "qg.npz",
+        query=q,
+        query_labels=ql,
+        gallery=g,
+        gallery_labels=gl,
+        query_paths=_thumbs(tmp_path / "img", ql),
+        gallery_paths=_thumbs(tmp_path / "img_g", gl),
+    )
+    cfg = compose_eval(
+        tmp_path,
+        f"embeddings={tmp_path}/qg.npz",
+        "index=ivf_pq",
+        "index.factory='IVF16,PQ8np'",
+        "index.search_params='nprobe=2'",
+    )
+    metrics, _ = evaluate(cfg)
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    exact = report["exact_metrics"]
+    assert exact is not None and set(exact) == set(report["metrics"])
+    assert report["index"]["factory"] == "IVF16,PQ8np"
+    assert 0 < report["index"]["knn_recall@8"] < 1  # PQ8 over 32-d is lossy
+    assert report["index"]["bytes_per_vector"] < 32 * 4
+    # exact-search values are those of a Flat evaluation of the same file
+    flat = evaluate_embeddings(q, ql, g, gl, metrics=QUICK_METRICS)
+    for name, value in flat.metrics.items():
+        assert exact[f"test/{name}"] == pytest.approx(value, abs=1e-12)
+    picture = Image.open(tmp_path / "out" / "results.png")
+    assert picture.width >= 9 * 128 and picture.height >= 8 * 128  # 8 queries, 8 results
+    assert report["protocol"]["data"]["protocol"] == "query/gallery"
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"embeddings": np.ones((4, 3), np.float32)}, "expected"),
+        ({"embeddings": np.ones((4, 3), np.float32), "labels": np.arange(3)}, "one entry per"),
+        ({"query": np.ones((4, 3), np.float32), "query_labels": np.arange(4)}, "expected"),
+        ({"embeddings": np.full((4, 3), np.nan, np.float32), "labels": np.arange(4)}, "NaN"),
+        ({"embeddings": np.ones((4, 3), np.float32), "labels": np.arange(4)}, "no query has"),
+    ],
+)
+def test_bad_embeddings_files_name_the_file(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match=message) as info:
+        evaluate(compose_eval(tmp_path, f"embeddings={tmp_path}/bad.npz"))
+    assert "bad.npz" in str(info.value)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_missing_and_pickled_embeddings_files(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        evaluate(compose_eval(tmp_path, f"embeddings={tmp_path}/none.npz"))
+    np.savez(tmp_path / "obj.npz", embeddings=np.ones((2, 2)), labels=np.array([{}, {}]))
+    with pytest.raises(ValueError, match="object arrays"):
+        evaluate(compose_eval(tmp_path, f"embeddings={tmp_path}/obj.npz"))
+
+
+def test_backbone_as_is_on_a_manifest_then_from_the_cache(small_demo, tmp_path, monkeypatch):
+    overrides = [
+        "data=manifest",
+        f"data.manifest={small_demo}",
+        "data.image_size=64",
+        "data.num_workers=0",
+        "save_embeddings=true",
+    ]
+    metrics, objects = evaluate(compose_eval(tmp_path, *overrides))
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    protocol = report["protocol"]
+    assert protocol["evaluated"] == "pretrained backbone as-is"
+    assert protocol["model"]["backbone"] == "tf_efficientnet_lite0"
+    assert protocol["model"]["embedding_dim"] is None and protocol["model"]["pooling"] == "avg"
+    assert protocol["preprocessing"]["input_size"] == 64
+    assert protocol["data"]["images"] == protocol["data"]["queries"] == 30 * 12
+    # ImageNet features separate the procedural labels far better than chance (1/30)
+    assert metrics["test/recall@1"] > 0.3
+    assert Image.open(tmp_path / "out" / "results.png").height > 128
+
+    # the same model and data again: embeddings come from the cache, metrics are identical
+    import retrieval.tasks.evaluate as task
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(task, "embed_loader", no_embedding)
+    again, _ = evaluate(compose_eval(tmp_path, *overrides, f"paths.output_dir={tmp_path}/out2"))
+    assert again["test/map@r"] == metrics["test/map@r"]
+
+    # and the saved embeddings file scores the same through the embeddings= mode
+    rescored, _ = evaluate(
+        compose_eval(
+            tmp_path,
+            f"embeddings={tmp_path}/out/embeddings.npz",
+            f"paths.output_dir={tmp_path}/out3",
+        )
+    )
+    assert rescored["test/recall@1"] == pytest.approx(metrics["test/recall@1"], abs=1e-12)
+
+
+@pytest.mark.slow
+def test_checkpoint_scores_what_training_validation_logged(small_demo, tmp_path):
+    run_cfg = fast_cfg(
+        small_demo, tmp_path / "train", "trainer.max_epochs=1", "+trainer.limit_train_batches=4"
+    )
+    trained, _ = train(run_cfg)
+    ckpt = Path(run_cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    metrics, _ = evaluate(compose_eval(tmp_path, f"ckpt_path={ckpt}", "ks=[1,2,4,8]"))
+    # validation during training and evaluate.py run the same code on the same split
+    for name in ("recall@1", "recall@8", "map@r", "r_precision"):
+        assert metrics[f"test/{name}"] == pytest.approx(trained[f"val/{name}"], abs=1e-6)
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    protocol = report["protocol"]
+    assert protocol["evaluated"] == "checkpoint"
+    assert protocol["model"]["embedding_dim"] == 64
+    assert protocol["training"]["sampler"] == {"labels_per_batch": 5, "samples_per_label": 4}
+    assert len(protocol["checkpoint"]["sha256"]) == 64
+
+    # a checkpoint whose weights do not fit its config is refused, naming the parameter
+    data = torch.load(ckpt, map_location="cpu", weights_only=True)
+    data["run_config"]["model"]["embedder"]["embedding_dim"] = 32
+    torch.save(data, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="does not fit.*head"):
+        evaluate(compose_eval(tmp_path, f"ckpt_path={tmp_path}/other.ckpt"))
+    del data["run_config"]
+    torch.save(data, tmp_path / "bare.ckpt")
+    with pytest.raises(CheckpointError, match="no run config"):
+        evaluate(compose_eval(tmp_path, f"ckpt_path={tmp_path}/bare.ckpt"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        evaluate(compose_eval(tmp_path, f"ckpt_path={tmp_path}/missing.ckpt"))
