@@ -217,3 +217,31 @@ def test_checkpoint_scores_what_training_validation_logged(small_demo, tmp_path)
         evaluate(compose_eval(tmp_path, f"ckpt_path={tmp_path}/bare.ckpt"))
     with pytest.raises(CheckpointError, match="does not exist"):
         evaluate(compose_eval(tmp_path, f"ckpt_path={tmp_path}/missing.ckpt"))
+
+
+def test_data_defaults_to_the_demo_without_a_checkpoint(tmp_path):
+    from retrieval.tasks.evaluate import _data_config
+
+    cfg = compose_eval(tmp_path)
+    node = _data_config(cfg, None)
+    assert node._target_.endswith("RetrievalDataModule")
+    assert node.root == f"{tmp_path}/data/demo" and cfg.data.root == node.root
+    given = compose_eval(tmp_path, "data=manifest", "data.manifest=/x.csv")
+    assert _data_config(given, None).manifest == "/x.csv"
+
+
+def test_report_goes_to_weights_and_biases_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    x, y = _clusters(2, labels=6, per_label=4)
+    np.savez(tmp_path / "e.npz", embeddings=x, labels=y, paths=_thumbs(tmp_path / "img", y))
+    evaluate(compose_eval(tmp_path, f"embeddings={tmp_path}/e.npz", "logger=default"))
+    runs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    media = runs[0] / "files" / "media"
+    assert list((media / "images").glob("*.png")), "the results picture was not logged"
+    tables = list((media / "table").glob("*.table.json"))
+    assert tables
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:3] == ["query", "label", "first results"]
+    assert len(table["data"]) == len(x)
+    assert "wandb sync" in capsys.readouterr().out

@@ -234,6 +234,8 @@ def test_invalid_inputs_raise():
         evaluate_embeddings(x, labels, x)
     with pytest.raises(ValueError, match="query is empty"):
         evaluate_embeddings(x[:0], labels[:0])
+    with pytest.raises(ValueError, match="gallery is empty"):
+        evaluate_embeddings(x, labels, x[:0], labels[:0])
     with pytest.raises(ValueError, match="2-D"):
         evaluate_embeddings(x[0], labels[:1])
     with pytest.raises(ValueError, match="floating"):

@@ -6,33 +6,45 @@ from pathlib import Path
 
 import pytest
 
+from retrieval.tasks.config import compose_config
 from tests.conftest import compose_train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_commands() -> list[str]:
+def commands(script: str = "train") -> list[str]:
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
-    return [line.split("&&")[-1].strip() for line in lines if "python train.py" in line]
+    return [line.split("&&")[-1].strip() for line in lines if f"python {script}.py" in line]
+
+
+def train_commands() -> list[str]:
+    return commands("train")
 
 
 def test_readme_documents_the_main_commands():
-    commands = train_commands()
-    assert "python train.py" in commands
+    train = train_commands()
+    assert "python train.py" in train
     assert any(
-        "backbone=resnet50" in c and "data=cub200" in c and "data.root=" in c for c in commands
+        "backbone=resnet50" in c and "data=cub200" in c and "data.root=" in c for c in train
     )
     text = (ROOT / "README.md").read_text()
     assert 'pip install -e ".[dev]" && python -m pytest' in text
+    evaluate = commands("evaluate")
+    assert "python evaluate.py" in evaluate
+    for mode in ("ckpt_path=", "embeddings=", "index="):
+        assert any(mode in c for c in evaluate), mode
     assert "python -m pytest" in (ROOT / ".ci" / "run").read_text()
 
 
-@pytest.mark.parametrize("command", train_commands())
-def test_readme_train_command_composes(command, tmp_path):
+@pytest.mark.parametrize("command", [*train_commands(), *commands("evaluate")])
+def test_readme_command_composes(command, tmp_path):
     overrides = shlex.split(command)[2:]
-    cfg = compose_train(overrides, tmp_path)
+    if command.startswith("python evaluate.py"):
+        cfg = compose_config([f"paths.output_dir={tmp_path}", *overrides], name="evaluate")
+    else:
+        cfg = compose_train(overrides, tmp_path)
     for override in overrides:
         key, _, value = override.partition("=")
         if "." in key and not key.startswith("+"):

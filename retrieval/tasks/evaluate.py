@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 from retrieval.checkpoints import TrainingCheckpoint, load_embedder_weights, read_checkpoint
@@ -101,9 +101,9 @@ def _data_config(cfg: DictConfig, ckpt: TrainingCheckpoint | None) -> DictConfig
         return cfg.data
     if ckpt is not None:
         return OmegaConf.create(ckpt.run_config["data"])
-    demo = OmegaConf.load(CONF_DIR / "data" / "demo.yaml")
-    merged = OmegaConf.merge(cfg, {"data": demo})  # resolve ${paths...} against this run
-    return merged.data
+    with open_dict(cfg):  # inside cfg, ${paths...} resolves against this run
+        cfg.data = OmegaConf.load(CONF_DIR / "data" / "demo.yaml")
+    return cfg.data
 
 
 def _protocol_of_model(
@@ -211,7 +211,11 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
         "gallery": len(g_rows),
         "embedding_cache": str(cache) if cfg.use_cache else None,
     }
-    protocol["evaluation_device"] = {"device": str(device), "precision": cfg.precision}
+    protocol["model"]["embedding_dim"] = int(embeddings.vectors.shape[1])
+    precision = (
+        cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    )
+    protocol["evaluation_device"] = {"device": str(device), "precision": precision}
     return EvalInputs(
         result, names[q_rows], names[g_rows], paths[q_rows], paths[g_rows], ks, protocol
     )
@@ -258,9 +262,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     ``{split}/{name}`` (``test/recall@1``...) and the report written to the run directory."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
     inputs = _from_npz(cfg) if cfg.get("embeddings") else _from_model(cfg)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     inputs.protocol["evaluation"] = {
         "ks": inputs.ks,
         "metrics": list(cfg.metrics),
