@@ -159,7 +159,7 @@ def test_backbone_as_is_on_a_manifest_then_from_the_cache(small_demo, tmp_path, 
     protocol = report["protocol"]
     assert protocol["evaluated"] == "pretrained backbone as-is"
     assert protocol["model"]["backbone"] == "tf_efficientnet_lite0"
-    assert protocol["model"]["embedding_dim"] is None and protocol["model"]["pooling"] == "avg"
+    assert protocol["model"]["embedding_dim"] == 1280 and protocol["model"]["pooling"] == "avg"
     assert protocol["preprocessing"]["input_size"] == 64
     assert protocol["data"]["images"] == protocol["data"]["queries"] == 30 * 12
     # ImageNet features separate the procedural labels far better than chance (1/30)
@@ -167,12 +167,12 @@ def test_backbone_as_is_on_a_manifest_then_from_the_cache(small_demo, tmp_path, 
     assert Image.open(tmp_path / "out" / "results.png").height > 128
 
     # the same model and data again: embeddings come from the cache, metrics are identical
-    import retrieval.tasks.evaluate as task
+    import retrieval.tasks.common as common
 
     def no_embedding(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(task, "embed_loader", no_embedding)
+    monkeypatch.setattr(common, "embed_loader", no_embedding)
     again, _ = evaluate(compose_eval(tmp_path, *overrides, f"paths.output_dir={tmp_path}/out2"))
     assert again["test/map@r"] == metrics["test/map@r"]
 
@@ -220,14 +220,14 @@ def test_checkpoint_scores_what_training_validation_logged(small_demo, tmp_path)
 
 
 def test_data_defaults_to_the_demo_without_a_checkpoint(tmp_path):
-    from retrieval.tasks.evaluate import _data_config
+    from retrieval.tasks.common import data_config
 
     cfg = compose_eval(tmp_path)
-    node = _data_config(cfg, None)
+    node = data_config(cfg, None)
     assert node._target_.endswith("RetrievalDataModule")
     assert node.root == f"{tmp_path}/data/demo" and cfg.data.root == node.root
     given = compose_eval(tmp_path, "data=manifest", "data.manifest=/x.csv")
-    assert _data_config(given, None).manifest == "/x.csv"
+    assert data_config(given, None).manifest == "/x.csv"
 
 
 def test_report_goes_to_weights_and_biases_offline(tmp_path, monkeypatch, capsys):

@@ -12,15 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
-from torch.utils.data import DataLoader
+from omegaconf import DictConfig, OmegaConf
 
-from retrieval.checkpoints import TrainingCheckpoint, load_embedder_weights, read_checkpoint
 from retrieval.evaluation import RetrievalResult, evaluate_embeddings, evaluate_protocol
 from retrieval.evaluation.npz import read_embeddings_npz, write_embeddings_npz
-from retrieval.extract import embed_loader, fingerprint, load_cached, resolve_device, save_cached
+from retrieval.extract import resolve_device
 from retrieval.io import sha256_file
-from retrieval.tasks.config import CONF_DIR
+from retrieval.tasks.common import data_config, describe_model, embed_dataset, load_model
 from retrieval.tasks.evaluate_report import write_report
 
 log = logging.getLogger(__name__)
@@ -84,107 +82,24 @@ def _from_npz(cfg: DictConfig) -> EvalInputs:
     )
 
 
-def _embedder_config(cfg: DictConfig, ckpt: TrainingCheckpoint | None) -> DictConfig:
-    """The Embedder to build: the checkpoint's own (weights come from the checkpoint, so nothing
-    is downloaded), else ``cfg.embedder`` (the backbone as-is)."""
-    if ckpt is None:
-        return cfg.embedder
-    node = OmegaConf.create(ckpt.run_config["model"]["embedder"])
-    node.backbone.pretrained = False
-    node.backbone.weights = None
-    return node
-
-
-def _data_config(cfg: DictConfig, ckpt: TrainingCheckpoint | None) -> DictConfig:
-    """``data=`` when given, else the checkpoint's training data, else the built-in demo."""
-    if cfg.get("data") is not None:
-        return cfg.data
-    if ckpt is not None:
-        return OmegaConf.create(ckpt.run_config["data"])
-    with open_dict(cfg):  # inside cfg, ${paths...} resolves against this run
-        cfg.data = OmegaConf.load(CONF_DIR / "data" / "demo.yaml")
-    return cfg.data
-
-
-def _protocol_of_model(
-    cfg: DictConfig, ckpt: TrainingCheckpoint | None, embedder_cfg: DictConfig, datamodule: Any
-) -> dict[str, Any]:
-    model = OmegaConf.to_container(embedder_cfg, resolve=True)
-    assert isinstance(model, dict)
-    backbone = model.pop("backbone")
-    model.pop("_target_", None)
-    protocol: dict[str, Any] = {
-        "evaluated": "checkpoint" if ckpt else "pretrained backbone as-is",
-        "model": {
-            "backbone": backbone.get("name"),
-            "backbone_source": backbone.get("source", "timm"),
-            "weights": (
-                f"checkpoint {ckpt.path}"
-                if ckpt
-                else backbone.get("weights")
-                or ("pretrained" if backbone.get("pretrained") else "random")
-            ),
-            **model,
-        },
-        "preprocessing": datamodule.preprocessing.to_dict(),
-    }
-    if ckpt is not None:
-        run = ckpt.run_config
-        protocol["checkpoint"] = {
-            "path": str(ckpt.path.resolve()),
-            "sha256": ckpt.sha256,
-            "epoch": ckpt.epoch,
-            "global_step": ckpt.global_step,
-        }
-        protocol["training"] = {
-            "seed": run.get("seed"),
-            "sampler": {
-                k: v for k, v in (run.get("sampler") or {}).items() if not k.startswith("_")
-            },
-            "loss": (run.get("loss") or {}).get("_target_"),
-            "miner": (run.get("miner") or {}).get("_target_"),
-            "epochs": (run.get("trainer") or {}).get("max_epochs"),
-        }
-    return protocol
-
-
 def _from_model(cfg: DictConfig) -> EvalInputs:
-    ckpt = read_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
-    embedder_cfg = _embedder_config(cfg, ckpt)
-    embedder = instantiate(embedder_cfg)
-    if ckpt is not None:
-        load_embedder_weights(embedder, ckpt)
-    data_cfg = _data_config(cfg, ckpt)
-    datamodule = instantiate(data_cfg, _partial_=True)(
-        preprocessing=embedder.preprocessing, seed=cfg.seed, val_split=cfg.split
+    model = load_model(cfg)
+    datamodule = instantiate(data_config(cfg, model.checkpoint), _partial_=True)(
+        preprocessing=model.embedder.preprocessing, seed=cfg.seed, val_split=cfg.split
     )
     dataset = datamodule.eval_set()
     paths = np.array([str(row.path) for row in dataset.rows])
     device = resolve_device(cfg.device)
-    key = fingerprint(
-        embedder,
-        {
-            "paths": paths.tolist(),
-            "labels": [row.label for row in dataset.rows],
-            "preprocessing": datamodule.preprocessing.to_dict(),
-            "precision": cfg.precision,
-            "device": device.type,
-        },
+    preprocessing = datamodule.preprocessing.to_dict()
+    embeddings, cache = embed_dataset(
+        cfg,
+        model.embedder,
+        dataset,
+        {"paths": paths.tolist(), "labels": [r.label for r in dataset.rows], "pre": preprocessing},
+        batch_size=int(cfg.batch_size or datamodule.eval_batch_size),
+        num_workers=datamodule.num_workers,
+        device=device,
     )
-    cache = Path(cfg.cache_dir) / f"{key[:32]}.npz"
-    embeddings = load_cached(cache, key) if cfg.use_cache else None
-    if embeddings is None:
-        loader = DataLoader(
-            dataset,
-            batch_size=int(cfg.batch_size or datamodule.eval_batch_size),
-            num_workers=datamodule.num_workers,
-            pin_memory=device.type == "cuda",
-        )
-        embeddings = embed_loader(embedder, loader, device, cfg.precision)
-        if cfg.use_cache:
-            save_cached(embeddings, cache, key)
-    else:
-        log.info("embeddings read from the cache %s", cache)
     names = dataset.label_names[embeddings.labels]
     ks = list(cfg.ks or datamodule.eval_ks)
     result, q_rows, g_rows = evaluate_protocol(
@@ -199,7 +114,7 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
             q_rows,
             g_rows,
         )
-    protocol = _protocol_of_model(cfg, ckpt, embedder_cfg, datamodule)
+    protocol = describe_model(model, preprocessing)
     loo = len(q_rows) == len(g_rows) == len(names) and bool(embeddings.is_query.all())
     protocol["data"] = {
         "dataset": str(datamodule.manifest),
@@ -209,12 +124,11 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
         "labels": int(np.unique(names).size),
         "queries": len(q_rows),
         "gallery": len(g_rows),
-        "embedding_cache": str(cache) if cfg.use_cache else None,
+        "embedding_cache": str(cache) if cache else None,
     }
-    protocol["model"]["embedding_dim"] = int(embeddings.vectors.shape[1])
-    precision = (
-        cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    )
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
     protocol["evaluation_device"] = {"device": str(device), "precision": precision}
     return EvalInputs(
         result, names[q_rows], names[g_rows], paths[q_rows], paths[g_rows], ks, protocol

@@ -1,0 +1,131 @@
+"""What evaluate and export share: the model a config (or a checkpoint) describes, its data,
+and embedding a dataset with the cache."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.utils.data import DataLoader, Dataset
+
+from retrieval.checkpoints import TrainingCheckpoint, load_embedder_weights, read_checkpoint
+from retrieval.extract import Embeddings, embed_loader, fingerprint, load_cached, save_cached
+from retrieval.models import Embedder
+from retrieval.tasks.config import CONF_DIR
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """An Embedder with the config it was built from and the checkpoint it came from."""
+
+    embedder: Embedder
+    config: DictConfig
+    checkpoint: TrainingCheckpoint | None
+
+
+def load_model(cfg: DictConfig) -> LoadedModel:
+    """``ckpt_path`` -> the run's Embedder with the checkpoint's weights; else ``cfg.embedder``."""
+    ckpt = read_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    config = _embedder_config(cfg, ckpt)
+    embedder = instantiate(config)
+    if ckpt is not None:
+        load_embedder_weights(embedder, ckpt)
+    return LoadedModel(embedder, config, ckpt)
+
+
+def _embedder_config(cfg: DictConfig, ckpt: TrainingCheckpoint | None) -> DictConfig:
+    """The Embedder to build: the checkpoint's own (weights come from the checkpoint, so nothing
+    is downloaded), else ``cfg.embedder`` (the backbone as-is)."""
+    if ckpt is None:
+        return cfg.embedder
+    node = OmegaConf.create(ckpt.run_config["model"]["embedder"])
+    node.backbone.pretrained = False
+    node.backbone.weights = None
+    return node
+
+
+def data_config(cfg: DictConfig, ckpt: TrainingCheckpoint | None) -> DictConfig:
+    """``data=`` when given, else the checkpoint's training data, else the built-in demo."""
+    if cfg.get("data") is not None:
+        return cfg.data
+    if ckpt is not None:
+        return OmegaConf.create(ckpt.run_config["data"])
+    with open_dict(cfg):  # inside cfg, ${paths...} resolves against this run
+        cfg.data = OmegaConf.load(CONF_DIR / "data" / "demo.yaml")
+    return cfg.data
+
+
+def describe_model(loaded: LoadedModel, preprocessing: dict[str, Any]) -> dict[str, Any]:
+    """The model half of a result's protocol: what was evaluated or exported, and how."""
+    ckpt = loaded.checkpoint
+    model = OmegaConf.to_container(loaded.config, resolve=True)
+    assert isinstance(model, dict)
+    backbone = model.pop("backbone")
+    model.pop("_target_", None)
+    model["embedding_dim"] = loaded.embedder.embedding_dim
+    protocol: dict[str, Any] = {
+        "evaluated": "checkpoint" if ckpt else "pretrained backbone as-is",
+        "model": {
+            "backbone": backbone.get("name"),
+            "backbone_source": backbone.get("source", "timm"),
+            "weights": (
+                f"checkpoint {ckpt.path}"
+                if ckpt
+                else backbone.get("weights")
+                or ("pretrained" if backbone.get("pretrained") else "random")
+            ),
+            **model,
+        },
+        "preprocessing": preprocessing,
+    }
+    if ckpt is not None:
+        run = ckpt.run_config
+        protocol["checkpoint"] = {
+            "path": str(ckpt.path.resolve()),
+            "sha256": ckpt.sha256,
+            "epoch": ckpt.epoch,
+            "global_step": ckpt.global_step,
+        }
+        protocol["training"] = {
+            "seed": run.get("seed"),
+            "sampler": {
+                k: v for k, v in (run.get("sampler") or {}).items() if not k.startswith("_")
+            },
+            "loss": (run.get("loss") or {}).get("_target_"),
+            "miner": (run.get("miner") or {}).get("_target_"),
+            "epochs": (run.get("trainer") or {}).get("max_epochs"),
+        }
+    return protocol
+
+
+def embed_dataset(
+    cfg: DictConfig,
+    embedder: torch.nn.Module,
+    dataset: Dataset,
+    description: dict[str, Any],
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+) -> tuple[Embeddings, Path | None]:
+    """Embeddings of ``dataset``, from the cache when the same weights already embedded the same
+    images the same way (``description``); returns them and the cache file (None: no cache)."""
+    key = fingerprint(embedder, {**description, "precision": cfg.precision, "device": device.type})
+    cache = Path(cfg.cache_dir) / f"{key[:32]}.npz" if cfg.use_cache else None
+    embeddings = load_cached(cache, key) if cache is not None else None
+    if embeddings is not None:
+        log.info("embeddings read from the cache %s", cache)
+        return embeddings, cache
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
+    embeddings = embed_loader(embedder, loader, device, cfg.precision)
+    if cache is not None:
+        save_cached(embeddings, cache, key)
+    return embeddings, cache
