@@ -13,9 +13,9 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from retrieval.data.images import IMAGE_EXTENSIONS, list_images
 from retrieval.data.manifest import ManifestError, ManifestRow, read_manifest, write_manifest
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 _README = "see data/README.md for the expected layout"
 
 
@@ -187,12 +187,6 @@ def inshop(root: str | Path, output: str | Path | None = None) -> Path:
     return _finish(rows, base, output, "inshop")
 
 
-def _images_under(folder: Path) -> list[Path]:
-    """Image files under ``folder``, sorted (recursive; hidden files, symlinked folders skipped)."""
-    found = [Path(d) / f for d, _, files in os.walk(folder) for f in files if f[0] != "."]
-    return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
 def image_folder(
     root: str | Path, output: str | Path | None = None, test_fraction: float = 0.5, seed: int = 0
 ) -> Path:
@@ -204,7 +198,7 @@ def image_folder(
         raise ManifestError(f"folder: test_fraction must be in [0, 1], got {test_fraction}")
     layout = f"{base}/<label>/<image files> ({', '.join(sorted(IMAGE_EXTENSIONS))})"
     folders = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
-    images = {f.name: files for f in folders if (files := _images_under(f))}
+    images = {f.name: files for f in folders if (files := list_images(f))}
     if not images:
         what = "image files in the label folders" if folders else "label folders"
         raise ManifestError(f"folder: no {what} under {base}; expected {layout}")

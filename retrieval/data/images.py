@@ -3,6 +3,7 @@ integrity scan of image files before training."""
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from collections.abc import Sequence
@@ -169,3 +170,13 @@ def report_unreadable(bad: Sequence[BadImage], total: int, strict: bool, where: 
         UserWarning,
         stacklevel=2,
     )
+
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files (by extension) under ``folder``, recursively, sorted; hidden files and
+    symlinked folders are skipped."""
+    found = [Path(d) / f for d, _, files in os.walk(folder) for f in files if f[0] != "."]
+    return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS)

@@ -1,0 +1,15 @@
+"""Export a search bundle: ``python export.py ckpt_path=RUN/checkpoints/best.ckpt [gallery=DIR]``."""
+
+import hydra
+from omegaconf import DictConfig
+
+from retrieval.tasks.export import export
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    export(cfg)
+
+
+if __name__ == "__main__":
+    main()

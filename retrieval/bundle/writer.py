@@ -1,0 +1,125 @@
+"""Writing a bundle: everything in a hidden temporary folder beside the target, the manifest last,
+then one rename. An interrupted export leaves no folder that loads."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval.bundle.format import BundleError, write_manifest
+from retrieval.bundle.items import IndexedItems
+from retrieval.bundle.model import export_model
+from retrieval.bundle.preprocess import Preprocessor
+from retrieval.bundle.store import ItemRecord
+from retrieval.io import atomic_write
+from retrieval.models import Embedder
+from retrieval.models.backbone import Preprocessing
+
+__all__ = ["GalleryItem", "write_bundle"]
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    """What the bundle stores about one gallery image besides its vector."""
+
+    uri: str
+    label: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    content_sha256: str | None = None
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for package in ("retrieval", "torch", "timm", "faiss-cpu", "onnxruntime", "numpy"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def write_bundle(
+    output: Path,
+    embedder: Embedder,
+    model_config: dict[str, Any],
+    preprocessing: Preprocessing,
+    items: list[GalleryItem],
+    vectors: np.ndarray,
+    factory: str = "Flat",
+    search_params: str = "",
+    description: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a bundle at ``output`` (layout in :mod:`retrieval.bundle.format`).
+
+    Args:
+        embedder: the model; exported as safetensors, TorchScript and ONNX.
+        model_config: how to rebuild it (``model.json``).
+        preprocessing: what the model expects (``preprocessing.json``).
+        items: one per row of ``vectors``.
+        vectors: (n, dim) float32 L2-normalised embeddings of the items.
+        factory, search_params: the FAISS index (trained on ``vectors`` when it needs it).
+        description: extra manifest fields (metrics, protocol, gallery source).
+        overwrite: replace a bundle already at ``output``.
+
+    Raises:
+        BundleError: ``output`` exists and ``overwrite`` is false, or is not a bundle folder.
+        ValueError: items and vectors disagree.
+    """
+    output = Path(output)
+    if len(items) != len(vectors):
+        raise ValueError(f"{len(items)} items but {len(vectors)} vectors")
+    if output.exists() and not overwrite:
+        raise BundleError(f"{output} exists: pass overwrite=true (export.py overwrite=true)")
+    if output.exists() and not (output / "manifest.json").is_file():
+        raise BundleError(f"{output} exists and is not a bundle: refusing to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        pre = Preprocessor.from_preprocessing(preprocessing)
+        files = list(export_model(embedder, tmp, model_config, pre.input_size).values())
+        with atomic_write(tmp / "preprocessing.json", "w", encoding="utf-8") as handle:
+            json.dump(pre.to_dict(), handle, indent=2)
+        files.append("preprocessing.json")
+        dim = int(vectors.shape[1])
+        state = IndexedItems.create(tmp, dim, factory, search_params, train_vectors=vectors)
+        records = [ItemRecord(i.uri, i.label, i.extra, i.content_sha256) for i in items]
+        state.add(records, vectors)
+        state.close()  # writes the index snapshot
+        write_manifest(
+            tmp,
+            {
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"
+                ),
+                "embedding_dim": dim,
+                "metric": "inner_product",
+                "normalized": True,
+                "index": {"factory": factory, "search_params": search_params},
+                "items": len(items),
+                "versions": _versions(),
+                **(description or {}),
+            },
+            files,
+        )
+        if output.exists():
+            old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+            output.rename(old)
+            tmp.rename(output)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output

@@ -1,0 +1,285 @@
+"""``Retriever``: load a bundle and search it from Python. No Hydra, no Lightning, no training
+code: the model runs through ONNX Runtime, TorchScript or a rebuilt PyTorch module.
+
+    with Retriever.load("bundle") as retriever:
+        hits = retriever.search(["photo.jpg"], k=10)[0]
+        retriever.add(["new1.jpg", "new2.jpg"])  # durable when it returns
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from retrieval.bundle.format import BundleError, read_manifest, verify_files
+from retrieval.bundle.items import IndexedItems
+from retrieval.bundle.model import Runtime, load_runtime
+from retrieval.bundle.preprocess import Preprocessor, open_image
+from retrieval.bundle.store import ItemRecord
+from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageLoadError
+
+__all__ = ["AddReport", "Hit", "Retriever"]
+
+#: An image given by path, by its encoded bytes, or already decoded.
+ImageSource = str | os.PathLike | bytes | Image.Image
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the item's id, its score (cosine similarity) and what it points to."""
+
+    id: int
+    score: float
+    uri: str
+    label: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AddReport:
+    """What :meth:`Retriever.add` did: ids of new items, duplicates of items already in the
+    bundle (``(path, existing id)``) and files that could not be read (``(path, reason)``)."""
+
+    added: list[int] = field(default_factory=list)
+    duplicates: list[tuple[str, int]] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Retriever:
+    """A loaded bundle: its model, preprocessing and items. Build with :meth:`load`.
+
+    Thread-safe: searches may run concurrently with each other and with :meth:`add` /
+    :meth:`remove` (one writer at a time). One process owns a bundle at a time.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        manifest: dict[str, Any],
+        preprocessor: Preprocessor,
+        runtime: Runtime,
+        items: IndexedItems,
+        max_pixels: int,
+    ) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.preprocessor = preprocessor
+        self.runtime = runtime
+        self.items = items
+        self.max_pixels = max_pixels
+
+    @classmethod
+    def load(
+        cls,
+        bundle: str | os.PathLike[str],
+        runtime: str = "auto",
+        threads: int | None = None,
+        device: str = "auto",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> Retriever:
+        """Open a bundle after checking its format version and its files' checksums.
+
+        Args:
+            runtime: ``auto`` (ONNX Runtime when installed, else TorchScript), ``onnx``,
+                ``torchscript`` or ``eager`` (PyTorch).
+            threads: intra-op threads of the model (default: the runtime's).
+            device: ``auto`` | ``cpu`` | ``cuda``.
+            max_pixels: images with more pixels are refused before decoding.
+
+        Raises:
+            BundleError: missing or foreign folder, newer format, altered or truncated file.
+        """
+        folder = Path(bundle)
+        manifest = read_manifest(folder)
+        verify_files(folder, manifest)
+        try:
+            pre = Preprocessor.from_dict(json.loads((folder / "preprocessing.json").read_text()))
+        except (OSError, ValueError) as err:
+            raise BundleError(f"{folder / 'preprocessing.json'}: {err}") from err
+        model = load_runtime(folder, kind=runtime, threads=threads, device=device)
+        if model.embedding_dim != manifest["embedding_dim"]:
+            raise BundleError(
+                f"{folder}: the model gives {model.embedding_dim}-d embeddings but the manifest "
+                f"says {manifest['embedding_dim']}"
+            )
+        items = IndexedItems.open(folder)
+        if items.dim != manifest["embedding_dim"]:
+            items.close()
+            raise BundleError(
+                f"{folder}: the index holds {items.dim}-d vectors, not "
+                f"{manifest['embedding_dim']}-d"
+            )
+        return cls(folder, manifest, pre, model, items, max_pixels)
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["embedding_dim"])
+
+    def __len__(self) -> int:
+        return self.items.ntotal
+
+    def _decode(self, source: ImageSource) -> Image.Image:
+        if isinstance(source, Image.Image):
+            return source.convert("RGB")
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return open_image(bytes(source), self.max_pixels)
+        return open_image(source, self.max_pixels)
+
+    def embed(self, images: Sequence[ImageSource], batch_size: int = 32) -> np.ndarray:
+        """Embeddings of ``images`` (paths, encoded bytes or PIL images): (n, dim) float32,
+        unit rows. Raises ImageLoadError naming the first image that cannot be read."""
+        out = [np.empty((0, self.dim), np.float32)]
+        for chunk in _chunks(list(images), batch_size):
+            batch = self.preprocessor.batch([self._decode(s) for s in chunk])
+            out.append(self.runtime.embed(batch))
+        return np.concatenate(out)
+
+    def _as_queries(
+        self, queries: np.ndarray | Sequence[ImageSource], batch_size: int
+    ) -> np.ndarray:
+        if isinstance(queries, np.ndarray) and queries.dtype.kind == "f":
+            x = queries.reshape(1, -1) if queries.ndim == 1 else queries
+            if x.ndim != 2 or x.shape[1] != self.dim:
+                raise ValueError(
+                    f"query vectors must have shape (n, {self.dim}), got {queries.shape}"
+                )
+            if not np.isfinite(x).all():
+                raise ValueError("query vectors contain NaN or infinite values")
+            norms = np.linalg.norm(x, axis=1, keepdims=True)
+            if (norms == 0).any():
+                raise ValueError("query vectors contain a zero vector")
+            return np.ascontiguousarray(x / norms, dtype=np.float32)
+        return self.embed(list(queries), batch_size)
+
+    def search(
+        self,
+        queries: np.ndarray | Sequence[ImageSource],
+        k: int = 10,
+        batch_size: int = 32,
+        label: str | None = None,
+    ) -> list[list[Hit]]:
+        """The ``k`` most similar items of each query, best first.
+
+        Args:
+            queries: images (paths, bytes, PIL images) or (n, dim) / (dim,) vectors
+                (normalised here).
+            k: results per query (fewer when the bundle holds fewer items).
+            label: keep only items with this label.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        x = self._as_queries(queries, batch_size)
+        if len(self) == 0 or len(x) == 0:
+            return [[] for _ in range(len(x))]
+        want = k if label is None else min(len(self), max(4 * k, 64))
+        while True:
+            scores, ids = self.items.search(x, want)
+            hits = [self._hits(s, i, label)[:k] for s, i in zip(scores, ids, strict=True)]
+            if label is None or want >= len(self) or all(len(h) == k for h in hits):
+                return hits
+            want = min(len(self), want * 4)
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray, label: str | None) -> list[Hit]:
+        found = [int(i) for i in ids if i >= 0]
+        records = {item.id: item for item in self.items.store.get(found)}
+        hits = []
+        for score, item_id in zip(scores, ids, strict=True):
+            item = records.get(int(item_id))
+            if item is None or (label is not None and item.label != label):
+                continue
+            hits.append(Hit(item.id, float(score), item.uri, item.label, dict(item.extra)))
+        return hits
+
+    def add(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        labels: Sequence[str | None] | None = None,
+        batch_size: int = 32,
+        progress: Callable[[int], None] | None = None,
+    ) -> AddReport:
+        """Embed and add image files; durable once this returns (a crash right after loses
+        nothing). Files that cannot be decoded are skipped and listed; a file whose content
+        (sha256) is already in the bundle is not added twice and is listed as a duplicate.
+
+        Args:
+            labels: one per path (None: unlabelled).
+            progress: called with the number of files done after each batch.
+        """
+        if labels is not None and len(labels) != len(paths):
+            raise ValueError(f"{len(labels)} labels for {len(paths)} paths")
+        report = AddReport()
+        pairs = list(zip(paths, labels or [None] * len(paths), strict=True))
+        for chunk in _chunks(pairs, batch_size):
+            images, records, names = [], [], []
+            for path, lab in chunk:
+                name = str(Path(path).resolve())
+                try:
+                    data = Path(path).read_bytes()
+                    images.append(open_image(data, self.max_pixels, name=name))
+                except (OSError, ImageLoadError) as err:
+                    report.unreadable.append((str(path), str(err)))
+                    continue
+                digest = hashlib.sha256(data).hexdigest()
+                records.append(ItemRecord(uri=name, label=lab, content_sha256=digest))
+                names.append(name)
+            if records:
+                vectors = self.runtime.embed(self.preprocessor.batch(images))
+                result = self.items.add(records, vectors)
+                report.added += result.added
+                report.duplicates += [(names[pos], existing) for pos, existing in result.duplicates]
+            if progress is not None:
+                progress(len(chunk))
+        return report
+
+    def remove(self, ids: Sequence[int]) -> list[int]:
+        """Remove items by id (durable when this returns); unknown ids raise KeyError."""
+        return self.items.remove([int(i) for i in ids])
+
+    def verify(self) -> list[str]:
+        """Problems found, ``[]`` when healthy: file checksums, the store's integrity, the index
+        against the store, and a sample of items found at their own place."""
+        problems = []
+        try:
+            verify_files(self.folder, self.manifest)
+        except BundleError as err:
+            problems.append(str(err))
+        return problems + self.items.verify()
+
+    def info(self) -> dict[str, Any]:
+        """A summary: format, model, dim, index, item count, metrics."""
+        m = self.manifest
+        return {
+            "bundle": str(self.folder),
+            "format_version": m["format_version"],
+            "created": m.get("created"),
+            "backbone": (m.get("protocol") or {}).get("model", {}).get("backbone"),
+            "embedding_dim": m["embedding_dim"],
+            "metric": m["metric"],
+            "index": m["index"],
+            "items": len(self),
+            "runtime": self.runtime.kind,
+            "metrics": m.get("metrics", {}),
+        }
+
+    def close(self) -> None:
+        """Snapshot unsaved changes and release the bundle."""
+        self.items.close()
+
+    def __enter__(self) -> Retriever:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

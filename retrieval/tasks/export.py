@@ -1,0 +1,141 @@
+"""``export(cfg)``: write a search bundle for a trained checkpoint or a backbone as-is, over the
+data split's gallery or a folder of images. Called by ``export.py`` and by tests."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from retrieval.bundle.writer import GalleryItem, write_bundle
+from retrieval.data.dataset import ImageDataset
+from retrieval.data.images import find_unreadable, list_images, report_unreadable
+from retrieval.data.manifest import ManifestRow
+from retrieval.data.transforms import eval_transform
+from retrieval.evaluation import evaluate_protocol
+from retrieval.extract import resolve_device
+from retrieval.io import sha256_file
+from retrieval.tasks.common import (
+    LoadedModel,
+    data_config,
+    describe_model,
+    embed_dataset,
+    load_model,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _model_config(loaded: LoadedModel) -> dict[str, Any]:
+    """How to rebuild the Embedder in plain Python (``model.json``)."""
+    config = OmegaConf.to_container(loaded.config, resolve=True)
+    assert isinstance(config, dict)
+    backbone = dict(config.pop("backbone"))
+    config.pop("_target_", None)
+    name, source = backbone.pop("name"), backbone.pop("source", "timm")
+    for key in ("_target_", "pretrained", "weights"):
+        backbone.pop(key, None)
+    return {
+        "backbone": {"name": name, "source": source, "kwargs": backbone},
+        # training-only settings do not change what the model computes
+        "embedder": {k: v for k, v in config.items() if k not in ("freeze_bn", "channels_last")},
+    }
+
+
+def _folder_gallery(cfg: DictConfig, transform: Any) -> ImageDataset:
+    """Every readable image under ``cfg.gallery``, labelled by its folder when asked."""
+    root = Path(cfg.gallery)
+    if not root.is_dir():
+        raise ValueError(f"gallery={root} is not a folder")
+    paths = list_images(root)
+    if not paths:
+        raise ValueError(f"gallery={root} holds no images (jpg, png, webp, bmp, gif, tif)")
+    bad = find_unreadable(paths)
+    report_unreadable(bad, len(paths), strict=False, where=f"gallery {root}")
+    skipped = {b.path for b in bad}
+
+    def label(path: Path) -> str:
+        parent = path.parent.relative_to(root).as_posix()
+        return "" if cfg.gallery_labels == "none" or parent == "." else parent
+
+    rows = [ManifestRow(p, label(p), "gallery") for p in paths if p not in skipped]
+    return ImageDataset(rows, transform)
+
+
+def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Export per ``cfg``; returns ``({"bundle": path, metrics...}, objects)``."""
+    model = load_model(cfg)
+    device = resolve_device(cfg.device)
+    datamodule = instantiate(data_config(cfg, model.checkpoint), _partial_=True)(
+        preprocessing=model.embedder.preprocessing, seed=cfg.seed, val_split=cfg.split
+    )
+    preprocessing = datamodule.preprocessing
+    batch_size = int(cfg.batch_size or datamodule.eval_batch_size)
+
+    def embed(dataset: ImageDataset) -> Any:
+        rows = dataset.rows
+        description = {
+            "paths": [str(r.path) for r in rows],
+            "labels": [r.label for r in rows],
+            "pre": preprocessing.to_dict(),
+        }
+        embeddings, _ = embed_dataset(
+            cfg, model.embedder, dataset, description, batch_size, datamodule.num_workers, device
+        )
+        return embeddings
+
+    split = datamodule.eval_set()
+    split_embeddings = embed(split)
+    names = split.label_names[split_embeddings.labels]
+    ks = list(cfg.ks or datamodule.eval_ks)
+    result, _, gallery_rows = evaluate_protocol(
+        split_embeddings.vectors,
+        names,
+        split_embeddings.is_query,
+        split_embeddings.is_gallery,
+        ks=ks,
+        metrics=list(cfg.metrics),
+    )
+    if cfg.get("gallery"):
+        gallery = _folder_gallery(cfg, eval_transform(preprocessing))
+        vectors = embed(gallery).vectors
+        rows = gallery.rows
+    else:
+        vectors = split_embeddings.vectors[gallery_rows]
+        rows = [split.rows[i] for i in gallery_rows]
+    items = [
+        GalleryItem(
+            uri=str(row.path.resolve()),
+            label=row.label or None,
+            extra=dict(row.extra),
+            content_sha256=sha256_file(row.path),
+        )
+        for row in rows
+    ]
+    protocol = describe_model(model, preprocessing.to_dict())
+    protocol["data"] = {"dataset": str(datamodule.manifest), "split": cfg.split}
+    metrics = {f"{cfg.split}/{k}": v for k, v in result.metrics.items()}
+    bundle = write_bundle(
+        Path(cfg.bundle),
+        model.embedder,
+        _model_config(model),
+        preprocessing,
+        items,
+        np.ascontiguousarray(vectors),
+        factory=cfg.index.factory,
+        search_params=cfg.index.search_params or "",
+        description={
+            "metrics": metrics,
+            "protocol": protocol,
+            "gallery": {"source": str(cfg.gallery or f"{datamodule.manifest}:{cfg.split}")},
+        },
+        overwrite=bool(cfg.overwrite),
+    )
+    lines = [f"bundle: {bundle}", f"items: {len(items)}, dim {vectors.shape[1]}"]
+    lines += [f"{name:<20}{value:.4f}" for name, value in metrics.items()]
+    print("\n".join(lines), flush=True)
+    return {"bundle": str(bundle), **metrics}, {"model": model, "items": items}
