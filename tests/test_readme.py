@@ -26,9 +26,7 @@ def train_commands() -> list[str]:
 def test_readme_documents_the_main_commands():
     train = train_commands()
     assert "python train.py" in train
-    assert any(
-        "backbone=resnet50" in c and "data=cub200" in c and "data.root=" in c for c in train
-    )
+    assert any("backbone=resnet50" in c and "data=cub200" in c and "data.root=" in c for c in train)
     text = (ROOT / "README.md").read_text()
     assert 'pip install -e ".[dev]" && python -m pytest' in text
     evaluate = commands("evaluate")

@@ -1,0 +1,1 @@
+"""Exported search bundles: the self-describing folder the search service loads."""

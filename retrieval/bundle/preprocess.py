@@ -1,0 +1,220 @@
+"""Evaluation preprocessing with Pillow and NumPy only (no torch), for serving a bundle.
+
+:class:`Preprocessor` reproduces :func:`retrieval.data.transforms.eval_transform` exactly: the
+short side is resized to ``resize`` pixels (the long side to ``int(resize * long / short)``, as
+torchvision computes it) with Pillow's antialiased ``Image.resize``, the centre
+``input_size`` x ``input_size`` square is cropped (offsets rounded half to even, as torchvision
+does), pixels are scaled to [0, 1] and normalised with ``mean`` and ``std`` in float32.
+:func:`open_image` loads a file or in-memory bytes safely (pixel limit checked from the header
+before decoding, EXIF orientation, RGB).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from retrieval.data.images import (
+    _OPEN_LOCK,
+    DEFAULT_MAX_PIXELS,
+    ImageLoadError,
+    _to_rgb,
+    load_rgb,
+)
+
+if TYPE_CHECKING:
+    from retrieval.models.backbone import Preprocessing
+
+__all__ = ["Preprocessor", "open_image"]
+
+FILTERS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+COLOR_MODES = ("RGB",)
+
+
+def _bad(field: str, rule: str, value: Any) -> ValueError:
+    return ValueError(f"preprocessing field '{field}' must be {rule}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _triple(field: str, value: Any, positive: bool) -> tuple[float, float, float]:
+    rule = "3 positive finite numbers" if positive else "3 finite numbers"
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or len(value) != 3:
+        raise _bad(field, rule, value)
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        raise _bad(field, rule, value)
+    out = tuple(float(v) for v in value)
+    if not all(math.isfinite(v) and (v > 0 or not positive) for v in out):
+        raise _bad(field, rule, value)
+    return out  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """A PIL RGB image -> float32 array ``(3, input_size, input_size)``, normalised.
+
+    Fields: ``input_size`` (side of the square crop), ``resize`` (short side before cropping,
+    at least ``input_size``), ``interpolation`` (``bilinear`` | ``bicubic`` | ``nearest``),
+    ``mean`` / ``std`` (per channel, on the [0, 1] scale) and ``color_mode`` (only ``RGB``).
+    Every field is checked on construction; a bad one raises ValueError naming it.
+    """
+
+    input_size: int
+    resize: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    color_mode: str = "RGB"
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.input_size) or self.input_size < 1:
+            raise _bad("input_size", "a positive integer", self.input_size)
+        if not _is_int(self.resize) or self.resize < self.input_size:
+            raise _bad("resize", f"an integer >= input_size ({self.input_size})", self.resize)
+        if self.interpolation not in FILTERS:
+            raise _bad("interpolation", f"one of {sorted(FILTERS)}", self.interpolation)
+        if self.color_mode not in COLOR_MODES:
+            raise _bad("color_mode", f"one of {list(COLOR_MODES)}", self.color_mode)
+        object.__setattr__(self, "mean", _triple("mean", self.mean, positive=False))
+        object.__setattr__(self, "std", _triple("std", self.std, positive=True))
+
+    @classmethod
+    def from_preprocessing(cls, pre: Preprocessing) -> Preprocessor:
+        """The preprocessing ``eval_transform(pre)`` applies; like it, an interpolation other
+        than bilinear / bicubic / nearest falls back to bilinear."""
+        interpolation = pre.interpolation if pre.interpolation in FILTERS else "bilinear"
+        return cls(
+            input_size=int(pre.input_size),
+            resize=round(pre.input_size / pre.crop_pct),
+            interpolation=interpolation,
+            mean=tuple(pre.mean),  # type: ignore[arg-type]
+            std=tuple(pre.std),  # type: ignore[arg-type]
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able fields (tuples become lists); ``from_dict`` reads it back."""
+        data = asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocessor:
+        """Build from ``to_dict`` output. Raises ValueError naming missing, unknown or bad
+        fields."""
+        if not isinstance(data, Mapping):
+            raise ValueError(
+                f"preprocessing must be a mapping of fields, got {type(data).__name__}"
+            )
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"unknown preprocessing fields {unknown}; known fields: {names}")
+        missing = [n for n in names if n not in data and n != "color_mode"]
+        if missing:
+            raise ValueError(f"preprocessing lacks the fields {missing}")
+        return cls(**dict(data))
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after resizing the short side to ``resize``, as torchvision does."""
+        if width <= height:
+            return self.resize, int(self.resize * height / width)
+        return int(self.resize * width / height), self.resize
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """``image`` (any mode; non-RGB is converted like :func:`open_image` does) ->
+        ``(3, input_size, input_size)`` float32."""
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"Preprocessor takes a PIL image, got {type(image).__name__}")
+        rgb = image if image.mode == "RGB" else _to_rgb(image)
+        size = self.resized_size(*rgb.size)
+        if size != rgb.size:
+            rgb = rgb.resize(size, FILTERS[self.interpolation])
+        side = self.input_size
+        top = int(round((size[1] - side) / 2.0))
+        left = int(round((size[0] - side) / 2.0))
+        pixels = np.asarray(rgb, dtype=np.uint8)[top : top + side, left : left + side]
+        chw = pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+        mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.std, dtype=np.float32)[:, None, None]
+        return np.ascontiguousarray((chw - mean) / std)
+
+    def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """``B`` images -> ``(B, 3, input_size, input_size)`` float32; ``B`` may be 0."""
+        if len(images) == 0:
+            return np.zeros((0, 3, self.input_size, self.input_size), dtype=np.float32)
+        return np.stack([self(image) for image in images])
+
+
+def open_image(
+    source: str | os.PathLike[str] | bytes | bytearray | memoryview,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+) -> Image.Image:
+    """Decode a file path or in-memory bytes into an RGB image.
+
+    Paths go through :func:`retrieval.data.images.load_rgb`; bytes get the same checks: the
+    pixel count is read from the header and refused before decoding when over ``max_pixels``
+    (or over Pillow's own limit), EXIF orientation is applied and any mode becomes RGB.
+    ``name`` labels the bytes in error messages (default ``<N bytes>``).
+
+    Raises:
+        ImageLoadError: empty, unidentifiable, too large, truncated or corrupt data, naming
+            the source.
+        TypeError: ``source`` is neither a path nor bytes.
+    """
+    if isinstance(source, str | os.PathLike):
+        return load_rgb(Path(source), max_pixels)
+    if not isinstance(source, bytes | bytearray | memoryview):
+        raise TypeError(f"open_image takes a path or bytes, got {type(source).__name__}")
+    data = bytes(source)
+    label = name or f"<{len(data)} bytes>"
+    image = _open_header(data, label, max_pixels)
+    try:
+        with image:
+            image.load()
+            oriented = ImageOps.exif_transpose(image) or image.copy()
+        return _to_rgb(oriented)
+    except Exception as err:  # Pillow's decoders raise many types for corrupt data
+        raise ImageLoadError(f"{label}: cannot be decoded ({type(err).__name__}: {err})") from None
+
+
+def _open_header(data: bytes, label: str, max_pixels: int) -> Image.Image:
+    """Open ``data`` lazily (header only) and enforce the pixel limit before any decoding.
+
+    The bytes counterpart of ``retrieval.data.images._open_checked`` (which takes paths only).
+    """
+    if not data:
+        raise ImageLoadError(f"{label}: empty (0 bytes)")
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageLoadError(f"{label}: over Pillow's pixel limit ({err})") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{label}: not an image format Pillow can identify") from None
+    except Exception as err:
+        raise ImageLoadError(f"{label}: cannot be opened ({type(err).__name__}: {err})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageLoadError(
+            f"{label}: {width}x{height} = {width * height} pixels is over the limit of "
+            f"{max_pixels} pixels; raise max_pixels to allow it, or downscale the image"
+        )
+    return image

@@ -1,0 +1,573 @@
+"""ItemStore: the bundle's item table in SQLite (``items.sqlite``), durable on every commit.
+
+One row per vector ever added: id (``AUTOINCREMENT``, never reused), image path or URI,
+label, extra JSON fields, sha256 of the image bytes, the float32 vector and, once removed,
+the sequence number of its removal. A ``snapshots`` table records each index file written
+(:mod:`retrieval.bundle.items` replays what happened after the last one).
+
+The database runs in WAL mode with ``synchronous=FULL``: a method that writes returns only
+after its single transaction is on disk, so a process killed right after it loses nothing.
+Thread safety: one connection shared by all threads, every call serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Item",
+    "ItemRecord",
+    "ItemStore",
+    "Snapshot",
+    "StoreError",
+    "check_vectors",
+]
+Check = Literal["quick", "full", "none"]
+
+SCHEMA_VERSION = 1
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_BATCH = 500  # ids per "IN (...)" query, well under SQLite's variable limit
+_NORM_TOLERANCE = 1e-3
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE removals (seq INTEGER PRIMARY KEY AUTOINCREMENT, removed_at TEXT NOT NULL);
+CREATE TABLE items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    removed_seq INTEGER REFERENCES removals (seq),
+    content_sha256 TEXT CHECK (content_sha256 IS NULL OR length(content_sha256) = 64),
+    uri TEXT NOT NULL CHECK (length(uri) > 0),
+    label TEXT,
+    added_at TEXT NOT NULL,
+    extra TEXT NOT NULL DEFAULT '{{}}',
+    vector BLOB NOT NULL CHECK (length(vector) = {nbytes})
+);
+CREATE INDEX items_by_removal ON items (removed_seq);
+CREATE INDEX items_by_sha256 ON items (content_sha256) WHERE content_sha256 IS NOT NULL;
+CREATE TABLE snapshots (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    index_sha256 TEXT NOT NULL CHECK (length(index_sha256) = 64),
+    ntotal INTEGER NOT NULL,
+    max_id INTEGER NOT NULL,
+    removal_seq INTEGER NOT NULL,
+    factory TEXT NOT NULL,
+    search_params TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+"""  # small columns before the vector, so scans of them never read the vector's pages
+
+
+class StoreError(ValueError):
+    """An item store file is missing pieces, foreign, damaged or from a newer version."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    """What describes one vector to add (validated on construction).
+
+    ``uri``: image path or URI (non-empty). ``extra``: JSON-serialisable fields.
+    ``content_sha256``: hex sha256 of the image file bytes (stored lower-case) or None.
+    """
+
+    uri: str
+    label: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    content_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.uri, str) or not self.uri:
+            raise ValueError(f"ItemRecord.uri must be a non-empty string, got {self.uri!r}")
+        if self.label is not None and not isinstance(self.label, str):
+            raise ValueError(f"ItemRecord.label must be a string or None, got {self.label!r}")
+        if not isinstance(self.extra, Mapping):
+            raise ValueError(f"ItemRecord.extra must be a mapping, got {type(self.extra)}")
+        try:
+            json.dumps(dict(self.extra), allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"ItemRecord.extra of {self.uri!r} is not JSON: {err}") from err
+        sha = self.content_sha256
+        if sha is not None:
+            ok = isinstance(sha, str) and len(sha) == 64
+            if not ok or any(c not in "0123456789abcdefABCDEF" for c in sha):
+                raise ValueError(f"content_sha256 of {self.uri!r} must be 64 hex digits: {sha!r}")
+            object.__setattr__(self, "content_sha256", sha.lower())
+
+
+@dataclass(frozen=True)
+class Item:
+    """A stored item; ``removed_seq`` is None while it is active. ``vector``: (dim,) float32."""
+
+    id: int
+    uri: str
+    label: str | None
+    extra: dict[str, Any]
+    content_sha256: str | None
+    added_at: str
+    removed_seq: int | None
+    vector: np.ndarray
+
+    @property
+    def active(self) -> bool:
+        """Whether the item has not been removed."""
+        return self.removed_seq is None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An index file as written: it holds, in id order, the items with ``id <= max_id`` not
+    removed by removal ``removal_seq`` (``ntotal`` of them). ``id`` / ``created_at`` are
+    filled in by :meth:`ItemStore.record_snapshot`."""
+
+    index_sha256: str
+    ntotal: int
+    max_id: int
+    removal_seq: int
+    factory: str
+    search_params: str
+    created_at: str = ""
+    id: int = 0
+
+
+def check_vectors(vectors: Any, dim: int, n: int | None = None) -> np.ndarray:
+    """Validate (n, dim) finite, L2-normalised rows; return them as C-contiguous float32."""
+    x = np.asarray(vectors)
+    if x.ndim != 2 or x.shape[1] != dim or (n is not None and x.shape[0] != n):
+        rows = "n" if n is None else str(n)
+        raise ValueError(f"vectors must have shape ({rows}, {dim}), got {x.shape}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError("vectors contain NaN or infinite values")
+    norms = np.linalg.norm(x, axis=1)
+    bad = np.flatnonzero(np.abs(norms - 1.0) > _NORM_TOLERANCE)
+    if bad.size:
+        raise ValueError(
+            f"vectors must be L2-normalised; row {bad[0]} has norm {norms[bad[0]]:.4f} "
+            f"({bad.size} such rows): divide each row by its norm first"
+        )
+    return x
+
+
+def _listed(ids: Sequence[int]) -> str:
+    shown = ", ".join(str(i) for i in ids[:20])
+    return f"[{shown}{', ...' if len(ids) > 20 else ''}] ({len(ids)} ids)"
+
+
+def _sync_folder(folder: Path) -> None:
+    if os.name == "posix":
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    uri = "file:" + path.absolute().as_posix().replace("?", "%3f").replace("#", "%23")
+    conn = sqlite3.connect(
+        uri + "?mode=rw", uri=True, isolation_level=None, check_same_thread=False
+    )
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except sqlite3.DatabaseError:
+        conn.close()
+        raise
+    return conn
+
+
+def _insert_snapshot(conn: sqlite3.Connection, snap: Snapshot) -> int:
+    """Insert ``snap`` (autocommit, durable); return its row id."""
+    cur = conn.execute(
+        "INSERT INTO snapshots (index_sha256, ntotal, max_id, removal_seq, factory,"
+        " search_params, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            snap.index_sha256.lower(),
+            snap.ntotal,
+            snap.max_id,
+            snap.removal_seq,
+            snap.factory,
+            snap.search_params,
+            snap.created_at,
+        ),
+    )
+    return int(cur.lastrowid or 0)
+
+
+class ItemStore:
+    """The item table of a bundle: see the module docstring. Build with :meth:`create` or
+    :meth:`open`; close with :meth:`close` (or use as a context manager)."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, dim: int) -> None:
+        self._conn, self._path, self._dim = conn, path, dim
+        self._lock = threading.RLock()
+
+    @classmethod
+    def create(
+        cls, path: str | os.PathLike[str], dim: int, initial_snapshot: Snapshot | None = None
+    ) -> ItemStore:
+        """Create an empty store at ``path`` (all-or-nothing: built beside it, then linked).
+
+        ``initial_snapshot`` (of an empty index: ``ntotal == max_id == removal_seq == 0``)
+        is recorded in the same step, so such a store never exists without it.
+
+        Raises:
+            FileExistsError: ``path`` exists. ValueError: ``dim`` is not a positive int, or
+                ``initial_snapshot`` is not empty.
+        """
+        dest = Path(path)
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if dest.exists():
+            raise FileExistsError(f"cannot create an item store at {dest}: the file exists")
+        first = initial_snapshot
+        if first is not None and (first.ntotal, first.max_id, first.removal_seq) != (0, 0, 0):
+            raise ValueError(f"initial_snapshot must be of an empty index, got {first}")
+        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=DELETE")
+                conn.executescript(
+                    "BEGIN;" + _SCHEMA.format(nbytes=4 * dim) + "INSERT INTO meta VALUES "
+                    f"('schema_version', '{SCHEMA_VERSION}'), ('dim', '{dim}'); COMMIT;"
+                )
+                if first is not None:
+                    _insert_snapshot(conn, replace(first, created_at=_now()))
+            finally:
+                conn.close()
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, dest)  # fails rather than overwrite a store created meanwhile
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links
+                if dest.exists():
+                    raise FileExistsError(f"an item store appeared at {dest} meanwhile") from None
+                os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _sync_folder(dest.parent)
+        return cls.open(dest, check="none")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], check: Check = "quick") -> ItemStore:
+        """Open the store at ``path``; ``check`` is ``"quick"`` (``PRAGMA quick_check``),
+        ``"full"`` (``integrity_check``) or ``"none"``.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            StoreError: not an SQLite database, not an item store, another schema version,
+                or a failed integrity check. Messages name the file.
+        """
+        if check not in ("quick", "full", "none"):
+            raise ValueError(f"check must be 'quick', 'full' or 'none', got {check!r}")
+        src = Path(path)
+        if not src.is_file():
+            raise FileNotFoundError(f"no item store at {src}")
+        with open(src, "rb") as f:
+            if f.read(16) != _SQLITE_MAGIC:
+                raise StoreError(f"{src} is not an SQLite database (wrong file header)")
+        try:
+            conn = _connect(src)
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"cannot open the item store {src}: {err}") from err
+        try:
+            dim = cls._read_meta(conn, src)
+            store = cls(conn, src, dim)
+            if check != "none":
+                problems = store.integrity_check(full=check == "full")
+                if problems:
+                    raise StoreError(f"item store {src} failed its integrity check: {problems}")
+        except sqlite3.DatabaseError as err:
+            conn.close()
+            raise StoreError(f"item store {src} is damaged: {err}") from err
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    @staticmethod
+    def _read_meta(conn: sqlite3.Connection, src: Path) -> int:
+        """The store's dim, after checking the schema version."""
+        try:
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.OperationalError as err:
+            raise StoreError(f"{src} is an SQLite database but not an item store ({err})") from err
+        version = meta.get("schema_version")
+        if version is None or not version.isdigit() or "dim" not in meta:
+            raise StoreError(f"{src} is not an item store: its meta table lacks a schema version")
+        if int(version) > SCHEMA_VERSION:
+            raise StoreError(
+                f"item store {src} has schema version {version}, newer than this software's "
+                f"{SCHEMA_VERSION}: upgrade the retrieval package to read it"
+            )
+        if int(version) != SCHEMA_VERSION:
+            raise StoreError(
+                f"item store {src} has schema version {version}, expected {SCHEMA_VERSION}; "
+                "no migration exists: re-export the bundle"
+            )
+        return int(meta["dim"])
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    @property
+    def dim(self) -> int:
+        """Vector dimension."""
+        return self._dim
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchone()[0]
+
+    @property
+    def active_count(self) -> int:
+        """Number of items not removed."""
+        return int(self._one("SELECT COUNT(*) FROM items WHERE removed_seq IS NULL"))
+
+    @property
+    def max_id(self) -> int:
+        """Largest id ever assigned (0 for an empty store)."""
+        return int(self._one("SELECT COALESCE(MAX(id), 0) FROM items"))
+
+    @property
+    def removal_seq(self) -> int:
+        """Sequence number of the latest removal (0 before any)."""
+        return int(self._one("SELECT COALESCE(MAX(seq), 0) FROM removals"))
+
+    def add(self, records: Sequence[ItemRecord], vectors: Any) -> list[int]:
+        """Insert one item per record in ONE transaction, on disk before returning.
+
+        Args:
+            records: n :class:`ItemRecord`. vectors: (n, dim) L2-normalised real array.
+
+        Returns:
+            The new ids, in record order (increasing).
+
+        Raises:
+            ValueError / TypeError: bad records or vectors; nothing is written.
+        """
+        if any(not isinstance(r, ItemRecord) for r in records):
+            raise TypeError("records must be ItemRecord instances")
+        x = check_vectors(vectors, self._dim, len(records)).astype("<f4", copy=False)
+        now, ids = _now(), []
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for r, v in zip(records, x, strict=True):
+                    extra = json.dumps(dict(r.extra), sort_keys=True, allow_nan=False)
+                    cur = self._conn.execute(
+                        "INSERT INTO items (content_sha256, uri, label, added_at, extra, vector)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (r.content_sha256, r.uri, r.label, now, extra, v.tobytes()),
+                    )
+                    ids.append(int(cur.lastrowid or 0))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return ids
+
+    def _states(self, ids: Sequence[int]) -> dict[int, int | None]:
+        """removed_seq of each known id among ``ids``."""
+        found: dict[int, int | None] = {}
+        for start in range(0, len(ids), _BATCH):
+            chunk = ids[start : start + _BATCH]
+            marks = ",".join("?" * len(chunk))
+            rows = self._conn.execute(
+                f"SELECT id, removed_seq FROM items WHERE id IN ({marks})", chunk
+            ).fetchall()
+            found.update(rows)
+        return found
+
+    def remove(self, ids: Sequence[int]) -> list[int]:
+        """Mark items removed (one new removal sequence number), on disk before returning.
+
+        Returns:
+            The distinct removed ids, sorted. An empty ``ids`` changes nothing.
+
+        Raises:
+            KeyError: ids the store never had. ValueError: ids already removed. Either way
+                nothing is changed; the message lists the ids.
+        """
+        wanted = sorted({operator.index(i) for i in ids})
+        if not wanted:
+            return []
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                states = self._states(wanted)
+                unknown = [i for i in wanted if i not in states]
+                if unknown:
+                    raise KeyError(f"unknown item ids in {self._path}: {_listed(unknown)}")
+                gone = [i for i in wanted if states[i] is not None]
+                if gone:
+                    raise ValueError(f"items already removed in {self._path}: {_listed(gone)}")
+                seq = self._conn.execute(
+                    "INSERT INTO removals (removed_at) VALUES (?)", (_now(),)
+                ).lastrowid
+                for start in range(0, len(wanted), _BATCH):
+                    chunk = wanted[start : start + _BATCH]
+                    marks = ",".join("?" * len(chunk))
+                    self._conn.execute(
+                        f"UPDATE items SET removed_seq = ? WHERE id IN ({marks})", [seq, *chunk]
+                    )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return wanted
+
+    def get(self, ids: Sequence[int]) -> list[Item]:
+        """Items by id, in the order asked (removed ones included, see :attr:`Item.active`).
+
+        Raises:
+            KeyError: ids the store never had (listed).
+        """
+        wanted = [operator.index(i) for i in ids]
+        rows: dict[int, Item] = {}
+        with self._lock:
+            for start in range(0, len(wanted), _BATCH):
+                chunk = wanted[start : start + _BATCH]
+                marks = ",".join("?" * len(chunk))
+                for row in self._conn.execute(
+                    "SELECT id, uri, label, extra, content_sha256, added_at, removed_seq, vector"
+                    f" FROM items WHERE id IN ({marks})",
+                    chunk,
+                ):
+                    item_id, uri, label, extra, sha, added_at, removed_seq, blob = row
+                    vec = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+                    rows[item_id] = Item(
+                        item_id, uri, label, json.loads(extra), sha, added_at, removed_seq, vec
+                    )
+        unknown = sorted({i for i in wanted if i not in rows})
+        if unknown:
+            raise KeyError(f"unknown item ids in {self._path}: {_listed(unknown)}")
+        return [rows[i] for i in wanted]
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids), dim) float32 vectors of ``ids`` in the order asked. Raises KeyError."""
+        items = self.get(ids)
+        out = np.empty((len(items), self._dim), dtype=np.float32)
+        for row, item in enumerate(items):
+            out[row] = item.vector
+        return out
+
+    def find_by_sha256(self, sha256: str) -> list[int]:
+        """Ids of the active items whose image bytes have this sha256, in id order."""
+        rows = self._fetch(
+            "SELECT id FROM items WHERE content_sha256 = ? AND removed_seq IS NULL ORDER BY id",
+            (sha256.lower(),),
+        )
+        return [int(r[0]) for r in rows]
+
+    def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def _ids(self, sql: str, params: Sequence[Any] = ()) -> np.ndarray:
+        return np.array([r[0] for r in self._fetch(sql, params)], dtype=np.int64)
+
+    def active_ids(self) -> np.ndarray:
+        """(active_count,) int64 ids of the active items, increasing."""
+        return self._ids("SELECT id FROM items WHERE removed_seq IS NULL ORDER BY id")
+
+    def snapshot_ids(self, max_id: int, removal_seq: int) -> np.ndarray:
+        """Ids, increasing, active when the store's state was (``max_id``, ``removal_seq``)."""
+        return self._ids(
+            "SELECT id FROM items WHERE id <= ? AND (removed_seq IS NULL OR removed_seq > ?)"
+            " ORDER BY id",
+            (max_id, removal_seq),
+        )
+
+    def removed_since(self, removal_seq: int, max_id: int) -> np.ndarray:
+        """Ids ``<= max_id`` removed after removal ``removal_seq``, increasing."""
+        return self._ids(
+            "SELECT id FROM items WHERE removed_seq > ? AND id <= ? ORDER BY id",
+            (removal_seq, max_id),
+        )
+
+    def iter_active(
+        self, chunk_size: int = 10_000, after_id: int = 0
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Active items with ``id > after_id`` in id order, ``chunk_size`` at a time.
+
+        Yields:
+            ``(ids, vectors)``: (m,) int64 and (m, dim) float32, ``1 <= m <= chunk_size``.
+            Each chunk is its own query: items added or removed meanwhile may or may not
+            be seen.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        last = int(after_id)
+        while True:
+            rows = self._fetch(
+                "SELECT id, vector FROM items WHERE removed_seq IS NULL AND id > ?"
+                " ORDER BY id LIMIT ?",
+                (last, chunk_size),
+            )
+            if not rows:
+                return
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            buf = b"".join(r[1] for r in rows)
+            yield ids, np.frombuffer(buf, dtype="<f4").astype(np.float32).reshape(-1, self._dim)
+            last = int(ids[-1])
+
+    def record_snapshot(self, snapshot: Snapshot) -> Snapshot:
+        """Record an index file written for the store's state (durable); return it with its
+        ``id`` and ``created_at``. Raises ValueError for a state the store never reached."""
+        with self._lock:
+            if snapshot.max_id > self.max_id or snapshot.removal_seq > self.removal_seq:
+                raise ValueError(f"snapshot {snapshot} is ahead of the store {self._path}")
+            done = replace(snapshot, created_at=_now())
+            return replace(done, id=_insert_snapshot(self._conn, done))
+
+    def last_snapshot(self) -> Snapshot | None:
+        """The most recently recorded snapshot, or None."""
+        rows = self._fetch(
+            "SELECT index_sha256, ntotal, max_id, removal_seq, factory, search_params,"
+            " created_at, id FROM snapshots ORDER BY id DESC LIMIT 1"
+        )
+        return Snapshot(*rows[0]) if rows else None
+
+    def integrity_check(self, full: bool = True) -> list[str]:
+        """Problems found by ``PRAGMA integrity_check`` (``quick_check`` when not ``full``)
+        and ``PRAGMA foreign_key_check``; ``[]`` when healthy."""
+        pragma = "integrity_check" if full else "quick_check"
+        problems = [r[0] for r in self._fetch(f"PRAGMA {pragma}") if r[0] != "ok"]
+        problems += [f"foreign key: {r}" for r in self._fetch("PRAGMA foreign_key_check")]
+        return problems
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> ItemStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ItemStore({str(self._path)!r}, dim={self._dim})"

@@ -1,0 +1,272 @@
+"""Tests for retrieval.bundle.preprocess: parity with eval_transform and safe image opening."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFile, ImageFilter
+
+from retrieval.bundle.preprocess import Preprocessor, open_image
+from retrieval.data.demo_render import render_demo_image
+from retrieval.data.images import ImageLoadError
+from retrieval.data.transforms import eval_transform
+from retrieval.models import Preprocessing
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+PREPROCESSINGS = [
+    Preprocessing(64, *IMAGENET, interpolation="bilinear", crop_pct=0.875),
+    Preprocessing(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=0.95),
+    Preprocessing(48, *IMAGENET, interpolation="bicubic", crop_pct=1.0),
+    Preprocessing(40, *IMAGENET, interpolation="nearest", crop_pct=0.9),
+]
+
+
+def _scene(width: int, height: int, seed: int) -> Image.Image:
+    """Noise, a gradient and a few filled shapes: high and low frequencies, like a photo."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, width, dtype=np.float64)[None, :, None]
+    noise = rng.normal(0, 40, (height, width, 3))
+    pixels = np.clip(ramp * rng.uniform(0.3, 1.0, 3) + noise, 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(1))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x0, x1 = sorted(rng.integers(0, width, 2).tolist())
+        y0, y1 = sorted(rng.integers(0, height, 2).tolist())
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        draw.ellipse((x0, y0, x1 + 1, y1 + 1), fill=colour, outline=(0, 0, 0))
+    return image
+
+
+def _images() -> list[Image.Image]:
+    """Real-looking images of many sizes and aspect ratios (down- and upscaled by Resize)."""
+    demo = [render_demo_image(seed=0, label=label, index=1, image_size=128) for label in range(3)]
+    return [
+        *demo,
+        demo[0].resize((200, 150)),
+        _scene(97, 203, 1),
+        _scene(640, 480, 2),
+        _scene(300, 300, 3),
+        _scene(50, 40, 4),
+        _scene(1001, 333, 5),
+        _scene(225, 224, 6),
+    ]
+
+
+@pytest.mark.parametrize("pre", PREPROCESSINGS, ids=lambda p: f"{p.interpolation}{p.input_size}")
+def test_matches_eval_transform(pre: Preprocessing) -> None:
+    reference = eval_transform(pre)
+    preprocessor = Preprocessor.from_preprocessing(pre)
+    for image in _images():
+        expected = reference(image).numpy()
+        got = preprocessor(image)
+        side = pre.input_size
+        assert got.dtype == np.float32 and got.shape == expected.shape == (3, side, side)
+        assert np.abs(got - expected).max() <= 1e-5, image.size
+
+
+def test_non_rgb_images_are_converted_like_the_loader() -> None:
+    pre = Preprocessor.from_preprocessing(PREPROCESSINGS[0])
+    rgb = _scene(90, 70, 7)
+    grey = rgb.convert("L")
+    np.testing.assert_array_equal(pre(grey), pre(grey.convert("RGB")))
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(0)  # fully transparent: composited onto white
+    np.testing.assert_allclose(pre(rgba), pre(Image.new("RGB", (90, 70), "white")), atol=1e-6)
+
+
+def test_batch_stacks_and_accepts_none() -> None:
+    pre = Preprocessor.from_preprocessing(PREPROCESSINGS[0])
+    images = _images()[:3]
+    batch = pre.batch(images)
+    assert batch.shape == (3, 3, 64, 64) and batch.dtype == np.float32
+    np.testing.assert_array_equal(batch[1], pre(images[1]))
+    empty = pre.batch([])
+    assert empty.shape == (0, 3, 64, 64) and empty.dtype == np.float32
+
+
+def test_from_preprocessing_and_dict_round_trip() -> None:
+    pre = Preprocessor.from_preprocessing(PREPROCESSINGS[1])
+    assert (pre.input_size, pre.resize, pre.interpolation) == (224, 236, "bicubic")
+    data = json.loads(json.dumps(pre.to_dict()))
+    assert data == {
+        "input_size": 224,
+        "resize": 236,
+        "interpolation": "bicubic",
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "color_mode": "RGB",
+    }
+    assert Preprocessor.from_dict(data) == pre
+    del data["color_mode"]  # optional: RGB
+    assert Preprocessor.from_dict(data) == pre
+
+
+def test_unknown_interpolation_falls_back_to_bilinear_like_eval_transform() -> None:
+    pre = Preprocessing(32, *IMAGENET, interpolation="lanczos", crop_pct=0.875)
+    assert Preprocessor.from_preprocessing(pre).interpolation == "bilinear"
+    image = _scene(80, 60, 8)
+    np.testing.assert_allclose(
+        Preprocessor.from_preprocessing(pre)(image), eval_transform(pre)(image).numpy(), atol=1e-5
+    )
+
+
+GOOD: dict[str, Any] = {
+    "input_size": 32,
+    "resize": 36,
+    "interpolation": "bilinear",
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.25, 0.25, 0.25],
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"input_size": 0}, "input_size"),
+        ({"input_size": 32.0}, "input_size"),
+        ({"input_size": True}, "input_size"),
+        ({"resize": 31}, "resize"),
+        ({"interpolation": "lanczos"}, "interpolation"),
+        ({"mean": [0.5, 0.5]}, "mean"),
+        ({"mean": "abc"}, "mean"),
+        ({"mean": [0.5, float("nan"), 0.5]}, "mean"),
+        ({"std": [0.2, 0.0, 0.2]}, "std"),
+        ({"std": [0.2, "x", 0.2]}, "std"),
+        ({"color_mode": "BGR"}, "color_mode"),
+    ],
+)
+def test_from_dict_names_the_bad_field(change: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=f"field '{field}'"):
+        Preprocessor.from_dict({**GOOD, **change})
+
+
+def test_from_dict_names_missing_and_unknown_fields() -> None:
+    with pytest.raises(ValueError, match=r"lacks the fields \['resize'\]"):
+        Preprocessor.from_dict({k: v for k, v in GOOD.items() if k != "resize"})
+    with pytest.raises(ValueError, match=r"unknown preprocessing fields \['crop_pct'\]"):
+        Preprocessor.from_dict({**GOOD, "crop_pct": 0.9})
+    with pytest.raises(ValueError, match="mapping"):
+        Preprocessor.from_dict([1, 2])  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- open_image
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def _png_bomb(side: int) -> bytes:
+    """A valid all-black bilevel PNG of side x side pixels, small in bytes."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + (side + 7) // 8)
+    data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data)
+    return png + _png_chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def decode_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record (and refuse) every attempt to decode pixel data."""
+    calls: list[str] = []
+
+    def refuse(self: ImageFile.ImageFile) -> None:
+        calls.append(str(self.size))
+        raise RuntimeError("decoding refused by the test")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+    return calls
+
+
+def test_open_image_bytes_equals_path(tmp_path: Path) -> None:
+    data = _encode(_scene(120, 80, 9), "JPEG", quality=90)
+    path = tmp_path / "scene.jpg"
+    path.write_bytes(data)
+    from_bytes, from_path = open_image(data), open_image(path)
+    assert from_bytes.mode == "RGB" and from_bytes.size == (120, 80)
+    np.testing.assert_array_equal(np.asarray(from_bytes), np.asarray(from_path))
+    np.testing.assert_array_equal(np.asarray(open_image(str(path))), np.asarray(from_path))
+    np.testing.assert_array_equal(np.asarray(open_image(bytearray(data))), np.asarray(from_path))
+
+
+def test_open_image_applies_exif_and_converts_to_rgb() -> None:
+    image = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    assert open_image(_encode(image, "JPEG", exif=exif.tobytes())).size == (20, 40)
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    opened = open_image(_encode(rgba, "PNG"))
+    assert opened.mode == "RGB" and opened.getpixel((0, 0)) == (255, 255, 255)
+    assert open_image(_encode(Image.new("L", (5, 5), 7), "PNG")).getpixel((2, 2)) == (7, 7, 7)
+
+
+def test_decompression_bomb_is_refused_before_decoding(decode_calls: list[str]) -> None:
+    bomb = _png_bomb(20_000)
+    assert len(bomb) < 200_000
+    with pytest.raises(ImageLoadError, match=r"bomb\.png: over Pillow's pixel limit"):
+        open_image(bomb, name="bomb.png")
+    with pytest.raises(ImageLoadError, match=r"3000x3000 = 9000000 pixels is over the limit"):
+        open_image(_png_bomb(3000), max_pixels=1_000_000)
+    assert decode_calls == []
+    with pytest.raises(ImageLoadError, match="decoding refused"):
+        open_image(_png_bomb(1000), max_pixels=1_000_000)  # at the limit: decoding is attempted
+    assert decode_calls == ["(1000, 1000)"]
+
+
+def test_truncated_jpeg_is_refused(tmp_path: Path) -> None:
+    data = _encode(_scene(200, 150, 10), "JPEG", quality=90)
+    with pytest.raises(ImageLoadError, match=r"upload\.jpg: cannot be decoded"):
+        open_image(data[: len(data) // 2], name="upload.jpg")
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError, match="cut.jpg"):
+        open_image(path)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty"),
+        (b"%PDF-1.4 definitely not an image" * 10, "not an image format"),
+        (
+            _png_bomb(8)[:33] + _png_chunk(b"IDAT", b"not zlib") + _png_chunk(b"IEND", b""),
+            "cannot be decoded",
+        ),
+    ],
+    ids=["empty", "text", "broken-png"],
+)
+def test_non_image_bytes_are_refused(data: bytes, reason: str) -> None:
+    with pytest.raises(ImageLoadError, match=f"<{len(data)} bytes>: {reason}"):
+        open_image(data)
+
+
+def test_open_image_rejects_other_types() -> None:
+    with pytest.raises(TypeError, match="path or bytes"):
+        open_image(12)  # type: ignore[arg-type]
+
+
+def test_preprocess_module_does_not_import_torch() -> None:
+    code = (
+        "import sys, retrieval.bundle.preprocess; "
+        "assert 'torch' not in sys.modules and 'torchvision' not in sys.modules, 'torch imported'"
+    )
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
