@@ -1,0 +1,123 @@
+"""``export(cfg)``: a bundle from a backbone or a checkpoint, over a split or a folder; atomic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval.bundle.format import BundleError, read_manifest, verify_files
+from retrieval.search import Retriever
+from retrieval.tasks.config import compose_config
+from retrieval.tasks.export import export
+
+
+def compose_export(tmp_path: Path, manifest: Path, *overrides: str):
+    return compose_config(
+        [
+            f"paths.data_dir={tmp_path}/data",
+            f"paths.output_dir={tmp_path}/out",
+            f"paths.log_dir={tmp_path}/logs",
+            "data=manifest",
+            f"data.manifest={manifest}",
+            "data.image_size=64",
+            "data.num_workers=0",
+            *overrides,
+        ],
+        name="export",
+    )
+
+
+def test_export_of_the_backbone_over_the_test_split(small_demo, tmp_path, capsys):
+    metrics, _ = export(compose_export(tmp_path, small_demo))
+    bundle = Path(metrics["bundle"])
+    assert bundle == tmp_path / "out" / "bundle"
+    manifest = read_manifest(bundle)
+    verify_files(bundle, manifest)  # every immutable file matches its checksum
+    assert set(manifest["files"]) == {
+        "model.json",
+        "model.safetensors",
+        "model.ts",
+        "model.onnx",
+        "preprocessing.json",
+    }
+    assert manifest["items"] == 30 * 12 and manifest["embedding_dim"] == 1280
+    assert manifest["index"] == {"factory": "Flat", "search_params": ""}
+    assert manifest["metrics"]["test/recall@1"] == metrics["test/recall@1"] > 0.3
+    assert manifest["protocol"]["model"]["backbone"] == "tf_efficientnet_lite0"
+    assert json.loads((bundle / "preprocessing.json").read_text())["input_size"] == 64
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".bundle")]
+    assert "bundle:" in capsys.readouterr().out
+
+    # the bundle answers: a gallery image finds itself
+    with Retriever.load(bundle) as retriever:
+        assert len(retriever) == 360
+        hit = retriever.search([Path(retriever.items.store.get([1])[0].uri)], k=1)[0][0]
+        assert hit.id == 1 and hit.score > 0.999
+
+    # an existing bundle is kept unless overwrite=true
+    with pytest.raises(BundleError, match="overwrite"):
+        export(compose_export(tmp_path, small_demo))
+    export(compose_export(tmp_path, small_demo, "overwrite=true", "index=hnsw"))
+    assert read_manifest(bundle)["index"]["factory"] == "HNSW32"
+
+
+def test_an_interrupted_export_leaves_nothing_that_loads(small_demo, tmp_path, monkeypatch):
+    import retrieval.bundle.writer as writer
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(writer.IndexedItems, "create", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export(compose_export(tmp_path, small_demo))
+    out = tmp_path / "out"
+    assert not (out / "bundle").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_export_of_a_folder_gallery_with_folder_labels(small_demo, tmp_path):
+    gallery = tmp_path / "photos"
+    for i, label in enumerate(["cats/a", "cats/a", "dogs", "dogs"]):
+        (gallery / label).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (50, 40), (i * 60, 100, 200 - i * 40)).save(gallery / label / f"{i}.jpg")
+    (gallery / "dogs" / "broken.jpg").write_bytes(b"not a jpeg")
+    (gallery / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match="1 of 5"):
+        metrics, objects = export(compose_export(tmp_path, small_demo, f"gallery={gallery}"))
+    labels = sorted(item.label for item in objects["items"])
+    assert labels == ["cats/a", "cats/a", "dogs", "dogs"]
+    manifest = read_manifest(metrics["bundle"])
+    assert manifest["items"] == 4 and manifest["gallery"]["source"] == str(gallery)
+    assert "test/recall@1" in manifest["metrics"]  # scored on the data split all the same
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        export(compose_export(tmp_path, small_demo, f"gallery={empty}", "overwrite=true"))
+
+
+@pytest.mark.slow
+def test_export_of_a_checkpoint_matches_its_evaluation(small_demo, tmp_path):
+    from retrieval.tasks.evaluate import evaluate
+    from retrieval.tasks.train import train
+    from tests.test_evaluate_task import compose_eval
+    from tests.test_train import fast_cfg
+
+    run = fast_cfg(
+        small_demo, tmp_path / "train", "trainer.max_epochs=1", "+trainer.limit_train_batches=2"
+    )
+    train(run)
+    ckpt = Path(run.paths.output_dir) / "checkpoints" / "last.ckpt"
+    metrics, _ = export(compose_export(tmp_path, small_demo, f"ckpt_path={ckpt}"))
+    evaluated, _ = evaluate(compose_eval(tmp_path / "eval", f"ckpt_path={ckpt}"))
+    assert metrics["test/recall@1"] == pytest.approx(evaluated["test/recall@1"], abs=1e-9)
+    manifest = read_manifest(metrics["bundle"])
+    assert manifest["embedding_dim"] == 64  # the trained head, not the backbone's features
+    with Retriever.load(metrics["bundle"], runtime="onnx") as retriever:
+        item = retriever.items.store.get([5])[0]
+        vector = retriever.embed([item.uri])[0]
+        assert float(np.dot(vector, item.vector)) > 0.9999  # ONNX == the PyTorch export
