@@ -36,11 +36,14 @@ def test_readme_documents_the_main_commands():
     assert "python -m pytest" in (ROOT / ".ci" / "run").read_text()
 
 
-@pytest.mark.parametrize("command", [*train_commands(), *commands("evaluate")])
+@pytest.mark.parametrize(
+    "command", [*train_commands(), *commands("evaluate"), *commands("export")]
+)
 def test_readme_command_composes(command, tmp_path):
     overrides = shlex.split(command)[2:]
-    if command.startswith("python evaluate.py"):
-        cfg = compose_config([f"paths.output_dir={tmp_path}", *overrides], name="evaluate")
+    script = command.split()[1].removesuffix(".py")
+    if script in ("evaluate", "export"):
+        cfg = compose_config([f"paths.output_dir={tmp_path}", *overrides], name=script)
     else:
         cfg = compose_train(overrides, tmp_path)
     for override in overrides:
