@@ -24,7 +24,7 @@ from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.model import Runtime, load_runtime
 from retrieval.bundle.preprocess import Preprocessor, open_image
 from retrieval.bundle.store import ItemRecord
-from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageLoadError
+from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, _to_rgb
 
 __all__ = ["AddReport", "Hit", "Retriever"]
 
@@ -101,6 +101,9 @@ class Retriever:
 
         Raises:
             BundleError: missing or foreign folder, newer format, altered or truncated file.
+            IndexStateError, StoreError: a missing or damaged ``index.faiss`` (rebuild it with
+                ``IndexedItems.open(bundle, rebuild_index=True)``) or ``items.sqlite``; both
+                are ValueErrors naming the file.
         """
         folder = Path(bundle)
         manifest = read_manifest(folder)
@@ -132,8 +135,8 @@ class Retriever:
         return self.items.ntotal
 
     def _decode(self, source: ImageSource) -> Image.Image:
-        if isinstance(source, Image.Image):
-            return source.convert("RGB")
+        if isinstance(source, Image.Image):  # alpha onto white etc., as for files
+            return source if source.mode == "RGB" else _to_rgb(source)
         if isinstance(source, (bytes, bytearray, memoryview)):
             return open_image(bytes(source), self.max_pixels)
         return open_image(source, self.max_pixels)
@@ -141,6 +144,8 @@ class Retriever:
     def embed(self, images: Sequence[ImageSource], batch_size: int = 32) -> np.ndarray:
         """Embeddings of ``images`` (paths, encoded bytes or PIL images): (n, dim) float32,
         unit rows. Raises ImageLoadError naming the first image that cannot be read."""
+        if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):
+            raise TypeError("pass a list of images, e.g. search([path]), not a single image")
         out = [np.empty((0, self.dim), np.float32)]
         for chunk in _chunks(list(images), batch_size):
             batch = self.preprocessor.batch([self._decode(s) for s in chunk])
@@ -179,7 +184,7 @@ class Retriever:
             k: results per query (fewer when the bundle holds fewer items).
             label: keep only items with this label.
         """
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         x = self._as_queries(queries, batch_size)
         if len(self) == 0 or len(x) == 0:
@@ -230,7 +235,7 @@ class Retriever:
                     data = Path(path).read_bytes()
                     images.append(open_image(data, self.max_pixels, name=name))
                 except (OSError, ImageLoadError) as err:
-                    report.unreadable.append((str(path), str(err)))
+                    report.unreadable.append((name, str(err)))
                     continue
                 digest = hashlib.sha256(data).hexdigest()
                 records.append(ItemRecord(uri=name, label=lab, content_sha256=digest))
