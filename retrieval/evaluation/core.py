@@ -29,7 +29,7 @@ from retrieval.evaluation.inputs import (
     l2_normalised,
 )
 from retrieval.evaluation.result import RetrievalResult
-from retrieval.index import EmbeddingIndex, kmeans, knn_recall
+from retrieval.index import EmbeddingIndex, drop_self, kmeans, knn_recall, self_join_pays_off
 from retrieval.metrics import (
     average_precision,
     map_at_k,
@@ -63,11 +63,20 @@ def search_excluding_self(
     Searches ``k + 1`` neighbours (clamped to ``index.ntotal``) and removes, per row, the
     column whose id equals the query's own id; if the query's id is not among them (ties
     with exact duplicates, or an approximate index, can push it out), the last column is
-    removed instead. Duplicates of a query therefore remain as ordinary results.
+    removed instead (:func:`retrieval.index.drop_self`). Duplicates of a query therefore
+    remain as ordinary results.
+
+    When the index is exact and on the CPU (:attr:`EmbeddingIndex.exact_on_cpu`), the
+    queries are at least half of it and the join pays off
+    (:func:`retrieval.index.self_join_pays_off`: large ``ntotal * dim``, small ``k``),
+    every stored vector is searched at once with :meth:`EmbeddingIndex.search_self`
+    instead (symmetric blocks: half the flops of searching them all, so less than searching
+    the queries) and the rows ``self_ids`` kept; the queries are then the stored vectors
+    themselves, and ties are ordered by ascending id.
 
     Args:
         index: index holding the queries, under the ids ``self_ids``.
-        xq: (nq, dim) float32 queries.
+        xq: (nq, dim) float32 queries: the vectors stored under ``self_ids``.
         self_ids: (nq,) int ids of the queries in ``index``.
         k: neighbours wanted per query, ``1 <= k``.
         chunk_size: queries per FAISS call.
@@ -76,13 +85,12 @@ def search_excluding_self(
         ``(D, I)``, each (nq, min(k + 1, ntotal) - 1): scores and int64 ids, best first;
         never the query's own id.
     """
-    scores, ids = index.search(xq, k + 1, chunk_size=chunk_size)
-    nq, cols = ids.shape
-    is_self = ids == np.asarray(self_ids, dtype=np.int64)[:, None]
-    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), cols - 1)
-    keep = np.ones_like(ids, dtype=bool)
-    keep[np.arange(nq), drop] = False
-    return scores[keep].reshape(nq, cols - 1), ids[keep].reshape(nq, cols - 1)
+    self_ids = np.asarray(self_ids, dtype=np.int64)
+    n = index.ntotal
+    if index.exact_on_cpu and 2 * self_ids.size >= n and self_join_pays_off(n, index.dim, k):
+        scores, ids = index.search_self(k, chunk_size=chunk_size)
+        return scores[self_ids], ids[self_ids]
+    return drop_self(*index.search(xq, k + 1, chunk_size=chunk_size), self_ids)
 
 
 def _check_options(ks: Sequence[int], metrics: Sequence[str]) -> tuple[list[int], list[str]]:

@@ -11,6 +11,7 @@ from retrieval.index import _structure
 from retrieval.index._checks import as_ids, as_vectors, check_dim, check_positive, sample_rows
 from retrieval.index._faiss import check_temp_memory, import_faiss, to_cpu, to_gpu
 from retrieval.index._files import read_checked, write_atomically
+from retrieval.index.self_knn import drop_self, exact_self_knn
 
 __all__ = ["EmbeddingIndex"]
 
@@ -166,6 +167,13 @@ class EmbeddingIndex:
         return self._gpu_resources is not None
 
     @property
+    def exact_on_cpu(self) -> bool:
+        """Whether this is an exact (``"Flat"``) index on the CPU, where :meth:`search_self`
+        computes all neighbours with half the flops of a :meth:`search` of every vector."""
+        faiss = import_faiss()
+        return not self.on_gpu and isinstance(faiss.downcast_index(self._index), faiss.IndexFlat)
+
+    @property
     def bytes_per_vector(self) -> float:
         """Bytes one stored vector costs: e.g. ``4 * dim`` for Flat, ``m + 8`` for IVF-PQm.
 
@@ -284,4 +292,52 @@ class EmbeddingIndex:
         for start in range(0, nq, chunk_size):
             stop = min(start + chunk_size, nq)
             scores[start:stop], ids[start:stop] = self._index.search(x[start:stop], k_eff)
+        return scores, ids
+
+    def search_self(self, k: int, chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """Leave-one-out search: the ``k`` most similar other indexed vectors of each one.
+
+        Row ``i`` holds the neighbours of the vector with id ``i`` among all the others; its
+        own id is removed by index, never by score, so exact duplicates remain as results.
+        When :attr:`exact_on_cpu`, the stored vectors are copied out once and joined with
+        themselves by :func:`~retrieval.index.self_knn.exact_self_knn` (symmetric blocks:
+        half the flops; ties by ascending id). Any other index is searched with its stored
+        vectors, read back ``chunk_size`` at a time, for ``k + 1`` neighbours, and the own
+        id dropped by :func:`~retrieval.index.self_knn.drop_self`; lossy codes (PQ, SQ)
+        are searched with their decoded vectors, and a GPU index is first copied to the
+        CPU to read them.
+
+        Args:
+            k: neighbours per vector, >= 1; clamped to ``ntotal - 1``.
+            chunk_size: vectors per FAISS call when not exact on the CPU, >= 1.
+
+        Returns:
+            ``(D, I)``, each (ntotal, min(k, ntotal - 1)): scores, non-increasing along each
+            row, and int64 ids, as for :meth:`search`.
+
+        Raises:
+            ValueError: empty index, ``k < 1``, ``chunk_size < 1``, or an index type that
+                cannot read back its vectors (faiss ``reconstruct_n``).
+        """
+        if self.ntotal == 0:
+            raise ValueError("cannot search an empty index: add vectors first")
+        check_positive(k, "k")
+        check_positive(chunk_size, "chunk_size")
+        n = self.ntotal
+        if self.exact_on_cpu:
+            return exact_self_knn(self._index.reconstruct_n(0, n), k)
+        cpu_index = to_cpu(import_faiss(), self._index, self.on_gpu)
+        cols = min(k, n - 1)
+        scores = np.empty((n, cols), dtype=np.float32)
+        ids = np.empty((n, cols), dtype=np.int64)
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            try:
+                xq = cpu_index.reconstruct_n(start, stop - start)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"a {self._factory!r} index cannot read back its vectors: {err}"
+                ) from err
+            found = self.search(xq, k + 1, chunk_size)
+            scores[start:stop], ids[start:stop] = drop_self(*found, np.arange(start, stop))
         return scores, ids
