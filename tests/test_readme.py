@@ -36,9 +36,7 @@ def test_readme_documents_the_main_commands():
     assert "python -m pytest" in (ROOT / ".ci" / "run").read_text()
 
 
-@pytest.mark.parametrize(
-    "command", [*train_commands(), *commands("evaluate"), *commands("export")]
-)
+@pytest.mark.parametrize("command", [*train_commands(), *commands("evaluate"), *commands("export")])
 def test_readme_command_composes(command, tmp_path):
     overrides = shlex.split(command)[2:]
     script = command.split()[1].removesuffix(".py")
