@@ -51,7 +51,9 @@ def _points(centres: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -
     step = 100_000
     for start in range(0, len(labels), step):
         y = labels[start : start + step]
-        block = centres[y] + NOISE[centres.shape[1]] * rng.standard_normal((len(y), centres.shape[1]), np.float32)
+        block = centres[y] + NOISE[centres.shape[1]] * rng.standard_normal(
+            (len(y), centres.shape[1]), np.float32
+        )
         x[start : start + step] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return x
 
@@ -112,6 +114,8 @@ def child(which: str, dataset: str, quick: bool) -> dict[str, object]:
 
 
 def run_child(which: str, dataset: str, quick: bool) -> dict[str, object]:
+    """One measurement in a fresh process; ``{"error": ...}`` when it failed (e.g. ran out of
+    memory), so the other measurements still run."""
     out = subprocess.run(
         [
             sys.executable,
@@ -122,10 +126,12 @@ def run_child(which: str, dataset: str, quick: bool) -> dict[str, object]:
             dataset,
             *(["--quick"] if quick else []),
         ],
-        check=True,
         capture_output=True,
         text=True,
     )
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {out.returncode}: {last[:300]}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -161,15 +167,22 @@ def main() -> None:
         }
         name = f"{n:,} x {dim}" + (f", {queries:,} queries" if queries else " leave-one-out")
         for impl, results in runs.items():
+            failed = [r for r in results if "error" in r]
+            if failed:
+                lines.append(f"| {name} | {impl} | failed: {failed[0]['error']} | | | | | |")
+                print(lines[-1], flush=True)
+                continue
             v = results[0]["values"]
             lines.append(
                 f"| {name} | {impl} | {statistics.median(r['seconds'] for r in results):.2f} "
-                f"| {max(r['peak_rss_mb'] for r in results):.0f} | {results[0]['data_rss_mb']:.0f} "
+                f"| {max(r['peak_rss_mb'] for r in results):.0f} "
+                f"| {results[0]['data_rss_mb']:.0f} "
                 f"| {v['precision_at_1']:.6f} | {v['r_precision']:.6f} "
                 f"| {v['mean_average_precision_at_r']:.6f} |"
             )
-        if "pml" in runs:
-            ours, pml = runs["ours"], runs["pml"]
+            print(lines[-1], flush=True)
+        ours, pml = runs.get("ours", []), runs.get("pml", [])
+        if pml and not any("error" in r for r in ours + pml):
             same = all(
                 abs(ours[0]["values"][k] - pml[0]["values"][k]) <= 1e-6 for k in pml[0]["values"]
             )
