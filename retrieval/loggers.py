@@ -59,3 +59,10 @@ def describe_wandb(logger: WandbLogger) -> str:
         return f"W&B run saved offline in {folder}; upload it with: wandb sync {folder}"
     url = getattr(run, "url", None)
     return f"W&B run: {url}" if url else "W&B logging disabled"
+
+
+def finish_wandb(logger: WandbLogger) -> None:
+    """End the logger's W&B run. Lightning leaves it open, and the next WandbLogger in the same
+    process (a sweep's next job, the next test) would otherwise log into it."""
+    if logger._experiment is not None:
+        logger.experiment.finish()

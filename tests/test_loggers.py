@@ -30,3 +30,20 @@ def test_user_choice_wins(no_credentials, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert loggers.wandb_mode() == "disabled"
+
+
+def test_finished_runs_are_not_reused_by_the_next_logger(tmp_path, monkeypatch):
+    import wandb
+
+    from retrieval.loggers import finish_wandb, wandb_logger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    first = wandb_logger(save_dir=str(tmp_path / "a"))
+    first.log_metrics({"x": 1.0})
+    finish_wandb(first)
+    assert wandb.run is None
+    second = wandb_logger(save_dir=str(tmp_path / "b"))
+    second.log_metrics({"x": 2.0})
+    assert second.experiment.id != first.experiment.id
+    finish_wandb(second)
+    finish_wandb(wandb_logger(save_dir=str(tmp_path / "c")))  # never started: nothing to do

@@ -11,7 +11,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from retrieval.io import atomic_write
-from retrieval.loggers import describe_wandb
+from retrieval.loggers import describe_wandb, finish_wandb
 from retrieval.reports import choose_queries, per_label_table, results_grid, save_png, write_csv
 
 if TYPE_CHECKING:
@@ -101,6 +101,8 @@ def _log(
         logger.save()
         if hasattr(logger, "finalize"):
             logger.finalize("success")
+        if logger.__class__.__name__ == "WandbLogger":
+            finish_wandb(logger)
     return lines
 
 

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from retrieval.loggers import describe_wandb
+from retrieval.loggers import describe_wandb, finish_wandb
 
 log = logging.getLogger(__name__)
 
@@ -97,5 +97,6 @@ def _report(metrics: dict[str, Any], monitor: str, loggers: list[Any]) -> None:
     for logger in loggers:
         if logger.__class__.__name__ == "WandbLogger":
             lines.append(describe_wandb(logger))
+            finish_wandb(logger)
     lines.append(f"run directory: {metrics['output_dir']}")
     print("\n".join(lines), flush=True)

@@ -357,9 +357,6 @@ def test_verify_reports_broken_states(tmp_path, rng):
 
 
 def test_one_owner_per_folder_and_empty_search(tmp_path, rng):
-    from retrieval.bundle import store
-
-    assert store.IndexedItems is IndexedItems  # also importable from the store module
     with IndexedItems.create(tmp_path / "b", DIM) as items:
         with pytest.raises(RuntimeError, match="already open"):
             IndexedItems.open(tmp_path / "b")
