@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.bundle.format import BundleError
-from retrieval.data.images import ImageLoadError, list_images
+from retrieval.data.images import ImageLoadError, images_in_folder
 
 EXIT_PROBLEMS, EXIT_ERROR = 1, 2
 
@@ -50,11 +50,7 @@ def _index(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     root = Path(args.folder)
-    if not root.is_dir():
-        raise ValueError(f"{root} is not a folder")
-    paths = list_images(root)
-    if not paths:
-        raise ValueError(f"{root} holds no images (jpg, png, webp, bmp, gif, tif)")
+    paths = images_in_folder(root)
     labels: list[str | None] | None = None
     if args.labels == "folder":
         folders = [p.parent.relative_to(root).as_posix() for p in paths]

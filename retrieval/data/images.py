@@ -180,3 +180,20 @@ def list_images(folder: str | Path) -> list[Path]:
     symlinked folders are skipped."""
     found = [Path(d) / f for d, _, files in os.walk(folder) for f in files if f[0] != "."]
     return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def images_in_folder(folder: str | Path, name: str | None = None) -> list[Path]:
+    """:func:`list_images` of a folder that must exist and hold images; ``name`` is how error
+    messages call it (default: the path).
+
+    Raises:
+        ValueError: ``folder`` is not a folder, or holds no image files.
+    """
+    root = Path(folder)
+    name = name or str(root)
+    if not root.is_dir():
+        raise ValueError(f"{name} is not a folder")
+    paths = list_images(root)
+    if not paths:
+        raise ValueError(f"{name} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return paths

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from retrieval.bundle.writer import GalleryItem, write_bundle
 from retrieval.data.dataset import ImageDataset
-from retrieval.data.images import find_unreadable, list_images, report_unreadable
+from retrieval.data.images import find_unreadable, images_in_folder, report_unreadable
 from retrieval.data.manifest import ManifestRow
 from retrieval.data.transforms import eval_transform
 from retrieval.evaluation import evaluate_protocol
@@ -49,11 +49,7 @@ def _model_config(loaded: LoadedModel) -> dict[str, Any]:
 def _folder_gallery(cfg: DictConfig, transform: Any) -> ImageDataset:
     """Every readable image under ``cfg.gallery``, labelled by its folder when asked."""
     root = Path(cfg.gallery)
-    if not root.is_dir():
-        raise ValueError(f"gallery={root} is not a folder")
-    paths = list_images(root)
-    if not paths:
-        raise ValueError(f"gallery={root} holds no images (jpg, png, webp, bmp, gif, tif)")
+    paths = images_in_folder(root, name=f"gallery={root}")
     bad = find_unreadable(paths)
     report_unreadable(bad, len(paths), strict=False, where=f"gallery {root}")
     skipped = {b.path for b in bad}
