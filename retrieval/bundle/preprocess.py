@@ -11,23 +11,21 @@ before decoding, EXIF orientation, RGB).
 
 from __future__ import annotations
 
-import io
 import math
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from retrieval.data.images import (
-    _OPEN_LOCK,
     DEFAULT_MAX_PIXELS,
-    ImageLoadError,
+    _open_checked,
     _to_rgb,
+    decode_rgb,
     load_rgb,
 )
 
@@ -183,38 +181,4 @@ def open_image(
         raise TypeError(f"open_image takes a path or bytes, got {type(source).__name__}")
     data = bytes(source)
     label = name or f"<{len(data)} bytes>"
-    image = _open_header(data, label, max_pixels)
-    try:
-        with image:
-            image.load()
-            oriented = ImageOps.exif_transpose(image) or image.copy()
-        return _to_rgb(oriented)
-    except Exception as err:  # Pillow's decoders raise many types for corrupt data
-        raise ImageLoadError(f"{label}: cannot be decoded ({type(err).__name__}: {err})") from None
-
-
-def _open_header(data: bytes, label: str, max_pixels: int) -> Image.Image:
-    """Open ``data`` lazily (header only) and enforce the pixel limit before any decoding.
-
-    The bytes counterpart of ``retrieval.data.images._open_checked`` (which takes paths only).
-    """
-    if not data:
-        raise ImageLoadError(f"{label}: empty (0 bytes)")
-    try:
-        with _OPEN_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageLoadError(f"{label}: over Pillow's pixel limit ({err})") from None
-    except UnidentifiedImageError:
-        raise ImageLoadError(f"{label}: not an image format Pillow can identify") from None
-    except Exception as err:
-        raise ImageLoadError(f"{label}: cannot be opened ({type(err).__name__}: {err})") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        image.close()
-        raise ImageLoadError(
-            f"{label}: {width}x{height} = {width * height} pixels is over the limit of "
-            f"{max_pixels} pixels; raise max_pixels to allow it, or downscale the image"
-        )
-    return image
+    return decode_rgb(_open_checked(data, max_pixels, label), label)

@@ -3,6 +3,7 @@ integrity scan of image files before training."""
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import warnings
@@ -24,6 +25,10 @@ class ImageLoadError(OSError):
     """An image file cannot be used; the message names the file and the reason."""
 
 
+class ImageTooLargeError(ImageLoadError):
+    """An image has more pixels than allowed (seen from its header, before decoding)."""
+
+
 @dataclass(frozen=True)
 class BadImage:
     """A file that failed the integrity scan and why."""
@@ -32,33 +37,39 @@ class BadImage:
     reason: str
 
 
-def _open_checked(path: Path, max_pixels: int) -> ImageFile.ImageFile:
-    """Open ``path`` lazily (header only) and enforce the pixel limit before any decoding.
+def _open_checked(
+    source: Path | bytes, max_pixels: int, label: str | None = None
+) -> ImageFile.ImageFile:
+    """Open a file or in-memory bytes lazily (header only) and enforce the pixel limit before
+    any decoding. ``label`` names the source in messages (default: the path, or ``<N bytes>``).
 
     Pillow's own limit (``Image.MAX_IMAGE_PIXELS``) still applies, with its
     DecompressionBombWarning raised as an error, so a ``max_pixels`` above it has no effect.
-    Raises ImageLoadError for a missing, empty, unidentifiable or too large file.
+    Raises ImageLoadError for a missing, empty or unidentifiable source, ImageTooLargeError
+    for one over the limit.
     """
+    in_memory = isinstance(source, bytes)
+    name = label or (f"<{len(source)} bytes>" if in_memory else str(source))
     try:
-        if path.stat().st_size == 0:
-            raise ImageLoadError(f"{path}: empty file (0 bytes)")
+        if (len(source) if in_memory else source.stat().st_size) == 0:
+            raise ImageLoadError(f"{name}: empty ({'0 bytes' if in_memory else 'file of 0 bytes'})")
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(io.BytesIO(source) if in_memory else source)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageLoadError(f"{path}: over Pillow's pixel limit ({err})") from None
+        raise ImageTooLargeError(f"{name}: over Pillow's pixel limit ({err})") from None
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{path}: not an image format Pillow can identify") from None
+        raise ImageLoadError(f"{name}: not an image format Pillow can identify") from None
     except ImageLoadError:
         raise
-    except OSError as err:
-        raise ImageLoadError(f"{path}: cannot be opened ({err})") from None
+    except Exception as err:  # OSError for files; Pillow's parsers raise others on bad headers
+        raise ImageLoadError(f"{name}: cannot be opened ({type(err).__name__}: {err})") from None
     width, height = image.size
     if width * height > max_pixels:
         image.close()
-        raise ImageLoadError(
-            f"{path}: {width}x{height} = {width * height} pixels is over the limit of "
-            f"{max_pixels} pixels; raise max_pixels to allow it, or downscale the file"
+        raise ImageTooLargeError(
+            f"{name}: {width}x{height} = {width * height} pixels is over the limit of "
+            f"{max_pixels} pixels; raise max_pixels to allow it, or downscale the image"
         )
     return image
 
@@ -99,7 +110,13 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     only accepted if the caller set ``ImageFile.LOAD_TRUNCATED_IMAGES``).
     """
     file = Path(path)
-    image = _open_checked(file, max_pixels)
+    return decode_rgb(_open_checked(file, max_pixels), str(file))
+
+
+def decode_rgb(image: Image.Image, label: str) -> Image.Image:
+    """Decode a lazily opened image (closed afterwards) into an RGB image independent of its
+    source, EXIF orientation applied. Raises ImageLoadError naming ``label`` for corrupt or
+    truncated data."""
     try:
         with image:
             image.load()
@@ -107,7 +124,7 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
             oriented = ImageOps.exif_transpose(image) or image.copy()
         return _to_rgb(oriented)
     except Exception as err:  # Pillow's decoders raise many types for corrupt data
-        raise ImageLoadError(f"{file}: cannot be decoded ({type(err).__name__}: {err})") from None
+        raise ImageLoadError(f"{label}: cannot be decoded ({type(err).__name__}: {err})") from None
 
 
 def _jpeg_is_truncated(path: Path) -> bool:

@@ -270,3 +270,15 @@ def test_preprocess_module_does_not_import_torch() -> None:
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("as_bytes", [True, False], ids=["bytes", "path"])
+def test_pixel_limit_is_its_own_error_for_files_and_bytes(tmp_path: Path, as_bytes: bool) -> None:
+    from retrieval.data.images import ImageTooLargeError
+
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (300, 200)).save(path)
+    source = path.read_bytes() if as_bytes else path
+    with pytest.raises(ImageTooLargeError, match="60000 pixels is over the limit of 59999"):
+        open_image(source, max_pixels=59_999)
+    assert open_image(source, max_pixels=60_000).size == (300, 200)
