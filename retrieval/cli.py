@@ -4,6 +4,7 @@ retrieval search BUNDLE IMAGE... [-k 10] [--json]
 retrieval index BUNDLE DIR [--labels folder|none]
 retrieval info BUNDLE
 retrieval verify BUNDLE
+retrieval serve BUNDLE [--host 127.0.0.1] [--port 8000] [--token SECRET]
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from retrieval.data.images import ImageLoadError, images_in_folder
 EXIT_PROBLEMS, EXIT_ERROR = 1, 2
 
 
-def _load(args: argparse.Namespace) -> Any:
+def _load(args: argparse.Namespace, **options: Any) -> Any:
     from retrieval.search import Retriever  # heavy imports only once a command runs
 
-    return Retriever.load(args.bundle, runtime=args.runtime, threads=args.threads)
+    return Retriever.load(args.bundle, runtime=args.runtime, threads=args.threads, **options)
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -91,6 +92,38 @@ def _verify(args: argparse.Namespace) -> int:
     return EXIT_PROBLEMS if problems else 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from retrieval.service import ServiceSettings, create_app
+
+    settings = ServiceSettings(
+        token=ServiceSettings.token_from(args.token),
+        max_body_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=args.max_pixels,
+        max_k=args.max_k,
+        request_timeout_s=args.timeout,
+        batch_size=args.batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        uploads_dir=Path(args.uploads) if args.uploads else None,
+        cors_origins=tuple(args.cors_origin),
+    )
+    retriever = _load(args, max_pixels=args.max_pixels)
+    try:
+        app = create_app(retriever, settings)
+        writes = "enabled (bearer token)" if settings.token else "disabled (no --token)"
+        print(
+            f"serving {args.bundle}: {len(retriever)} items, {retriever.runtime.kind} runtime, "
+            f"writes {writes}\n  page  http://{args.host}:{args.port}/\n"
+            f"  API   http://{args.host}:{args.port}/docs",
+            flush=True,
+        )
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        retriever.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retrieval", description="Search an exported bundle.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +162,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("verify", "check checksums, the item store and the index; exit 1 on problems")
     p.set_defaults(run=_verify)
+
+    p = command("serve", "answer searches over HTTP and serve the search page")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--token",
+        default=None,
+        help="bearer token that enables POST /items and DELETE /items/{id} "
+        "(or set RETRIEVAL_TOKEN); without one, writes are disabled",
+    )
+    p.add_argument("--max-upload-mb", type=float, default=16.0, help="largest request body")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image (w x h)")
+    p.add_argument("--max-k", type=int, default=100, help="most results per search")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds before a request gets 504")
+    p.add_argument("--batch-size", type=int, default=16, help="most queries embedded together")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="wait for a batch to fill")
+    p.add_argument("--uploads", default=None, help="folder for added images (BUNDLE/uploads)")
+    p.add_argument(
+        "--cors-origin", action="append", default=[], help="web origin allowed to call the API"
+    )
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info"))
+    p.set_defaults(run=_serve)
     return parser
 
 

@@ -23,7 +23,7 @@ from retrieval.bundle.format import BundleError, read_manifest, verify_files
 from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.model import Runtime, load_runtime
 from retrieval.bundle.preprocess import Preprocessor, open_image
-from retrieval.bundle.store import ItemRecord
+from retrieval.bundle.store import Item, ItemRecord
 from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, _to_rgb
 
 __all__ = ["AddReport", "Hit", "Retriever"]
@@ -134,12 +134,24 @@ class Retriever:
     def __len__(self) -> int:
         return self.items.ntotal
 
-    def _decode(self, source: ImageSource) -> Image.Image:
+    def _decode(self, source: ImageSource, max_pixels: int | None = None) -> Image.Image:
         if isinstance(source, Image.Image):  # alpha onto white etc., as for files
             return source if source.mode == "RGB" else _to_rgb(source)
+        limit = self.max_pixels if max_pixels is None else min(max_pixels, self.max_pixels)
         if isinstance(source, (bytes, bytearray, memoryview)):
-            return open_image(bytes(source), self.max_pixels)
-        return open_image(source, self.max_pixels)
+            return open_image(bytes(source), limit)
+        return open_image(source, limit)
+
+    def prepare(self, image: ImageSource, max_pixels: int | None = None) -> np.ndarray:
+        """One image (path, encoded bytes or PIL image) decoded and preprocessed into the
+        model's input: (3, size, size) float32. ``max_pixels`` lowers the bundle's pixel limit
+        for this call. Raises ImageLoadError (ImageTooLargeError over the pixel limit) naming
+        the image."""
+        return self.preprocessor(self._decode(image, max_pixels))
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Embeddings of preprocessed images ``(B, 3, size, size)``: (B, dim) float32 unit rows."""
+        return self.runtime.embed(pixels)
 
     def embed(self, images: Sequence[ImageSource], batch_size: int = 32) -> np.ndarray:
         """Embeddings of ``images`` (paths, encoded bytes or PIL images): (n, dim) float32,
@@ -248,6 +260,14 @@ class Retriever:
             if progress is not None:
                 progress(len(chunk))
         return report
+
+    def item(self, item_id: int) -> Item:
+        """The stored item ``item_id`` (uri, label, extra, vector). Raises KeyError for an id
+        the bundle never had or whose item was removed."""
+        (item,) = self.items.store.get([int(item_id)])
+        if not item.active:
+            raise KeyError(f"item {item_id} was removed")
+        return item
 
     def remove(self, ids: Sequence[int]) -> list[int]:
         """Remove items by id (durable when this returns); unknown ids raise KeyError."""

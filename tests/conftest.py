@@ -11,6 +11,9 @@ from retrieval.tasks.config import CONF_DIR, compose_config
 
 CONF = CONF_DIR
 
+# A real small bundle and its gallery, shared by the bundle and service tests.
+pytest_plugins = ["tests.bundle_fixtures"]
+
 
 def compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:
     """The config `python train.py OVERRIDES` would run, with data and output under tmp_path."""

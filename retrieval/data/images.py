@@ -49,13 +49,16 @@ def _open_checked(
     for one over the limit.
     """
     in_memory = isinstance(source, bytes)
-    name = label or (f"<{len(source)} bytes>" if in_memory else str(source))
+    name = label or (f"<{len(source)} bytes>" if isinstance(source, bytes) else str(source))
     try:
-        if (len(source) if in_memory else source.stat().st_size) == 0:
-            raise ImageLoadError(f"{name}: empty ({'0 bytes' if in_memory else 'file of 0 bytes'})")
+        data: Path | io.BytesIO = io.BytesIO(source) if isinstance(source, bytes) else source
+        if (len(source) if isinstance(source, bytes) else source.stat().st_size) == 0:
+            raise ImageLoadError(
+                f"{name}: empty ({'no bytes' if in_memory else 'file of 0 bytes'})"
+            )
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(source) if in_memory else source)
+            image = Image.open(data)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageTooLargeError(f"{name}: over Pillow's pixel limit ({err})") from None
     except UnidentifiedImageError:

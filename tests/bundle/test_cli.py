@@ -11,7 +11,7 @@ import pytest
 
 from retrieval.cli import main
 from retrieval.search import Retriever
-from tests.bundle.conftest import Gallery, negate_stored_vector, new_images
+from tests.bundle_fixtures import Gallery, negate_stored_vector, new_images
 
 SUBCOMMANDS = ["search", "index", "info", "verify"]
 

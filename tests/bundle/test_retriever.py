@@ -19,7 +19,7 @@ from PIL import Image
 from retrieval.bundle.format import FORMAT_VERSION, BundleError
 from retrieval.data.images import ImageLoadError, load_rgb
 from retrieval.search import Retriever
-from tests.bundle.conftest import (
+from tests.bundle_fixtures import (
     Gallery,
     negate_stored_vector,
     new_images,

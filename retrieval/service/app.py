@@ -1,0 +1,239 @@
+"""The HTTP API and the web page: ``create_app(retriever, settings)`` gives an ASGI app.
+
+Routes: ``GET /`` (the page), ``POST /search``, ``GET /items/{id}``,
+``GET /items/{id}/similar``, ``GET /items/{id}/thumbnail``, ``POST /items`` and
+``DELETE /items/{id}`` (bearer token), ``GET /healthz``, ``GET /stats``; the OpenAPI schema at
+``/openapi.json`` and its pages at ``/docs``. Errors are JSON ``{"detail": ...}`` with a 4xx
+status for anything wrong with the request.
+"""
+
+# No `from __future__ import annotations`: FastAPI resolves the routes' annotations at run
+# time, and K below is local to create_app.
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from retrieval.data.images import ImageLoadError
+from retrieval.search import Hit, Retriever
+from retrieval.service.core import BadUpload, SearchService
+from retrieval.service.guard import RequestGuard
+from retrieval.service.settings import TOKEN_ENV, ServiceSettings
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+ItemId = Annotated[int, PathParam(ge=0, le=2**62, description="an item id from a search result")]
+LabelFilter = Annotated[str | None, Query(max_length=256, description="only items with this label")]
+
+
+def _hit(hit: Hit) -> dict[str, Any]:
+    return {
+        "id": hit.id,
+        "score": round(hit.score, 6),
+        "label": hit.label,
+        "name": Path(hit.uri).name,
+        "thumbnail": f"/items/{hit.id}/thumbnail",
+        "extra": hit.extra,
+    }
+
+
+def create_app(retriever: Retriever, settings: ServiceSettings | None = None) -> FastAPI:
+    """The service over an open ``retriever`` (closed when the app shuts down)."""
+    settings = settings or ServiceSettings()
+    service = SearchService(retriever, settings)
+    K = Annotated[int, Query(ge=1, le=settings.max_k, description="results to return")]
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await service.batcher.aclose()
+
+    app = FastAPI(
+        title="Image retrieval",
+        summary="Search a bundle of images by example",
+        version=str(retriever.manifest.get("format_version")),
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=settings.max_body_bytes,
+        timeout_s=settings.request_timeout_s,
+        stats=service.stats,
+    )
+    if settings.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization"],
+        )
+
+    @app.exception_handler(BadUpload)
+    async def bad_upload(_: Request, err: BadUpload) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=err.status)
+
+    @app.exception_handler(ImageLoadError)
+    async def bad_image(_: Request, err: ImageLoadError) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=422)
+
+    bearer = HTTPBearer(auto_error=False, description=f"the token given by --token or {TOKEN_ENV}")
+
+    def writer(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> None:
+        if settings.token is None:
+            raise HTTPException(
+                403, f"writes are disabled: start the server with --token or set {TOKEN_ENV}"
+            )
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode(), settings.token.encode()):
+            raise HTTPException(
+                401,
+                "a valid bearer token is required (header 'Authorization: Bearer TOKEN')",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def lookup(item_id: int) -> Any:
+        try:
+            return retriever.item(item_id)
+        except KeyError:
+            raise HTTPException(404, f"no item with id {item_id}") from None
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.post("/search", summary="Find the items most similar to an uploaded image")
+    async def search(
+        image: Annotated[UploadFile, File(description="the query image")],
+        k: K = 10,
+        label: LabelFilter = None,
+    ) -> dict[str, Any]:
+        start = time.perf_counter()
+        data = await image.read()
+        vector = await service.embed_upload(data, image.filename or "image")
+        hits = await service.search(vector, k, label)
+        took = round((time.perf_counter() - start) * 1000.0, 2)
+        return {"k": k, "label": label, "took_ms": took, "results": [_hit(h) for h in hits]}
+
+    @app.get("/items/{item_id}", summary="One item's record")
+    async def item(item_id: ItemId) -> dict[str, Any]:
+        found = await run_in_threadpool(lookup, item_id)
+        return {
+            "id": found.id,
+            "label": found.label,
+            "name": Path(found.uri).name,
+            "extra": found.extra,
+            "added_at": found.added_at,
+            "thumbnail": f"/items/{found.id}/thumbnail",
+        }
+
+    @app.get("/items/{item_id}/similar", summary="The items most similar to an item")
+    async def similar(item_id: ItemId, k: K = 10, label: LabelFilter = None) -> dict[str, Any]:
+        start = time.perf_counter()
+        found = await run_in_threadpool(lookup, item_id)
+        hits = await service.search(found.vector, k, label)
+        took = round((time.perf_counter() - start) * 1000.0, 2)
+        return {"k": k, "label": label, "took_ms": took, "results": [_hit(h) for h in hits]}
+
+    @app.get(
+        "/items/{item_id}/thumbnail",
+        summary="A JPEG thumbnail of an item",
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}},
+    )
+    async def thumbnail(item_id: ItemId) -> Response:
+        found = await run_in_threadpool(lookup, item_id)
+        try:
+            data = await run_in_threadpool(service.thumbnails.get, found.id, found.uri)
+        except FileNotFoundError as err:
+            raise HTTPException(404, str(err)) from None
+        except ImageLoadError:
+            raise HTTPException(404, f"item {item_id}'s image can no longer be read") from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.post(
+        "/items",
+        summary="Add images (bearer token)",
+        status_code=201,
+        dependencies=[Depends(writer)],
+    )
+    async def add_items(
+        images: Annotated[list[UploadFile], File(description="one or more images")],
+        labels: Annotated[
+            list[str] | None, Form(description="one label for all images, or one per image")
+        ] = None,
+    ) -> JSONResponse:
+        if len(images) > settings.max_files:
+            raise HTTPException(413, f"at most {settings.max_files} images per request")
+        given = labels or []
+        if len(given) not in (0, 1, len(images)):
+            raise HTTPException(
+                422, f"{len(given)} labels for {len(images)} images: give one, or one per image"
+            )
+        per_image = (
+            given if len(given) == len(images) else [given[0] if given else None] * len(images)
+        )
+        uploads = [(f.filename or f"image {i}", await f.read()) for i, f in enumerate(images)]
+        outcome = await run_in_threadpool(service.add, uploads, [lab or None for lab in per_image])
+        status = 201 if outcome.added else 200 if outcome.duplicates else 422
+        body = {
+            "added": outcome.added,
+            "duplicates": outcome.duplicates,
+            "rejected": outcome.rejected,
+            "items": len(retriever),
+        }
+        if status == 422:
+            body["detail"] = "no image was added: " + "; ".join(
+                f"{r['name']}: {r['reason']}" for r in outcome.rejected
+            )
+        return JSONResponse(body, status_code=status)
+
+    @app.delete(
+        "/items/{item_id}", summary="Remove an item (bearer token)", dependencies=[Depends(writer)]
+    )
+    async def remove_item(item_id: ItemId) -> dict[str, Any]:
+        try:
+            await run_in_threadpool(service.remove, item_id)
+        except KeyError:
+            raise HTTPException(404, f"no item with id {item_id}") from None
+        return {"removed": item_id, "items": len(retriever)}
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "items": len(retriever)}
+
+    @app.get("/stats", summary="Items, model, index, request counts and latency")
+    async def stats() -> dict[str, Any]:
+        info = retriever.info()
+        return {
+            "items": len(retriever),
+            "dim": retriever.dim,
+            "index": info["index"],
+            "runtime": info["runtime"],
+            "backbone": info["backbone"],
+            "writes_enabled": settings.token is not None,
+            "limits": {
+                "max_body_bytes": settings.max_body_bytes,
+                "max_pixels": settings.max_pixels,
+                "max_k": settings.max_k,
+            },
+            **service.stats.snapshot(),
+        }
+
+    return app

@@ -1,0 +1,73 @@
+"""What a running service allows: upload and pixel limits, timeouts, batching, caching."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Environment variable holding the bearer token that enables writes (``--token`` wins).
+TOKEN_ENV = "RETRIEVAL_TOKEN"
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Limits and tuning of the service; every field is checked on construction.
+
+    Attributes:
+        token: bearer token required by ``POST /items`` and ``DELETE /items/{id}``; None
+            disables writes.
+        max_body_bytes: largest request body; larger ones get 413 before they are read.
+        max_pixels: largest image (width x height), read from its header before decoding.
+        max_k: most results one search may ask for.
+        max_files: most images one ``POST /items`` may carry.
+        request_timeout_s: a request still running after this gets 504.
+        batch_size: most queries embedded together.
+        batch_wait_ms: how long the first query of a batch waits for others.
+        cache_size, cache_ttl_s: embeddings of recent identical uploads are reused.
+        thumbnail_px: longest side of thumbnails.
+        uploads_dir: where images added over HTTP are kept (default: ``BUNDLE/uploads``).
+        cors_origins: web origins allowed to call the API from a browser.
+    """
+
+    token: str | None = None
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_k: int = 100
+    max_files: int = 32
+    request_timeout_s: float = 30.0
+    batch_size: int = 16
+    batch_wait_ms: float = 2.0
+    cache_size: int = 256
+    cache_ttl_s: float = 120.0
+    thumbnail_px: int = 256
+    uploads_dir: Path | None = None
+    cors_origins: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        positive = {
+            "max_body_bytes": self.max_body_bytes,
+            "max_pixels": self.max_pixels,
+            "max_k": self.max_k,
+            "max_files": self.max_files,
+            "request_timeout_s": self.request_timeout_s,
+            "batch_size": self.batch_size,
+            "thumbnail_px": self.thumbnail_px,
+        }
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"service setting {name} must be a positive number, got {value!r}")
+        for name, value in {
+            "batch_wait_ms": self.batch_wait_ms,
+            "cache_size": self.cache_size,
+            "cache_ttl_s": self.cache_ttl_s,
+        }.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"service setting {name} must be >= 0, got {value!r}")
+        if self.token is not None and len(self.token) < 8:
+            raise ValueError("the write token must have at least 8 characters")
+
+    @staticmethod
+    def token_from(cli_token: str | None) -> str | None:
+        """The token given on the command line, else the environment's, else None."""
+        return cli_token or os.environ.get(TOKEN_ENV) or None

@@ -1,0 +1,56 @@
+"""JPEG thumbnails of a bundle's items, made from their image files and kept in memory."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from PIL import Image
+
+from retrieval.bundle.preprocess import open_image
+
+
+class Thumbnails:
+    """Thumbnails (longest side ``size_px``) of item images, least recently used evicted.
+
+    Item uris are paths written by export or by ``add`` (the bundle's own records); a
+    relative one is read relative to the bundle folder. Request input never reaches here.
+    """
+
+    def __init__(self, bundle: Path, size_px: int, max_pixels: int, entries: int = 1024) -> None:
+        self.bundle, self.size_px, self.max_pixels = Path(bundle), size_px, max_pixels
+        self.entries = entries
+        self._cache: OrderedDict[tuple[int, str], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def path_of(self, uri: str) -> Path:
+        path = Path(uri)
+        return path if path.is_absolute() else self.bundle / path
+
+    def get(self, item_id: int, uri: str) -> bytes:
+        """JPEG bytes of the item's thumbnail.
+
+        Raises:
+            FileNotFoundError: the item's file is not on this machine.
+            ImageLoadError: the file is no longer a readable image.
+        """
+        key = (item_id, uri)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        path = self.path_of(uri)
+        if not path.is_file():
+            raise FileNotFoundError(f"item {item_id}'s image is not available on this server")
+        image = open_image(path, self.max_pixels)
+        image.thumbnail((self.size_px, self.size_px), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+        data = buffer.getvalue()
+        with self._lock:
+            self._cache[key] = data
+            while len(self._cache) > self.entries:
+                self._cache.popitem(last=False)
+        return data
