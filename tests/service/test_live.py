@@ -1,0 +1,117 @@
+"""``retrieval serve`` as a real server on loopback: body limits enforced while the body is
+still streaming, and searches running while items are added."""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.bundle_fixtures import Gallery, new_images
+from tests.service.conftest import TOKEN
+from tests.service.live import serve
+
+LIMIT = 1024 * 1024  # --max-upload-mb 1
+
+
+def _connect(base: str) -> socket.socket:
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def _head(content: str) -> bytes:
+    return (
+        "POST /search HTTP/1.1\r\nHost: test\r\n"
+        "Content-Type: multipart/form-data; boundary=xyz\r\n" + content + "\r\n"
+    ).encode()
+
+
+@pytest.mark.slow
+def test_too_large_bodies_are_refused_before_they_are_read(bundle_copy: Path) -> None:
+    with serve(bundle_copy, "--max-upload-mb", "1") as base:
+        # Declared too large: answered from the headers alone, no body byte sent.
+        with _connect(base) as sock:
+            sock.sendall(_head(f"Content-Length: {100 * LIMIT}\r\n"))
+            reply = sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+        assert b"over the limit of 1048576 bytes" in reply
+
+        # Streamed (chunked, no length): answered once the limit is passed, mid-body.
+        sent, reply = 0, b""
+        with _connect(base) as sock:
+            sock.sendall(_head("Transfer-Encoding: chunked\r\n"))
+            part = b"--xyz\r\nContent-Disposition: form-data; name=image; filename=a.jpg\r\n\r\n"
+            chunk = part + b"\xff" * (64 * 1024 - len(part))
+            try:
+                while sent < 8 * LIMIT and not select.select([sock], [], [], 0)[0]:
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    sent += len(chunk)
+                    chunk = b"\xff" * len(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            reply = sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+        assert b"over the limit" in reply
+        assert sent < 8 * LIMIT  # the server did not wait for the rest (it never came)
+        assert httpx.get(f"{base}/healthz").json()["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_searches_while_items_are_added(bundle_copy: Path, gallery: Gallery) -> None:
+    new = new_images(bundle_copy.parent / "incoming", 8, seed=11)
+    errors: list[str] = []
+    added: dict[Path, int] = {}
+    adding_done = threading.Event()
+
+    with serve(bundle_copy, env={"RETRIEVAL_TOKEN": TOKEN}) as base:
+
+        def searcher(worker: int) -> int:
+            done = 0
+            with httpx.Client(base_url=base, timeout=60) as client:
+                while not adding_done.is_set() or done < 10:
+                    i = (worker * 7 + done) % len(gallery.paths)
+                    files = {"image": ("q.jpg", gallery.paths[i].read_bytes(), "image/jpeg")}
+                    reply = client.post("/search", files=files, params={"k": 3})
+                    if reply.status_code != 200:
+                        errors.append(f"search {reply.status_code}: {reply.text}")
+                    elif reply.json()["results"][0]["label"] != gallery.labels[i]:
+                        errors.append(f"search {i}: wrong first result {reply.json()}")
+                    done += 1
+            return done
+
+        def writer() -> None:
+            try:
+                with httpx.Client(base_url=base, timeout=60) as client:
+                    auth = {"Authorization": f"Bearer {TOKEN}"}
+                    for path in new:
+                        files = {"images": (path.name, path.read_bytes(), "image/jpeg")}
+                        reply = client.post("/items", files=files, headers=auth)
+                        if reply.status_code != 201:
+                            errors.append(f"add {reply.status_code}: {reply.text}")
+                        else:
+                            added[path] = reply.json()["added"][0]["id"]
+            finally:
+                adding_done.set()
+
+        with ThreadPoolExecutor(5) as pool:
+            searches = [pool.submit(searcher, w) for w in range(4)]
+            pool.submit(writer).result()
+            total = sum(f.result() for f in searches)
+
+        assert not errors, errors[:5]
+        assert total >= 40 and len(added) == len(new)
+        with httpx.Client(base_url=base, timeout=60) as client:
+            assert client.get("/healthz").json()["items"] == len(gallery.paths) + len(new)
+            for path, item_id in added.items():
+                files = {"image": ("q.jpg", path.read_bytes(), "image/jpeg")}
+                top = client.post("/search", files=files, params={"k": 1}).json()["results"][0]
+                assert top["id"] == item_id and top["score"] == pytest.approx(1.0, abs=1e-4)
+            stats = client.get("/stats").json()
+            assert stats["routes"]["/search"]["by_status"].keys() == {"200"}
+            assert stats["routes"]["/items"]["by_status"] == {"201": len(new)}
