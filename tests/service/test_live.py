@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.bundle_fixtures import Gallery, new_images
 from tests.service.conftest import TOKEN
@@ -115,3 +116,52 @@ def test_searches_while_items_are_added(bundle_copy: Path, gallery: Gallery) -> 
             stats = client.get("/stats").json()
             assert stats["routes"]["/search"]["by_status"].keys() == {"200"}
             assert stats["routes"]["/items"]["by_status"] == {"201": len(new)}
+
+
+def _readme_lines(prefix: str) -> list[str]:
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if prefix in line]
+
+
+def test_readme_serve_commands_parse() -> None:
+    import shlex
+
+    from retrieval.cli import build_parser
+
+    commands = _readme_lines("retrieval serve ")
+    assert len(commands) >= 2
+    for command in commands:
+        words = [w for w in shlex.split(command) if "=" not in w.split("/")[0]]
+        args = build_parser().parse_args(words[words.index("retrieval") + 1 :])
+        assert args.command == "serve"
+
+
+@pytest.mark.slow
+def test_readme_curl_examples_work(bundle_copy: Path, gallery: Gallery, tmp_path: Path) -> None:
+    import shlex
+    import subprocess
+
+    curls = _readme_lines("curl ")
+    assert any("/search" in c for c in curls) and any("DELETE" in c for c in curls)
+    (tmp_path / "query.jpg").write_bytes(gallery.paths[6].read_bytes())
+    (tmp_path / "new.jpg").write_bytes(new_images(tmp_path / "src", 1, seed=21)[0].read_bytes())
+    token = shlex.split(next(c for c in _readme_lines("RETRIEVAL_TOKEN=")))[0].split("=", 1)[1]
+    with serve(bundle_copy, env={"RETRIEVAL_TOKEN": token}) as base:
+        for command in curls:
+            words = shlex.split(command.replace("http://127.0.0.1:8000", base))
+            done = subprocess.run(
+                [words[0], "--fail-with-body", "-sS", *words[1:]],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, (command, done.stdout, done.stderr)
+        assert Image.open(tmp_path / "item7.jpg").format == "JPEG"
+        stats = httpx.get(f"{base}/stats").json()
+        assert stats["items"] == len(gallery.paths)  # one added, item 7 removed
+        assert stats["routes"]["/items"]["by_status"] == {"201": 1}
