@@ -266,3 +266,27 @@ def test_a_slow_request_gets_504(bundle_copy: Path, gallery: Gallery) -> None:
         assert response.status_code == 504 and "0.3 s" in response.json()["detail"]
         service.retriever.prepare = slow
         assert search(client, gallery.paths[0].read_bytes()).status_code == 200
+
+
+def test_odd_requests_are_4xx_json(client: TestClient) -> None:
+    cases = {
+        "image as a text field": client.post("/search", data={"image": "not a file"}),
+        "wrong method": client.put("/search"),
+        "unknown route": client.get("/nowhere"),
+        "form with the wrong field": client.post(
+            "/search", files={"picture": ("a.jpg", b"\xff\xd8\xff", "image/jpeg")}
+        ),
+        "broken multipart": client.post(
+            "/search",
+            content=b"--b\r\nContent-Disposition: form-data; name=image\r\n\r\nxx",
+            headers={"Content-Type": "multipart/form-data; boundary=b"},
+        ),
+        "label too long": client.post(
+            "/search",
+            files={"image": ("a.jpg", b"\xff\xd8\xff", "image/jpeg")},
+            params={"label": "x" * 300},
+        ),
+    }
+    for name, response in cases.items():
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.text)
+        assert response.json()["detail"], name
