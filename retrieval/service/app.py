@@ -22,6 +22,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from retrieval.data.images import ImageLoadError
@@ -34,6 +35,31 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 ItemId = Annotated[int, PathParam(ge=0, le=2**62, description="an item id from a search result")]
 LabelFilter = Annotated[str | None, Query(max_length=256, description="only items with this label")]
+
+
+class ErrorBody(BaseModel):
+    """Every error the service answers: what is wrong and, where it helps, how to fix it."""
+
+    detail: str
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    reasons = {
+        400: "empty upload or unreadable body",
+        401: "missing or wrong bearer token",
+        403: "writes are disabled (no token configured)",
+        404: "no such item, or its image is not on this server",
+        413: "body or image over the limits",
+        415: "the upload is not an accepted image format",
+        422: "invalid parameters, or an image that cannot be decoded",
+        504: "the request took too long",
+    }
+    return {code: {"model": ErrorBody, "description": reasons[code]} for code in codes}
+
+
+SEARCH_ERRORS = _errors(400, 413, 415, 422, 504)
+ITEM_ERRORS = _errors(404, 422, 504)
+WRITE_ERRORS = _errors(400, 401, 403, 404, 413, 415, 422, 504)
 
 
 def _hit(hit: Hit) -> dict[str, Any]:
@@ -118,7 +144,11 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.post("/search", summary="Find the items most similar to an uploaded image")
+    @app.post(
+        "/search",
+        summary="Find the items most similar to an uploaded image",
+        responses=SEARCH_ERRORS,
+    )
     async def search(
         image: Annotated[UploadFile, File(description="the query image")],
         k: K = 10,
@@ -131,7 +161,7 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
         took = round((time.perf_counter() - start) * 1000.0, 2)
         return {"k": k, "label": label, "took_ms": took, "results": [_hit(h) for h in hits]}
 
-    @app.get("/items/{item_id}", summary="One item's record")
+    @app.get("/items/{item_id}", summary="One item's record", responses=ITEM_ERRORS)
     async def item(item_id: ItemId) -> dict[str, Any]:
         found = await run_in_threadpool(lookup, item_id)
         return {
@@ -143,7 +173,11 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
             "thumbnail": f"/items/{found.id}/thumbnail",
         }
 
-    @app.get("/items/{item_id}/similar", summary="The items most similar to an item")
+    @app.get(
+        "/items/{item_id}/similar",
+        summary="The items most similar to an item",
+        responses=ITEM_ERRORS,
+    )
     async def similar(item_id: ItemId, k: K = 10, label: LabelFilter = None) -> dict[str, Any]:
         start = time.perf_counter()
         found = await run_in_threadpool(lookup, item_id)
@@ -155,7 +189,7 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
         "/items/{item_id}/thumbnail",
         summary="A JPEG thumbnail of an item",
         response_class=Response,
-        responses={200: {"content": {"image/jpeg": {}}}},
+        responses={200: {"content": {"image/jpeg": {}}}, **ITEM_ERRORS},
     )
     async def thumbnail(item_id: ItemId) -> Response:
         found = await run_in_threadpool(lookup, item_id)
@@ -172,6 +206,7 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
         summary="Add images (bearer token)",
         status_code=201,
         dependencies=[Depends(writer)],
+        responses={200: {"description": "every image was already in the bundle"}, **WRITE_ERRORS},
     )
     async def add_items(
         images: Annotated[list[UploadFile], File(description="one or more images")],
@@ -205,7 +240,10 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
         return JSONResponse(body, status_code=status)
 
     @app.delete(
-        "/items/{item_id}", summary="Remove an item (bearer token)", dependencies=[Depends(writer)]
+        "/items/{item_id}",
+        summary="Remove an item (bearer token)",
+        dependencies=[Depends(writer)],
+        responses=WRITE_ERRORS,
     )
     async def remove_item(item_id: ItemId) -> dict[str, Any]:
         try:
