@@ -121,3 +121,46 @@ def test_export_of_a_checkpoint_matches_its_evaluation(small_demo, tmp_path):
         item = retriever.items.store.get([5])[0]
         vector = retriever.embed([item.uri])[0]
         assert float(np.dot(vector, item.vector)) > 0.9999  # ONNX == the PyTorch export
+
+
+@pytest.mark.slow  # embeds the shards, then the split export scores: ~50 s on 2 cores
+def test_export_from_shards_searches_like_the_models_own_embeddings(small_demo, tmp_path):
+    import torch
+
+    from retrieval.data.images import load_rgb
+    from retrieval.data.transforms import eval_transform
+    from retrieval.shards import ShardError
+    from retrieval.tasks.embed import embed
+    from tests.index.synthetic import brute_force
+    from tests.test_embed_task import compose_embed, make_images
+
+    paths = make_images(tmp_path / "photos", 12, size=80)
+    shards = tmp_path / "shards"
+    with pytest.warns(UserWarning, match="skipping 1"):
+        _, objects = embed(
+            compose_embed(
+                tmp_path, f"images={tmp_path / 'photos'}", f"out_dir={shards}", "shard_size=5"
+            )
+        )
+    # a different preprocessing than the shards were embedded with is refused before any work
+    with pytest.raises(ShardError, match="another model or preprocessing"):
+        export(compose_export(tmp_path, small_demo, f"shards={shards}", "data.image_size=96"))
+
+    metrics, _ = export(compose_export(tmp_path, small_demo, f"shards={shards}", "chunk_rows=4"))
+    manifest = read_manifest(metrics["bundle"])
+    assert manifest["items"] == 12 and manifest["gallery"]["shards"] == str(shards.resolve())
+    assert manifest["gallery"]["skipped_unreadable"] == 1
+    assert "test/recall@1" in manifest["metrics"]
+
+    model = objects["model"].embedder.eval()
+    transform = eval_transform(model.preprocessing.with_size(64))
+    with torch.inference_mode():
+        own = model(torch.stack([transform(load_rgb(p)) for p in paths])).numpy()
+    _, expected = brute_force(own, own, 3)
+    with Retriever.load(metrics["bundle"], runtime="eager") as retriever:
+        stored = retriever.items.store.get(list(range(1, 13)))
+        assert [item.uri for item in stored] == [str(p) for p in paths]
+        np.testing.assert_allclose(np.stack([i.vector for i in stored]), own, atol=1e-5)
+        hits = retriever.search(paths, k=3)
+    assert [[h.uri for h in row] for row in hits] == [[str(paths[j]) for j in r] for r in expected]
+    assert all(row[0].score > 0.999 for row in hits)

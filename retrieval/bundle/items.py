@@ -244,12 +244,14 @@ class IndexedItems:
         *,
         snapshot_every: int | None = 1000,
         snapshot_growth: float = 0.05,
+        max_train: int = 100_000,
     ) -> IndexedItems:
         """Create an empty store and index in ``folder`` (made if missing).
 
         Args:
             train_vectors: (n, dim) L2-normalised sample to train IVF / PQ indexes on;
                 required for those, ignored by indexes that need no training.
+            max_train: train on at most this many of them (drawn with seed 0).
 
         Raises:
             FileExistsError: ``folder`` already has an ``items.sqlite``.
@@ -264,7 +266,7 @@ class IndexedItems:
                 raise FileExistsError(f"{root / STORE_FILE} exists: use IndexedItems.open")
             index = EmbeddingIndex(dim, factory, use_gpu=False, search_params=search_params)
             if train_vectors is not None and not index.is_trained:
-                index.train(check_vectors(train_vectors, dim))
+                index.train(check_vectors(train_vectors, dim), max_train=max_train)
             if not index.is_trained:
                 raise ValueError(
                     f"a {factory!r} index must be trained: pass train_vectors, a representative "

@@ -1,13 +1,16 @@
 """Writing a bundle: everything in a hidden temporary folder beside the target, the manifest last,
-then one rename. An interrupted export leaves no folder that loads."""
+then one rename. An interrupted export leaves no folder that loads. Galleries larger than memory
+are streamed in chunks (:func:`write_bundle_chunks`)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import platform
 import shutil
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -24,7 +27,7 @@ from retrieval.io import atomic_write
 from retrieval.models import Embedder
 from retrieval.models.backbone import Preprocessing
 
-__all__ = ["GalleryItem", "write_bundle"]
+__all__ = ["GalleryItem", "write_bundle", "write_bundle_chunks"]
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,49 @@ def write_bundle(
         BundleError: ``output`` exists and ``overwrite`` is false, or is not a bundle folder.
         ValueError: items and vectors disagree.
     """
-    output = Path(output)
     if len(items) != len(vectors):
         raise ValueError(f"{len(items)} items but {len(vectors)} vectors")
+    return write_bundle_chunks(
+        output,
+        embedder,
+        model_config,
+        preprocessing,
+        [(items, vectors)],
+        int(vectors.shape[1]),
+        train_vectors=vectors,
+        factory=factory,
+        search_params=search_params,
+        description=description,
+        overwrite=overwrite,
+    )
+
+
+def write_bundle_chunks(
+    output: Path,
+    embedder: Embedder,
+    model_config: dict[str, Any],
+    preprocessing: Preprocessing,
+    chunks: Iterable[tuple[Sequence[GalleryItem], np.ndarray]],
+    dim: int,
+    train_vectors: np.ndarray | None = None,
+    max_train: int = 100_000,
+    factory: str = "Flat",
+    search_params: str = "",
+    description: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """:func:`write_bundle` for galleries larger than memory: the items arrive in ``chunks``
+    (``(items, vectors)`` with vectors (len(items), dim)), each stored (one SQLite
+    transaction) and indexed before the next is read; one index snapshot at the end.
+
+    Args:
+        train_vectors: (m, dim) sample to train IVF / PQ indexes on (at most ``max_train``
+            of its rows are used); unused by indexes that need no training.
+
+    Raises:
+        as :func:`write_bundle`; ValueError also for a chunk whose lengths disagree.
+    """
+    output = Path(output)
     if output.exists() and not overwrite:
         raise BundleError(f"{output} exists: pass overwrite=true (export.py overwrite=true)")
     if output.exists() and not (output / "manifest.json").is_file():
@@ -91,10 +134,26 @@ def write_bundle(
         with atomic_write(tmp / "preprocessing.json", "w", encoding="utf-8") as handle:
             json.dump(pre.to_dict(), handle, indent=2)
         files.append("preprocessing.json")
-        dim = int(vectors.shape[1])
-        state = IndexedItems.create(tmp, dim, factory, search_params, train_vectors=vectors)
-        records = [ItemRecord(i.uri, i.label, i.extra, i.content_sha256) for i in items]
-        state.add(records, vectors)
+        state = IndexedItems.create(
+            tmp,
+            dim,
+            factory,
+            search_params,
+            train_vectors=train_vectors,
+            snapshot_every=None,  # one snapshot, at close
+            max_train=max_train,
+        )
+        try:
+            for items, vectors in chunks:
+                if len(items) != len(vectors):
+                    raise ValueError(f"a chunk has {len(items)} items but {len(vectors)} vectors")
+                records = [ItemRecord(i.uri, i.label, i.extra, i.content_sha256) for i in items]
+                state.add(records, vectors)
+        except BaseException:
+            with contextlib.suppress(Exception):  # release the folder; the error is the news
+                state.close()
+            raise
+        count = state.ntotal  # items with the same content_sha256 are stored once
         state.close()  # writes the index snapshot
         write_manifest(
             tmp,
@@ -106,7 +165,7 @@ def write_bundle(
                 "metric": "inner_product",
                 "normalized": True,
                 "index": {"factory": factory, "search_params": search_params},
-                "items": len(items),
+                "items": count,
                 "versions": _versions(),
                 **(description or {}),
             },

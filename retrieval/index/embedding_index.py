@@ -2,18 +2,49 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from retrieval.index import _structure
 from retrieval.index._checks import as_ids, as_vectors, check_dim, check_positive, sample_rows
-from retrieval.index._faiss import check_temp_memory, import_faiss, to_cpu, to_gpu
+from retrieval.index._faiss import (
+    check_temp_memory,
+    gpu_available,
+    import_faiss,
+    to_cpu,
+    to_gpu,
+)
 from retrieval.index._files import read_checked, write_atomically
 from retrieval.index.self_knn import drop_self, exact_self_knn
 
 __all__ = ["EmbeddingIndex"]
+
+log = logging.getLogger(__name__)
+
+
+def _to_all_gpus(
+    faiss: Any, cpu_index: Any, use_gpu: bool | None, temp_memory: int | None, what: str
+) -> tuple[Any, Any]:
+    """``cpu_index`` sharded over every GPU faiss sees (``GpuMultipleClonerOptions.shard``:
+    each GPU holds 1/n of the vectors, searches merge the n results); ``(index, resources)``,
+    or ``(cpu_index, None)`` for a type faiss cannot shard when ``use_gpu`` is None."""
+    resources = [faiss.StandardGpuResources() for _ in range(faiss.get_num_gpus())]
+    for res in resources:
+        if temp_memory is not None:
+            res.setTempMemory(temp_memory)
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True
+    try:
+        return faiss.index_cpu_to_gpu_multiple_py(resources, cpu_index, options), resources
+    except RuntimeError as err:  # HNSW, and types IndexShards does not implement
+        if use_gpu:
+            raise ValueError(f"faiss cannot shard a {what!r} index over GPUs ({err})") from err
+        log.info("faiss cannot shard a %r index over GPUs (%s); it stays on the CPU", what, err)
+        return cpu_index, None
 
 
 class EmbeddingIndex:
@@ -37,6 +68,12 @@ class EmbeddingIndex:
         gpu_temp_memory: bytes of scratch memory FAISS may reserve on the GPU
             (``StandardGpuResources.setTempMemory``); ``None`` keeps the FAISS default.
             Ignored on the CPU.
+
+    With more than one GPU (and ``use_gpu`` not False) the index is sharded over all of
+    them instead of GPU 0 (Flat, IVF-Flat, IVF-SQ, IVF-PQ). Such an index is for searching:
+    ``train`` / ``add`` / ``remove_ids`` copy it to the CPU and back (O(ntotal) each), so
+    build it with ``use_gpu=False`` (e.g. :func:`retrieval.index.build.build_index`), save
+    it and load it onto the GPUs.
 
     Raises:
         ImportError: faiss is not installed.
@@ -80,7 +117,27 @@ class EmbeddingIndex:
         self._temp_memory = temp_memory
         self._bytes_per_vector = _structure.bytes_per_vector(faiss, cpu_index)
         self._min_train_rows = _structure.min_train_rows(faiss, cpu_index)  # GPU forms hide it
-        self._index, self._gpu_resources = to_gpu(faiss, cpu_index, use_gpu, temp_memory, factory)
+        self._place(faiss, cpu_index)
+
+    def _place(self, faiss: Any, cpu_index: Any) -> None:
+        """Put ``cpu_index`` where ``use_gpu`` asks: sharded over all GPUs when there are
+        several, else per :func:`~retrieval.index._faiss.to_gpu`."""
+        args = (faiss, cpu_index, self._use_gpu, self._temp_memory, self._factory)
+        several = self._use_gpu is not False and gpu_available(faiss) and faiss.get_num_gpus() > 1
+        self._index, self._gpu_resources = _to_all_gpus(*args) if several else to_gpu(*args)
+
+    @property
+    def _sharded(self) -> bool:
+        """Whether the index is split over several GPUs (see the class docstring)."""
+        return isinstance(self._gpu_resources, list)
+
+    def _through_cpu(self, change: Callable[[Any], None]) -> None:
+        """Apply ``change`` to the CPU form of the index, then place it again."""
+        faiss = import_faiss()
+        cpu_index = to_cpu(faiss, self._index, self.on_gpu)
+        change(cpu_index)
+        if self.on_gpu:
+            self._place(faiss, cpu_index)
 
     @classmethod
     def load(
@@ -204,7 +261,10 @@ class EmbeddingIndex:
                 f"got {x.shape[0]}"
             )
         try:
-            self._index.train(x)
+            if self._sharded:  # one quantizer for all shards, not one per GPU
+                self._through_cpu(lambda index: index.train(x))
+            else:
+                self._index.train(x)
         except RuntimeError as err:
             raise ValueError(f"training index {self._factory!r} failed: {err}") from err
 
@@ -224,7 +284,10 @@ class EmbeddingIndex:
             return
         if not self.is_trained:
             self.train(x)
-        self._index.add(x)
+        if self._sharded:  # IndexShards of GPU Flat indexes take one add only
+            self._through_cpu(lambda index: index.add(x))
+        else:
+            self._index.add(x)
 
     def remove_ids(self, ids: np.ndarray) -> int:
         """Remove vectors by id; the rest are renumbered as if rows were deleted from a list.
@@ -248,12 +311,9 @@ class EmbeddingIndex:
         if to_remove.size == 0:
             return 0
         faiss = import_faiss()
-        cpu_index = to_cpu(faiss, self._index, self.on_gpu)
-        _structure.remove_ids(faiss, cpu_index, to_remove, self._factory)
-        if self.on_gpu:
-            self._index, self._gpu_resources = to_gpu(
-                faiss, cpu_index, self._use_gpu, self._temp_memory, self._factory
-            )
+        self._through_cpu(
+            lambda index: _structure.remove_ids(faiss, index, to_remove, self._factory)
+        )
         return int(to_remove.size)
 
     def search(

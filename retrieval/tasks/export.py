@@ -1,9 +1,12 @@
 """``export(cfg)``: write a search bundle for a trained checkpoint or a backbone as-is, over the
-data split's gallery or a folder of images. Called by ``export.py`` and by tests."""
+data split's gallery, a folder of images, or shards embedded by ``embed.py`` (streamed, not
+re-embedded). Called by ``export.py`` and by tests."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +14,18 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from retrieval.bundle.writer import GalleryItem, write_bundle
+from retrieval.bundle.format import read_manifest
+from retrieval.bundle.writer import GalleryItem, write_bundle_chunks
 from retrieval.data.dataset import ImageDataset
 from retrieval.data.images import find_unreadable, images_in_folder, report_unreadable
 from retrieval.data.manifest import ManifestRow
 from retrieval.data.transforms import eval_transform
 from retrieval.evaluation import evaluate_protocol
 from retrieval.extract import resolve_device
+from retrieval.index.build import ShardSet, training_sample
 from retrieval.io import sha256_file
+from retrieval.models.backbone import Preprocessing
+from retrieval.shards import ShardError
 from retrieval.tasks.common import (
     LoadedModel,
     data_config,
@@ -26,6 +33,7 @@ from retrieval.tasks.common import (
     embed_dataset,
     load_model,
 )
+from retrieval.tasks.embed import model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +70,49 @@ def _folder_gallery(cfg: DictConfig, transform: Any) -> ImageDataset:
     return ImageDataset(rows, transform)
 
 
+@dataclass
+class _Gallery:
+    """What the bundle indexes: ``(items, vectors)`` chunks, a training sample, the dim,
+    the manifest's ``gallery`` entry; ``items`` listed only when they fit in memory."""
+
+    chunks: Iterable[tuple[Sequence[GalleryItem], np.ndarray]]
+    train_vectors: np.ndarray
+    dim: int
+    description: dict[str, Any]
+
+    @property
+    def items(self) -> list[GalleryItem] | None:
+        return list(self.chunks[0][0]) if isinstance(self.chunks, list) else None
+
+
+def _shard_gallery(cfg: DictConfig, model: LoadedModel, preprocessing: Preprocessing) -> _Gallery:
+    """The gallery embedded by ``embed.py`` into ``cfg.shards``, streamed from disk.
+
+    Raises:
+        ShardError: unfinished or changed shards, or shards of another model / preprocessing.
+    """
+    shards = ShardSet.open(cfg.shards)
+    if shards.header["model_fingerprint"] != model_fingerprint(model.embedder, preprocessing):
+        raise ShardError(
+            f"{cfg.shards} was embedded by another model or preprocessing (shards.json: "
+            f"{shards.header['preprocessing']}, {shards.header['dim']}-d; this export: "
+            f"{preprocessing.to_dict()}, {model.embedder.embedding_dim}-d): export with the "
+            "ckpt_path / backbone / data.image_size the shards were embedded with, or embed again"
+        )
+    shards.verify()
+    chunks = (
+        ([GalleryItem(i.uri, i.label, dict(i.extra), i.sha256) for i in items], vectors)
+        for items, vectors in shards.iter_chunks(int(cfg.chunk_rows))
+    )
+    description = {
+        "source": str(shards.header["source"]),
+        "shards": str(Path(cfg.shards).resolve()),
+        "skipped_unreadable": len(shards.skipped()),
+    }
+    train = training_sample(shards.files, int(cfg.max_train))
+    return _Gallery(chunks, train, shards.dim, description)
+
+
 def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Export per ``cfg``; returns ``({"bundle": path, metrics...}, objects)``."""
     model = load_model(cfg)
@@ -70,6 +121,9 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         preprocessing=model.embedder.preprocessing, seed=cfg.seed, val_split=cfg.split
     )
     preprocessing = datamodule.preprocessing
+    if cfg.get("gallery") and cfg.get("shards"):
+        raise ValueError("pass gallery=DIR or shards=DIR, not both")
+    from_shards = _shard_gallery(cfg, model, preprocessing) if cfg.get("shards") else None
     batch_size = int(cfg.batch_size or datamodule.eval_batch_size)
 
     def embed(dataset: ImageDataset) -> Any:
@@ -96,42 +150,46 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         ks=ks,
         metrics=list(cfg.metrics),
     )
-    if cfg.get("gallery"):
-        gallery = _folder_gallery(cfg, eval_transform(preprocessing))
-        vectors = embed(gallery).vectors
-        rows = gallery.rows
+    if from_shards is not None:
+        gallery = from_shards
     else:
-        vectors = split_embeddings.vectors[gallery_rows]
-        rows = [split.rows[i] for i in gallery_rows]
-    items = [
-        GalleryItem(
-            uri=str(row.path.resolve()),
-            label=row.label or None,
-            extra=dict(row.extra),
-            content_sha256=sha256_file(row.path),
-        )
-        for row in rows
-    ]
+        if cfg.get("gallery"):
+            dataset = _folder_gallery(cfg, eval_transform(preprocessing))
+            vectors, rows = embed(dataset).vectors, dataset.rows
+        else:
+            vectors = split_embeddings.vectors[gallery_rows]
+            rows = [split.rows[i] for i in gallery_rows]
+        items = [
+            GalleryItem(
+                uri=str(row.path.resolve()),
+                label=row.label or None,
+                extra=dict(row.extra),
+                content_sha256=sha256_file(row.path),
+            )
+            for row in rows
+        ]
+        vectors = np.ascontiguousarray(vectors)
+        source = {"source": str(cfg.gallery or f"{datamodule.manifest}:{cfg.split}")}
+        gallery = _Gallery([(items, vectors)], vectors, int(vectors.shape[1]), source)
     protocol = describe_model(model, preprocessing.to_dict())
     protocol["data"] = {"dataset": str(datamodule.manifest), "split": cfg.split}
     metrics = {f"{cfg.split}/{k}": v for k, v in result.metrics.items()}
-    bundle = write_bundle(
+    bundle = write_bundle_chunks(
         Path(cfg.bundle),
         model.embedder,
         _model_config(model),
         preprocessing,
-        items,
-        np.ascontiguousarray(vectors),
+        gallery.chunks,
+        gallery.dim,
+        train_vectors=gallery.train_vectors,
+        max_train=int(cfg.max_train),
         factory=cfg.index.factory,
         search_params=cfg.index.search_params or "",
-        description={
-            "metrics": metrics,
-            "protocol": protocol,
-            "gallery": {"source": str(cfg.gallery or f"{datamodule.manifest}:{cfg.split}")},
-        },
+        description={"metrics": metrics, "protocol": protocol, "gallery": gallery.description},
         overwrite=bool(cfg.overwrite),
     )
-    lines = [f"bundle: {bundle}", f"items: {len(items)}, dim {vectors.shape[1]}"]
+    count = read_manifest(bundle)["items"]
+    lines = [f"bundle: {bundle}", f"items: {count}, dim {gallery.dim}"]
     lines += [f"{name:<20}{value:.4f}" for name, value in metrics.items()]
     print("\n".join(lines), flush=True)
-    return {"bundle": str(bundle), **metrics}, {"model": model, "items": items}
+    return {"bundle": str(bundle), **metrics}, {"model": model, "items": gallery.items}

@@ -1,0 +1,163 @@
+"""``embed(cfg)``: embed a folder or a manifest into shards (:mod:`retrieval.shards`), this
+worker's share of them, skipping the shards already finished. Called by ``embed.py``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from retrieval.data.dataset import ImageDataset
+from retrieval.data.images import ImageLoadError, find_unreadable, images_in_folder
+from retrieval.data.manifest import ManifestRow, read_manifest
+from retrieval.data.transforms import eval_transform
+from retrieval.extract import embed_loader, fingerprint, resolve_device
+from retrieval.io import sha256_file
+from retrieval.models import Embedder
+from retrieval.models.backbone import Preprocessing
+from retrieval.shards import ShardContent, ShardItem, ShardPlan, embed_shards, worker_identity
+from retrieval.tasks.common import LoadedModel, describe_model, load_model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["embed", "model_fingerprint"]
+
+
+def model_fingerprint(embedder: Embedder, preprocessing: Preprocessing) -> str:
+    """What shards record and export checks: equal means the same weights and preprocessing."""
+    return fingerprint(embedder, {"preprocessing": preprocessing.to_dict()})
+
+
+def preprocessing_of(cfg: DictConfig, model: LoadedModel) -> Preprocessing:
+    """The backbone's preprocessing at ``image_size``, else at the checkpoint's training
+    data's ``image_size`` (as export and evaluate use it), else the backbone's own."""
+    size = cfg.get("image_size")
+    if size is None and model.checkpoint is not None:
+        size = (model.checkpoint.run_config.get("data") or {}).get("image_size")
+    return model.embedder.preprocessing.with_size(size)
+
+
+def _plan_items(cfg: DictConfig) -> tuple[list[ShardItem], str]:
+    """The items to embed, in a fixed order, and where they come from."""
+    if bool(cfg.get("images")) == bool(cfg.get("manifest")):
+        raise ValueError("pass exactly one of images=DIR or manifest=FILE.csv")
+    if cfg.get("images"):
+        root = Path(cfg.images).resolve()
+        if cfg.labels not in ("folder", "none"):
+            raise ValueError(f"labels must be 'folder' or 'none', got {cfg.labels!r}")
+
+        def label(path: Path) -> str | None:
+            parent = path.parent.relative_to(root).as_posix()
+            return None if cfg.labels == "none" or parent == "." else parent
+
+        paths = images_in_folder(root, name=f"images={root}")
+        return [ShardItem(str(p), label(p)) for p in paths], str(root)
+    manifest = Path(cfg.manifest).resolve()
+    rows = read_manifest(manifest, check_files=False)  # missing files: skipped per shard
+    if cfg.get("split"):
+        rows = [r for r in rows if r.split == cfg.split]
+        if not rows:
+            raise ValueError(f"{manifest} has no rows of split {cfg.split!r}")
+    items = [ShardItem(str(r.path.resolve()), r.label, dict(r.extra)) for r in rows]
+    return items, f"{manifest}" + (f":{cfg.split}" if cfg.get("split") else "")
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    """``device=auto`` on a machine with several GPUs: this worker's local rank picks one."""
+    device = resolve_device(cfg.device)
+    local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID"))
+    if cfg.device == "auto" and device.type == "cuda" and local is not None:
+        device = torch.device("cuda", int(local) % torch.cuda.device_count())
+    return device
+
+
+class _ShardEmbedder:
+    """Embeds one shard's items: unreadable ones skipped (or an error when strict)."""
+
+    def __init__(
+        self, cfg: DictConfig, embedder: Embedder, pre: Preprocessing, device: torch.device
+    ) -> None:
+        self.cfg, self.embedder, self.device = cfg, embedder, device
+        self.transform = eval_transform(pre)
+
+    def __call__(self, shard: int, items: list[ShardItem]) -> ShardContent:
+        paths = [Path(item.uri) for item in items]
+        reasons = {b.path: b.reason for b in find_unreadable(paths)}
+        if reasons:
+            first = "; ".join(f"{p} ({r})" for p, r in list(reasons.items())[:5])
+            where = f"{len(reasons)} of {len(paths)} images of shard {shard}"
+            if self.cfg.strict_images:
+                raise ImageLoadError(f"{where} cannot be read: {first}; fix or remove them")
+            warnings.warn(
+                f"skipping {where} that cannot be read: {first}; strict_images=true makes "
+                "this an error",
+                UserWarning,
+                stacklevel=2,
+            )
+        kept = [item for item, p in zip(items, paths, strict=True) if p not in reasons]
+        if not kept:
+            empty = np.empty((0, self.embedder.embedding_dim), np.float32)
+            return ShardContent(empty, [], [(str(p), r) for p, r in reasons.items()])
+        rows = [ManifestRow(Path(i.uri), i.label or "", "gallery") for i in kept]
+        loader = DataLoader(
+            ImageDataset(rows, self.transform),
+            batch_size=int(self.cfg.batch_size),
+            num_workers=int(self.cfg.num_workers),
+            pin_memory=self.device.type == "cuda",
+        )
+        vectors = embed_loader(
+            self.embedder, loader, self.device, self.cfg.precision, description=f"shard {shard}"
+        ).vectors
+        done = [ShardItem(i.uri, i.label, i.extra, sha256_file(i.uri)) for i in kept]
+        return ShardContent(vectors, done, [(str(p), r) for p, r in reasons.items()])
+
+
+def embed(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Embed this worker's unfinished shards per ``cfg``; returns ``({"embedded": n,
+    "kept": n, "shards": total, "out_dir": path}, {"plan": ShardPlan, "model": LoadedModel})``.
+
+    Raises:
+        ValueError: neither or both of images= / manifest=, no images, bad rank / world size.
+        ShardError: ``out_dir`` holds shards of other images, shard size or model.
+    """
+    rank, world = worker_identity(cfg.rank, cfg.world_size)
+    items, source = _plan_items(cfg)
+    plan = ShardPlan(items, int(cfg.shard_size))
+    model = load_model(cfg)
+    pre = preprocessing_of(cfg, model)
+    device = _device(cfg)
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    header = {
+        "dim": int(model.embedder.embedding_dim),
+        "model_fingerprint": model_fingerprint(model.embedder, pre),
+        "preprocessing": pre.to_dict(),
+        "source": source,
+        "protocol": describe_model(model, pre.to_dict()),
+        "embedding": {"precision": precision, "device_type": device.type},
+    }
+    out = Path(cfg.out_dir)
+    log.info("worker %d of %d: %d shards of %d images", rank, world, plan.num_shards, len(items))
+    done = embed_shards(
+        out, plan, header, _ShardEmbedder(cfg, model.embedder, pre, device), rank, world
+    )
+    summary = {
+        "out_dir": str(out),
+        "shards": plan.num_shards,
+        "embedded": len(done["embedded"]),
+        "kept": len(done["kept"]),
+    }
+    print(
+        f"shards: {out} (worker {rank} of {world}): embedded {summary['embedded']}, already "
+        f"finished {summary['kept']}, of {plan.num_shards} in all",
+        flush=True,
+    )
+    return summary, {"plan": plan, "model": model, "done": done}
