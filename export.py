@@ -4,11 +4,12 @@ import hydra
 from omegaconf import DictConfig
 
 from retrieval.tasks.export import export
+from retrieval.tasks.runs import run_task
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
 def main(cfg: DictConfig) -> None:
-    export(cfg)
+    run_task(export, cfg)  # -m: a failed job writes error.txt and the sweep goes on
 
 
 if __name__ == "__main__":

@@ -3,14 +3,21 @@
 import hydra
 from omegaconf import DictConfig
 
+from retrieval.tasks.runs import monitored_value, run_task
 from retrieval.tasks.train import train
+
+
+def objective(cfg: DictConfig) -> float:
+    """Train; return the monitored metric's best value, what hyperparameter sweeps optimise."""
+    metrics, _ = train(cfg)
+    return monitored_value(metrics, cfg.monitor)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics, _ = train(cfg)
-    value = metrics.get(cfg.monitor)  # what hyperparameter sweeps optimise
-    return None if value is None else float(value)
+    # In a multirun a failed job writes error.txt in its run directory, returns None (Optuna:
+    # a failed trial) and the sweep goes on; a single run raises.
+    return run_task(objective, cfg)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,90 @@
+"""Running a task from an entry point: in a multirun (``python train.py -m ...``), one failed job
+is recorded in its run directory and the sweep goes on; in a single run the error propagates."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar, overload
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from retrieval.io import atomic_write
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+F = TypeVar("F")
+
+ERROR_FILE = "error.txt"
+
+
+def in_multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun (``-m``), here or on a cluster."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@overload
+def run_task(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | None: ...
+@overload
+def run_task(task: Callable[[DictConfig], T], cfg: DictConfig, failed: F) -> T | F: ...
+def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig, failed: Any = None) -> Any:
+    """``task(cfg)``. In a multirun job, an exception is caught: its full traceback is written to
+    ``<run dir>/error.txt`` (atomically) and logged, and ``failed`` is returned, so that the
+    sweeper goes on with the next job. For the Optuna sweeper keep ``failed=None`` (a failed
+    trial): hydra-optuna-sweeper 1.2/1.3 aborts the whole study on a NaN result.
+    Outside a multirun (a single run, a test calling it) the exception propagates unchanged.
+    ``KeyboardInterrupt`` and ``SystemExit`` always propagate: they stop the whole sweep."""
+    if not in_multirun():
+        return task(cfg)
+    try:
+        return task(cfg)
+    except Exception:
+        text = traceback.format_exc()
+        hydra = HydraConfig.get()
+        path = write_error(Path(hydra.runtime.output_dir), text)
+        overrides = " ".join(hydra.overrides.task) or "no overrides"
+        log.error(
+            "job %s (%s) failed; the sweep goes on. Traceback in %s:\n%s",
+            hydra.job.num,
+            overrides,
+            path,
+            text,
+        )
+        _finish_open_wandb_run()
+        return failed
+
+
+def write_error(run_dir: Path, text: str) -> Path:
+    """Write ``text`` to ``run_dir/error.txt`` (temp file, then rename); returns the path."""
+    path = run_dir / ERROR_FILE
+    with atomic_write(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return path
+
+
+def monitored_value(metrics: Mapping[str, Any], monitor: str) -> float:
+    """What a sweep optimises: the best value of ``monitor`` the checkpoint callback saw
+    (``best/<monitor>``), else its last value. KeyError when training never reported it."""
+    value = metrics.get(f"best/{monitor}", metrics.get(monitor))
+    if value is None:
+        reported = sorted(k for k in metrics if "/" in k and not k.startswith("baseline/"))
+        raise KeyError(
+            f"monitor={monitor} was never reported by training; it reported {reported}. "
+            "Set monitor= to one of them."
+        )
+    return float(value)
+
+
+def _finish_open_wandb_run() -> None:
+    """A job that raised mid-training leaves its W&B run open, and the next job's logger would
+    log into it: mark it failed and close it."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is not None:
+        run.finish(exit_code=1)
