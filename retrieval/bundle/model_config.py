@@ -1,0 +1,191 @@
+"""``model.json``: how a bundle's model is rebuilt in plain Python, checked before use.
+
+Files written by :func:`export_model`::
+
+    model.json          how to rebuild the Embedder in plain Python (schema below)
+    model.safetensors   the Embedder's state dict (contiguous float32 CPU tensors)
+    model.ts            TorchScript (traced, eval mode, float32 CPU)
+    model.onnx          ONNX: "images" (batch, 3, S, S) float32 -> "embeddings" (batch, D)
+
+``model.json`` (checked by :func:`check_model_config`; unknown keys are errors)::
+
+    {"backbone": {"name": "resnet50", "source": "timm", "kwargs": {}},
+     "embedder": {"embedding_dim": 512, "pooling": "gem", "head_bn": false},
+     "input_size": 224, "output_dim": 512}
+
+``backbone``: ``name`` and ``source`` ("timm" | "torchvision", default "timm") and ``kwargs``
+(JSON object, default {}) of :func:`retrieval.models.create_backbone` (weights never loaded);
+``embedder``: :class:`Embedder` arguments, ``embedding_dim`` (int or null = backbone features)
+and ``pooling`` required, ``head_bn`` default false; ``input_size`` (S) and ``output_dim`` (D)
+are filled in by the export. Every runtime returns L2-normalised float32 rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retrieval.bundle.format import BundleError
+from retrieval.models import Embedder, create_backbone
+from retrieval.models.pooling import POOLINGS
+
+MODEL_CONFIG = "model.json"
+WEIGHTS = "model.safetensors"
+TORCHSCRIPT = "model.ts"
+ONNX = "model.onnx"
+RUNTIME_FILES = {"onnx": ONNX, "torchscript": TORCHSCRIPT, "eager": WEIGHTS}
+ONNX_OPSET = {"legacy": 17, "dynamo": 18}
+MIN_COSINE = 0.9999  # exported outputs vs PyTorch, per row
+_REQUIRED = object()
+_QUIET = r".*(torch\.jit\.\w+` is deprecated|legacy TorchScript-based ONNX|feature will be removed)"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_positive_int(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
+_POOLINGS = [*sorted(POOLINGS), "token"]
+_OPTIONAL = object()
+_RULES: dict[str, tuple[Callable[[Any], bool], str, Any]] = {  # field: (check, rule, default)
+    "backbone.name": (lambda v: isinstance(v, str) and v != "", "a backbone name", _REQUIRED),
+    "backbone.source": (lambda v: v in ("timm", "torchvision"), "'timm' or 'torchvision'", "timm"),
+    "backbone.kwargs": (lambda v: isinstance(v, Mapping), "a JSON object", {}),
+    "embedder.embedding_dim": (
+        lambda v: v is None or is_positive_int(v),
+        "an int > 0 or null",
+        _REQUIRED,
+    ),
+    "embedder.pooling": (lambda v: v in _POOLINGS, f"one of {_POOLINGS}", _REQUIRED),
+    "embedder.head_bn": (lambda v: isinstance(v, bool), "true or false", False),
+    "input_size": (is_positive_int, "a positive integer", _OPTIONAL),
+    "output_dim": (is_positive_int, "a positive integer", _OPTIONAL),
+}
+
+
+def _object(value: Any, name: str, where: str) -> Mapping[str, Any]:
+    """``value`` checked to be a JSON object holding only the fields ``_RULES`` knows."""
+    prefix = f"{name}." if name else ""
+    known = {p.removeprefix(prefix).split(".")[0] for p in _RULES if p.startswith(prefix)}
+    if not isinstance(value, Mapping):
+        shown = "nothing (missing)" if value is _REQUIRED else repr(value)
+        raise BundleError(f"{where}: '{name or 'model config'}' must be a JSON object, got {shown}")
+    unknown = sorted(set(value) - known)
+    if unknown:
+        where_in = name or "model config"
+        raise BundleError(
+            f"{where}: unknown fields {unknown} in '{where_in}'; known: {sorted(known)}"
+        )
+    return value
+
+
+def check_model_config(
+    config: Any, where: str = "model config", complete: bool = False
+) -> dict[str, Any]:
+    """A validated copy of a ``model.json`` dict with defaults filled in (schema: module doc).
+
+    ``complete`` also requires ``input_size`` and ``output_dim``. Raises BundleError naming
+    ``where`` and the bad field.
+    """
+    root = _object(config, "", where)
+    sections = {
+        "": root,
+        **{n: _object(root.get(n, _REQUIRED), n, where) for n in ("backbone", "embedder")},
+    }
+    out: dict[str, Any] = {"backbone": {}, "embedder": {}}
+    for path, (ok, rule, default) in _RULES.items():
+        name, _, key = path.rpartition(".")
+        if default is _OPTIONAL:
+            if key not in root and not complete:
+                continue
+            default = _REQUIRED
+        value = sections[name].get(key, default)
+        if value is _REQUIRED or not ok(value):
+            shown = "nothing (missing)" if value is _REQUIRED else repr(value)
+            raise BundleError(f"{where}: field '{path}' must be {rule}, got {shown}")
+        (out[name] if name else out)[key] = copy.deepcopy(value)
+    return out
+
+
+def read_model_config(path: str | Path) -> dict[str, Any]:
+    """Read and check a ``model.json`` file (``input_size`` and ``output_dim`` required)."""
+    file = Path(path)
+    if not file.is_file():
+        raise BundleError(f"{file} does not exist: the bundle has no model description")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{file} is not valid JSON: {err}") from None
+    return check_model_config(config, where=str(file), complete=True)
+
+
+# ---------------------------------------------------------------- eager model
+
+
+def _embedder_from_config(config: dict[str, Any]) -> Embedder:
+    backbone = config["backbone"]
+    name, kwargs = backbone["name"], backbone["kwargs"]
+    try:
+        net = create_backbone(name, pretrained=False, source=backbone["source"], **kwargs)
+    except TypeError as err:  # the library's constructor refused a keyword
+        raise BundleError(
+            f"backbone '{name}' does not take backbone.kwargs {kwargs}: {err}"
+        ) from None
+    return Embedder(net, **config["embedder"])
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise BundleError(f"{path} does not exist: the bundle has no weights")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BundleError(f"{path} is not a readable safetensors file ({err}); re-export") from None
+
+
+def build_embedder(model_config: Mapping[str, Any], weights_path: str | Path) -> Embedder:
+    """The Embedder ``model_config`` describes (backbone built without pretrained weights) with
+    the state dict of the safetensors file ``weights_path``, on CPU in eval mode.
+
+    Raises:
+        BundleError: bad config, unreadable file, or weights that do not fit exactly (the
+            message names the file and the first missing, unexpected or mis-shaped keys).
+    """
+    config = check_model_config(model_config)
+    path = Path(weights_path)
+    state = _load_weights(path)
+    model = _embedder_from_config(config)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise BundleError(
+            f"{path} does not fit the model in its model.json: missing keys {missing[:5]} "
+            f"({len(missing)}), unexpected keys {unexpected[:5]} ({len(unexpected)}), wrong "
+            f"shapes {wrong[:5]} ({len(wrong)}); the weights and model.json come from "
+            "different models: re-export the bundle"
+        )
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+@contextmanager
+def quiet_tracing() -> Iterator[None]:
+    """Hide torch's deprecation notices for TorchScript and the legacy ONNX exporter."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_QUIET)
+        yield

@@ -1,0 +1,174 @@
+"""Export an :class:`Embedder` into a bundle folder: safetensors weights, TorchScript and ONNX,
+each checked against the PyTorch model as it is written (layout in
+:mod:`retrieval.bundle.model`)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from retrieval.bundle.format import BundleError
+from retrieval.bundle.model_config import (
+    MIN_COSINE,
+    MODEL_CONFIG,
+    ONNX,
+    ONNX_OPSET,
+    TORCHSCRIPT,
+    WEIGHTS,
+    build_embedder,
+    check_model_config,
+    is_positive_int,
+    quiet_tracing,
+)
+from retrieval.bundle.runtime import onnx_session, onnxruntime_module
+from retrieval.models import Embedder
+
+
+class _Images(nn.Module):
+    """``images -> embedder(images)``: a forward with one tensor argument for the tracers."""
+
+    def __init__(self, embedder: Embedder) -> None:
+        super().__init__()
+        self.embedder = embedder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embedder(images)
+
+
+@contextmanager
+def _staged(folder: Path) -> Iterator[Callable[[str], Path]]:
+    """Give temporary paths in ``folder``; on success each replaces its named file (fsynced),
+    on failure they are removed and nothing in ``folder`` changes."""
+    staged: dict[str, Path] = {}
+    tag = uuid.uuid4().hex[:8]
+
+    def path_for(name: str) -> Path:
+        staged[name] = folder / f".{name}.{tag}.tmp"
+        return staged[name]
+
+    try:
+        yield path_for
+        for tmp in staged.values():
+            with tmp.open("rb") as handle:
+                os.fsync(handle.fileno())
+        for name, tmp in staged.items():
+            os.replace(tmp, folder / name)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+
+
+def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, exporter: str) -> None:
+    """ONNX file "images" (batch, 3, S, S) -> "embeddings" (batch, D), weights inside."""
+    common: dict[str, Any] = {
+        "input_names": ["images"],
+        "output_names": ["embeddings"],
+        "opset_version": ONNX_OPSET[exporter],
+    }
+    if exporter == "legacy":
+        axes = {"images": {0: "batch"}, "embeddings": {0: "batch"}}
+        torch.onnx.export(module, (example,), str(path), dynamic_axes=axes, dynamo=False, **common)
+    else:
+        shapes = {"images": {0: torch.export.Dim("batch")}}
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamic_shapes=shapes,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+            **common,
+        )
+
+
+def _agree(what: str, got: np.ndarray, expected: np.ndarray) -> None:
+    """Raise BundleError unless every row of ``got`` has cosine >= MIN_COSINE with ``expected``."""
+    cosine = float((got * expected).sum(axis=1).min()) if got.shape == expected.shape else -1.0
+    if not cosine >= MIN_COSINE:
+        raise BundleError(
+            f"the exported {what} disagrees with the PyTorch model (shape {got.shape} vs "
+            f"{expected.shape}, lowest row cosine {cosine:.6f} < {MIN_COSINE}); nothing was written"
+        )
+
+
+def export_model(
+    embedder: Embedder,
+    folder: str | Path,
+    model_config: Mapping[str, Any],
+    input_size: int,
+    onnx_exporter: str = "legacy",
+) -> dict[str, str]:
+    """Write the embedder's four model files into the existing ``folder``; return
+    ``{role: file name}`` for roles ``model_config``, ``weights``, ``torchscript``, ``onnx``.
+
+    ``model_config`` must rebuild this embedder (schema in the module doc; ``input_size`` and
+    ``output_dim`` are filled in). A float32 CPU eval-mode copy is exported, so ``embedder`` is
+    left as it was. ``onnx_exporter``: ``legacy`` (TorchScript-based, opset 17, fast) or
+    ``dynamo`` (torch.export-based, opset 18, ~10x slower). Before anything is written, the
+    rebuilt eager model, the TorchScript file and (when onnxruntime is installed) the ONNX
+    file are run on a batch of 3 and must agree with the PyTorch model (row cosine >=
+    MIN_COSINE); all files then replace their previous versions at once.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise BundleError(f"export folder {root} does not exist or is not a folder")
+    if not isinstance(embedder, Embedder):
+        raise TypeError(f"export_model takes an Embedder, got {type(embedder).__name__}")
+    if not is_positive_int(input_size):
+        raise ValueError(f"input_size must be a positive integer, got {input_size!r}")
+    if onnx_exporter not in ONNX_OPSET:
+        raise ValueError(
+            f"onnx_exporter must be one of {sorted(ONNX_OPSET)}, got {onnx_exporter!r}"
+        )
+    config = check_model_config(model_config)
+    for key, value in (("input_size", input_size), ("output_dim", embedder.embedding_dim)):
+        if config.setdefault(key, value) != value:
+            raise BundleError(f"model config field '{key}' is {config[key]}, the export {value}")
+    try:
+        text = json.dumps(config, indent=2) + "\n"
+    except TypeError as err:
+        raise BundleError(f"model config is not JSON-able ({err}): fix backbone.kwargs") from None
+
+    module = copy.deepcopy(embedder).cpu().float().eval()
+    module.channels_last = False
+    module.backbone.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    traceable = _Images(module).eval()
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(2, 3, input_size, input_size, generator=generator)
+    check = torch.randn(3, 3, input_size, input_size, generator=generator)
+    with torch.no_grad():
+        expected = module(check).numpy()
+
+    from safetensors.torch import save_file
+
+    files = {
+        "model_config": MODEL_CONFIG,
+        "weights": WEIGHTS,
+        "torchscript": TORCHSCRIPT,
+        "onnx": ONNX,
+    }
+    with _staged(root) as stage, quiet_tracing(), torch.no_grad():
+        stage(MODEL_CONFIG).write_text(text, encoding="utf-8")
+        save_file(state, str(stage(WEIGHTS)), metadata={"format": "pt"})
+        rebuilt = build_embedder(config, stage(WEIGHTS))
+        _agree("weights with model.json", rebuilt(check).numpy(), expected)
+        traced = torch.jit.trace(traceable, example, check_inputs=[(check,)])
+        torch.jit.save(traced, str(stage(TORCHSCRIPT)))
+        _agree("TorchScript", torch.jit.load(str(stage(TORCHSCRIPT)))(check).numpy(), expected)
+        _export_onnx(traceable, example, stage(ONNX), onnx_exporter)
+        if onnxruntime_module() is not None:
+            session = onnx_session(stage(ONNX), ["CPUExecutionProvider"], threads=None)
+            _agree("ONNX model", session.run(None, {"images": check.numpy()})[0], expected)
+    return files

@@ -1,0 +1,198 @@
+"""Run a bundle's exported model: ONNX Runtime, TorchScript or the rebuilt PyTorch module,
+all behind one :class:`Runtime` that returns L2-normalised float32 rows."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from retrieval.bundle.format import BundleError
+from retrieval.bundle.model_config import (
+    MODEL_CONFIG,
+    RUNTIME_FILES,
+    build_embedder,
+    is_positive_int,
+    quiet_tracing,
+    read_model_config,
+)
+
+
+def onnxruntime_module() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def onnx_session(path: Path, providers: list[str], threads: int | None) -> Any:
+    ort = onnxruntime_module()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or _cpus()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise BundleError(
+            f"{path} cannot be loaded by onnxruntime ({type(err).__name__}: {err}); the file "
+            "is corrupt or truncated: re-export the bundle"
+        ) from None
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if inputs != ["images"] or outputs != ["embeddings"]:
+        raise BundleError(f"{path} maps {inputs} -> {outputs}, not ['images'] -> ['embeddings']")
+    return session
+
+
+class Runtime:
+    """Runs a bundle's model: ``embed((B, 3, S, S) float32) -> (B, D)`` unit float32 rows.
+
+    Attributes: ``kind`` (``onnx`` | ``torchscript`` | ``eager``), ``device`` (``cpu`` |
+    ``cuda``), ``embedding_dim`` (D) and ``input_size`` (S). Built by :func:`load_runtime`.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        device: str,
+        config: dict[str, Any],
+        run: Callable[[np.ndarray], np.ndarray],
+    ) -> None:
+        self.kind = kind
+        self.device = device
+        self.embedding_dim: int = config["output_dim"]
+        self.input_size: int = config["input_size"]
+        self._run = run
+
+    def __repr__(self) -> str:
+        return (
+            f"Runtime(kind={self.kind!r}, device={self.device!r}, "
+            f"input_size={self.input_size}, embedding_dim={self.embedding_dim})"
+        )
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """``(B, 3, S, S)`` float32 (see :class:`~retrieval.bundle.preprocess.Preprocessor`)
+        -> ``(B, D)`` float32 rows of unit L2 norm; ``B`` may be 0.
+
+        Raises TypeError for a non-array or non-float32 batch, ValueError for a wrong shape.
+        """
+        side = self.input_size
+        if not isinstance(batch, np.ndarray):
+            raise TypeError(f"embed takes a numpy array, got {type(batch).__name__}")
+        if batch.dtype != np.float32:
+            raise TypeError(
+                f"embed takes float32 images, got {batch.dtype}: use .astype(np.float32)"
+            )
+        if batch.ndim != 4 or batch.shape[1:] != (3, side, side):
+            raise ValueError(
+                f"embed takes images of shape (B, 3, {side}, {side}), got {batch.shape}; "
+                "prepare them with the bundle's Preprocessor"
+            )
+        if len(batch) == 0:
+            return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        out = np.asarray(self._run(np.ascontiguousarray(batch)), dtype=np.float32)
+        if out.shape != (len(batch), self.embedding_dim):
+            raise BundleError(
+                f"the {self.kind} model returned {out.shape}, expected "
+                f"{(len(batch), self.embedding_dim)}"
+            )
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, np.float32(1e-12))
+
+
+def _torch_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu'")
+    return device
+
+
+def _torch_runner(module: nn.Module, device: str) -> Callable[[np.ndarray], np.ndarray]:
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(batch).to(device)).float().cpu().numpy()
+
+    return run
+
+
+def load_runtime(
+    folder: str | Path, kind: str = "auto", threads: int | None = None, device: str = "auto"
+) -> Runtime:
+    """Load the model of bundle ``folder`` to embed images.
+
+    ``kind``: ``onnx`` (onnxruntime; CUDA provider when installed and allowed), ``torchscript``
+    (torch.jit.load), ``eager`` (:func:`build_embedder` from model.json + safetensors) or
+    ``auto`` (onnx when onnxruntime imports, else torchscript). ``device``: ``auto`` (CUDA when
+    available), ``cpu`` or ``cuda``. ``threads``: intra-op threads; for onnx, None means the
+    CPUs this process may use; for torch kinds, None leaves torch's setting and a number calls
+    ``torch.set_num_threads`` (process-wide).
+
+    Raises:
+        BundleError: missing, corrupt or truncated files (named), or a bad model.json.
+        ValueError: unknown kind / device, bad threads, or CUDA asked for but absent.
+    """
+    root = Path(folder)
+    if kind not in (*RUNTIME_FILES, "auto"):
+        raise ValueError(f"kind must be one of {[*RUNTIME_FILES, 'auto']}, got {kind!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if threads is not None and not is_positive_int(threads):
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    if kind == "auto":
+        kind = "onnx" if onnxruntime_module() is not None else "torchscript"
+    config = read_model_config(root / MODEL_CONFIG)
+    path = root / RUNTIME_FILES[kind]
+    if not path.is_file():
+        raise BundleError(f"{path} does not exist: re-export the bundle or choose another kind")
+    if kind == "onnx":
+        return _onnx_runtime(path, config, threads, device)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    target = _torch_device(device)
+    if kind == "eager":
+        model: nn.Module = build_embedder(config, path).to(target)
+    else:
+        try:
+            with quiet_tracing():
+                model = torch.jit.load(str(path), map_location=target).eval()
+        except Exception as err:  # torch raises RuntimeError and others for bad archives
+            raise BundleError(
+                f"{path} cannot be loaded by torch.jit.load ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); the file is corrupt or "
+                "truncated: re-export the bundle"
+            ) from None
+    return Runtime(kind, target, config, _torch_runner(model, target))
+
+
+def _onnx_runtime(path: Path, config: dict[str, Any], threads: int | None, device: str) -> Runtime:
+    ort = onnxruntime_module()
+    if ort is None:
+        raise ValueError("kind='onnx' needs onnxruntime: pip install onnxruntime")
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "cuda" and not cuda:
+        raise ValueError("device='cuda' needs onnxruntime-gpu (no CUDAExecutionProvider here)")
+    providers = ["CPUExecutionProvider"]
+    if cuda and device != "cpu":
+        providers.insert(0, "CUDAExecutionProvider")
+    session = onnx_session(path, providers, threads)
+    used = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return session.run(None, {"images": batch})[0]
+
+    return Runtime("onnx", used, config, run)
