@@ -3,6 +3,11 @@
 Losses are configured as partial constructors (``_partial_: true``) because some of their
 arguments are known only once the data is read: classification-style losses (ProxyAnchor,
 ProxyNCA, NormalizedSoftmax, ArcFace, CosFace) need ``num_classes`` and ``embedding_size``.
+
+Under distributed training a pair-based loss sees only its rank's batch unless embeddings are
+gathered (``gather=True``): then PML's ``DistributedLossWrapper`` / ``DistributedMinerWrapper``
+compute the loss over the global batch (every rank's embeddings and labels), with gradients
+flowing through the local part.
 """
 
 from __future__ import annotations
@@ -12,6 +17,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.miners import BaseMiner
+from pytorch_metric_learning.utils.distributed import (
+    DistributedLossWrapper,
+    DistributedMinerWrapper,
+)
 from torch import nn
 
 
@@ -27,13 +38,62 @@ def build_loss(
     return factory(**{k: v for k, v in given.items() if k in accepted})
 
 
+def check_gatherable(loss: nn.Module, miner: nn.Module | None) -> None:
+    """Raise ``ValueError`` unless ``loss`` and ``miner`` can be computed over gathered embeddings.
+
+    Only parameter-free PML losses qualify. Losses with parameters (proxies, class weights) compare
+    each embedding with the parameters, not with other ranks' embeddings, so gathering brings them
+    nothing; and since the wrapper scales the loss by the world size (see :func:`compute_loss`),
+    their parameters' gradients would come out world_size times too large.
+    """
+    fix = "set model.gather_embeddings=false"
+    if not isinstance(loss, BaseMetricLossFunction):
+        raise ValueError(
+            f"model.gather_embeddings needs a pytorch-metric-learning loss, got "
+            f"{type(loss).__name__}; {fix}"
+        )
+    if any(p.requires_grad for p in loss.parameters()):
+        raise ValueError(
+            f"model.gather_embeddings: {type(loss).__name__} has trainable parameters (proxies or "
+            "class weights); it compares embeddings with them, not with other ranks' embeddings, "
+            f"and gathering would scale their gradients by the world size; {fix}"
+        )
+    if miner is not None and not isinstance(miner, BaseMiner):
+        raise ValueError(
+            f"model.gather_embeddings needs a pytorch-metric-learning miner, got "
+            f"{type(miner).__name__}; {fix}"
+        )
+
+
+def world_size() -> int:
+    """Processes in the default ``torch.distributed`` group; 1 when it is not initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 def compute_loss(
-    loss: nn.Module, miner: nn.Module | None, embeddings: torch.Tensor, labels: torch.Tensor
+    loss: nn.Module,
+    miner: nn.Module | None,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    gather: bool = False,
 ) -> torch.Tensor:
     """Loss of ``embeddings`` (B, D) with integer ``labels`` (B,), mined pairs or triplets if a
     miner is given. Computed in float32 with autocast off: margin and proxy losses overflow or
-    turn NaN in float16."""
+    turn NaN in float16.
+
+    With ``gather`` and W > 1 processes, every rank must call this with the same B. The miner and
+    the loss then run over the W x B embeddings of all ranks (this rank's first, the others'
+    without gradient), and the value returned is W x that global-batch loss: DDP averages
+    gradients over ranks, so the parameters receive the global-batch loss's gradient (each rank
+    contributes the part that flows through its own embeddings). Divide by W to report the loss.
+    With one process ``gather`` changes nothing."""
     device_type = embeddings.device.type
+    if gather and world_size() > 1:
+        check_gatherable(loss, miner)
+        loss = DistributedLossWrapper(loss, efficient=False)
+        miner = DistributedMinerWrapper(miner, efficient=False) if miner is not None else None
     with torch.autocast(device_type=device_type, enabled=False):
         embeddings = embeddings.float()
         indices: Any = miner(embeddings, labels) if miner is not None else None

@@ -10,9 +10,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from retrieval.evaluation import evaluate_protocol
-from retrieval.losses import build_loss, compute_loss
+from retrieval.losses import build_loss, check_gatherable, compute_loss
 from retrieval.models.embedder import Embedder
 
 
@@ -35,6 +36,9 @@ class RetrievalModule(pl.LightningModule):
         eval_ks: the k of recall@k reported by validation.
         eval_metrics: metric families validation reports (see
             :func:`retrieval.evaluation.evaluate_embeddings`).
+        gather_embeddings: under distributed training, compute the loss and the miner over the
+            embeddings and labels of every rank (the global batch) instead of this rank's batch
+            alone; only for parameter-free PML losses (see :func:`retrieval.losses.compute_loss`).
         run_config: plain dict stored in checkpoints so a run can be rebuilt from them.
     """
 
@@ -51,6 +55,7 @@ class RetrievalModule(pl.LightningModule):
         frozen_backbone_epochs: int = 0,
         eval_ks: Sequence[int] = (1, 2, 4, 8),
         eval_metrics: Sequence[str] = ("recall", "map@r", "r_precision"),
+        gather_embeddings: bool = False,
         run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -64,6 +69,9 @@ class RetrievalModule(pl.LightningModule):
         self.frozen_backbone_epochs = frozen_backbone_epochs
         self.eval_ks = tuple(eval_ks)
         self.eval_metrics = tuple(eval_metrics)
+        self.gather_embeddings = gather_embeddings
+        if gather_embeddings:
+            check_gatherable(self.loss, miner)  # fail before training, not at its first step
         self.run_config = run_config or {}
         self._outputs: list[dict[str, torch.Tensor]] = []
 
@@ -74,6 +82,19 @@ class RetrievalModule(pl.LightningModule):
     def backbone_frozen(self) -> bool:
         return self.current_epoch < self.frozen_backbone_epochs
 
+    def on_fit_start(self) -> None:
+        wrapped = self.trainer.strategy.model
+        if (
+            self.frozen_backbone_epochs > 0
+            and isinstance(wrapped, DistributedDataParallel)
+            and not wrapped.find_unused_parameters
+        ):
+            raise ValueError(
+                f"model.frozen_backbone_epochs={self.frozen_backbone_epochs} leaves the backbone "
+                "without gradients, which DDP refuses unless it looks for unused parameters: "
+                "add trainer.strategy=ddp_find_unused_parameters_true"
+            )
+
     def on_train_epoch_start(self) -> None:
         sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
         if sampler is not None and hasattr(sampler, "set_epoch"):
@@ -83,8 +104,12 @@ class RetrievalModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         embeddings = self.model(batch["image"], backbone_grad=not self.backbone_frozen)
-        loss = compute_loss(self.loss, self.miner, embeddings, batch["label"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(embeddings))
+        loss = compute_loss(
+            self.loss, self.miner, embeddings, batch["label"], gather=self.gather_embeddings
+        )
+        # a gathered loss comes back multiplied by the world size (see compute_loss)
+        scale = self.trainer.world_size if self.gather_embeddings else 1
+        self.log("train/loss", loss.detach() / scale, prog_bar=True, batch_size=len(embeddings))
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -93,7 +118,8 @@ class RetrievalModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._outputs.append(
             {
-                "embedding": self.model(batch["image"]),
+                # float32 whatever the precision: every rank gathers the same dtype
+                "embedding": self.model(batch["image"]).float(),
                 # integers only: collective ops of some backends reject bool tensors
                 **{k: batch[k].long() for k in ("label", "index", "is_query", "is_gallery")},
             }
@@ -110,26 +136,38 @@ class RetrievalModule(pl.LightningModule):
             ks=self.eval_ks,
             metrics=self.eval_metrics,
         )
-        for name, value in result.metrics.items():
-            # every rank holds the same gathered result, so no reduction is needed
-            self.log(f"val/{name}", value, prog_bar=name == "recall@1", sync_dist=False)
-        # queries whose label has no other image cannot be scored and are left out
-        self.log("val/excluded_queries", float(result.num_excluded), sync_dist=False)
+        # Every rank scores the same gathered set, so every rank has the same values; "max" over
+        # equal values returns them exactly (a mean could round), and syncing at all keeps
+        # Lightning from warning that epoch-level values are not synced.
+        values = {**result.metrics, "excluded_queries": float(result.num_excluded)}
+        # excluded_queries: queries whose label has no other image cannot be scored
+        for name, value in values.items():
+            self.log(
+                f"val/{name}", value, prog_bar=name == "recall@1", sync_dist=True, reduce_fx="max"
+            )
 
     def _gather(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
-        """Concatenate this rank's outputs, gather all ranks', and keep one copy of each dataset
-        item in dataset order (distributed samplers pad with duplicates)."""
-        local = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+        """Every rank's validation outputs, one row per dataset item in dataset order:
+        ``embedding`` (N, D) float32, ``label``, ``index``, ``is_query``, ``is_gallery`` (N,)
+        int64, N the size of the validation set (``DistributedSampler``'s repeats dropped)."""
+        local = self._concat(outputs)
         if self.trainer.world_size > 1:
-            gathered: dict[str, torch.Tensor] = self.all_gather(local)  # type: ignore[assignment]
-            local = {k: v.flatten(0, 1) for k, v in gathered.items()}
-        arrays = {
-            k: v.detach().float().cpu().numpy() if k == "embedding" else v.cpu().numpy()
-            for k, v in local.items()
+            local = gather_rows(local, self.all_gather)
+        arrays = {k: v.detach().cpu().numpy() for k, v in local.items()}
+        if len(arrays["index"]) == 0:
+            raise ValueError("validation produced no embeddings: the validation set is empty")
+        return unique_by_index(arrays)
+
+    def _concat(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """This rank's outputs as one tensor per key; empty (0, ...) tensors when it has none."""
+        if outputs:
+            return {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+        none = torch.zeros(0, dtype=torch.long, device=self.device)
+        empty = torch.zeros(0, self.model.embedding_dim, device=self.device)
+        return {
+            "embedding": empty,
+            **{k: none for k in ("label", "index", "is_query", "is_gallery")},
         }
-        _, first = np.unique(arrays["index"], return_index=True)
-        order = first[np.argsort(arrays["index"][first])]
-        return {k: v[order] for k, v in arrays.items()}
 
     def configure_optimizers(self) -> Any:
         base_lr = float(self.optimizer_factory.keywords["lr"])  # type: ignore[attr-defined]
@@ -156,3 +194,41 @@ class RetrievalModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["run_config"] = self.run_config
+
+
+def gather_rows(
+    local: dict[str, torch.Tensor], all_gather: Callable[[Any], Any]
+) -> dict[str, torch.Tensor]:
+    """Concatenate every rank's rows, in rank order, when ranks hold different numbers of them.
+
+    Args:
+        local: this rank's tensors (n_r, ...), all with the same n_r, possibly 0; the trailing
+            shapes and dtypes must be the same on every rank.
+        all_gather: a collective (``LightningModule.all_gather``) mapping a dict of tensors
+            (n, ...) with the same n on every rank to a dict of tensors (W, n, ...).
+    Returns:
+        the same keys with sum(n_r) rows. ``all_gather`` needs equal shapes, so rows are padded
+        with zeros to the largest n_r and the padding is cut off again.
+    """
+    key = next(iter(local))
+    count = torch.tensor([len(local[key])], device=local[key].device)
+    counts = [int(c) for c in all_gather({"n": count})["n"].flatten()]
+    most = max(counts)
+    padded = {
+        k: torch.cat([v, v.new_zeros((most - len(v), *v.shape[1:]))]) for k, v in local.items()
+    }
+    gathered = all_gather(padded)
+    return {k: torch.cat([v[r, :n] for r, n in enumerate(counts)]) for k, v in gathered.items()}
+
+
+def unique_by_index(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Keep the first row of each distinct ``arrays["index"]`` value, sorted by it.
+
+    Args:
+        arrays: equal-length arrays (N, ...) including ``index`` (N,), the dataset index of each
+            row; repeated indices (sampler padding) must carry identical rows.
+    Returns:
+        the same keys with M <= N rows, ``index`` strictly increasing.
+    """
+    _, first = np.unique(arrays["index"], return_index=True)
+    return {k: v[first] for k, v in arrays.items()}

@@ -152,3 +152,21 @@ def test_bad_input_fails_before_training(small_demo, tmp_path):
             cause = cause.__cause__
         assert isinstance(cause, error), (name, info.value)
         assert __import__("re").search(match, str(cause)), (name, str(cause))
+
+
+def test_only_global_rank_zero_writes_before_the_trainer_knows_its_rank(monkeypatch):
+    """config.yaml is written before Lightning sets up distributed training, so the rank comes
+    from what launchers set: torchrun RANK, SLURM SLURM_PROCID, Lightning LOCAL_RANK (read by
+    ``rank_zero_only``) and NODE_RANK on the other nodes of a multi-node run."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from retrieval.tasks.train import _starts_as_rank_zero
+
+    monkeypatch.delenv("NODE_RANK", raising=False)
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    assert _starts_as_rank_zero()
+    monkeypatch.setenv("NODE_RANK", "1")
+    assert not _starts_as_rank_zero()
+    monkeypatch.setenv("NODE_RANK", "0")
+    monkeypatch.setattr(rank_zero_only, "rank", 3)
+    assert not _starts_as_rank_zero()

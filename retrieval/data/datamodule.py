@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from retrieval.data.dataset import ImageDataset
 from retrieval.data.images import DEFAULT_MAX_PIXELS, find_unreadable, report_unreadable
@@ -121,12 +121,15 @@ class RetrievalDataModule(pl.LightningDataModule):
         assert self.train_set is not None and self.val_set is not None
         return self.train_set, self.val_set
 
-    def train_dataloader(self) -> DataLoader:
+    def _rank(self) -> tuple[int, int]:
+        """``(global rank, world size)`` of the attached trainer; ``(0, 1)`` without one."""
         trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
         return DataLoader(
             self._loaded()[0],
-            batch_sampler=self._sampler(rank, world),
+            batch_sampler=self._sampler(*self._rank()),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -138,10 +141,21 @@ class RetrievalDataModule(pl.LightningDataModule):
         return self.val_set
 
     def val_dataloader(self) -> DataLoader:
+        """The evaluation split in order; under distributed training each rank loads its shard.
+
+        Shards come from ``DistributedSampler(shuffle=False)``: rank r of W takes items r, r + W,
+        ..., the split padded with its first items to a multiple of W, so every rank holds
+        ceil(N / W) items (at least one) and the same number of batches of the same sizes. The
+        module gathers the shards and drops the padding (see ``RetrievalModule._gather``)."""
+        rank, world = self._rank()
+        dataset = self.eval_set()
+        sampler: DistributedSampler[int] | None = None
+        if world > 1:
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(
-            self.eval_set(),
+            dataset,
             batch_size=self.eval_batch_size,
-            shuffle=False,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -1,17 +1,23 @@
 """``train(cfg)``: compose the objects a config describes, validate the untrained model, fit,
-and write the run's metrics. Called by ``train.py`` and directly by tests."""
+and write the run's metrics. Called by ``train.py`` and directly by tests.
+
+Under distributed training every process runs ``train(cfg)``; only global rank 0 writes the run
+directory's files and prints the report (Lightning's checkpoints and loggers are rank-0 aware)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from retrieval.io import atomic_write
 from retrieval.loggers import describe_wandb, finish_wandb
 
 log = logging.getLogger(__name__)
@@ -49,12 +55,25 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def _starts_as_rank_zero() -> bool:
+    """Whether this process is global rank 0, known before the trainer has set up distributed
+    training: torchrun sets ``RANK``, SLURM ``SLURM_PROCID``, Lightning's own launcher
+    ``LOCAL_RANK`` in the processes it starts and ``NODE_RANK`` on every node but the first."""
+    rank = getattr(rank_zero_only, "rank", 0)  # set by Lightning from those variables
+    return rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_write(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train per ``cfg``; returns ``(metrics, objects)``. ``metrics`` holds the untrained
     baseline (``baseline/...``), the last validation (``val/...``) and the best monitored value."""
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if _starts_as_rank_zero():
+        _write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     objects = build(cfg)
     trainer, module, datamodule = objects["trainer"], objects["module"], objects["datamodule"]
 
@@ -72,8 +91,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         metrics[f"best/{cfg.monitor}"] = float(checkpoint.best_model_score)
         metrics["best/checkpoint"] = checkpoint.best_model_path
     metrics["output_dir"] = str(output_dir)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    _report(metrics, cfg.monitor, objects["loggers"])
+    if trainer.is_global_zero:
+        _write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        _report(metrics, cfg.monitor, objects["loggers"])
     return metrics, objects
 
 

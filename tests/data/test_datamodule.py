@@ -1,4 +1,5 @@
 import csv
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -76,3 +77,30 @@ def test_query_gallery_flags_select_the_protocol():
     assert loo.num_queries == 8 and q_rows.tolist() == g_rows.tolist() == list(range(8))
     with pytest.raises(ValueError, match="both query and gallery"):
         evaluate_protocol(x, labels, np.ones(8), flags, ks=(1,))
+
+
+def test_validation_is_sharded_across_ranks_with_equal_shapes(small_demo):
+    """Under W processes each rank loads 1/W of the evaluation split (DistributedSampler,
+    shuffle off): the same number of batches of the same sizes on every rank, the last one
+    partial, padding that repeats the split's first items, and every item on some rank."""
+    from types import SimpleNamespace
+
+    dm = datamodule(small_demo, max_labels=3, eval_batch_size=3)  # 36 test images
+    n = len(dm.eval_set())
+    assert n == 36
+    # 5 ranks: 36 = 5 x 8 - 4, so 4 repeats and 8 items a rank, in batches of 3, 3 and 2
+    for world, expected in ((1, [3] * 12), (5, [3, 3, 2])):
+        shards = []
+        for rank in range(world):
+            dm.trainer = SimpleNamespace(global_rank=rank, world_size=world)  # type: ignore[assignment]
+            loader = dm.val_dataloader()
+            shards.append([b["index"].tolist() for b in loader])
+        dm.trainer = None
+        sizes = [[len(b) for b in shard] for shard in shards]
+        assert sizes == [expected] * world
+        flat = [i for shard in shards for b in shard for i in b]
+        assert sorted(set(flat)) == list(range(n))
+        repeated = sorted(i for i, c in Counter(flat).items() if c > 1)
+        assert repeated == list(range(sum(expected) * world - n))  # the split's first items
+        if world > 1:
+            assert shards[0][0][:2] == [0, world]  # rank r takes r, r + W, ...

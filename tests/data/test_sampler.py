@@ -43,6 +43,27 @@ def test_ranks_get_disjoint_batches_of_equal_count():
     assert len(keys) == len(set(keys))
 
 
+def test_two_ranks_split_the_single_process_sequence_by_position():
+    """DDP with 2 processes: rank r takes global batches r, r + 2, ... of the sequence one
+    process would draw (same seed and epoch), so the ranks never share a position, and the 25
+    global batches of this set become 12 per rank (the odd last one is dropped on both)."""
+    single = batches(PKBatchSampler(LABELS, 2, 4, seed=7), epoch=2)
+    assert len(single) == 200 // 8 == 25
+    ranks = [
+        batches(PKBatchSampler(LABELS, 2, 4, seed=7, num_replicas=2, rank=r), epoch=2)
+        for r in (0, 1)
+    ]
+    assert [len(b) for b in ranks] == [12, 12]
+    positions = [[single.index(b) for b in rank] for rank in ranks]
+    assert positions == [list(range(0, 24, 2)), list(range(1, 24, 2))]
+    assert set(positions[0]).isdisjoint(positions[1])
+    together = sorted(i for rank in ranks for b in rank for i in b)
+    assert together == sorted(i for b in single[:24] for i in b)
+    # an epoch later both ranks move on to the same new global sequence
+    again = PKBatchSampler(LABELS, 2, 4, seed=7, num_replicas=2, rank=0)
+    assert batches(again, epoch=3) == batches(PKBatchSampler(LABELS, 2, 4, seed=7), 3)[:24:2]
+
+
 def test_small_labels_are_drawn_with_replacement_and_singletons_dropped():
     labels = ["a"] * 2 + ["b"] * 8 + ["c"] * 8 + ["d"]
     with pytest.warns(UserWarning, match="1 labels have a single image"):
