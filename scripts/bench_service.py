@@ -145,6 +145,9 @@ def main() -> None:
     parser.add_argument("--rebuild", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--record", type=Path, default=None)
+    parser.add_argument(
+        "--serve-args", default="", help="extra `retrieval serve` options, e.g. '--batch-size 1'"
+    )
     args = parser.parse_args()
     if args.quick:
         args.items, args.real, args.requests = 2_000, 100, [20, 40, 64]
@@ -159,7 +162,7 @@ def main() -> None:
     from tests.service.live import serve
 
     rows = []
-    with serve(bundle) as base:
+    with serve(bundle, *args.serve_args.split()) as base:
         drive(base, queries[:warmup], 1)
         used = warmup
         for clients, count in zip(args.clients, args.requests, strict=True):
@@ -185,6 +188,7 @@ def describe(args: argparse.Namespace) -> list[str]:
         f"load average {os.getloadavg()[0]:.2f} at the end; server and clients share them",
         f"- bundle: {args.items:,} items ({args.real} real images, the rest synthetic unit "
         "vectors), 512-d, Flat index, EfficientNet-Lite0 224 px, ONNX Runtime",
+        f"- server: retrieval serve {args.serve_args or '(default batching: 16, 2 ms)'}",
         f"- queries: distinct {args.query_size} px JPEGs, one per request, k=10; 10 warm-up "
         "requests first; latency = client-side, upload to parsed JSON",
         "",
