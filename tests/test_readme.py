@@ -36,17 +36,20 @@ def test_readme_documents_the_main_commands():
     assert "python -m pytest" in (ROOT / ".ci" / "run").read_text()
 
 
-@pytest.mark.parametrize("command", [*train_commands(), *commands("evaluate"), *commands("export")])
+@pytest.mark.parametrize(
+    "command",
+    [*train_commands(), *commands("evaluate"), *commands("export"), *commands("embed")],
+)
 def test_readme_command_composes(command, tmp_path):
-    overrides = shlex.split(command)[2:]
+    overrides = [o for o in shlex.split(command)[2:] if o not in ("-m", "--multirun")]
     script = command.split()[1].removesuffix(".py")
-    if script in ("evaluate", "export"):
+    if script in ("evaluate", "export", "embed"):
         cfg = compose_config([f"paths.output_dir={tmp_path}", *overrides], name=script)
     else:
         cfg = compose_train(overrides, tmp_path)
     for override in overrides:
         key, _, value = override.partition("=")
-        if "." in key and not key.startswith("+"):
+        if "." in key and not key.startswith(("+", "hydra.", "hydra/")):
             node = cfg
             for part in key.split("."):
                 node = node[part]
