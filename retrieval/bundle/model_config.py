@@ -35,6 +35,7 @@ import torch
 from retrieval.bundle.format import BundleError
 from retrieval.models import Embedder, create_backbone
 from retrieval.models.pooling import POOLINGS
+from retrieval.models.weights import state_mismatch
 
 MODEL_CONFIG = "model.json"
 WEIGHTS = "model.safetensors"
@@ -168,16 +169,11 @@ def build_embedder(model_config: Mapping[str, Any], weights_path: str | Path) ->
     path = Path(weights_path)
     state = _load_weights(path)
     model = _embedder_from_config(config)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
+    problem = state_mismatch(model, state)
+    if problem:
         raise BundleError(
-            f"{path} does not fit the model in its model.json: missing keys {missing[:5]} "
-            f"({len(missing)}), unexpected keys {unexpected[:5]} ({len(unexpected)}), wrong "
-            f"shapes {wrong[:5]} ({len(wrong)}); the weights and model.json come from "
-            "different models: re-export the bundle"
+            f"{path} does not fit the model in its model.json: {problem}; the weights and "
+            "model.json come from different models: re-export the bundle"
         )
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -56,6 +56,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def state_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """How ``state`` fails to fit ``model`` (the first missing, unexpected and mis-shaped keys,
+    with their counts), or None when every tensor is there with the right shape."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if not (missing or unexpected or wrong):
+        return None
+    return (
+        f"missing keys {missing[:5]} ({len(missing)}), unexpected keys {unexpected[:5]} "
+        f"({len(unexpected)}), wrong shapes {wrong[:5]} ({len(wrong)})"
+    )
+
+
 def load_into(
     model: nn.Module, state: Mapping[str, torch.Tensor], source: str, skip_prefixes: tuple = ()
 ) -> None:
@@ -65,16 +80,9 @@ def load_into(
     other mismatch raises :class:`WeightsUnavailableError` naming the first offending keys.
     """
     state = {k: v for k, v in state.items() if not k.startswith(skip_prefixes)}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise WeightsUnavailableError(
-            f"weights from {source} do not fit the model: missing {missing[:3]} "
-            f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)}), "
-            f"wrong shape {wrong[:3]} ({len(wrong)})"
-        )
+    problem = state_mismatch(model, state)
+    if problem:
+        raise WeightsUnavailableError(f"weights from {source} do not fit the model: {problem}")
     model.load_state_dict(state)
 
 
