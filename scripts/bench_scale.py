@@ -1,24 +1,27 @@
-"""Benchmark: building an IVF-PQ index from embedding shards on disk, at 1,000,000 and
+"""Benchmark: building IVF-PQ indexes from embedding shards on disk, at 1,000,000 and
 10,000,000 vectors, with the chunked builder of ``retrieval.index.build``; then search QPS and
-recall@10 against exact search, per nprobe.
+recall@10 against exact search, per nprobe. ``--part bundle``: the same shards streamed into
+a whole bundle (items.sqlite + index) by ``write_bundle_chunks``, as ``export.py shards=``.
 
-Per size, four steps run each in a fresh subprocess, so each reports its own peak RSS
+Per size, every step runs in a fresh subprocess, so each reports its own peak RSS
 (``ru_maxrss`` = the kernel's VmHWM, and the maximum of VmRSS sampled every 50 ms):
 
 1. generate: synthetic clustered unit vectors (as bench_search.py: 1000 gaussian clusters in a
    random 32-d subspace plus noise) written chunk by chunk into ``shard-NNNNN.npy`` files;
 2. truth: exact top-10 of 1,000 queries by brute force over the shards, chunk by chunk;
-3. build: train on a sample drawn across the shards, add them chunk by chunk, save;
-4. search: load the index; per nprobe, batch QPS (1,000 queries, all threads) and recall@10.
+3. build (per factory): train on a sample drawn across the shards, add them chunk by chunk;
+4. search (per factory): per nprobe (and ``k_factor_rf`` for ``Refine(...)`` indexes), batch
+   QPS (1,000 queries per call, all threads) and recall@10.
 
-    python scripts/bench_scale.py                      # 1M and 10M: about 1 h on 2 cores
-    python scripts/bench_scale.py --sizes 1000000      # one size
+    python scripts/bench_scale.py                      # 1M and 10M: 10-25 min on 2 cores
+    python scripts/bench_scale.py --sizes 1000000 --factory "IVF4096,PQ32np,Refine(SQ8)"
     python scripts/bench_scale.py --quick              # 100k, checks the logic (~1 min)
+    python scripts/bench_scale.py --part bundle --sizes 10000000   # ~10 min, 13 GB of disk
     python scripts/bench_scale.py --part ddp           # runs scripts/bench_ddp.py (if present)
     python scripts/bench_scale.py --record experiments/FILE.md   # also append the report
 
-The shards go to ``--workdir`` (default: a temporary folder, deleted at the end; 10M x 128
-float32 is 5.1 GB): check ``df -h`` first.
+The files go to ``--workdir`` (default: a temporary folder, deleted at the end; 10M x 128
+float32 shards are 5.1 GB, a 10M bundle 8.2 GB more): check ``df -h`` first.
 """
 
 from __future__ import annotations
@@ -175,8 +178,10 @@ def child_search(a: argparse.Namespace) -> dict[str, Any]:
     xq, truth = np.load(folder / "queries.npy"), np.load(folder / "truth.npy")
     rows = []
     for nprobe in NPROBE:
+        params = f"nprobe={nprobe}"
+        params += f",k_factor_rf={a.refine_k}" if "Refine" in a.factory else ""
         index = EmbeddingIndex.load(
-            folder / f"{a.factory}.faiss", use_gpu=False, search_params=f"nprobe={nprobe}"
+            folder / f"{a.factory}.faiss", use_gpu=False, search_params=params
         )
         _, ids = index.search(xq[:50], K)  # warm-up
         runs, start = 0, time.perf_counter()
@@ -184,9 +189,73 @@ def child_search(a: argparse.Namespace) -> dict[str, Any]:
             _, ids = index.search(xq, K)
             runs += 1
         elapsed = (time.perf_counter() - start) / runs
-        rows.append({"nprobe": nprobe, "qps": len(xq) / elapsed, "recall": knn_recall(ids, truth)})
+        rows.append({"params": params, "qps": len(xq) / elapsed, "recall": knn_recall(ids, truth)})
         del index
     return {"search": rows}
+
+
+def child_bundle(a: argparse.Namespace) -> dict[str, Any]:
+    """Shards in embed.py's format (100k rows each, random unit vectors, fake image items),
+    streamed into a bundle with a 128-d (random) EfficientNet-Lite0 model, then loaded by
+    Retriever: each of 5 stored vectors must find its own item."""
+    from retrieval.bundle.writer import GalleryItem, write_bundle_chunks
+    from retrieval.index import ShardSet
+    from retrieval.index.build import training_sample
+    from retrieval.models import Embedder, create_backbone
+    from retrieval.search import Retriever
+    from retrieval.shards import PLAN_FILE, ShardContent, ShardItem, write_shard
+
+    folder, rows, rng = Path(a.dir), 100_000, np.random.default_rng(0)
+    shards = folder / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for s in range(-(-a.n // rows)):
+        m = min(rows, a.n - s * rows)
+        x = rng.standard_normal((m, a.dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        uri = "/images/{:05d}/{:06d}.jpg"
+        items = [
+            ShardItem(uri.format(s, i), f"l{i % 1000}", {}, f"{s * rows + i:064x}")
+            for i in range(m)
+        ]
+        write_shard(shards, s, ShardContent(x, items), a.dim)
+    plan = {"format": "retrieval-shards", "dim": a.dim, "num_shards": s + 1, "source": "synthetic"}
+    (shards / PLAN_FILE).write_text(json.dumps(plan))
+    t1 = time.perf_counter()
+    backbone = create_backbone("tf_efficientnet_lite0", pretrained=False)
+    embedder = Embedder(backbone, embedding_dim=a.dim, pooling="avg").eval()
+    model_config = {
+        "backbone": {"name": "tf_efficientnet_lite0", "source": "timm", "kwargs": {}},
+        "embedder": {"embedding_dim": a.dim, "pooling": "avg", "head_bn": False},
+    }
+    shard_set = ShardSet.open(shards)
+    chunks = (
+        ([GalleryItem(i.uri, i.label, dict(i.extra), i.sha256) for i in items], vectors)
+        for items, vectors in shard_set.iter_chunks(a.chunk_rows)
+    )
+    bundle = write_bundle_chunks(
+        folder / "bundle",
+        embedder,
+        model_config,
+        embedder.preprocessing.with_size(64),
+        chunks,
+        a.dim,
+        train_vectors=training_sample(shard_set.files, a.max_train),
+        max_train=a.max_train,
+        factory=a.factory,
+    )
+    t2 = time.perf_counter()
+    with Retriever.load(bundle, runtime="onnx") as retriever:
+        t3 = time.perf_counter()
+        hits = retriever.search(np.array(np.load(shard_set.files[-1], mmap_mode="r")[:5]), k=1)
+    found = [h[0].uri for h in hits] == [uri.format(s, i) for i in range(5)]
+    return {
+        "shards_s": t1 - t0,
+        "bundle_s": t2 - t1,
+        "load_s": t3 - t2,
+        "self_found": found,
+        "bundle_gb": sum(f.stat().st_size for f in bundle.iterdir()) / 1e9,
+    }
 
 
 CHILDREN = {
@@ -194,6 +263,7 @@ CHILDREN = {
     "truth": child_truth,
     "build": child_build,
     "search": child_search,
+    "bundle": child_bundle,
 }
 
 
@@ -205,7 +275,7 @@ def run_child(
 ) -> dict[str, Any]:
     options = ["--child", step, "--dir", folder, "--n", n, "--dim", a.dim]
     options += ["--max-train", a.max_train, "--chunk-rows", a.chunk_rows]
-    options += ["--shard-rows", a.shard_rows, "--queries", a.queries]
+    options += ["--shard-rows", a.shard_rows, "--queries", a.queries, "--refine-k", a.refine_k]
     options += ["--factory", factory] if factory else []
     log(f"n={n:,}: {step} {factory}")
     command = [sys.executable, __file__, *map(str, options)]
@@ -283,15 +353,50 @@ def report(a: argparse.Namespace, results: list[dict[str, Any]], started: str) -
             f"| {r['n']:,} | {g['generate_s']:.0f} | {r['disk_gb']:.2f} | {t['truth_s']:.0f} | "
             f"{t['peak_rss_mb']:,.0f} |"
         )
-    lines += ["", "| n | index | nprobe | QPS (1,000 queries per call, all threads) | recall@10 |"]
+    lines += [
+        "",
+        "| n | index | search params | QPS (1,000 queries per call, all threads) | recall@10 |",
+    ]
     lines += ["|---:|---|---:|---:|---:|"]
     for r in results:
         for x in r["indexes"]:
             for row in x["search"]["search"]:
                 lines.append(
-                    f"| {r['n']:,} | {x['factory']} | {row['nprobe']} | {row['qps']:,.0f} | "
+                    f"| {r['n']:,} | {x['factory']} | {row['params']} | {row['qps']:,.0f} | "
                     f"{row['recall']:.4f} |"
                 )
+    return lines
+
+
+def bench_bundle(a: argparse.Namespace, n: int, work: Path) -> dict[str, Any]:
+    folder = work / f"bundle{n}"
+    try:
+        return {"n": n, **run_child(a, "bundle", folder, n, a.factory[0])}
+    finally:
+        if not a.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def bundle_report(a: argparse.Namespace, results: list[dict[str, Any]], started: str) -> list[str]:
+    lines = [
+        f"# bench_scale --part bundle on {platform.node()}, {os.cpu_count()} CPUs, {started}",
+        "",
+        f"- command: `python scripts/bench_scale.py {' '.join(sys.argv[1:])}`",
+        f"- shards of 100,000 random {a.dim}-d unit vectors with fake image items, streamed "
+        f"{a.chunk_rows:,} rows at a time by write_bundle_chunks into a `{a.factory[0]}` bundle "
+        f"(trained on {a.max_train:,} rows sampled across shards); one process: peak RSS "
+        "includes the model export (ONNX, TorchScript) and Retriever.load",
+        "",
+        "| n | write shards s | write bundle s | bundle GB | Retriever.load s | "
+        "stored vectors find their item | peak RSS MB (sampled) |",
+        "|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['n']:,} | {r['shards_s']:.0f} | {r['bundle_s']:.0f} | {r['bundle_gb']:.2f} | "
+            f"{r['load_s']:.1f} | {r['self_found']} | {r['peak_rss_mb']:,.0f} "
+            f"({r['sampled_rss_mb']:,.0f}) |"
+        )
     return lines
 
 
@@ -307,7 +412,7 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--part", choices=("scale", "ddp"), default="scale")
+    p.add_argument("--part", choices=("scale", "bundle", "ddp"), default="scale")
     p.add_argument("--sizes", type=int, nargs="+", default=None)
     p.add_argument(
         "--quick", action="store_true", help="100,000 vectors, IVF1024: checks the logic"
@@ -318,6 +423,7 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--chunk-rows", type=int, default=100_000)
     p.add_argument("--shard-rows", type=int, default=500_000)
     p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--refine-k", type=int, default=4, help="k_factor_rf of Refine(...) indexes")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep the shards and index")
     p.add_argument("--record", type=Path, default=None, help="append the report to this file")
@@ -348,11 +454,13 @@ def main() -> None:
     started = datetime.datetime.now().isoformat(timespec="seconds")
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench_scale-"))
     try:
-        results = [bench_size(a, n, work) for n in a.sizes]
+        if a.part == "bundle":
+            lines = bundle_report(a, [bench_bundle(a, n, work) for n in a.sizes], started)
+        else:
+            lines = report(a, [bench_size(a, n, work) for n in a.sizes], started)
     finally:
         if a.workdir is None and not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    lines = report(a, results, started)
     print("\n".join(lines))
     if a.record:
         with open(a.record, "a", encoding="utf-8") as handle:
