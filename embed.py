@@ -5,11 +5,12 @@ import hydra
 from omegaconf import DictConfig
 
 from retrieval.tasks.embed import embed
+from retrieval.tasks.runs import run_task
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="embed")
 def main(cfg: DictConfig) -> None:
-    embed(cfg)
+    run_task(embed, cfg)  # -m: a failed job writes error.txt and the sweep goes on
 
 
 if __name__ == "__main__":

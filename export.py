@@ -1,4 +1,5 @@
-"""Export a search bundle: ``python export.py ckpt_path=RUN/checkpoints/best.ckpt [gallery=DIR]``."""
+"""Export a search bundle:
+``python export.py ckpt_path=RUN/checkpoints/best.ckpt [gallery=DIR | shards=DIR]``."""
 
 import hydra
 from omegaconf import DictConfig
