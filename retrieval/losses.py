@@ -32,10 +32,33 @@ def build_loss(
     """Call ``factory`` with whichever of ``num_classes`` / ``embedding_size`` it accepts."""
     if isinstance(factory, nn.Module):
         return factory
-    target = getattr(factory, "func", factory)
-    accepted = inspect.signature(target).parameters
+    accepted = _named_parameters(getattr(factory, "func", factory))
     given = {"num_classes": num_classes, "embedding_size": embedding_size}
     return factory(**{k: v for k, v in given.items() if k in accepted})
+
+
+def _named_parameters(target: Callable[..., Any]) -> set[str]:
+    """Keyword arguments ``target`` takes, following ``*args, **kwargs`` up a class's bases:
+    PML's CosFaceLoss declares only ``margin, scale, **kwargs`` and passes ``num_classes`` and
+    ``embedding_size`` on to LargeMarginSoftmaxLoss."""
+    named = {inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY}
+    forwarding = {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
+    signatures = (
+        [
+            inspect.signature(vars(cls)["__init__"])
+            for cls in target.__mro__
+            if cls is not object and "__init__" in vars(cls)
+        ]
+        if isinstance(target, type)
+        else [inspect.signature(target)]
+    )
+    names: set[str] = set()
+    for signature in signatures:
+        params = signature.parameters.values()
+        names |= {p.name for p in params if p.kind in named}
+        if not any(p.kind in forwarding for p in params):
+            break
+    return names
 
 
 def check_gatherable(loss: nn.Module, miner: nn.Module | None) -> None:
