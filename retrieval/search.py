@@ -9,7 +9,6 @@ code: the model runs through ONNX Runtime, TorchScript or a rebuilt PyTorch modu
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from retrieval.bundle.format import BundleError, read_manifest, verify_files
+from retrieval.bundle.format import BundleError, read_json, read_manifest, verify_files
 from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.model import Runtime, load_runtime
 from retrieval.bundle.preprocess import Preprocessor, open_image
@@ -108,10 +107,12 @@ class Retriever:
         folder = Path(bundle)
         manifest = read_manifest(folder)
         verify_files(folder, manifest)
+        pre_file = folder / "preprocessing.json"
+        pre_fields = read_json(pre_file, missing=f"{pre_file} does not exist")
         try:
-            pre = Preprocessor.from_dict(json.loads((folder / "preprocessing.json").read_text()))
-        except (OSError, ValueError) as err:
-            raise BundleError(f"{folder / 'preprocessing.json'}: {err}") from err
+            pre = Preprocessor.from_dict(pre_fields)
+        except ValueError as err:
+            raise BundleError(f"{pre_file}: {err}") from err
         model = load_runtime(folder, kind=runtime, threads=threads, device=device)
         if model.embedding_dim != manifest["embedding_dim"]:
             raise BundleError(

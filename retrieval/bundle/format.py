@@ -59,6 +59,17 @@ def write_manifest(folder: str | Path, fields: dict[str, Any], files: list[str])
     return path
 
 
+def read_json(path: Path, missing: str) -> Any:
+    """The JSON value in one of a bundle's files. Raises BundleError: the message ``missing``
+    when there is no such file, or one naming the file when it is not valid UTF-8 JSON."""
+    if not path.is_file():
+        raise BundleError(missing)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{path} is not valid JSON: {err}") from None
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """Read and check ``manifest.json`` (not the file checksums: see :func:`verify_files`).
 
@@ -70,12 +81,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = root / MANIFEST
     if not root.is_dir():
         raise BundleError(f"bundle {root} does not exist or is not a folder")
-    if not path.is_file():
-        raise BundleError(f"{root} is not a bundle: it has no {MANIFEST}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleError(f"{path} is not valid JSON: {err}") from err
+    manifest = read_json(path, missing=f"{root} is not a bundle: it has no {MANIFEST}")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise BundleError(f"{path} is not a {FORMAT_NAME} manifest")
     version = manifest.get("format_version")

@@ -23,7 +23,6 @@ are filled in by the export. Every runtime returns L2-normalised float32 rows.
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -32,7 +31,7 @@ from typing import Any
 
 import torch
 
-from retrieval.bundle.format import BundleError
+from retrieval.bundle.format import BundleError, read_json
 from retrieval.models import Embedder, create_backbone
 from retrieval.models.pooling import POOLINGS
 from retrieval.models.weights import state_mismatch
@@ -121,12 +120,7 @@ def check_model_config(
 def read_model_config(path: str | Path) -> dict[str, Any]:
     """Read and check a ``model.json`` file (``input_size`` and ``output_dim`` required)."""
     file = Path(path)
-    if not file.is_file():
-        raise BundleError(f"{file} does not exist: the bundle has no model description")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleError(f"{file} is not valid JSON: {err}") from None
+    config = read_json(file, missing=f"{file} does not exist: the bundle has no model description")
     return check_model_config(config, where=str(file), complete=True)
 
 

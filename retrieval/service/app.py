@@ -10,7 +10,6 @@ status for anything wrong with the request.
 # No `from __future__ import annotations`: FastAPI resolves the routes' annotations at run
 # time, and K below is local to create_app.
 import hmac
-import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,7 +30,6 @@ from retrieval.service.core import BadUpload, SearchService
 from retrieval.service.guard import RequestGuard
 from retrieval.service.settings import TOKEN_ENV, ServiceSettings
 
-log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 ItemId = Annotated[int, PathParam(ge=0, le=2**62, description="an item id from a search result")]
 LabelFilter = Annotated[str | None, Query(max_length=256, description="only items with this label")]
@@ -71,6 +69,12 @@ def _hit(hit: Hit) -> dict[str, Any]:
         "thumbnail": f"/items/{hit.id}/thumbnail",
         "extra": hit.extra,
     }
+
+
+def _answer(k: int, label: str | None, start: float, hits: list[Hit]) -> dict[str, Any]:
+    """A search's JSON: what was asked, how long it took since ``start`` and the results."""
+    took = round((time.perf_counter() - start) * 1000.0, 2)
+    return {"k": k, "label": label, "took_ms": took, "results": [_hit(h) for h in hits]}
 
 
 def create_app(retriever: Retriever, settings: ServiceSettings | None = None) -> FastAPI:
@@ -157,9 +161,7 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
         start = time.perf_counter()
         data = await image.read()
         vector = await service.embed_upload(data, image.filename or "image")
-        hits = await service.search(vector, k, label)
-        took = round((time.perf_counter() - start) * 1000.0, 2)
-        return {"k": k, "label": label, "took_ms": took, "results": [_hit(h) for h in hits]}
+        return _answer(k, label, start, await service.search(vector, k, label))
 
     @app.get("/items/{item_id}", summary="One item's record", responses=ITEM_ERRORS)
     async def item(item_id: ItemId) -> dict[str, Any]:
@@ -181,9 +183,7 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
     async def similar(item_id: ItemId, k: K = 10, label: LabelFilter = None) -> dict[str, Any]:
         start = time.perf_counter()
         found = await run_in_threadpool(lookup, item_id)
-        hits = await service.search(found.vector, k, label)
-        took = round((time.perf_counter() - start) * 1000.0, 2)
-        return {"k": k, "label": label, "took_ms": took, "results": [_hit(h) for h in hits]}
+        return _answer(k, label, start, await service.search(found.vector, k, label))
 
     @app.get(
         "/items/{item_id}/thumbnail",

@@ -96,10 +96,6 @@ class SearchService:
         hits = await run_in_threadpool(self.retriever.search, vector[None, :], k, 32, label)
         return hits[0]
 
-    def item_vector(self, item_id: int) -> np.ndarray:
-        """Raises KeyError for an unknown or removed item."""
-        return self.retriever.item(item_id).vector
-
     # writing -------------------------------------------------------------------------------
     def add(self, uploads: Sequence[tuple[str, bytes]], labels: Sequence[str | None]) -> AddOutcome:
         """Store and add uploaded images (``(name, bytes)``), one label each. Images that are
@@ -148,8 +144,7 @@ class SearchService:
         with self._write_lock:
             item = self.retriever.item(item_id)
             self.retriever.remove([item_id])
-            if self.uploads.owns(item.uri):
-                self.uploads.discard(item.uri)
+            self.uploads.discard(item.uri)  # only a file the service stored itself
 
 
 def _reason(err: Exception) -> str:
