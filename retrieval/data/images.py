@@ -48,17 +48,17 @@ def _open_checked(
     Raises ImageLoadError for a missing, empty or unidentifiable source, ImageTooLargeError
     for one over the limit.
     """
-    in_memory = isinstance(source, bytes)
-    name = label or (f"<{len(source)} bytes>" if isinstance(source, bytes) else str(source))
+    opened: Path | io.BytesIO
+    if isinstance(source, bytes):
+        name, opened, nothing = label or f"<{len(source)} bytes>", io.BytesIO(source), "no bytes"
+    else:
+        name, opened, nothing = label or str(source), source, "file of 0 bytes"
     try:
-        data: Path | io.BytesIO = io.BytesIO(source) if isinstance(source, bytes) else source
-        if (len(source) if isinstance(source, bytes) else source.stat().st_size) == 0:
-            raise ImageLoadError(
-                f"{name}: empty ({'no bytes' if in_memory else 'file of 0 bytes'})"
-            )
+        if (not source) if isinstance(source, bytes) else source.stat().st_size == 0:
+            raise ImageLoadError(f"{name}: empty ({nothing})")
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(data)
+            image = Image.open(opened)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageTooLargeError(f"{name}: over Pillow's pixel limit ({err})") from None
     except UnidentifiedImageError:
