@@ -36,6 +36,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _machine import cpu_model  # noqa: E402  (scripts/ is on sys.path)
 
 CONFIGS = (  # (name, processes, threads per process, gather_embeddings)
     ("1 process, 1 thread", 1, 1, False),
@@ -142,15 +143,7 @@ _SHARED = ("steps", "warmup", "image_size", "p", "k", "backbone")
 
 
 def _machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}"
 
 
 def main() -> None:

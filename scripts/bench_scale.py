@@ -46,6 +46,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _machine import cpu_model  # noqa: E402  (scripts/ is on sys.path)
 
 K = 10
 CLUSTERS, LATENT_DIM, AMBIENT_NOISE = 1000, 32, 0.3
@@ -313,8 +314,7 @@ def bench_size(a: argparse.Namespace, n: int, work: Path) -> dict[str, Any]:
 def report(a: argparse.Namespace, results: list[dict[str, Any]], started: str) -> list[str]:
     from importlib.metadata import version
 
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), "?")
+    cpu = cpu_model()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     factories = ", ".join(f"`{f}`" for f in a.factory)
     lines = [

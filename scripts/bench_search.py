@@ -35,6 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _machine import cpu_model  # noqa: E402  (scripts/ is on sys.path)
 
 K = 10  # recall@K and neighbours per query
 BATCH = 32  # images per model call in (a)
@@ -508,14 +509,12 @@ def run_search(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str
 
 
 def describe(args: argparse.Namespace) -> list[str]:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if "model name" in ln]
     mode = "quick" if args.quick else "full"
     return [
         f"# bench_search ({mode}) on {platform.node()}, {os.cpu_count()} CPUs, "
         f"{datetime.datetime.now().isoformat(timespec='seconds')}",
         "",
-        f"- machine: {models[0] if models else platform.processor()}, {os.cpu_count()} cores "
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores "
         f"({len(os.sched_getaffinity(0))} usable), load average {os.getloadavg()[0]:.2f} at start",
         f"- python {platform.python_version()}, faiss {package_version('faiss-cpu')}, "
         f"numpy {np.__version__}, Pillow {package_version('pillow')}",

@@ -32,6 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _machine import cpu_model  # noqa: E402  (scripts/ is on sys.path)
 
 GOAL_P50_MS = 150.0
 MODEL_CONFIG = {
@@ -178,13 +179,11 @@ def main() -> None:
 
 
 def describe(args: argparse.Namespace) -> list[str]:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if "model name" in ln]
     return [
         f"# bench_service on {platform.node()}, "
         f"{datetime.datetime.now().isoformat(timespec='seconds')}",
         "",
-        f"- machine: {models[0] if models else platform.processor()}, {os.cpu_count()} cores, "
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores, "
         f"load average {os.getloadavg()[0]:.2f} at the end; server and clients share them",
         f"- bundle: {args.items:,} items ({args.real} real images, the rest synthetic unit "
         "vectors), 512-d, Flat index, EfficientNet-Lite0 224 px, ONNX Runtime",

@@ -25,6 +25,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from _machine import cpu_model  # scripts/ is on sys.path when this runs
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
@@ -141,12 +142,10 @@ def raw_pil(path: Path) -> None:
 
 
 def describe(cfg: DictConfig, args: Args, device: torch.device) -> list[str]:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if "model name" in ln]
     cuda = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     return [
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"- machine: {models[0] if models else platform.processor()}, {os.cpu_count()} cores "
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores "
         f"({len(os.sched_getaffinity(0))} usable), load average {os.getloadavg()[0]:.2f}",
         f"- python {platform.python_version()}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), lightning {pl.__version__}, device {device}{cuda}",
