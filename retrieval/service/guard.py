@@ -39,12 +39,10 @@ class RequestGuard:
     def __init__(
         self, app: ASGIApp, max_body_bytes: int, timeout_s: float, stats: ServiceStats
     ) -> None:
-        self.app, self.max_body_bytes, self.timeout_s, self.stats = (
-            app,
-            max_body_bytes,
-            timeout_s,
-            stats,
-        )
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.timeout_s = timeout_s
+        self.stats = stats
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
