@@ -1,0 +1,243 @@
+"""Copy-detection edits: the strong, hand-made changes a copied image goes through (crops,
+recompression, blur, rotation, colour changes, overlays, borders), for building benchmark
+queries and for SSCD-style instance training.
+
+``apply_edit(image, kind, rng)`` applies one named edit; :class:`CopyEditAugment` is the
+training transform that applies a few random ones. Every edit takes an RGB image of any size
+(other modes are converted to RGB first) and returns a new RGB image; all randomness comes
+from the ``random.Random`` passed in. Images down to 1x1 pixel do not crash: sizes are
+relative to the image with a floor of one pixel (a 1x1 image cannot be cropped and comes back
+unchanged from ``crop``).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+from retrieval.data.copy_edits_draw import (
+    add_border,
+    draw_boxes,
+    draw_text,
+    paste_overlays,
+    random_colour,
+)
+from retrieval.data.images import images_in_folder
+
+EDIT_KINDS: tuple[str, ...] = (
+    "crop",
+    "jpeg",
+    "blur",
+    "rotate",
+    "color",
+    "grayscale",
+    "mirror",
+    "rescale",
+    "boxes",
+    "text",
+    "emoji",
+    "border",
+    "combo",
+)
+SINGLE_KINDS: tuple[str, ...] = tuple(k for k in EDIT_KINDS if k != "combo")
+CROP_AREA = (0.45, 0.80)
+
+
+def _crop_size(rng: random.Random, width: int, height: int) -> tuple[int, int]:
+    """Width and height of a crop keeping a fraction in ``CROP_AREA`` of the pixels, with a
+    random aspect; the whole image when no integer size fits (1x1)."""
+    low, high = CROP_AREA
+    area = width * height
+    fraction = rng.uniform(low, high)
+    share = rng.random()  # how the area loss splits between width and height
+    w = min(width, max(1, round(width * fraction**share)))
+    h_low, h_high = math.ceil(low * area / w), min(height, math.floor(high * area / w))
+    if h_low <= h_high:
+        return w, min(h_high, max(h_low, round(height * fraction ** (1 - share))))
+    fits = [
+        (a, b)
+        for a in range(1, width + 1)
+        for b in range(1, height + 1)
+        if low <= a * b / area <= high
+    ]
+    return min(fits, key=lambda s: abs(s[0] * s[1] / area - fraction)) if fits else (width, height)
+
+
+def _crop(image: Image.Image, rng: random.Random) -> Image.Image:
+    w, h = _crop_size(rng, image.width, image.height)
+    x, y = rng.randint(0, image.width - w), rng.randint(0, image.height - h)
+    return image.crop((x, y, x + w, y + h))
+
+
+def _jpeg(image: Image.Image, rng: random.Random) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=rng.randint(8, 20))
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return decoded.convert("RGB")
+
+
+def _blur(image: Image.Image, rng: random.Random) -> Image.Image:
+    radius = max(1.0, rng.uniform(0.02, 0.05) * max(image.size))
+    return image.filter(ImageFilter.GaussianBlur(radius))
+
+
+def _rotate(image: Image.Image, rng: random.Random) -> Image.Image:
+    angle = rng.uniform(5, 25) * rng.choice((-1, 1))
+    expand = rng.random() < 0.5
+    fill = random_colour(rng)
+    return image.rotate(angle, Image.Resampling.BILINEAR, expand=expand, fillcolor=fill)
+
+
+def _color(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Hue shift by 15-85% of the colour circle, then strong saturation, contrast and
+    brightness changes (each factor in 0.3-0.7 or 1.4-2.0)."""
+    hue, sat, val = image.convert("HSV").split()
+    shift = round(rng.uniform(0.15, 0.85) * 256)
+    hue = hue.point(lambda v: (v + shift) % 256)
+    edited = Image.merge("HSV", (hue, sat, val)).convert("RGB")
+    for enhancer in (ImageEnhance.Color, ImageEnhance.Contrast, ImageEnhance.Brightness):
+        factor = rng.uniform(0.3, 0.7) if rng.random() < 0.5 else rng.uniform(1.4, 2.0)
+        edited = enhancer(edited).enhance(factor)
+    return edited
+
+
+def _grayscale(image: Image.Image, rng: random.Random) -> Image.Image:
+    return ImageOps.grayscale(image).convert("RGB")
+
+
+def _mirror(image: Image.Image, rng: random.Random) -> Image.Image:
+    return ImageOps.mirror(image)
+
+
+def _rescale(image: Image.Image, rng: random.Random) -> Image.Image:
+    factor = rng.uniform(0.15, 0.35)
+    small = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+    up = rng.choice((Image.Resampling.NEAREST, Image.Resampling.BILINEAR))
+    return image.resize(small, Image.Resampling.BILINEAR).resize(image.size, up)
+
+
+Edit = Callable[[Image.Image, random.Random], Image.Image]
+_EDITS: dict[str, Edit] = {
+    "crop": _crop,
+    "jpeg": _jpeg,
+    "blur": _blur,
+    "rotate": _rotate,
+    "color": _color,
+    "grayscale": _grayscale,
+    "mirror": _mirror,
+    "rescale": _rescale,
+    "boxes": draw_boxes,
+    "text": draw_text,
+    "border": add_border,
+}
+
+
+def apply_edit(
+    image: Image.Image,
+    kind: str,
+    rng: random.Random,
+    overlays: Sequence[Image.Image] = (),
+) -> Image.Image:
+    """Apply the edit ``kind`` (one of :data:`EDIT_KINDS`) and return a new RGB image.
+
+    Same size as the input except ``crop`` (45-80% of the area kept, random aspect and
+    position), ``rotate`` (canvas expanded in half of the draws, corners filled with a random
+    solid colour) and ``border`` (canvas grows by 5-20% of the side on some or all sides).
+    ``jpeg`` re-encodes at quality 8-20; ``blur`` is Gaussian with a radius of 2-5% of the
+    longer side (at least 1 px); ``rescale`` goes down to 15-35% of the side and back;
+    ``emoji`` pastes 1-3 of ``overlays`` (RGBA alpha-composited), or drawn shapes when there
+    are none; ``combo`` applies three different other kinds in sequence. The result depends
+    only on the image, ``kind``, ``overlays`` and the state of ``rng`` (which is advanced).
+
+    Raises:
+        ValueError: ``kind`` is not one of :data:`EDIT_KINDS`.
+    """
+    if kind not in EDIT_KINDS:
+        raise ValueError(f"unknown copy edit {kind!r}; valid kinds: {', '.join(EDIT_KINDS)}")
+    edited = image if image.mode == "RGB" else image.convert("RGB")
+    if kind == "combo":
+        for part in rng.sample(SINGLE_KINDS, 3):
+            edited = apply_edit(edited, part, rng, overlays)
+        return edited
+    if kind == "emoji":
+        return paste_overlays(edited, rng, overlays)
+    return _EDITS[kind](edited, rng)
+
+
+class CopyEditAugment:
+    """Training transform (PIL RGB in, PIL RGB out): with probability ``p`` apply between
+    ``num_edits[0]`` and ``num_edits[1]`` distinct random edits from :data:`EDIT_KINDS`
+    (``combo`` excluded), in random order; otherwise return the image unchanged.
+
+    Randomness comes from Python's global ``random`` state (seeded per DataLoader worker by
+    PyTorch and Lightning) unless ``seed`` is given; then from the transform's own
+    ``random.Random(seed)``, deterministic across calls but identical in every worker process
+    it is copied to (use it for tests and benchmarks, not multi-worker training). The kinds
+    used by the last call are in :attr:`last_kinds` (empty when no edit was applied).
+    Picklable.
+    """
+
+    def __init__(
+        self,
+        overlays: Sequence[Image.Image] | None = None,
+        num_edits: tuple[int, int] = (1, 3),
+        p: float = 0.9,
+        seed: int | None = None,
+    ) -> None:
+        low, high = num_edits
+        if not 0 <= low <= high <= len(SINGLE_KINDS):
+            raise ValueError(
+                f"num_edits={tuple(num_edits)} must satisfy 0 <= low <= high <= {len(SINGLE_KINDS)}"
+            )
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p={p} must be a probability in [0, 1]")
+        self.overlays = list(overlays or ())
+        self.num_edits, self.p = (low, high), p
+        self._rng = random.Random(seed) if seed is not None else None
+        self.last_kinds: tuple[str, ...] = ()
+
+    def _generator(self) -> random.Random:
+        return self._rng if self._rng is not None else random.Random(random.getrandbits(64))
+
+    def choose(self, rng: random.Random) -> tuple[str, ...]:
+        """The kinds one call applies, drawn from ``rng``: () with probability ``1 - p``."""
+        if rng.random() >= self.p:
+            return ()
+        return tuple(rng.sample(SINGLE_KINDS, rng.randint(*self.num_edits)))
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        rng = self._generator()
+        self.last_kinds = self.choose(rng)
+        for kind in self.last_kinds:
+            image = apply_edit(image, kind, rng, self.overlays)
+        return image
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(overlays={len(self.overlays)}, "
+            f"num_edits={self.num_edits}, p={self.p})"
+        )
+
+
+def load_overlays(folder: str | Path, limit: int = 256) -> list[Image.Image]:
+    """The first ``limit`` images under ``folder`` (recursively, sorted by path) as fully
+    loaded RGBA images, for the ``emoji`` edit.
+
+    Raises:
+        ValueError: ``folder`` is not a folder or holds no images (the message names it), or
+            ``limit`` < 1.
+    """
+    if limit < 1:
+        raise ValueError(f"limit={limit} must be at least 1")
+    paths = images_in_folder(folder, name=f"overlay folder {folder}")[:limit]
+    overlays = []
+    for path in paths:
+        with Image.open(path) as opened:
+            overlays.append(opened.convert("RGBA"))
+    return overlays
