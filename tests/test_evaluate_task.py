@@ -187,6 +187,26 @@ def test_backbone_as_is_on_a_manifest_then_from_the_cache(small_demo, tmp_path, 
     assert rescored["test/recall@1"] == pytest.approx(metrics["test/recall@1"], abs=1e-12)
 
 
+def test_resize_mode_is_in_the_protocol_and_the_cache_key(small_demo, tmp_path):
+    data = ["data=manifest", f"data.manifest={small_demo}", "data.image_size=48"]
+    data += ["data.num_workers=0", "data.max_labels=3"]
+    caches: dict[str, str] = {}
+    for mode in ("crop", "squash", "crop"):
+        out = f"paths.output_dir={tmp_path}/out-{mode}"
+        evaluate(compose_eval(tmp_path, *data, f"data.resize_mode={mode}", out))
+        protocol = json.loads((tmp_path / f"out-{mode}" / "metrics.json").read_text())["protocol"]
+        assert protocol["preprocessing"]["resize_mode"] == mode
+        assert protocol["preprocessing"]["input_size"] == 48
+        cache = caches.setdefault(mode, protocol["data"]["embedding_cache"])
+        assert protocol["data"]["embedding_cache"] == cache  # crop again: the same entry
+    assert caches["crop"] != caches["squash"]  # crop and squash embeddings never mix
+    vectors = {}
+    for mode, cache in caches.items():
+        with np.load(cache) as stored:
+            vectors[mode] = stored["vectors"]
+    assert not np.allclose(vectors["crop"], vectors["squash"], atol=1e-3)
+
+
 @pytest.mark.slow
 def test_checkpoint_scores_what_training_validation_logged(small_demo, tmp_path):
     run_cfg = fast_cfg(
@@ -228,6 +248,37 @@ def test_data_defaults_to_the_demo_without_a_checkpoint(tmp_path):
     assert node.root == f"{tmp_path}/data/demo" and cfg.data.root == node.root
     given = compose_eval(tmp_path, "data=manifest", "data.manifest=/x.csv")
     assert data_config(given, None).manifest == "/x.csv"
+
+
+def test_a_checkpoint_keeps_the_resize_mode_it_was_trained_with(small_demo):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from retrieval.data.datamodule import RetrievalDataModule
+    from retrieval.models import Preprocessing
+    from retrieval.tasks.common import model_preprocessing
+    from retrieval.tasks.embed import preprocessing_of
+
+    pre = Preprocessing(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+    def loaded(data):
+        ckpt = None if data is None else SimpleNamespace(run_config={"data": data})
+        return SimpleNamespace(embedder=SimpleNamespace(preprocessing=pre), checkpoint=ckpt)
+
+    trained = loaded({"image_size": 32, "resize_mode": "squash"})
+    assert model_preprocessing(loaded(None)) is pre
+    assert model_preprocessing(trained) == pre.with_size(None, "squash")
+    assert model_preprocessing(loaded({"image_size": 32})).resize_mode == "crop"  # older runs
+    # evaluate / export: a data config's resize_mode=null keeps it, a value overrides it
+    for override, expected in ((None, "squash"), ("pad", "pad")):
+        dm = RetrievalDataModule(small_demo, model_preprocessing(trained), resize_mode=override)
+        assert dm.preprocessing.resize_mode == expected
+    # embed.py: the same, with the checkpoint's image size
+    cfg = OmegaConf.create({"image_size": None, "resize_mode": None})
+    assert preprocessing_of(cfg, trained) == pre.with_size(32, "squash")
+    cfg.resize_mode = "crop"
+    assert preprocessing_of(cfg, trained) == pre.with_size(32, "crop")
 
 
 def test_report_goes_to_weights_and_biases_offline(tmp_path, monkeypatch, capsys):

@@ -164,3 +164,31 @@ def test_export_from_shards_searches_like_the_models_own_embeddings(small_demo, 
         hits = retriever.search(paths, k=3)
     assert [[h.uri for h in row] for row in hits] == [[str(paths[j]) for j in r] for r in expected]
     assert all(row[0].score > 0.999 for row in hits)
+
+
+def test_a_squash_bundle_embeds_the_whole_image_like_the_pytorch_model(small_demo, tmp_path):
+    import torch
+
+    from retrieval.data.transforms import eval_transform
+
+    overrides = ("data.resize_mode=squash", "data.max_labels=4")
+    metrics, objects = export(compose_export(tmp_path, small_demo, *overrides))
+    bundle = Path(metrics["bundle"])
+    stored = json.loads((bundle / "preprocessing.json").read_text())
+    assert (stored["resize_mode"], stored["input_size"], stored["resize"]) == ("squash", 64, 64)
+    protocol = read_manifest(bundle)["protocol"]
+    assert protocol["preprocessing"]["resize_mode"] == "squash"
+
+    model = objects["model"].embedder.eval()
+    first = sorted((small_demo.parent / "images").rglob("*.jpg"))[0]
+    wide = Image.open(first).convert("RGB").resize((150, 60))  # a letterbox-shaped copy
+    own = {}
+    for mode in ("squash", "crop"):
+        pixels = eval_transform(model.preprocessing.with_size(64, mode))(wide)
+        with torch.inference_mode():
+            own[mode] = model(pixels[None]).numpy()[0]
+    assert float(np.dot(own["squash"], own["crop"])) < 0.99  # the two modes see other pixels
+    with Retriever.load(bundle, runtime="eager") as retriever:
+        np.testing.assert_allclose(retriever.embed([wide])[0], own["squash"], atol=1e-5)
+    with Retriever.load(bundle, runtime="onnx") as retriever:
+        assert float(np.dot(retriever.embed([wide])[0], own["squash"])) > 0.9999

@@ -1,10 +1,14 @@
 """Evaluation preprocessing with Pillow and NumPy only (no torch), for serving a bundle.
 
-:class:`Preprocessor` reproduces :func:`retrieval.data.transforms.eval_transform` exactly: the
-short side is resized to ``resize`` pixels (the long side to ``int(resize * long / short)``, as
-torchvision computes it) with Pillow's antialiased ``Image.resize``, the centre
-``input_size`` x ``input_size`` square is cropped (offsets rounded half to even, as torchvision
-does), pixels are scaled to [0, 1] and normalised with ``mean`` and ``std`` in float32.
+:class:`Preprocessor` reproduces :func:`retrieval.data.transforms.eval_transform` exactly. With
+``resize_mode="crop"`` the short side is resized to ``resize`` pixels (the long side to
+``int(resize * long / short)``, as torchvision computes it) with Pillow's antialiased
+``Image.resize`` and the centre ``input_size`` x ``input_size`` square is cropped (offsets
+rounded half to even, as torchvision does); ``"squash"`` resizes the whole image to that square;
+``"pad"`` resizes the long side to ``input_size`` (the short side to
+``int(input_size * short / long)``, at least 1) and, after normalising, pads the short side with
+zeros (the mean colour), centred. Pixels are scaled to [0, 1] and normalised with ``mean`` and
+``std`` in float32.
 :func:`open_image` loads a file or in-memory bytes safely (pixel limit checked from the header
 before decoding, EXIF orientation, RGB).
 """
@@ -40,6 +44,8 @@ FILTERS = {
     "nearest": Image.Resampling.NEAREST,
 }
 COLOR_MODES = ("RGB",)
+RESIZE_MODES = ("crop", "squash", "pad")  # as retrieval.models.backbone.RESIZE_MODES
+OPTIONAL = {"color_mode": "RGB", "resize_mode": "crop"}  # absent from older bundles
 
 
 def _bad(field: str, rule: str, value: Any) -> ValueError:
@@ -66,10 +72,11 @@ def _triple(field: str, value: Any, positive: bool) -> tuple[float, float, float
 class Preprocessor:
     """A PIL RGB image -> float32 array ``(3, input_size, input_size)``, normalised.
 
-    Fields: ``input_size`` (side of the square crop), ``resize`` (short side before cropping,
-    at least ``input_size``), ``interpolation`` (``bilinear`` | ``bicubic`` | ``nearest``),
-    ``mean`` / ``std`` (per channel, on the [0, 1] scale) and ``color_mode`` (only ``RGB``).
-    Every field is checked on construction; a bad one raises ValueError naming it.
+    Fields: ``input_size`` (side of the square output), ``resize`` (short side before cropping,
+    at least ``input_size``; used by ``crop`` only), ``interpolation`` (``bilinear`` |
+    ``bicubic`` | ``nearest``), ``mean`` / ``std`` (per channel, on the [0, 1] scale),
+    ``color_mode`` (only ``RGB``) and ``resize_mode`` (``crop`` | ``squash`` | ``pad``, see the
+    module doc). Every field is checked on construction; a bad one raises ValueError naming it.
     """
 
     input_size: int
@@ -78,6 +85,7 @@ class Preprocessor:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     color_mode: str = "RGB"
+    resize_mode: str = "crop"
 
     def __post_init__(self) -> None:
         if not _is_int(self.input_size) or self.input_size < 1:
@@ -88,20 +96,25 @@ class Preprocessor:
             raise _bad("interpolation", f"one of {sorted(FILTERS)}", self.interpolation)
         if self.color_mode not in COLOR_MODES:
             raise _bad("color_mode", f"one of {list(COLOR_MODES)}", self.color_mode)
+        if self.resize_mode not in RESIZE_MODES:
+            raise _bad("resize_mode", f"one of {list(RESIZE_MODES)}", self.resize_mode)
         object.__setattr__(self, "mean", _triple("mean", self.mean, positive=False))
         object.__setattr__(self, "std", _triple("std", self.std, positive=True))
 
     @classmethod
     def from_preprocessing(cls, pre: Preprocessing) -> Preprocessor:
         """The preprocessing ``eval_transform(pre)`` applies; like it, an interpolation other
-        than bilinear / bicubic / nearest falls back to bilinear."""
+        than bilinear / bicubic / nearest falls back to bilinear. ``resize`` is
+        ``input_size`` unless ``pre.resize_mode`` is ``crop`` (nothing else is cropped)."""
         interpolation = pre.interpolation if pre.interpolation in FILTERS else "bilinear"
+        crop = pre.resize_mode == "crop"
         return cls(
             input_size=int(pre.input_size),
-            resize=round(pre.input_size / pre.crop_pct),
+            resize=round(pre.input_size / pre.crop_pct) if crop else int(pre.input_size),
             interpolation=interpolation,
             mean=tuple(pre.mean),  # type: ignore[arg-type]
             std=tuple(pre.std),  # type: ignore[arg-type]
+            resize_mode=pre.resize_mode,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,7 +126,8 @@ class Preprocessor:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Preprocessor:
         """Build from ``to_dict`` output. Raises ValueError naming missing, unknown or bad
-        fields."""
+        fields. ``color_mode`` and ``resize_mode`` may be absent (bundles written before them):
+        ``RGB`` and ``crop``."""
         if not isinstance(data, Mapping):
             raise ValueError(
                 f"preprocessing must be a mapping of fields, got {type(data).__name__}"
@@ -122,13 +136,22 @@ class Preprocessor:
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise ValueError(f"unknown preprocessing fields {unknown}; known fields: {names}")
-        missing = [n for n in names if n not in data and n != "color_mode"]
+        missing = [n for n in names if n not in data and n not in OPTIONAL]
         if missing:
             raise ValueError(f"preprocessing lacks the fields {missing}")
         return cls(**dict(data))
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) after resizing the short side to ``resize``, as torchvision does."""
+        """(width, height) of a ``width`` x ``height`` image once resized, before it is cropped
+        (``crop``: short side to ``resize``, as torchvision does) or padded (``pad``: long side
+        to ``input_size``); ``squash``: ``(input_size, input_size)``."""
+        side = self.input_size
+        if self.resize_mode == "squash":
+            return side, side
+        if self.resize_mode == "pad":
+            if width >= height:
+                return side, max(1, int(side * height / width))
+            return max(1, int(side * width / height)), side
         if width <= height:
             return self.resize, int(self.resize * height / width)
         return int(self.resize * width / height), self.resize
@@ -143,13 +166,20 @@ class Preprocessor:
         if size != rgb.size:
             rgb = rgb.resize(size, FILTERS[self.interpolation])
         side = self.input_size
-        top = int(round((size[1] - side) / 2.0))
-        left = int(round((size[0] - side) / 2.0))
-        pixels = np.asarray(rgb, dtype=np.uint8)[top : top + side, left : left + side]
+        pixels = np.asarray(rgb, dtype=np.uint8)
+        if self.resize_mode == "crop":
+            top = int(round((size[1] - side) / 2.0))
+            left = int(round((size[0] - side) / 2.0))
+            pixels = pixels[top : top + side, left : left + side]
         chw = pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
         mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
         std = np.asarray(self.std, dtype=np.float32)[:, None, None]
-        return np.ascontiguousarray((chw - mean) / std)
+        out = (chw - mean) / std
+        if self.resize_mode == "pad":  # zeros: the mean colour once normalised
+            top, left = (side - size[1]) // 2, (side - size[0]) // 2
+            margins = ((0, 0), (top, side - size[1] - top), (left, side - size[0] - left))
+            out = np.pad(out, margins)
+        return np.ascontiguousarray(out)
 
     def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
         """``B`` images -> ``(B, 3, input_size, input_size)`` float32; ``B`` may be 0."""

@@ -22,7 +22,9 @@ class RetrievalDataModule(pl.LightningDataModule):
     Args:
         manifest: CSV manifest (see data/README.md).
         root: folder that relative manifest paths start from (default: the manifest's folder).
-        preprocessing: the backbone's preprocessing; ``image_size`` overrides its input size.
+        preprocessing: the backbone's preprocessing; ``image_size`` overrides its input size and
+            ``resize_mode`` its resize policy (``crop`` | ``squash`` | ``pad``, see
+            :class:`~retrieval.models.backbone.Preprocessing`; ``None`` keeps the backbone's).
         sampler: builds the batch sampler from ``labels``, ``seed``, ``num_replicas``, ``rank``;
             ``None`` when the module only evaluates.
         max_labels: keep only the first N labels (sorted) of each split, for quick runs.
@@ -37,6 +39,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         sampler: Callable[..., PKBatchSampler] | None = None,
         root: str | Path | None = None,
         image_size: int | None = None,
+        resize_mode: str | None = None,
         train_split: str = "train",
         val_split: str = "test",
         eval_batch_size: int = 64,
@@ -53,7 +56,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         super().__init__()
         self.manifest = Path(manifest)
         self.root = Path(root) if root is not None else None
-        self.preprocessing = preprocessing.with_size(image_size)
+        self.preprocessing = preprocessing.with_size(image_size, resize_mode)
         self.sampler_factory = sampler
         self.splits = (train_split, val_split)
         self.eval_batch_size = eval_batch_size

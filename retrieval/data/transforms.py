@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as F
 
 from retrieval.models.backbone import Preprocessing
 
@@ -19,15 +22,60 @@ def _interpolation(pre: Preprocessing) -> T.InterpolationMode:
     return _INTERPOLATION.get(pre.interpolation, T.InterpolationMode.BILINEAR)
 
 
+class FitLongSide:
+    """Resize a PIL image so that its long side is ``size`` pixels, keeping its aspect ratio:
+    the short side becomes ``int(size * short / long)``, at least 1."""
+
+    def __init__(self, size: int, interpolation: T.InterpolationMode) -> None:
+        self.size, self.interpolation = size, interpolation
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        side = self.size
+        if width >= height:
+            new_w, new_h = side, max(1, int(side * height / width))
+        else:
+            new_w, new_h = max(1, int(side * width / height)), side
+        return F.resize(image, [new_h, new_w], interpolation=self.interpolation)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, interpolation={self.interpolation.value})"
+
+
+class PadToSquare:
+    """Pad a normalised ``(C, h, w)`` tensor with zeros (the mean colour) to ``(C, size, size)``,
+    centred: the extra column or row of an odd margin goes right or bottom."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        height, width = pixels.shape[-2:]
+        top, left = (self.size - height) // 2, (self.size - width) // 2
+        margins = [left, top, self.size - width - left, self.size - height - top]
+        return F.pad(pixels, margins, fill=0.0)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
 def eval_transform(pre: Preprocessing) -> T.Compose:
-    """Resize the short side to ``input_size / crop_pct``, centre-crop ``input_size``, normalise."""
+    """``pre.resize_mode`` to an ``input_size`` square, then normalise. ``crop``: resize the
+    short side to ``input_size / crop_pct`` and centre-crop; ``squash``: resize the whole image
+    to ``input_size`` x ``input_size``; ``pad``: :class:`FitLongSide`, then :class:`PadToSquare`
+    after normalising. Images are resized by Pillow (antialiased) in every mode."""
+    side, interpolation = pre.input_size, _interpolation(pre)
+    normalise = [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
+    if pre.resize_mode == "squash":
+        return T.Compose([T.Resize((side, side), interpolation=interpolation), *normalise])
+    if pre.resize_mode == "pad":
+        return T.Compose([FitLongSide(side, interpolation), *normalise, PadToSquare(side)])
     resize = round(pre.input_size / pre.crop_pct)
     return T.Compose(
         [
-            T.Resize(resize, interpolation=_interpolation(pre)),
+            T.Resize(resize, interpolation=interpolation),
             T.CenterCrop(pre.input_size),
-            T.ToTensor(),
-            T.Normalize(pre.mean, pre.std),
+            *normalise,
         ]
     )
 

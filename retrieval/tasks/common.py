@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from retrieval.checkpoints import TrainingCheckpoint, load_embedder_weights, read_checkpoint
 from retrieval.extract import Embeddings, embed_loader, fingerprint, load_cached, save_cached
-from retrieval.models import Embedder
+from retrieval.models import Embedder, Preprocessing
 from retrieval.tasks.config import CONF_DIR
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,15 @@ def _embedder_config(cfg: DictConfig, ckpt: TrainingCheckpoint | None) -> DictCo
     node.backbone.pretrained = False
     node.backbone.weights = None
     return node
+
+
+def model_preprocessing(loaded: LoadedModel) -> Preprocessing:
+    """The backbone's preprocessing with the resize mode its checkpoint was trained with (the
+    data config's ``resize_mode``, when set, overrides it); the backbone's own without one."""
+    pre = loaded.embedder.preprocessing
+    if loaded.checkpoint is None:
+        return pre
+    return pre.with_size(None, (loaded.checkpoint.run_config.get("data") or {}).get("resize_mode"))
 
 
 def data_config(cfg: DictConfig, ckpt: TrainingCheckpoint | None) -> DictConfig:

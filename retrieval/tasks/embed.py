@@ -23,7 +23,7 @@ from retrieval.io import sha256_file
 from retrieval.models import Embedder
 from retrieval.models.backbone import Preprocessing
 from retrieval.shards import ShardContent, ShardItem, ShardPlan, embed_shards, worker_identity
-from retrieval.tasks.common import LoadedModel, describe_model, load_model
+from retrieval.tasks.common import LoadedModel, describe_model, load_model, model_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,12 @@ def model_fingerprint(embedder: Embedder, preprocessing: Preprocessing) -> str:
 
 def preprocessing_of(cfg: DictConfig, model: LoadedModel) -> Preprocessing:
     """The backbone's preprocessing at ``image_size``, else at the checkpoint's training
-    data's ``image_size`` (as export and evaluate use it), else the backbone's own."""
+    data's ``image_size`` (as export and evaluate use it), else the backbone's own; at
+    ``resize_mode``, else the checkpoint's (see :func:`model_preprocessing`)."""
     size = cfg.get("image_size")
     if size is None and model.checkpoint is not None:
         size = (model.checkpoint.run_config.get("data") or {}).get("image_size")
-    return model.embedder.preprocessing.with_size(size)
+    return model_preprocessing(model).with_size(size, cfg.get("resize_mode"))
 
 
 def _plan_items(cfg: DictConfig) -> tuple[list[ShardItem], str]:

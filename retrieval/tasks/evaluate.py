@@ -18,7 +18,13 @@ from retrieval.evaluation import RetrievalResult, evaluate_embeddings, evaluate_
 from retrieval.evaluation.npz import read_embeddings_npz, write_embeddings_npz
 from retrieval.extract import resolve_device
 from retrieval.io import sha256_file
-from retrieval.tasks.common import data_config, describe_model, embed_dataset, load_model
+from retrieval.tasks.common import (
+    data_config,
+    describe_model,
+    embed_dataset,
+    load_model,
+    model_preprocessing,
+)
 from retrieval.tasks.evaluate_report import write_report
 
 log = logging.getLogger(__name__)
@@ -85,7 +91,7 @@ def _from_npz(cfg: DictConfig) -> EvalInputs:
 def _from_model(cfg: DictConfig) -> EvalInputs:
     model = load_model(cfg)
     datamodule = instantiate(data_config(cfg, model.checkpoint), _partial_=True)(
-        preprocessing=model.embedder.preprocessing, seed=cfg.seed, val_split=cfg.split
+        preprocessing=model_preprocessing(model), seed=cfg.seed, val_split=cfg.split
     )
     dataset = datamodule.eval_set()
     paths = np.array([str(row.path) for row in dataset.rows])

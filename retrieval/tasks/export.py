@@ -32,6 +32,7 @@ from retrieval.tasks.common import (
     describe_model,
     embed_dataset,
     load_model,
+    model_preprocessing,
 )
 from retrieval.tasks.embed import model_fingerprint
 
@@ -97,7 +98,8 @@ def _shard_gallery(cfg: DictConfig, model: LoadedModel, preprocessing: Preproces
             f"{cfg.shards} was embedded by another model or preprocessing (shards.json: "
             f"{shards.header['preprocessing']}, {shards.header['dim']}-d; this export: "
             f"{preprocessing.to_dict()}, {model.embedder.embedding_dim}-d): export with the "
-            "ckpt_path / backbone / data.image_size the shards were embedded with, or embed again"
+            "ckpt_path / backbone / data.image_size / data.resize_mode the shards were embedded "
+            "with, or embed again"
         )
     shards.verify()
     chunks = (
@@ -118,7 +120,7 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model = load_model(cfg)
     device = resolve_device(cfg.device)
     datamodule = instantiate(data_config(cfg, model.checkpoint), _partial_=True)(
-        preprocessing=model.embedder.preprocessing, seed=cfg.seed, val_split=cfg.split
+        preprocessing=model_preprocessing(model), seed=cfg.seed, val_split=cfg.split
     )
     preprocessing = datamodule.preprocessing
     if cfg.get("gallery") and cfg.get("shards"):

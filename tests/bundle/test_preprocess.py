@@ -20,6 +20,7 @@ from retrieval.data.demo_render import render_demo_image
 from retrieval.data.images import ImageLoadError
 from retrieval.data.transforms import eval_transform
 from retrieval.models import Preprocessing
+from retrieval.models.backbone import RESIZE_MODES
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 PREPROCESSINGS = [
@@ -58,6 +59,8 @@ def _images() -> list[Image.Image]:
         _scene(50, 40, 4),
         _scene(1001, 333, 5),
         _scene(225, 224, 6),
+        _scene(7, 300, 11),
+        _scene(2000, 3, 12),
     ]
 
 
@@ -71,6 +74,99 @@ def test_matches_eval_transform(pre: Preprocessing) -> None:
         side = pre.input_size
         assert got.dtype == np.float32 and got.shape == expected.shape == (3, side, side)
         assert np.abs(got - expected).max() <= 1e-5, image.size
+
+
+WHOLE_IMAGE = [
+    Preprocessing(37, *IMAGENET, interpolation="bilinear", resize_mode="squash"),
+    Preprocessing(64, *IMAGENET, interpolation="bicubic", crop_pct=0.95, resize_mode="squash"),
+    Preprocessing(40, *IMAGENET, interpolation="nearest", resize_mode="squash"),
+    Preprocessing(37, *IMAGENET, interpolation="bilinear", resize_mode="pad"),
+    Preprocessing(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), interpolation="bicubic", resize_mode="pad"),
+    Preprocessing(41, *IMAGENET, interpolation="nearest", resize_mode="pad"),
+]
+
+
+@pytest.mark.parametrize(
+    "pre", WHOLE_IMAGE, ids=lambda p: f"{p.resize_mode}-{p.interpolation}{p.input_size}"
+)
+def test_whole_image_modes_match_eval_transform(pre: Preprocessing) -> None:
+    reference = eval_transform(pre)
+    preprocessor = Preprocessor.from_preprocessing(pre)
+    assert preprocessor.resize_mode == pre.resize_mode
+    for image in _images():
+        expected = reference(image).numpy()
+        got = preprocessor(image)
+        side = pre.input_size
+        assert got.dtype == np.float32 and got.shape == expected.shape == (3, side, side)
+        assert np.abs(got - expected).max() <= 1e-5, image.size
+
+
+def _framed(width: int, height: int) -> Image.Image:
+    """A grey picture in a 10-pixel pure red frame: what a cropping resize cuts away."""
+    image = Image.new("RGB", (width, height), (255, 0, 0))
+    ImageDraw.Draw(image).rectangle((10, 10, width - 11, height - 11), fill=(128, 128, 128))
+    return image
+
+
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+def test_only_crop_cuts_the_frame_away(mode: str) -> None:
+    pre = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), crop_pct=0.8, resize_mode=mode)
+    out = Preprocessor.from_preprocessing(pre)(_framed(120, 80))
+    red = np.array([1.0, -1.0, -1.0], dtype=np.float32)  # (255, 0, 0) normalised
+    picture = out[:, 16, :]  # the middle row, left to right
+    columns = [c for c in range(32) if np.abs(picture[:, c]).max() > 0]
+    first, last = picture[:, columns[0]], picture[:, columns[-1]]
+    framed = bool(np.allclose(first, red, atol=0.05) and np.allclose(last, red, atol=0.05))
+    assert framed == (mode != "crop")
+
+
+def test_pad_centres_the_image_on_the_mean_colour() -> None:
+    mean = (0.25, 0.5, 0.75)
+    pre = Preprocessing(33, mean, (0.2, 0.2, 0.2), resize_mode="pad")
+    out = Preprocessor.from_preprocessing(pre)(Image.new("RGB", (99, 30), (255, 255, 255)))
+    # 99 x 30 -> 33 x 10: 23 rows of padding, 11 above and 12 below
+    assert (out[:, :11] == 0).all() and (out[:, 21:] == 0).all()
+    white = (1 - np.asarray(mean, dtype=np.float32)) / np.float32(0.2)
+    np.testing.assert_allclose(out[:, 11:21], np.broadcast_to(white[:, None, None], (3, 10, 33)))
+    tall = Preprocessor.from_preprocessing(pre)(Image.new("RGB", (1, 500), (255, 255, 255)))
+    assert (tall[:, :, :16] == 0).all() and (tall[:, :, 17:] == 0).all()  # at least 1 column
+    assert (tall[:, :, 16] != 0).all()
+
+
+def test_crop_is_still_resize_then_centre_crop() -> None:
+    from torchvision import transforms as T
+
+    pre = Preprocessing(45, *IMAGENET, interpolation="bicubic", crop_pct=0.9)
+    assert pre.resize_mode == "crop"
+    explicit = T.Compose(
+        [
+            T.Resize(50, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(45),
+            T.ToTensor(),
+            T.Normalize(*IMAGENET),
+        ]
+    )
+    for image in _images():
+        np.testing.assert_array_equal(eval_transform(pre)(image).numpy(), explicit(image).numpy())
+
+
+def test_with_size_keeps_or_changes_the_resize_mode() -> None:
+    pre = PREPROCESSINGS[0]
+    assert pre.with_size(None) is pre and pre.with_size(None, None) is pre
+    squash = pre.with_size(32, "squash")
+    assert (squash.input_size, squash.resize_mode, squash.crop_pct) == (32, "squash", 0.875)
+    assert squash.with_size(48).resize_mode == "squash"
+    assert squash.to_dict()["resize_mode"] == "squash"
+    with pytest.raises(ValueError, match=r"field 'resize_mode' must be one of \['crop', 'squash'"):
+        pre.with_size(None, "stretch")
+    with pytest.raises(ValueError, match="'resize_mode'.*'fill'"):
+        Preprocessing(32, *IMAGENET, resize_mode="fill")
+
+
+def test_both_modules_know_the_same_resize_modes() -> None:
+    from retrieval.bundle import preprocess
+
+    assert preprocess.RESIZE_MODES == RESIZE_MODES
 
 
 def test_non_rgb_images_are_converted_like_the_loader() -> None:
@@ -104,10 +200,24 @@ def test_from_preprocessing_and_dict_round_trip() -> None:
         "mean": [0.5, 0.5, 0.5],
         "std": [0.5, 0.5, 0.5],
         "color_mode": "RGB",
+        "resize_mode": "crop",
     }
     assert Preprocessor.from_dict(data) == pre
     del data["color_mode"]  # optional: RGB
     assert Preprocessor.from_dict(data) == pre
+    squash = Preprocessor.from_preprocessing(PREPROCESSINGS[1].with_size(None, "squash"))
+    assert (squash.resize, squash.resize_mode) == (224, "squash")  # nothing is cropped
+    assert Preprocessor.from_dict(json.loads(json.dumps(squash.to_dict()))) == squash
+
+
+def test_preprocessing_json_written_before_resize_mode_loads_as_crop() -> None:
+    old = {k: v for k, v in GOOD.items()}  # the fields bundles stored before resize_mode
+    assert "resize_mode" not in old
+    pre = Preprocessor.from_dict(old)
+    assert pre.resize_mode == "crop"
+    image = _scene(90, 60, 13)
+    reference = Preprocessing(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_pct=32 / 36)
+    np.testing.assert_allclose(pre(image), eval_transform(reference)(image).numpy(), atol=1e-5)
 
 
 def test_unknown_interpolation_falls_back_to_bilinear_like_eval_transform() -> None:
@@ -142,6 +252,8 @@ GOOD: dict[str, Any] = {
         ({"std": [0.2, 0.0, 0.2]}, "std"),
         ({"std": [0.2, "x", 0.2]}, "std"),
         ({"color_mode": "BGR"}, "color_mode"),
+        ({"resize_mode": "stretch"}, "resize_mode"),
+        ({"resize_mode": None}, "resize_mode"),
     ],
 )
 def test_from_dict_names_the_bad_field(change: dict[str, Any], field: str) -> None:

@@ -395,6 +395,23 @@ def test_bad_preprocessing_with_a_matching_checksum_names_the_field(bundle_copy:
         Retriever.load(bundle_copy)
 
 
+def test_a_bundle_written_before_resize_mode_loads_as_crop(
+    bundle_copy: Path, gallery: Gallery
+) -> None:
+    from retrieval.bundle.format import read_manifest, write_manifest
+
+    path = bundle_copy / "preprocessing.json"
+    data = json.loads(path.read_text())
+    assert data.pop("resize_mode") == "crop"
+    path.write_text(json.dumps(data))
+    manifest = read_manifest(bundle_copy)
+    write_manifest(bundle_copy, manifest, list(manifest.pop("files")))
+    with Retriever.load(bundle_copy, runtime="eager") as loaded:
+        assert loaded.preprocessor.resize_mode == "crop"
+        vectors = loaded.embed(gallery.paths[:3])
+    np.testing.assert_allclose(vectors, gallery.vectors[:3], atol=1e-5)
+
+
 def test_a_newer_format_version_is_refused(bundle_copy: Path) -> None:
     path = bundle_copy / "manifest.json"
     manifest = json.loads(path.read_text())

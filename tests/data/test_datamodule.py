@@ -104,3 +104,45 @@ def test_validation_is_sharded_across_ranks_with_equal_shapes(small_demo):
         assert repeated == list(range(sum(expected) * world - n))  # the split's first items
         if world > 1:
             assert shards[0][0][:2] == [0, world]  # rank r takes r, r + W, ...
+
+
+def test_resize_mode_overrides_the_backbones_policy(small_demo, tmp_path):
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from retrieval.data.transforms import eval_transform
+
+    assert datamodule(small_demo).preprocessing.resize_mode == "crop"  # None: PRE's own
+    dm = datamodule(small_demo, max_labels=2, resize_mode="squash")
+    assert dm.preprocessing == PRE.with_size(48, "squash")
+    wide = tmp_path / "wide.png"
+    Image.effect_mandelbrot((150, 60), (-2.0, -1.0, 1.0, 1.0), 50).convert("RGB").save(wide)
+    dm.setup("validate")
+    assert dm.val_set is not None
+    dm.val_set.rows[0] = replace(dm.val_set.rows[0], path=wide)  # a wide image to resize
+    got = dm.val_set[0]["image"]
+    image = Image.open(wide).convert("RGB")
+    expected = eval_transform(PRE.with_size(48, "squash"))(image)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    cropped = eval_transform(PRE.with_size(48))(image)
+    assert not torch.allclose(got, cropped, atol=1e-3)
+    with pytest.raises(ValueError, match=r"'resize_mode' must be one of .*got 'stretch'"):
+        datamodule(small_demo, resize_mode="stretch")
+
+
+def test_data_configs_pass_resize_mode_to_the_module(small_demo, tmp_path):
+    from hydra.utils import instantiate
+
+    from retrieval.tasks.config import compose_config
+
+    cfg = compose_config(
+        [
+            f"paths.data_dir={tmp_path}",
+            "data=manifest",
+            f"data.manifest={small_demo}",
+            "data.resize_mode=pad",
+        ]
+    )
+    dm = instantiate(cfg.data, _partial_=True)(preprocessing=PRE)
+    assert dm.preprocessing.resize_mode == "pad" and dm.preprocessing.input_size == 224
