@@ -170,3 +170,53 @@ def test_only_global_rank_zero_writes_before_the_trainer_knows_its_rank(monkeypa
     monkeypatch.setenv("NODE_RANK", "0")
     monkeypatch.setattr(rank_zero_only, "rank", 3)
     assert not _starts_as_rank_zero()
+
+
+def test_pretrained_baseline_equals_evaluate_and_training_starts_in_train_mode(
+    small_demo, tmp_path, capsys, monkeypatch
+):
+    """The report's pretrained column is what evaluate.py scores for the backbone as-is, and
+    scoring it first leaves the module in train mode (Lightning keeps modes at fit start)."""
+    from lightning.pytorch.callbacks import Callback
+
+    import retrieval.tasks.train as train_task
+    from retrieval.tasks.config import compose_config
+    from retrieval.tasks.evaluate import evaluate
+
+    modes: list[bool] = []
+
+    class RecordModes(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            modes.append(pl_module.model.backbone.training)
+
+    def build_recording(cfg):
+        objects = build(cfg)
+        objects["trainer"].callbacks.append(RecordModes())
+        return objects
+
+    monkeypatch.setattr(train_task, "build", build_recording)
+    metrics, _ = train(fast_cfg(small_demo, tmp_path, "trainer.max_epochs=1", "data.max_labels=8"))
+    assert modes and all(modes)
+    header = next(line for line in capsys.readouterr().out.splitlines() if "metric" in line)
+    assert header.split() == ["metric", "pretrained", "untrained", "trained"]
+    evaluated, _ = evaluate(
+        compose_config(
+            [
+                f"paths.data_dir={tmp_path}/data",
+                f"paths.output_dir={tmp_path}/eval",
+                "logger=csv",
+                "data=manifest",
+                f"data.manifest={small_demo}",
+                "data.image_size=64",
+                "data.num_workers=0",
+                "data.max_labels=8",
+                "use_cache=false",
+                "metrics=[recall,map@r,r_precision]",
+                "ks=[1,2,4,8]",
+            ],
+            name="evaluate",
+        )
+    )
+    for name in ("recall@1", "recall@8", "map@r"):
+        assert metrics[f"pretrained/{name}"] == pytest.approx(evaluated[f"test/{name}"], abs=1e-6)
+    assert metrics["pretrained/recall@1"] != metrics["baseline/recall@1"]

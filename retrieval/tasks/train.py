@@ -16,9 +16,13 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
+from retrieval.evaluation import evaluate_protocol
+from retrieval.extract import embed_loader
 from retrieval.io import atomic_write
 from retrieval.loggers import describe_wandb, finish_wandb
+from retrieval.models import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +72,36 @@ def _write_text(path: Path, text: str) -> None:
         handle.write(text)
 
 
+def pretrained_baseline(module: Any, datamodule: Any, device: Any) -> dict[str, float]:
+    """Validation metrics of the backbone as-is: average-pooled features, no head, the same
+    vectors ``python evaluate.py`` scores for a pretrained backbone. Shares the module's
+    backbone (read only, before training); keys ``pretrained/<metric>``."""
+    embedder = module.model
+    as_is = Embedder(embedder.backbone, None, "avg", channels_last=embedder.channels_last)
+    loader = DataLoader(
+        datamodule.eval_set(),
+        batch_size=datamodule.eval_batch_size,
+        num_workers=datamodule.num_workers,
+    )
+    training = module.training
+    found = embed_loader(as_is, loader, device=device, progress=False, description="pretrained")
+    module.train(training)  # embedding put the shared backbone in eval mode; fit keeps modes
+    result, _, _ = evaluate_protocol(
+        found.vectors,
+        found.labels,
+        found.is_query,
+        found.is_gallery,
+        ks=module.eval_ks,
+        metrics=module.eval_metrics,
+    )
+    return {f"pretrained/{k}": float(v) for k, v in result.metrics.items()}
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train per ``cfg``; returns ``(metrics, objects)``. ``metrics`` holds the untrained
-    baseline (``baseline/...``), the last validation (``val/...``) and the best monitored value."""
+    """Train per ``cfg``; returns ``(metrics, objects)``. ``metrics`` holds the backbone as-is
+    (``pretrained/...``, with ``baseline_pretrained`` on one process), the untrained model with
+    its new head (``baseline/...``), the last validation (``val/...``) and the best monitored
+    value."""
     output_dir = Path(cfg.paths.output_dir)
     if _starts_as_rank_zero():
         _write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -79,6 +110,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     metrics: dict[str, Any] = {}
     if cfg.get("ckpt_path") is None:
+        if cfg.get("baseline_pretrained") and trainer.world_size == 1:
+            metrics.update(pretrained_baseline(module, datamodule, trainer.strategy.root_device))
         baseline = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         metrics.update({k.replace("val/", "baseline/"): v for k, v in baseline.items()})
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -106,10 +139,17 @@ def _report(metrics: dict[str, Any], monitor: str, loggers: list[Any]) -> None:
         return f"{value:10.0f}" if name.endswith("queries") else f"{value:10.4f}"
 
     names = sorted(k.split("/", 1)[1] for k in metrics if k.startswith("val/"))
-    lines = [f"{'metric':<22}{'untrained':>10}{'trained':>10}"]
+    stages = [("pretrained", "pretrained"), ("baseline", "untrained"), ("val", "trained")]
+    shown = [(key, title) for key, title in stages if any(k.startswith(key + "/") for k in metrics)]
+    lines = [f"{'metric':<22}" + "".join(f"{title:>11}" for _, title in shown)]
     for name in names:
-        before, after = metrics.get(f"baseline/{name}"), metrics[f"val/{name}"]
-        lines.append(f"{'val/' + name:<22}{cell(before, name)}{cell(after, name)}")
+        cells = "".join(" " + cell(metrics.get(f"{key}/{name}"), name) for key, _ in shown)
+        lines.append(f"{'val/' + name:<22}{cells}")
+    if "pretrained/recall@1" in metrics:
+        lines.append(
+            "pretrained = the backbone as-is (average-pooled features, no head), as "
+            "evaluate.py scores it; untrained = the model with its new head before training"
+        )
     if f"best/{monitor}" in metrics:
         lines.append(
             f"best {monitor} = {metrics[f'best/{monitor}']:.4f} ({metrics['best/checkpoint']})"
