@@ -4,6 +4,7 @@ retrieval search BUNDLE IMAGE... [-k 10] [--json]
 retrieval index BUNDLE DIR [--labels folder|none]
 retrieval info BUNDLE
 retrieval verify BUNDLE
+retrieval score BUNDLE MANIFEST [--split test] [-k 10] [--json]
 retrieval serve BUNDLE [--host 127.0.0.1] [--port 8000] [--token SECRET]
 """
 
@@ -92,6 +93,47 @@ def _verify(args: argparse.Namespace) -> int:
     return EXIT_PROBLEMS if problems else 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    from retrieval.data.manifest import ManifestError, read_manifest, select_split
+    from retrieval.evaluation.bundle_score import score_bundle
+
+    try:
+        rows = select_split(read_manifest(args.manifest, args.root, check_files=False), args.split)
+    except ManifestError as err:
+        raise ValueError(str(err)) from None
+    queries = [(r.path, r.label, r.extra.get("edit", "")) for r in rows if r.is_query]
+    if not queries:
+        raise ValueError(
+            f"{args.manifest}: split '{args.split}' has no query rows (column is_query = 1)"
+        )
+    missing = [str(path) for path, _, _ in queries if not path.is_file()]
+    if missing:
+        raise ValueError(
+            f"{args.manifest}: {len(missing)} of {len(queries)} query images do not exist "
+            f"(first: {missing[0]}); pass --root, the folder the manifest's paths start from"
+        )
+    with _load(args) as retriever:
+        result = score_bundle(retriever, queries, k=args.k, batch_size=args.batch_size)
+        items = len(retriever)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{args.bundle}: {items} items")
+    print(
+        f"{args.manifest} (split {args.split}): {result['queries']} queries, "
+        f"{result['scored']} scored, {result['excluded']} without a relevant item"
+    )
+    k = result["k"]
+    for name in dict.fromkeys(("recall@1", f"recall@{k}", f"micro_ap@{k}")):
+        print(f"  {name:<14}{result[name]:.4f}")
+    print(f"  {'ms per query':<14}{1000 * result['seconds_per_query']:.1f}")
+    if len(result["recall@1_by_edit"]) > 1 or "" not in result["recall@1_by_edit"]:
+        print("recall@1 by edit:")
+        for edit, value in result["recall@1_by_edit"].items():
+            print(f"  {edit or '(none)':<14}{value:.4f}  ({result['edit_counts'][edit]} queries)")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -162,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("verify", "check checksums, the item store and the index; exit 1 on problems")
     p.set_defaults(run=_verify)
+
+    p = command("score", "search a manifest's query images in the bundle and score the hits")
+    p.add_argument("manifest", help="manifest CSV whose split has is_query rows")
+    p.add_argument("--split", default="test", help="split to score (default test)")
+    p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--root", default=None, help="folder of the manifest's relative paths")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_score)
 
     p = command("serve", "answer searches over HTTP and serve the search page")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")

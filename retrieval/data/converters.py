@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from retrieval.data.copydetect import prepare_copydetect
 from retrieval.data.images import IMAGE_EXTENSIONS, list_images
 from retrieval.data.manifest import ManifestError, ManifestRow, read_manifest, write_manifest
 
@@ -211,7 +212,12 @@ def image_folder(
 
 
 CONVERTERS: dict[str, Callable[..., Path]] = dict(
-    cub200=cub200, cars196=cars196, sop=sop, inshop=inshop, folder=image_folder
+    cub200=cub200,
+    cars196=cars196,
+    sop=sop,
+    inshop=inshop,
+    folder=image_folder,
+    copydetect=prepare_copydetect,
 )
 
 
@@ -224,10 +230,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("root", type=Path, help="dataset root folder")
     parser.add_argument("--output", type=Path, help="manifest path (default: ROOT/manifest.csv)")
     parser.add_argument("--test-fraction", type=float, default=0.5, help="folder only")
-    parser.add_argument("--seed", type=int, default=0, help="folder only: label shuffle seed")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="folder: label shuffle; copydetect: held-out sample, edits",
+    )
     args = parser.parse_args(argv)
-    folder = args.dataset == "folder"
-    kw = {"test_fraction": args.test_fraction, "seed": args.seed} if folder else {}
+    kw: dict[str, float | int] = {}
+    if args.dataset == "folder":
+        kw = {"test_fraction": args.test_fraction, "seed": args.seed}
+    elif args.dataset == "copydetect":
+        kw = {"seed": args.seed}
     try:
         out = CONVERTERS[args.dataset](args.root, args.output, **kw)
     except ManifestError as err:

@@ -34,6 +34,7 @@ from retrieval.metrics import (
     average_precision,
     map_at_k,
     map_at_r,
+    micro_average_precision,
     nmi,
     precision_at_k,
     r_precision,
@@ -49,8 +50,8 @@ __all__ = [
     "search_excluding_self",
 ]
 
-#: Metric families: ``recall``, ``precision`` and ``map@k`` give one value per k.
-ALL_METRICS = ("recall", "precision", "map@k", "map@r", "r_precision", "map", "nmi")
+#: Metric families: ``recall``, ``precision``, ``map@k`` and ``micro_ap`` give one value per k.
+ALL_METRICS = ("recall", "precision", "map@k", "map@r", "r_precision", "map", "micro_ap", "nmi")
 #: NMI is left out by default: its k-means costs more than everything else together.
 DEFAULT_METRICS = ("recall", "precision", "map@k", "map@r", "r_precision", "map")
 
@@ -136,6 +137,31 @@ def _per_query(
     return out
 
 
+def _micro_ap(
+    scores: np.ndarray,
+    ids: np.ndarray,
+    gallery_codes: np.ndarray,
+    query_codes: np.ndarray,
+    num_positives: int,
+    ks: list[int],
+    lone_scores: np.ndarray | None,
+) -> dict[str, float]:
+    """``micro_ap@{k}``: µAP of the first k results of every query pooled together, the
+    results of queries without a relevant item (``lone_scores``, all misses) included."""
+    labels = np.where(ids >= 0, gallery_codes[np.clip(ids, 0, None)], -1)
+    relevant = labels == query_codes[:, None]
+    scores = np.where(ids >= 0, scores, -np.inf)  # an empty slot is no prediction
+    out = {}
+    for k in ks:
+        kk = min(k, scores.shape[1])
+        s, rel = scores[:, :kk], relevant[:, :kk]
+        if lone_scores is not None:
+            s = np.concatenate([s, lone_scores[:, :kk]])
+            rel = np.concatenate([rel, np.zeros((len(lone_scores), kk), bool)])
+        out[f"micro_ap@{k}"] = micro_average_precision(s, rel, num_positives)
+    return out
+
+
 def _search(
     xq: np.ndarray,
     xg: np.ndarray,
@@ -177,6 +203,10 @@ def evaluate_embeddings(
     - ``map@{k}``: average precision over the first k, divided by min(k, R);
     - ``map@r``: MAP@R (Musgrave et al. 2020); ``r_precision``: precision of the first R;
     - ``map``: full mean average precision over the whole exact ranking;
+    - ``micro_ap@{k}``: µAP (DISC2021): the first k results of all queries ranked together by
+      score, area under that precision-recall curve, over ``sum R`` positives. It is the one
+      metric that also counts the queries with no relevant gallery item (left out of the
+      means): their results are searched too and can only add false positives;
     - ``nmi``: normalised mutual information of k-means clusters of the queries (k = number of
       query labels) with their labels.
 
@@ -244,7 +274,9 @@ def evaluate_embeddings(
     }
     exact_metrics = None
     if factory != "Flat" and compare_exact:
-        _, exact_ids, _ = _search(xq[scored], xg, self_ids, k_needed, "Flat", "", chunk_size)
+        exact_scores, exact_ids, _ = _search(
+            xq[scored], xg, self_ids, k_needed, "Flat", "", chunk_size
+        )
         exact = _per_query(exact_ids, cg, labels, r, ks_, names)
         for k in ks_:
             kk = min(k, k_needed)
@@ -261,6 +293,25 @@ def evaluate_embeddings(
     means = {name: float(v.mean()) for name, v in per_query.items()}
     if factory != "Flat" and compare_exact:
         exact_metrics = {name: float(v.mean()) for name, v in exact.items()}
+    if "micro_ap" in names:
+        lone = np.flatnonzero(num_relevant <= 0)
+        positives = int(r.sum())
+
+        def lone_scores(name: str, params: str) -> np.ndarray | None:
+            if lone.size == 0:
+                return None
+            lone_self = lone if loo else None
+            return _search(xq[lone], xg, lone_self, k_needed, name, params, chunk_size)[0]
+
+        means.update(
+            _micro_ap(scores, ids, cg, labels, positives, ks_, lone_scores(factory, search_params))
+        )
+        if exact_metrics is not None:
+            exact_metrics.update(
+                _micro_ap(
+                    exact_scores, exact_ids, cg, labels, positives, ks_, lone_scores("Flat", "")
+                )
+            )
     if "nmi" in names:
         clusters = kmeans(xq, k=int(np.unique(cq).size), seed=seed)
         means["nmi"] = nmi(clusters, cq)
