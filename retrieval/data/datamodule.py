@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from retrieval.data.dataset import ImageDataset
 from retrieval.data.images import DEFAULT_MAX_PIXELS, find_unreadable, report_unreadable
 from retrieval.data.manifest import ManifestRow, read_manifest, select_split
-from retrieval.data.sampler import PKBatchSampler
+from retrieval.data.sampler import InstanceBatchSampler, PKBatchSampler
 from retrieval.data.transforms import eval_transform, train_transform
 from retrieval.models.backbone import Preprocessing
 
@@ -30,13 +30,18 @@ class RetrievalDataModule(pl.LightningDataModule):
         max_labels: keep only the first N labels (sorted) of each split, for quick runs.
         strict_images: unreadable images are an error instead of being skipped with a warning.
         eval_ks: the k of Recall@k that papers report on this dataset.
+        augment: training augmentation, ``standard`` or ``copydetect`` (copy-detection edits
+            before the crop, see :func:`~retrieval.data.transforms.train_transform`);
+            ``train_scale`` ``None`` takes that augmentation's crop scale.
+        overlay_dir: folder of RGBA images the ``copydetect`` emoji edit pastes (default: it
+            draws shapes).
     """
 
     def __init__(
         self,
         manifest: str | Path,
         preprocessing: Preprocessing,
-        sampler: Callable[..., PKBatchSampler] | None = None,
+        sampler: Callable[..., PKBatchSampler | InstanceBatchSampler] | None = None,
         root: str | Path | None = None,
         image_size: int | None = None,
         resize_mode: str | None = None,
@@ -46,12 +51,14 @@ class RetrievalDataModule(pl.LightningDataModule):
         num_workers: int = 2,
         strict_images: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        train_scale: Sequence[float] = (0.25, 1.0),
+        train_scale: Sequence[float] | None = None,
         hflip: bool = True,
         color_jitter: float = 0.0,
         max_labels: int | None = None,
         seed: int = 0,
         eval_ks: Sequence[int] = (1, 2, 4, 8),
+        augment: str = "standard",
+        overlay_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.manifest = Path(manifest)
@@ -63,7 +70,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.strict_images = strict_images
         self.max_pixels = max_pixels
-        self.train_scale, self.hflip, self.color_jitter = tuple(train_scale), hflip, color_jitter
+        self.train_scale = tuple(train_scale) if train_scale is not None else None
+        self.hflip, self.color_jitter = hflip, color_jitter
+        self.augment, self.overlay_dir = augment, overlay_dir
         self.max_labels = max_labels
         self.seed = seed
         self.eval_ks = tuple(eval_ks)
@@ -87,7 +96,12 @@ class RetrievalDataModule(pl.LightningDataModule):
             self.train_set = ImageDataset(
                 train_rows,
                 train_transform(
-                    self.preprocessing, self.train_scale, self.hflip, self.color_jitter
+                    self.preprocessing,
+                    self.train_scale,
+                    self.hflip,
+                    self.color_jitter,
+                    augment=self.augment,
+                    overlay_dir=self.overlay_dir,
                 ),
                 self.max_pixels,
             )
@@ -111,7 +125,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         assert self.train_set is not None
         return len(self.train_set.label_names)
 
-    def _sampler(self, rank: int, num_replicas: int) -> PKBatchSampler:
+    def _sampler(self, rank: int, num_replicas: int) -> PKBatchSampler | InstanceBatchSampler:
         assert self.train_set is not None
         if self.sampler_factory is None:
             raise ValueError("this data module has no sampler: pass sampler= to train with it")

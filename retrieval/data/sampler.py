@@ -1,4 +1,5 @@
-"""P x K batch sampling: every batch holds P labels with K images each.
+"""P x K batch sampling: every batch holds P labels with K images each, or (instance
+training) P images with K views each.
 
 Metric-learning losses need positives in the batch; drawing P labels and K images of each
 guarantees them. Labels with fewer than K images are drawn with replacement inside the label
@@ -108,3 +109,80 @@ class PKBatchSampler(Sampler[list[int]]):
             queues[c] = [int(i) for i in rng.permutation(group)]
         taken, queues[c] = queues[c][: self.k], queues[c][self.k :]
         return taken
+
+
+class InstanceBatchSampler(Sampler[list[int]]):
+    """Instance discrimination batches: ``images_per_batch`` distinct dataset indices (P), each
+    repeated ``views_per_image`` times (K) in a row, so a batch is ``[i0]*K + [i1]*K + ...``.
+
+    The dataset's random train transform turns the K copies of an index into K different views
+    of the same image; a contrastive loss (NT-Xent) then pulls the views together and pushes
+    the other images away. The loss receives ``batch["label"]``, the dataset's label of each
+    item, as the instance id, so the dataset must give every training image its own label (the
+    copy-detection manifest does). With shared labels, different images of one label in a batch
+    also count as positives (supervised contrastive learning).
+
+    Each epoch visits the images in a permutation seeded by ``seed`` and the epoch (call
+    :meth:`set_epoch`), ``P`` at a time: ``N // P`` global batches by default, the last
+    ``N % P`` images of the permutation left out (different ones every epoch). A longer epoch
+    (``batches_per_epoch``) continues with fresh permutations; a batch never holds an index
+    twice except as its K views. Distributed ranks take every ``num_replicas``-th global batch
+    from ``rank``, so they see different images and the same number of batches.
+
+    Args:
+        labels: label of each dataset item, length N; only its length is used.
+        images_per_batch: P, distinct images per batch (at most N).
+        views_per_image: K >= 2, views of each image in a batch.
+        batches_per_epoch: global batches per epoch; default ``N // P``.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[object],
+        images_per_batch: int = 32,
+        views_per_image: int = 2,
+        batches_per_epoch: int | None = None,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if images_per_batch < 2 or views_per_image < 2:
+            raise ValueError(
+                "sampler needs images_per_batch >= 2 and views_per_image >= 2 "
+                f"(got P={images_per_batch}, K={views_per_image})"
+            )
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        self.num_images = len(labels)
+        if self.num_images < images_per_batch:
+            raise ValueError(
+                f"sampler.images_per_batch={images_per_batch} distinct images per batch, but "
+                f"the training split has {self.num_images}; lower sampler.images_per_batch "
+                "or add training images"
+            )
+        self.p, self.k = images_per_batch, views_per_image
+        total = batches_per_epoch or self.num_images // self.p
+        self.batches_per_rank = max(1, total // num_replicas)
+        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
+        self.epoch = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.p * self.k
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_rank
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        per_permutation = self.num_images // self.p
+        order = np.empty(0, dtype=np.int64)
+        for step in range(self.batches_per_rank * self.num_replicas):
+            start = (step % per_permutation) * self.p
+            if start == 0:
+                order = rng.permutation(self.num_images)
+            if step % self.num_replicas == self.rank:
+                yield [int(i) for i in order[start : start + self.p] for _ in range(self.k)]

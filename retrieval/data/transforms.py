@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
+from retrieval.data.copy_edits import CopyEditAugment, load_overlays
 from retrieval.models.backbone import Preprocessing
 
 _INTERPOLATION = {
@@ -80,17 +82,42 @@ def eval_transform(pre: Preprocessing) -> T.Compose:
     )
 
 
+AUGMENTS = ("standard", "copydetect")
+_DEFAULT_SCALE = {"standard": (0.25, 1.0), "copydetect": (0.3, 1.0)}
+
+
 def train_transform(
     pre: Preprocessing,
-    scale: Sequence[float] = (0.25, 1.0),
+    scale: Sequence[float] | None = None,
     hflip: bool = True,
     color_jitter: float = 0.0,
+    augment: str = "standard",
+    overlay_dir: str | Path | None = None,
 ) -> T.Compose:
     """Random resized crop to ``input_size`` (area fraction in ``scale``), optional horizontal
-    flip and colour jitter, then the backbone's normalisation."""
-    steps: list = [
-        T.RandomResizedCrop(pre.input_size, scale=tuple(scale), interpolation=_interpolation(pre))
-    ]
+    flip and colour jitter, then the backbone's normalisation.
+
+    ``augment="copydetect"`` (SSCD-style instance training) first applies
+    :class:`~retrieval.data.copy_edits.CopyEditAugment` to the PIL image, so borders, text and
+    overlays are cropped with the picture, and uses a gentler crop. ``scale`` defaults to
+    (0.25, 1.0) for ``standard`` and (0.3, 1.0) for ``copydetect``. ``overlay_dir`` (copydetect
+    only) is a folder of RGBA images (emoji PNGs) pasted by the ``emoji`` edit; without it the
+    edit draws shapes. Raises ValueError for another ``augment``, or ``overlay_dir`` with
+    ``standard``.
+    """
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment={augment!r} is not one of {', '.join(AUGMENTS)}")
+    if overlay_dir is not None and augment != "copydetect":
+        raise ValueError(
+            f"overlay_dir={overlay_dir} is used only by augment=copydetect (got {augment!r}); "
+            "drop it or set augment=copydetect"
+        )
+    steps: list = []
+    if augment == "copydetect":
+        overlays = load_overlays(overlay_dir) if overlay_dir is not None else None
+        steps.append(CopyEditAugment(overlays))
+    area = tuple(scale) if scale is not None else _DEFAULT_SCALE[augment]
+    steps.append(T.RandomResizedCrop(pre.input_size, scale=area, interpolation=_interpolation(pre)))
     if hflip:
         steps.append(T.RandomHorizontalFlip())
     if color_jitter > 0:

@@ -3,7 +3,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from retrieval.data.sampler import PKBatchSampler
+from retrieval.data.sampler import InstanceBatchSampler, PKBatchSampler
 
 LABELS = [f"l{i % 10}" for i in range(200)]  # 10 labels x 20 images
 
@@ -84,3 +84,73 @@ def test_bad_shapes_fail_with_a_clear_message():
     assert np.array_equal(
         np.sort(np.concatenate([g for g in PKBatchSampler(LABELS).groups])), np.arange(200)
     )
+
+
+IMAGES = ["same"] * 60  # instance training reads only the length of the labels
+
+
+def test_instance_batches_hold_p_images_repeated_k_times():
+    sampler = InstanceBatchSampler(IMAGES, images_per_batch=6, views_per_image=3)
+    result = batches(sampler)
+    assert len(result) == len(sampler) == 60 // 6
+    assert sampler.batch_size == 18
+    for batch in result:
+        assert len(batch) == 18
+        distinct = batch[::3]
+        assert len(set(distinct)) == 6
+        assert batch == [i for i in distinct for _ in range(3)]  # K views of one image in a row
+
+
+def test_instance_epoch_visits_every_image_once():
+    sampler = InstanceBatchSampler(IMAGES, images_per_batch=5, views_per_image=2, seed=3)
+    for epoch in range(3):
+        seen = [i for batch in batches(sampler, epoch) for i in batch[::2]]
+        assert sorted(seen) == list(range(60))
+
+
+def test_instance_epoch_leaves_out_the_remainder_only():
+    sampler = InstanceBatchSampler(["x"] * 23, images_per_batch=5, views_per_image=2)
+    seen = [i for batch in batches(sampler) for i in batch[::2]]
+    assert len(seen) == len(set(seen)) == 20
+    later = [i for batch in batches(sampler, 1) for i in batch[::2]]
+    assert set(later) != set(seen)  # another 3 images wait this epoch out
+
+
+def test_instance_deterministic_for_seed_and_epoch_and_shuffled():
+    a = InstanceBatchSampler(IMAGES, 4, 2, seed=1)
+    b = InstanceBatchSampler(IMAGES, 4, 2, seed=1)
+    assert batches(a, 3) == batches(b, 3)
+    assert batches(a, 3) != batches(a, 4)
+    assert batches(a, 0) != batches(InstanceBatchSampler(IMAGES, 4, 2, seed=2), 0)
+    first = [i for batch in batches(a, 0) for i in batch[::2]]
+    assert first != sorted(first)
+
+
+def test_instance_ranks_get_disjoint_images_of_equal_count():
+    per_rank = [
+        batches(InstanceBatchSampler(IMAGES, 4, 2, seed=0, num_replicas=3, rank=r), 1)
+        for r in range(3)
+    ]
+    assert [len(b) for b in per_rank] == [5, 5, 5]
+    images = [{i for batch in rank for i in batch} for rank in per_rank]
+    assert all(images[a].isdisjoint(images[b]) for a in range(3) for b in range(a + 1, 3))
+    single = batches(InstanceBatchSampler(IMAGES, 4, 2, seed=0), 1)
+    assert [per_rank[i % 3][i // 3] for i in range(15)] == single
+
+
+def test_instance_longer_epoch_continues_with_new_permutations():
+    sampler = InstanceBatchSampler(["x"] * 10, 4, 2, batches_per_epoch=7)
+    result = batches(sampler)
+    assert len(result) == 7
+    assert all(len(set(batch)) == 4 for batch in result)
+    first, second = [b[::2] for b in result[:2]], [b[::2] for b in result[2:4]]
+    assert first != second
+
+
+def test_instance_fewer_images_than_p_fails_before_training():
+    with pytest.raises(ValueError, match=r"sampler.images_per_batch=32.*has 20.*lower"):
+        InstanceBatchSampler(["x"] * 20, images_per_batch=32)
+    with pytest.raises(ValueError, match="views_per_image >= 2"):
+        InstanceBatchSampler(IMAGES, views_per_image=1)
+    with pytest.raises(ValueError, match="rank 2"):
+        InstanceBatchSampler(IMAGES, num_replicas=2, rank=2)
