@@ -296,3 +296,35 @@ def test_report_goes_to_weights_and_biases_offline(tmp_path, monkeypatch, capsys
     assert table["columns"][:3] == ["query", "label", "first results"]
     assert len(table["data"]) == len(x)
     assert "wandb sync" in capsys.readouterr().out
+
+
+def test_an_image_rewritten_under_the_same_path_is_embedded_again(tmp_path):
+    """Regenerated files (e.g. new copy-detection queries) must not be scored from stale
+    cached embeddings of the old files at the same paths."""
+    import csv as csv_module
+
+    root = tmp_path / "imgs"
+    rows = []
+    for label in range(4):
+        for index in range(3):
+            path = root / f"{label}_{index}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40, 40), (60 * label, 40 * index, 90)).save(path)
+            rows.append((path.name, str(label), "test"))
+    manifest = root / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        csv_module.writer(handle).writerows([("path", "label", "split"), *rows])
+    overrides = [
+        "data=manifest",
+        f"data.manifest={manifest}",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "metrics=[recall]",
+        "ks=[1]",
+    ]
+    evaluate(compose_eval(tmp_path, *overrides))
+    first = json.loads((tmp_path / "out" / "metrics.json").read_text())["protocol"]
+    Image.new("RGB", (40, 40), (255, 255, 0)).save(root / "0_0.png")  # same path, new pixels
+    evaluate(compose_eval(tmp_path, *overrides, f"paths.output_dir={tmp_path}/out2"))
+    second = json.loads((tmp_path / "out2" / "metrics.json").read_text())["protocol"]
+    assert first["data"]["embedding_cache"] != second["data"]["embedding_cache"]

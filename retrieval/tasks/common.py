@@ -4,6 +4,7 @@ and embedding a dataset with the cache."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,15 @@ def describe_model(loaded: LoadedModel, preprocessing: dict[str, Any]) -> dict[s
     return protocol
 
 
+def _file_stamp(path: str) -> tuple[int, int]:
+    """(size, mtime in ns) of a file; (-1, -1) when it cannot be read (loading reports it)."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (found.st_size, found.st_mtime_ns)
+
+
 def embed_dataset(
     cfg: DictConfig,
     embedder: torch.nn.Module,
@@ -124,8 +134,14 @@ def embed_dataset(
     device: torch.device,
 ) -> tuple[Embeddings, Path | None]:
     """Embeddings of ``dataset``, from the cache when the same weights already embedded the same
-    images the same way (``description``); returns them and the cache file (None: no cache)."""
-    key = fingerprint(embedder, {**description, "precision": cfg.precision, "device": device.type})
+    images the same way (``description``); returns them and the cache file (None: no cache).
+    The size and modification time of every file in ``description["paths"]`` join the key, so
+    an image rewritten under the same path (regenerated queries) is embedded again."""
+    files = [_file_stamp(path) for path in description.get("paths", [])]
+    key = fingerprint(
+        embedder,
+        {**description, "files": files, "precision": cfg.precision, "device": device.type},
+    )
     cache = Path(cfg.cache_dir) / f"{key[:32]}.npz" if cfg.use_cache else None
     embeddings = load_cached(cache, key) if cache is not None else None
     if embeddings is not None:
