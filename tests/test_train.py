@@ -184,10 +184,13 @@ def test_pretrained_baseline_equals_evaluate_and_training_starts_in_train_mode(
     from retrieval.tasks.evaluate import evaluate
 
     modes: list[bool] = []
+    norms_in_train_mode: list[int] = []
 
     class RecordModes(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             modes.append(pl_module.model.backbone.training)
+            norms = pl_module.model._backbone_norms()
+            norms_in_train_mode.append(sum(m.training for m in norms))
 
     def build_recording(cfg):
         objects = build(cfg)
@@ -195,8 +198,18 @@ def test_pretrained_baseline_equals_evaluate_and_training_starts_in_train_mode(
         return objects
 
     monkeypatch.setattr(train_task, "build", build_recording)
-    metrics, _ = train(fast_cfg(small_demo, tmp_path, "trainer.max_epochs=1", "data.max_labels=8"))
+    metrics, objects = train(
+        fast_cfg(small_demo, tmp_path, "trainer.max_epochs=1", "data.max_labels=8")
+    )
     assert modes and all(modes)
+    # freeze_bn (the default) holds under Lightning's loop, which never calls train() itself
+    assert norms_in_train_mode and not any(norms_in_train_mode)
+    fresh = build(fast_cfg(small_demo, tmp_path / "fresh"))
+    trained_norms = objects["module"].model._backbone_norms()
+    fresh_norms = fresh["module"].model._backbone_norms()
+    for trained_bn, fresh_bn in zip(trained_norms, fresh_norms, strict=True):
+        assert torch.equal(trained_bn.running_mean, fresh_bn.running_mean)
+        assert torch.equal(trained_bn.weight, fresh_bn.weight)
     header = next(line for line in capsys.readouterr().out.splitlines() if "metric" in line)
     assert header.split() == ["metric", "pretrained", "untrained", "trained"]
     evaluated, _ = evaluate(

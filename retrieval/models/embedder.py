@@ -57,6 +57,9 @@ class Embedder(nn.Module):
         if freeze_bn:
             for module in self._backbone_norms():
                 module.requires_grad_(False)
+                # now, not only in train(): Lightning does not call train() at fit start, so
+                # norms left in train mode would re-estimate their statistics all along
+                module.eval()
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
