@@ -83,7 +83,8 @@ def _jpeg(image: Image.Image, rng: random.Random) -> Image.Image:
 
 
 def _blur(image: Image.Image, rng: random.Random) -> Image.Image:
-    radius = max(1.0, rng.uniform(0.02, 0.05) * max(image.size))
+    # sigma 0.5-1.5 % of the long side: hard, yet the picture stays recognisable
+    radius = max(1.0, rng.uniform(0.005, 0.015) * max(image.size))
     return image.filter(ImageFilter.GaussianBlur(radius))
 
 
@@ -149,7 +150,7 @@ def apply_edit(
     Same size as the input except ``crop`` (45-80% of the area kept, random aspect and
     position), ``rotate`` (canvas expanded in half of the draws, corners filled with a random
     solid colour) and ``border`` (canvas grows by 5-20% of the side on some or all sides).
-    ``jpeg`` re-encodes at quality 8-20; ``blur`` is Gaussian with a radius of 2-5% of the
+    ``jpeg`` re-encodes at quality 8-20; ``blur`` is Gaussian with a radius of 0.5-1.5% of the
     longer side (at least 1 px); ``rescale`` goes down to 15-35% of the side and back;
     ``emoji`` pastes 1-3 of ``overlays`` (RGBA alpha-composited), or drawn shapes when there
     are none; ``combo`` applies three different other kinds in sequence. The result depends

@@ -42,7 +42,7 @@ from retrieval.data.images import list_images, load_rgb
 from retrieval.data.manifest import ManifestError, ManifestRow, write_manifest
 from retrieval.io import atomic_write, sha256_file
 
-COPYDETECT_VERSION = 1  # bump when the queries or the rows change for the same inputs
+COPYDETECT_VERSION = 2  # bump when the queries or the rows change for the same inputs
 MIN_IMAGES = 20
 QUERY_QUALITY = 95
 _FIX = "run `bash scripts/get_copydetect.sh DIR` or pass a folder of photos (data/README.md)"

@@ -82,6 +82,20 @@ def eval_transform(pre: Preprocessing) -> T.Compose:
     )
 
 
+class _ShrinkTo:
+    """Downscale a PIL image so its long side is at most ``side`` (smaller ones unchanged)."""
+
+    def __init__(self, side: int) -> None:
+        self.side = side
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if max(image.size) <= self.side:
+            return image
+        shrunk = image.copy()
+        shrunk.thumbnail((self.side, self.side), Image.Resampling.BILINEAR)
+        return shrunk
+
+
 AUGMENTS = ("standard", "copydetect")
 _DEFAULT_SCALE = {"standard": (0.25, 1.0), "copydetect": (0.3, 1.0)}
 
@@ -115,7 +129,9 @@ def train_transform(
     steps: list = []
     if augment == "copydetect":
         overlays = load_overlays(overlay_dir) if overlay_dir is not None else None
-        steps.append(CopyEditAugment(overlays))
+        # edits drawn on a copy at twice the input size, not on a full-size photo: the same
+        # picture for the model, at a fraction of the cost of blurring and encoding megapixels
+        steps += [_ShrinkTo(2 * pre.input_size), CopyEditAugment(overlays)]
     area = tuple(scale) if scale is not None else _DEFAULT_SCALE[augment]
     steps.append(T.RandomResizedCrop(pre.input_size, scale=area, interpolation=_interpolation(pre)))
     if hflip:

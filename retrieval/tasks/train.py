@@ -112,8 +112,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("ckpt_path") is None:
         if cfg.get("baseline_pretrained") and trainer.world_size == 1:
             metrics.update(pretrained_baseline(module, datamodule, trainer.strategy.root_device))
-        baseline = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-        metrics.update({k.replace("val/", "baseline/"): v for k, v in baseline.items()})
+        if cfg.get("baseline_untrained", True):
+            baseline = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+            metrics.update({k.replace("val/", "baseline/"): v for k, v in baseline.items()})
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics.update(
         {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
