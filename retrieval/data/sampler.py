@@ -16,7 +16,34 @@ import numpy as np
 from torch.utils.data import Sampler
 
 
-class PKBatchSampler(Sampler[list[int]]):
+class _EpochBatches(Sampler[list[int]]):
+    """What both samplers share: P x K batches, ``batches_per_rank`` per epoch, seeded by
+    (``seed``, epoch), every ``num_replicas``-th global batch taken from ``rank``."""
+
+    def _setup(self, p: int, k: int, total: int, seed: int, num_replicas: int, rank: int) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        self.p, self.k = p, k
+        self.batches_per_rank = max(1, total // num_replicas)
+        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
+        self.epoch = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.p * self.k
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_rank
+
+    def _steps(self) -> range:
+        """Global batch numbers of one epoch (this rank yields those ``% num_replicas == rank``)."""
+        return range(self.batches_per_rank * self.num_replicas)
+
+
+class PKBatchSampler(_EpochBatches):
     """Yields batches of dataset indices: ``labels_per_batch`` labels x ``samples_per_label``.
 
     Deterministic for a given ``seed`` and epoch (call :meth:`set_epoch` before each epoch).
@@ -56,8 +83,6 @@ class PKBatchSampler(Sampler[list[int]]):
                 "sampler needs labels_per_batch >= 2 and samples_per_label >= 2 "
                 f"(got P={labels_per_batch}, K={samples_per_label})"
             )
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
         _, inverse = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
         groups = [np.flatnonzero(inverse == c) for c in range(inverse.max(initial=-1) + 1)]
         singles = sum(len(g) == 1 for g in groups)
@@ -74,26 +99,13 @@ class PKBatchSampler(Sampler[list[int]]):
                 f"images, but the training split has {len(self.groups)}; lower "
                 "sampler.labels_per_batch"
             )
-        self.p, self.k = labels_per_batch, samples_per_label
-        total = batches_per_epoch or len(labels) // (self.p * self.k)
-        self.batches_per_rank = max(1, total // num_replicas)
-        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
-        self.epoch = 0
-
-    @property
-    def batch_size(self) -> int:
-        return self.p * self.k
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.batches_per_rank
+        total = batches_per_epoch or len(labels) // (labels_per_batch * samples_per_label)
+        self._setup(labels_per_batch, samples_per_label, total, seed, num_replicas, rank)
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         queues: list[list[int]] = [[] for _ in self.groups]
-        for step in range(self.batches_per_rank * self.num_replicas):
+        for step in self._steps():
             chosen = rng.choice(len(self.groups), size=self.p, replace=False)
             batch = [i for c in chosen for i in self._take(rng, queues, int(c))]
             if step % self.num_replicas == self.rank:
@@ -111,7 +123,7 @@ class PKBatchSampler(Sampler[list[int]]):
         return taken
 
 
-class InstanceBatchSampler(Sampler[list[int]]):
+class InstanceBatchSampler(_EpochBatches):
     """Instance discrimination batches: ``images_per_batch`` distinct dataset indices (P), each
     repeated ``views_per_image`` times (K) in a row, so a batch is ``[i0]*K + [i1]*K + ...``.
 
@@ -151,8 +163,6 @@ class InstanceBatchSampler(Sampler[list[int]]):
                 "sampler needs images_per_batch >= 2 and views_per_image >= 2 "
                 f"(got P={images_per_batch}, K={views_per_image})"
             )
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
         self.num_images = len(labels)
         if self.num_images < images_per_batch:
             raise ValueError(
@@ -160,27 +170,14 @@ class InstanceBatchSampler(Sampler[list[int]]):
                 f"the training split has {self.num_images}; lower sampler.images_per_batch "
                 "or add training images"
             )
-        self.p, self.k = images_per_batch, views_per_image
-        total = batches_per_epoch or self.num_images // self.p
-        self.batches_per_rank = max(1, total // num_replicas)
-        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
-        self.epoch = 0
-
-    @property
-    def batch_size(self) -> int:
-        return self.p * self.k
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.batches_per_rank
+        total = batches_per_epoch or self.num_images // images_per_batch
+        self._setup(images_per_batch, views_per_image, total, seed, num_replicas, rank)
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         per_permutation = self.num_images // self.p
         order = np.empty(0, dtype=np.int64)
-        for step in range(self.batches_per_rank * self.num_replicas):
+        for step in self._steps():
             start = (step % per_permutation) * self.p
             if start == 0:
                 order = rng.permutation(self.num_images)
