@@ -38,6 +38,9 @@ def test_copydetect_experiment_composes_to_instance_training(tmp_path):
     assert isinstance(sampler, InstanceBatchSampler) and (sampler.p, sampler.k) == (32, 2)
     loss = build_loss(instantiate(cfg.loss), num_classes=40, embedding_size=512)
     assert isinstance(loss, NTXentLoss) and loss.temperature == pytest.approx(0.1)
+    # an experiment's top-level keys win over train.yaml's own defaults
+    assert cfg.baseline_untrained is False and cfg.baseline_pretrained is False
+    assert cfg.data.resize_mode == "squash"
 
 
 def test_copydetect_experiment_builds_and_loads_instance_batches(tmp_path):
