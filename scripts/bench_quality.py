@@ -90,26 +90,31 @@ def score(bundle: Path, manifest: Path, log: Path) -> tuple[dict, float]:
     return json.loads(out.read_text()), time.perf_counter() - start
 
 
+def score_row(model: str, bundle: Path, seconds: float, work: Path) -> dict:
+    """A copydetect row: ``retrieval score`` of ``bundle`` (its time added to ``seconds``)."""
+    manifest = ROOT / "data" / "copydetect" / "manifest.csv"
+    result, search = score(bundle, manifest, work / f"score_{bundle.name}.log")
+    return dict(
+        bench="copydetect",
+        model=model,
+        r1=result["recall@1"],
+        uap=result["micro_ap@10"],
+        seconds=seconds + search,
+        edits=result["recall@1_by_edit"],
+    )
+
+
 def copydetect(work: Path, extra: list[str]) -> list[dict]:
     """The pretrained default export, then experiment=copydetect trained and exported, each
     scored through its bundle."""
     py = sys.executable
-    manifest = ROOT / "data" / "copydetect" / "manifest.csv"
     rows = []
     secs = run(
         [py, "export.py", "data=copydetect", f"bundle={work}/cd_base", f"hydra.run.dir={work}/e0"],
         work / "cd_export_base.log",
     )
-    result, search = score(work / "cd_base", manifest, work / "cd_score_base.log")
     rows.append(
-        dict(
-            bench="copydetect",
-            model="pretrained backbone, default export (export.py)",
-            r1=result["recall@1"],
-            uap=result["micro_ap@10"],
-            seconds=secs + search,
-            edits=result["recall@1_by_edit"],
-        )
+        score_row("pretrained backbone, default export (export.py)", work / "cd_base", secs, work)
     )
     cmd = ["train.py", "experiment=copydetect", "logger=csv", f"hydra.run.dir={work}/cd", *extra]
     secs = run([py, *cmd], work / "cd_train.log")
@@ -124,17 +129,8 @@ def copydetect(work: Path, extra: list[str]) -> list[dict]:
         ],
         work / "cd_export_trained.log",
     )
-    result, search = score(work / "cd_trained", manifest, work / "cd_score_trained.log")
-    rows.append(
-        dict(
-            bench="copydetect",
-            model=f"trained: python {' '.join(cmd[:2] + extra)} + export",
-            r1=result["recall@1"],
-            uap=result["micro_ap@10"],
-            seconds=secs + search,
-            edits=result["recall@1_by_edit"],
-        )
-    )
+    model = f"trained: python {' '.join(cmd[:2] + extra)} + export"
+    rows.append(score_row(model, work / "cd_trained", secs, work))
     return rows
 
 

@@ -16,7 +16,6 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from retrieval.evaluation import evaluate_protocol
 from retrieval.extract import embed_loader
@@ -78,12 +77,8 @@ def pretrained_baseline(module: Any, datamodule: Any, device: Any) -> dict[str, 
     backbone (read only, before training); keys ``pretrained/<metric>``."""
     embedder = module.model
     as_is = Embedder(embedder.backbone, None, "avg", channels_last=embedder.channels_last)
-    loader = DataLoader(
-        datamodule.eval_set(),
-        batch_size=datamodule.eval_batch_size,
-        num_workers=datamodule.num_workers,
-    )
     training = module.training
+    loader = datamodule.val_dataloader()  # one process: the whole split, in order
     found = embed_loader(as_is, loader, device=device, progress=False, description="pretrained")
     module.train(training)  # embedding put the shared backbone in eval mode; fit keeps modes
     result, _, _ = evaluate_protocol(
