@@ -19,6 +19,7 @@ and writes ``DIR/manifest.csv`` with the extra columns ``style`` and ``category`
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import re
@@ -142,9 +143,7 @@ STYLES: dict[str, Callable[[Path], Sources]] = {
 def rasterise(source: Path, size: int) -> Image.Image:
     """A PNG or SVG emoji as an RGB image on white; SVGs are drawn at ``size`` x ``size``."""
     if source.suffix.lower() == ".svg":
-        import io
-
-        import resvg_py
+        import resvg_py  # only needed to draw the SVG styles
 
         try:
             png = resvg_py.svg_to_bytes(svg_path=str(source), width=size, height=size)
