@@ -77,10 +77,8 @@ def score_bundle(
             "check that the bundle was exported from the manifest's gallery"
         )
     start = time.perf_counter()
-    hits = []
-    for begin in range(0, len(queries), batch_size):
-        paths = [str(path) for path, _, _ in queries[begin : begin + batch_size]]
-        hits += retriever.search(paths, k=k, batch_size=batch_size)
+    # Retriever decodes and embeds batch_size images at a time
+    hits = retriever.search([str(path) for path, _, _ in queries], k=k, batch_size=batch_size)
     seconds = time.perf_counter() - start
 
     cols = max(1, min(k, len(retriever)))
