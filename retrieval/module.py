@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from retrieval.evaluation import evaluate_protocol
+from retrieval.layer_decay import layer_decay_groups
 from retrieval.losses import build_loss, check_gatherable, compute_loss
 from retrieval.models.embedder import Embedder
 
@@ -33,6 +34,10 @@ class RetrievalModule(pl.LightningModule):
         loss_lr: learning rate of the loss's own parameters (proxies, class weights).
         frozen_backbone_epochs: epochs at the start during which only the head and the loss
             parameters train (the backbone runs in eval mode without gradients).
+        layer_decay: layer-wise learning-rate decay of a ViT backbone (e.g. 0.75): block ``i``
+            of L trains at ``lr * layer_decay ** (L - i)``, the patch embedding at
+            ``lr * layer_decay ** (L + 1)`` (see :func:`retrieval.layer_decay.layer_decay_groups`);
+            ``None``: one learning rate for the whole backbone. Other backbones raise ValueError.
         eval_ks: the k of recall@k reported by validation.
         eval_metrics: metric families validation reports (see
             :func:`retrieval.evaluation.evaluate_embeddings`).
@@ -53,6 +58,7 @@ class RetrievalModule(pl.LightningModule):
         head_lr_multiplier: float = 10.0,
         loss_lr: float = 1e-2,
         frozen_backbone_epochs: int = 0,
+        layer_decay: float | None = None,
         eval_ks: Sequence[int] = (1, 2, 4, 8),
         eval_metrics: Sequence[str] = ("recall", "map@r", "r_precision"),
         gather_embeddings: bool = False,
@@ -67,6 +73,7 @@ class RetrievalModule(pl.LightningModule):
         self.head_lr_multiplier = head_lr_multiplier
         self.loss_lr = loss_lr
         self.frozen_backbone_epochs = frozen_backbone_epochs
+        self.layer_decay = layer_decay
         self.eval_ks = tuple(eval_ks)
         self.eval_metrics = tuple(eval_metrics)
         self.gather_embeddings = gather_embeddings
@@ -172,7 +179,7 @@ class RetrievalModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         base_lr = float(self.optimizer_factory.keywords["lr"])  # type: ignore[attr-defined]
         groups = [
-            {"params": self.model.backbone_parameters(), "lr": base_lr, "name": "backbone"},
+            *self._backbone_groups(base_lr),
             {
                 "params": self.model.head_parameters(),
                 "lr": base_lr * self.head_lr_multiplier,
@@ -191,6 +198,16 @@ class RetrievalModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def _backbone_groups(self, base_lr: float) -> list[dict[str, Any]]:
+        """One group at ``base_lr``, or one per ViT depth under ``layer_decay``."""
+        if self.layer_decay is None:
+            return [{"params": self.model.backbone_parameters(), "lr": base_lr, "name": "backbone"}]
+        backbone = self.model.backbone
+        try:
+            return layer_decay_groups(backbone.net, base_lr, self.layer_decay)
+        except ValueError as err:
+            raise ValueError(f"backbone '{backbone.name}': {err}") from None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["run_config"] = self.run_config
