@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Train every benchmark recipe (conf/experiment/{cub200,cars196,sop,inshop}_{resnet50,vit_small})
+# on a GPU machine and write their table to experiments/YYYY-MM-DD_benchmarks_gpu.md.
+#
+#   DATA_ROOT=/data bash scripts/reproduce_benchmarks.sh                     # all eight
+#   DATA_ROOT=/data bash scripts/reproduce_benchmarks.sh --only cub200_resnet50 --only sop_vit_small
+#   DATA_ROOT=/data DRY_RUN=1 bash scripts/reproduce_benchmarks.sh           # print the commands
+#
+# DATA_ROOT holds the datasets in their official layouts (data/README.md): CUB_200_2011/,
+# cars196/, Stanford_Online_Products/, InShop/. A missing dataset skips its recipes with a
+# message; the others still run. Environment: RUNS (run folders, default
+# logs/benchmarks/<date_time>), OUT (the table), WORKERS (data.num_workers, default 8),
+# OVERRIDES (more train.py overrides, e.g. "logger=csv trainer.devices=4"). Pretrained weights
+# must be in the Hugging Face cache or downloadable (see README, "Pretrained weights").
+# Exit status: 0 when every recipe that could run succeeded, 1 when one failed or none could run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+RECIPES=(cub200_resnet50 cub200_vit_small cars196_resnet50 cars196_vit_small
+         sop_resnet50 sop_vit_small inshop_resnet50 inshop_vit_small)
+STAMP=$(date +%Y-%m-%d_%H-%M-%S)
+RUNS=${RUNS:-logs/benchmarks/$STAMP}
+OUT=${OUT:-experiments/$(date +%Y-%m-%d)_benchmarks_gpu.md}
+WORKERS=${WORKERS:-8}
+OVERRIDES=${OVERRIDES:-}
+DRY_RUN=${DRY_RUN:-0}
+
+only=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --only) [ $# -ge 2 ] || { echo "--only needs a recipe name" >&2; exit 2; }
+                only+=("$2"); shift 2 ;;
+        --only=*) only+=("${1#--only=}"); shift ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        *) echo "unknown argument '$1' (use --only NAME, or DRY_RUN=1)" >&2; exit 2 ;;
+    esac
+done
+if [ ${#only[@]} -gt 0 ]; then
+    for name in "${only[@]}"; do
+        if [ ! -f "conf/experiment/$name.yaml" ] || [[ " ${RECIPES[*]} " != *" $name "* ]]; then
+            echo "--only $name: not a benchmark recipe; choose from: ${RECIPES[*]}" >&2
+            exit 2
+        fi
+    done
+    RECIPES=("${only[@]}")
+fi
+if [ -z "${DATA_ROOT:-}" ]; then
+    echo "set DATA_ROOT to the folder holding CUB_200_2011/, cars196/, Stanford_Online_Products/, InShop/" >&2
+    exit 2
+fi
+
+# dataset -> folder under DATA_ROOT and the file its converter reads first
+folder_of() {
+    case "$1" in
+        cub200) echo CUB_200_2011 ;;
+        cars196) echo cars196 ;;
+        sop) echo Stanford_Online_Products ;;
+        inshop) echo InShop ;;
+    esac
+}
+layout_ok() {  # dataset root -> 0 when the official layout's index file is there
+    case "$1" in
+        cub200) [ -f "$2/images.txt" ] || [ -f "$2/CUB_200_2011/images.txt" ] ;;
+        cars196) [ -f "$2/cars_annos.mat" ] || [ -f "$2/cars_annos.csv" ] ;;
+        sop) [ -f "$2/Ebay_train.txt" ] && [ -f "$2/Ebay_test.txt" ] ;;
+        inshop) [ -f "$2/list_eval_partition.txt" ] || [ -f "$2/Eval/list_eval_partition.txt" ] ;;
+    esac
+}
+layout_hint() {
+    case "$1" in
+        cub200) echo "images.txt, image_class_labels.txt, images/" ;;
+        cars196) echo "cars_annos.mat (or cars_annos.csv), car_ims/" ;;
+        sop) echo "Ebay_train.txt, Ebay_test.txt, <category>_final/" ;;
+        inshop) echo "list_eval_partition.txt (or Eval/), img/" ;;
+    esac
+}
+
+run() {  # print the command; run it unless DRY_RUN=1
+    echo "+ $*"
+    [ "$DRY_RUN" = 1 ] || "$@"
+}
+
+failed=0
+ran=0
+for name in "${RECIPES[@]}"; do
+    dataset=${name%%_*}
+    root="$DATA_ROOT/$(folder_of "$dataset")"
+    dir="$RUNS/$name"
+    if ! layout_ok "$dataset" "$root"; then
+        reason="$root does not hold the $dataset layout ($(layout_hint "$dataset")); see data/README.md"
+        echo "skipping $name: $reason" >&2
+        if [ "$DRY_RUN" != 1 ]; then
+            mkdir -p "$dir" && echo "$reason" > "$dir/skipped.txt"
+        fi
+        continue
+    fi
+    # shellcheck disable=SC2086  # OVERRIDES is a list of words
+    command=(python train.py "experiment=$name" "data.root=$root" "data.num_workers=$WORKERS"
+             "hydra.run.dir=$dir" $OVERRIDES)
+    ran=$((ran + 1))
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "+ ${command[*]} > $dir/train.log"
+        continue
+    fi
+    mkdir -p "$dir"
+    echo "== $name (log: $dir/train.log)"
+    start=$(date +%s)
+    "${command[@]}" > "$dir/train.log" 2>&1
+    status=$?
+    echo "$(( $(date +%s) - start ))" > "$dir/wall_s"
+    if [ $status = 0 ]; then
+        echo "   done in $(cat "$dir/wall_s") s"
+    else
+        echo "   FAILED (exit $status): see $dir/train.log" >&2
+        failed=1
+    fi
+done
+
+if [ $ran = 0 ]; then
+    echo "no recipe could run: none of their datasets is under DATA_ROOT=$DATA_ROOT" >&2
+    failed=1
+fi
+described="DATA_ROOT=$DATA_ROOT bash scripts/reproduce_benchmarks.sh"
+for name in "${only[@]}"; do described+=" --only $name"; done
+run python scripts/benchmark_table.py "$RUNS" --recipes "${RECIPES[@]}" --output "$OUT" \
+    --command "$described"
+exit $failed
