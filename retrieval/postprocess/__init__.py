@@ -1,0 +1,39 @@
+"""The search-time stage: test-time augmentation, whitening, database-side augmentation,
+α-query expansion and k-reciprocal re-ranking, as pure functions (:mod:`.steps`,
+:mod:`.tta`, :mod:`.query`) chosen by one config (:class:`Postprocess`).
+
+Where each runs: TTA and whitening are layers of the model (so every runtime of an exported
+bundle computes them, parity-checked at export); DBA rewrites the gallery's vectors (a bundle
+stores them, and applies it to items added later); αQE and re-ranking run around a search, in
+evaluation and in :class:`~retrieval.search.Retriever` alike.
+"""
+
+from retrieval.postprocess.config import AQE, DBA, STEPS, TTA, Postprocess, Rerank, Whiten
+from retrieval.postprocess.query import search_with_steps
+from retrieval.postprocess.steps import (
+    Whitening,
+    alpha_query_expansion,
+    database_augment,
+    dba_vectors_for,
+    fit_whitening,
+    k_reciprocal_rerank,
+)
+from retrieval.postprocess.tta import tta_embed
+
+__all__ = [
+    "AQE",
+    "DBA",
+    "STEPS",
+    "TTA",
+    "Postprocess",
+    "Rerank",
+    "Whiten",
+    "Whitening",
+    "alpha_query_expansion",
+    "database_augment",
+    "dba_vectors_for",
+    "fit_whitening",
+    "k_reciprocal_rerank",
+    "search_with_steps",
+    "tta_embed",
+]
