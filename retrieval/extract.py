@@ -124,6 +124,9 @@ def fingerprint(model: nn.Module, description: Mapping[str, Any]) -> str:
     precision...): equal fingerprints mean re-embedding would give the same vectors."""
     digest = hashlib.sha256()
     digest.update(json.dumps(description, sort_keys=True, default=str).encode())
+    steps = getattr(model, "search_steps", None)  # TTA changes outputs, not weights
+    if callable(steps):
+        digest.update(json.dumps(steps(), sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())

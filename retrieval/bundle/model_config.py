@@ -16,8 +16,10 @@ Files written by :func:`export_model`::
 ``backbone``: ``name`` and ``source`` ("timm" | "torchvision", default "timm") and ``kwargs``
 (JSON object, default {}) of :func:`retrieval.models.create_backbone` (weights never loaded);
 ``embedder``: :class:`Embedder` arguments, ``embedding_dim`` (int or null = backbone features)
-and ``pooling`` required, ``head_bn`` default false; ``input_size`` (S) and ``output_dim`` (D)
-are filled in by the export. Every runtime returns L2-normalised float32 rows.
+and ``pooling`` required, ``head_bn`` default false, and the search-time layers ``tta``
+(``{"scales": [...], "flip": bool}`` or null) and ``whiten_dim`` (int or null, weights in the
+safetensors file) default null; ``input_size`` (S) and ``output_dim`` (D) are filled in by the
+export. Every runtime returns L2-normalised float32 rows.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ RUNTIME_FILES = {"onnx": ONNX, "torchscript": TORCHSCRIPT, "eager": WEIGHTS}
 ONNX_OPSET = {"legacy": 17, "dynamo": 18}
 MIN_COSINE = 0.9999  # exported outputs vs PyTorch, per row
 _REQUIRED = object()
-_QUIET = r".*(torch\.jit\.\w+` is deprecated|legacy TorchScript-based ONNX|feature will be removed)"
+_QUIET = (
+    r".*(torch\.jit\.\w+` is deprecated|legacy TorchScript-based ONNX|feature will be removed"
+    r"|Converting a tensor to a Python integer)"  # TTA reads the fixed input side
+)
 
 
 def _is_int(value: Any) -> bool:
@@ -55,8 +60,23 @@ def is_positive_int(value: Any) -> bool:
     return _is_int(value) and value > 0
 
 
+def _is_tta(value: Any) -> bool:
+    if value is None:
+        return True
+    if not isinstance(value, Mapping) or set(value) != {"scales", "flip"}:
+        return False
+    scales = value["scales"]
+    return (
+        isinstance(value["flip"], bool)
+        and isinstance(scales, list)
+        and len(scales) > 0
+        and all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in scales)
+    )
+
+
 _POOLINGS = [*sorted(POOLINGS), "token"]
 _OPTIONAL = object()
+_OMITTED = object()  # absent means null, and stays absent
 _RULES: dict[str, tuple[Callable[[Any], bool], str, Any]] = {  # field: (check, rule, default)
     "backbone.name": (lambda v: isinstance(v, str) and v != "", "a backbone name", _REQUIRED),
     "backbone.source": (lambda v: v in ("timm", "torchvision"), "'timm' or 'torchvision'", "timm"),
@@ -68,6 +88,12 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, Any]] = {  # field: (check, 
     ),
     "embedder.pooling": (lambda v: v in _POOLINGS, f"one of {_POOLINGS}", _REQUIRED),
     "embedder.head_bn": (lambda v: isinstance(v, bool), "true or false", False),
+    "embedder.tta": (_is_tta, '{"scales": [numbers > 0], "flip": bool} or null', _OMITTED),
+    "embedder.whiten_dim": (
+        lambda v: v is None or is_positive_int(v),
+        "an int > 0 or null",
+        _OMITTED,
+    ),
     "input_size": (is_positive_int, "a positive integer", _OPTIONAL),
     "output_dim": (is_positive_int, "a positive integer", _OPTIONAL),
 }
@@ -107,6 +133,10 @@ def check_model_config(
         name, _, key = path.rpartition(".")
         if default is _OPTIONAL:
             if key not in root and not complete:
+                continue
+            default = _REQUIRED
+        if default is _OMITTED:
+            if key not in sections[name]:
                 continue
             default = _REQUIRED
         value = sections[name].get(key, default)

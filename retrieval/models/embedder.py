@@ -6,11 +6,20 @@ this module: float32 rows of unit L2 norm, compared by inner product (= cosine s
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import nn
 
 from retrieval.models.backbone import Backbone, Preprocessing
 from retrieval.models.pooling import TokenPool, build_pooling, l2_normalize
+from retrieval.postprocess.config import TTA
+from retrieval.postprocess.tta import tta_embed
+
+if TYPE_CHECKING:
+    from retrieval.postprocess.steps import Whitening
 
 
 class Embedder(nn.Module):
@@ -25,6 +34,10 @@ class Embedder(nn.Module):
         freeze_bn: keep every BatchNorm of the backbone in eval mode with frozen affine
             parameters while training (small batches, fine-grained data).
         channels_last: run the backbone in channels-last memory format (faster convolutions).
+        tta: search-time test-time augmentation, ``{"scales": [...], "flip": bool}`` (see
+            :class:`retrieval.postprocess.TTA`); ``None``: one view. Never used in training.
+        whiten_dim: a whitening layer to this many dimensions after the head (its weights set
+            by :meth:`with_search_steps` or loaded); ``None``: none.
     """
 
     def __init__(
@@ -35,6 +48,8 @@ class Embedder(nn.Module):
         head_bn: bool = False,
         freeze_bn: bool = False,
         channels_last: bool = True,
+        tta: Mapping[str, Any] | None = None,
+        whiten_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -52,6 +67,11 @@ class Embedder(nn.Module):
             layers.append(nn.BatchNorm1d(features))
         self.head = nn.Sequential(*layers)
         self.embedding_dim = embedding_dim or features
+        self.tta = None if tta is None else TTA(**{**tta, "scales": tuple(tta["scales"])})
+        self.whiten: nn.Linear | None = None
+        if whiten_dim is not None:
+            self.whiten = nn.Linear(self.embedding_dim, int(whiten_dim))
+            self.embedding_dim = int(whiten_dim)
         self.freeze_bn = freeze_bn
         self.channels_last = channels_last
         if freeze_bn:
@@ -85,9 +105,64 @@ class Embedder(nn.Module):
     def backbone_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.backbone.parameters() if p.requires_grad]
 
+    @property
+    def size_multiple(self) -> int:
+        """Input sides must be multiples of this (a ViT's patch size; 1 for CNNs)."""
+        patch = getattr(getattr(self.backbone.net, "patch_embed", None), "patch_size", 1)
+        return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+
+    def search_steps(self) -> dict[str, Any]:
+        """This embedder's search-time layers as model.json fields (``tta``, ``whiten_dim``)."""
+        return {
+            "tta": None
+            if self.tta is None
+            else {"scales": list(self.tta.scales), "flip": self.tta.flip},
+            "whiten_dim": None if self.whiten is None else self.whiten.out_features,
+        }
+
+    def with_search_steps(
+        self, tta: TTA | None = None, whitening: Whitening | None = None
+    ) -> Embedder:
+        """A copy that embeds with test-time augmentation ``tta`` and then ``whitening``
+        (fitted on this embedder's outputs), as evaluation and the exported bundle do."""
+        if whitening is not None and whitening.dim_in != self.embedding_dim:
+            raise ValueError(
+                f"the whitening takes {whitening.dim_in}-d vectors but the embedder gives "
+                f"{self.embedding_dim}-d"
+            )
+        if self.whiten is not None and whitening is not None:
+            raise ValueError("the embedder is whitened already")
+        out = copy.deepcopy(self)
+        out.tta = tta
+        if whitening is not None:
+            weight, bias = whitening.as_linear()
+            layer = nn.Linear(whitening.dim_in, whitening.dim_out)
+            with torch.no_grad():
+                layer.weight.copy_(torch.from_numpy(weight))
+                layer.bias.copy_(torch.from_numpy(bias))
+            device = next(self.parameters()).device
+            out.whiten = layer.to(device)
+            out.embedding_dim = whitening.dim_out
+        return out
+
     def forward(self, images: torch.Tensor, backbone_grad: bool = True) -> torch.Tensor:
         """(B, 3, H, W) -> (B, embedding_dim) unit rows. ``backbone_grad=False`` runs the
         backbone without autograd (a frozen backbone costs no backward pass)."""
+        if self.tta is None:
+            out = self._embed(images, backbone_grad)
+        else:
+            out = tta_embed(
+                lambda view: self._embed(view, backbone_grad),
+                images,
+                self.tta.scales,
+                self.tta.flip,
+                self.size_multiple,
+            )
+        if self.whiten is not None:
+            out = l2_normalize(self.whiten(out))
+        return out
+
+    def _embed(self, images: torch.Tensor, backbone_grad: bool) -> torch.Tensor:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
