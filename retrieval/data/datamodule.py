@@ -157,6 +157,12 @@ class RetrievalDataModule(pl.LightningDataModule):
         assert self.val_set is not None
         return self.val_set
 
+    def split_eval_set(self, split: str) -> ImageDataset:
+        """Any split with the evaluation transform (no augmentation): what search-time steps
+        such as whitening are fitted on (``split="train"``)."""
+        rows = self._rows(read_manifest(self.manifest, self.root), split)
+        return ImageDataset(rows, eval_transform(self.preprocessing), self.max_pixels)
+
     def val_dataloader(self) -> DataLoader:
         """The evaluation split in order; under distributed training each rank loads its shard.
 

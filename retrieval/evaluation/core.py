@@ -40,10 +40,13 @@ from retrieval.metrics import (
     r_precision,
     recall_at_k,
 )
+from retrieval.postprocess import Postprocess, Whitening, database_augment, fit_whitening
+from retrieval.postprocess.query import search_with_steps
 from retrieval.ranking import relevant_ranks
 
 __all__ = [
     "ALL_METRICS",
+    "apply_vector_steps",
     "DEFAULT_METRICS",
     "evaluate_embeddings",
     "evaluate_protocol",
@@ -57,7 +60,12 @@ DEFAULT_METRICS = ("recall", "precision", "map@k", "map@r", "r_precision", "map"
 
 
 def search_excluding_self(
-    index: EmbeddingIndex, xq: np.ndarray, self_ids: np.ndarray, k: int, chunk_size: int = 4096
+    index: EmbeddingIndex,
+    xq: np.ndarray,
+    self_ids: np.ndarray,
+    k: int,
+    chunk_size: int = 4096,
+    queries_stored: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Search ``k`` neighbours of queries that are themselves in ``index``, dropping self.
 
@@ -81,6 +89,9 @@ def search_excluding_self(
         self_ids: (nq,) int ids of the queries in ``index``.
         k: neighbours wanted per query, ``1 <= k``.
         chunk_size: queries per FAISS call.
+        queries_stored: ``xq`` are the very vectors stored under ``self_ids``; false when
+            the queries were changed after storing (augmented gallery, expanded queries),
+            which rules out the self-join.
 
     Returns:
         ``(D, I)``, each (nq, min(k + 1, ntotal) - 1): scores and int64 ids, best first;
@@ -88,7 +99,12 @@ def search_excluding_self(
     """
     self_ids = np.asarray(self_ids, dtype=np.int64)
     n = index.ntotal
-    if index.exact_on_cpu and 2 * self_ids.size >= n and self_join_pays_off(n, index.dim, k):
+    if (
+        queries_stored
+        and index.exact_on_cpu
+        and 2 * self_ids.size >= n
+        and self_join_pays_off(n, index.dim, k)
+    ):
         scores, ids = index.search_self(k, chunk_size=chunk_size)
         return scores[self_ids], ids[self_ids]
     return drop_self(*index.search(xq, k + 1, chunk_size=chunk_size), self_ids)
@@ -170,14 +186,81 @@ def _search(
     factory: str,
     search_params: str,
     chunk_size: int,
-) -> tuple[np.ndarray, np.ndarray, EmbeddingIndex]:
+    steps: Postprocess | None = None,
+    queries_stored: bool = True,
+) -> tuple[np.ndarray, np.ndarray, EmbeddingIndex, np.ndarray]:
+    """``(scores, ids, index, final queries)``: ``k`` results of ``xq`` in ``xg`` (without
+    self), through the query-time steps (αQE, re-ranking) of ``steps`` when given."""
     index = EmbeddingIndex(xg.shape[1], factory=factory, search_params=search_params)
     index.add(xg)
-    if self_ids is None:
-        scores, ids = index.search(xq, k, chunk_size=chunk_size)
-    else:
-        scores, ids = search_excluding_self(index, xq, self_ids, k, chunk_size)
-    return scores, ids, index
+
+    def search(x: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
+        if self_ids is None:
+            return index.search(x, want, chunk_size=chunk_size)
+        stored = queries_stored and x is xq
+        return search_excluding_self(index, x, self_ids, want, chunk_size, stored)
+
+    if steps is None or (steps.aqe is None and steps.rerank is None):
+        scores, ids = search(xq, k)
+        return scores, ids, index, xq
+    scores, ids, final = search_with_steps(
+        xq, k, search, lambda found: xg[found], aqe=steps.aqe, rerank=steps.rerank
+    )
+    return scores, ids, index, final
+
+
+def _reranked_ranks(
+    ranks: np.ndarray,
+    ids: np.ndarray,
+    gallery_codes: np.ndarray,
+    query_codes: np.ndarray,
+    num_relevant: np.ndarray,
+) -> np.ndarray:
+    """Full-ranking positions of the relevant items after re-ranking the first ``ids.shape[1]``
+    results: their new positions inside that block, the plain ones after it."""
+    block = ids.shape[1]
+    out = np.zeros_like(ranks)
+    relevant = (ids >= 0) & (gallery_codes[np.clip(ids, 0, None)] == query_codes[:, None])
+    for row in range(len(ranks)):
+        inside = np.flatnonzero(relevant[row]) + 1
+        r = int(num_relevant[row])
+        tail = np.sort(ranks[row, :r])[inside.size :]
+        tail = np.maximum(tail, block + 1 + np.arange(tail.size))
+        out[row, :r] = np.concatenate([inside, tail])
+    return out
+
+
+def apply_vector_steps(
+    xq: np.ndarray,
+    xg: np.ndarray | None,
+    steps: Postprocess,
+    whitening: Whitening | None,
+) -> tuple[np.ndarray, np.ndarray | None, Whitening | None]:
+    """Whitening of queries and gallery, then DBA of the gallery (``xg=None``: leave-one-out,
+    the queries are the gallery). Returns ``(queries, gallery or None, whitening used)``;
+    in leave-one-out with DBA the gallery comes back augmented and the queries not.
+
+    Raises:
+        ValueError: whitening to fit on the training split but none given.
+    """
+    if steps.whiten is not None:
+        if whitening is None:
+            if steps.whiten.fit_on != "gallery":
+                raise ValueError(
+                    "postprocess.whiten.fit_on=train: pass the whitening fitted on the "
+                    "training split (whitening=), or fit on the gallery (fit_on=gallery)"
+                )
+            whitening = fit_whitening(
+                xq if xg is None else xg,
+                dim=steps.whiten.dim,
+                shrinkage=steps.whiten.shrinkage,
+                method="pca",
+            )
+        xq = whitening.apply(xq)
+        xg = None if xg is None else whitening.apply(xg)
+    if steps.dba is not None:
+        xg = database_augment(xq if xg is None else xg, steps.dba.k, steps.dba.alpha)
+    return xq, xg, whitening
 
 
 def evaluate_embeddings(
@@ -193,6 +276,8 @@ def evaluate_embeddings(
     keep_neighbors: int = 0,
     chunk_size: int = 4096,
     seed: int = 0,
+    postprocess: Postprocess | None = None,
+    whitening: Whitening | None = None,
 ) -> RetrievalResult:
     """Evaluate retrieval of ``query`` in ``gallery`` (or leave-one-out within ``query``).
 
@@ -227,6 +312,13 @@ def evaluate_embeddings(
         keep_neighbors: keep this many first results per query in the result (for reports).
         chunk_size: queries per FAISS call and per rank-counting step.
         seed: seed of k-means (``nmi``).
+        postprocess: search-time steps (:class:`retrieval.postprocess.Postprocess`):
+            whitening of queries and gallery, DBA of the gallery, αQE and re-ranking around
+            the search; every metric is then of that search. (TTA belongs to the model that
+            computed the embeddings and is not applied here.) With re-ranking, the first
+            ``max(K, top_n)`` results are re-ordered and ``map`` counts the positions there.
+        whitening: a whitening fitted beforehand (on the training split); required when
+            ``postprocess.whiten.fit_on`` is ``train``, otherwise it is fitted on the gallery.
 
     Raises:
         ValueError: non-2-D, non-float, empty or non-finite embeddings; zero vectors;
@@ -252,6 +344,16 @@ def evaluate_embeddings(
         xq, xg = unit["query"], unit["gallery"]
         cq, cg = encode_pair(lq, lg)
 
+    steps = postprocess if postprocess else None
+    queries_stored = True
+    if steps is not None:
+        vq, vg, whitening = apply_vector_steps(xq, None if loo else xg, steps, whitening)
+        if loo:
+            queries_stored = vg is None
+            xq, xg = vq, (vq if vg is None else vg)
+        else:
+            assert vg is not None
+            xq, xg = vq, vg
     nq, ng = xq.shape[0], xg.shape[0]
     counts = np.bincount(cg, minlength=int(max(cq.max(), cg.max())) + 1)
     num_relevant = counts[cq] - (1 if loo else 0)
@@ -261,10 +363,14 @@ def evaluate_embeddings(
     r = num_relevant[scored]
     labels = cq[scored]
     self_ids = scored if loo else None
-    k_needed = min(max(max(ks_), int(r.max())), ng - 1 if loo else ng)
+    k_needed = max(max(ks_), int(r.max()))
+    if steps is not None and steps.rerank is not None:
+        k_needed = max(k_needed, steps.rerank.top_n)
+    k_needed = min(k_needed, ng - 1 if loo else ng)
+    options = {"steps": steps, "queries_stored": queries_stored}
 
-    scores, ids, index = _search(
-        xq[scored], xg, self_ids, k_needed, factory, search_params, chunk_size
+    scores, ids, index, final_queries = _search(
+        xq[scored], xg, self_ids, k_needed, factory, search_params, chunk_size, **options
     )
     per_query = _per_query(ids, cg, labels, r, ks_, names)
     info: dict[str, object] = {
@@ -272,10 +378,12 @@ def evaluate_embeddings(
         "search_params": search_params,
         "bytes_per_vector": float(index.bytes_per_vector),
     }
+    if steps is not None:
+        info["postprocess"] = steps.to_dict()
     exact_metrics = None
     if factory != "Flat" and compare_exact:
-        exact_scores, exact_ids, _ = _search(
-            xq[scored], xg, self_ids, k_needed, "Flat", "", chunk_size
+        exact_scores, exact_ids, _, _ = _search(
+            xq[scored], xg, self_ids, k_needed, "Flat", "", chunk_size, **options
         )
         exact = _per_query(exact_ids, cg, labels, r, ks_, names)
         for k in ks_:
@@ -285,8 +393,10 @@ def evaluate_embeddings(
         # one (chunk, ng) float32 score block at a time: at most 256 MB
         rank_chunk = max(1, min(chunk_size, (256 << 20) // (4 * ng)))
         ranks, _ = relevant_ranks(
-            xq[scored], xg, labels, cg, self_ids=self_ids, chunk_size=rank_chunk
+            final_queries, xg, labels, cg, self_ids=self_ids, chunk_size=rank_chunk
         )
+        if steps is not None and steps.rerank is not None:
+            ranks = _reranked_ranks(ranks, ids, cg, labels, r)
         per_query["map"] = average_precision(ranks, r)
         if factory != "Flat" and compare_exact:
             exact["map"] = per_query["map"]
@@ -301,7 +411,9 @@ def evaluate_embeddings(
             if lone.size == 0:
                 return None
             lone_self = lone if loo else None
-            return _search(xq[lone], xg, lone_self, k_needed, name, params, chunk_size)[0]
+            return _search(xq[lone], xg, lone_self, k_needed, name, params, chunk_size, **options)[
+                0
+            ]
 
         means.update(
             _micro_ap(scores, ids, cg, labels, positives, ks_, lone_scores(factory, search_params))

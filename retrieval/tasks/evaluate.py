@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from retrieval.evaluation import RetrievalResult, evaluate_embeddings, evaluate_
 from retrieval.evaluation.npz import read_embeddings_npz, write_embeddings_npz
 from retrieval.extract import resolve_device
 from retrieval.io import sha256_file
+from retrieval.postprocess import Postprocess
 from retrieval.tasks.common import (
     data_config,
     describe_model,
@@ -26,6 +28,7 @@ from retrieval.tasks.common import (
     model_preprocessing,
 )
 from retrieval.tasks.evaluate_report import write_report
+from retrieval.tasks.postprocess import fit_steps, ms_per_image, postprocess_config
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,9 @@ class EvalInputs:
     gallery_paths: np.ndarray | None
     ks: list[int]
     protocol: dict[str, Any] = field(default_factory=dict)
+    # with postprocess steps: one row per cumulative set of steps, "none" first (the result
+    # above is the last row's)
+    ablation: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _options(cfg: DictConfig, ks: list[int]) -> dict[str, Any]:
@@ -60,12 +66,32 @@ def _from_npz(cfg: DictConfig) -> EvalInputs:
     path = Path(cfg.embeddings)
     data = read_embeddings_npz(path)
     ks = list(cfg.ks or [1, 2, 4, 8])
-    try:
-        result = evaluate_embeddings(
-            data.query, data.query_labels, data.gallery, data.gallery_labels, **_options(cfg, ks)
+    steps = postprocess_config(cfg)
+    if steps.tta is not None:
+        raise ValueError(
+            f"postprocess.tta needs the model, but embeddings={path} are precomputed: drop tta "
+            "or evaluate the checkpoint (ckpt_path=)"
         )
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
+    if steps.whiten is not None and steps.whiten.fit_on == "train":
+        raise ValueError(
+            f"postprocess.whiten.fit_on=train needs the training split, but embeddings={path} "
+            "hold only the evaluated one: use postprocess.whiten.fit_on=gallery"
+        )
+
+    def score(chosen: Postprocess) -> RetrievalResult:
+        try:
+            return evaluate_embeddings(
+                data.query,
+                data.query_labels,
+                data.gallery,
+                data.gallery_labels,
+                **_options(cfg, ks),
+                postprocess=chosen,
+            )
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+
+    result, ablation = _ablation(steps, score, len(data.query), {})
     loo = data.gallery is None
     return EvalInputs(
         result=result,
@@ -74,6 +100,7 @@ def _from_npz(cfg: DictConfig) -> EvalInputs:
         query_paths=data.query_paths,
         gallery_paths=data.query_paths if loo else data.gallery_paths,
         ks=ks,
+        ablation=ablation,
         protocol={
             "evaluated": "embeddings file",
             "embeddings_file": {"path": str(path.resolve()), "sha256": sha256_file(path)},
@@ -108,9 +135,48 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
     )
     names = dataset.label_names[embeddings.labels]
     ks = list(cfg.ks or datamodule.eval_ks)
-    result, q_rows, g_rows = evaluate_protocol(
-        embeddings.vectors, names, embeddings.is_query, embeddings.is_gallery, **_options(cfg, ks)
+    batch_size = int(cfg.batch_size or datamodule.eval_batch_size)
+
+    def embed(embedder: Any, images: Any) -> Any:
+        rows = images.rows
+        description = {
+            "paths": [str(r.path) for r in rows],
+            "labels": [r.label for r in rows],
+            "pre": preprocessing,
+        }
+        return embed_dataset(
+            cfg, embedder, images, description, batch_size, datamodule.num_workers, device
+        )[0]
+
+    steps = postprocess_config(cfg)
+    fitted = fit_steps(
+        steps,
+        model.embedder,
+        lambda: datamodule.split_eval_set(datamodule.splits[0]),
+        embed,
     )
+    stepped = embed(fitted.embedder, dataset) if steps.tta else embeddings
+    embed_ms: dict[str, float] = {}
+    if steps.tta:
+        plain_ms, tta_ms = ms_per_image([model.embedder, fitted.embedder], dataset, device)
+        embed_ms = {"none": plain_ms, "tta": tta_ms}
+    q_rows = g_rows = np.zeros(0, dtype=np.int64)
+
+    def score(chosen: Postprocess) -> RetrievalResult:
+        nonlocal q_rows, g_rows
+        vectors = stepped.vectors if chosen.tta else embeddings.vectors
+        result, q_rows, g_rows = evaluate_protocol(
+            vectors,
+            names,
+            embeddings.is_query,
+            embeddings.is_gallery,
+            **_options(cfg, ks),
+            postprocess=chosen,
+            whitening=fitted.whitening if chosen.whiten else None,
+        )
+        return result
+
+    result, ablation = _ablation(steps, score, int(embeddings.is_query.sum()), embed_ms)
     if cfg.save_embeddings:
         _save_embeddings(
             Path(cfg.paths.output_dir) / "embeddings.npz",
@@ -136,9 +202,45 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     protocol["evaluation_device"] = {"device": str(device), "precision": precision}
+    if steps:
+        protocol["postprocess"] = {"steps": steps.to_dict(), "fitted_on": fitted.fitted_on}
     return EvalInputs(
-        result, names[q_rows], names[g_rows], paths[q_rows], paths[g_rows], ks, protocol
+        result, names[q_rows], names[g_rows], paths[q_rows], paths[g_rows], ks, protocol, ablation
     )
+
+
+def _ablation(
+    steps: Postprocess,
+    score: Any,
+    num_queries: int,
+    embed_ms: dict[str, float],
+) -> tuple[RetrievalResult, list[dict[str, Any]]]:
+    """Score with no steps, then with the steps added one at a time in their order; returns
+    the last result and one row per set of steps: metrics, and the extra milliseconds per
+    query they cost (search-side steps timed over the whole evaluation; TTA as the model's
+    extra time per image)."""
+    rows: list[dict[str, Any]] = []
+    chosen = [Postprocess()] + [steps.up_to(name) for name in steps.steps]
+    result = None
+    base_seconds = 0.0
+    for number, option in enumerate(chosen):
+        start = time.perf_counter()
+        result = score(option)
+        seconds = time.perf_counter() - start
+        if number == 0:
+            base_seconds = seconds
+        extra = max(0.0, seconds - base_seconds) * 1000.0 / max(1, num_queries)
+        if option.tta and embed_ms:
+            extra += embed_ms["tta"] - embed_ms["none"]
+        rows.append(
+            {
+                "steps": option.describe(),
+                "metrics": dict(result.metrics),
+                "extra_ms_per_query": round(extra, 4),
+            }
+        )
+    assert result is not None
+    return result, rows if steps else []
 
 
 def _save_embeddings(

@@ -36,6 +36,21 @@ def _table(metrics: dict[str, float], exact: dict[str, float] | None, index: dic
     return "\n".join(lines)
 
 
+def _ablation_table(rows: list[dict[str, Any]]) -> str:
+    """Each metric with no steps and with the steps added one at a time, side by side, and
+    the extra milliseconds per query of each column."""
+    names = [row["steps"] for row in rows]
+    labels = [names[0]] + ["+" + n.rsplit("+", 1)[-1] for n in names[1:]]
+    width = max(10, *(len(label) + 2 for label in labels))
+    lines = [f"{'metric':<20}" + "".join(f"{label:>{width}}" for label in labels)]
+    for metric in rows[0]["metrics"]:
+        values = [row["metrics"].get(metric, float("nan")) for row in rows]
+        lines.append(f"{metric:<20}" + "".join(f"{v:>{width}.4f}" for v in values))
+    costs = [row["extra_ms_per_query"] for row in rows]
+    lines.append(f"{'extra ms / query':<20}" + "".join(f"{c:>{width}.3f}" for c in costs))
+    return "\n".join(lines)
+
+
 def _picture(inputs: EvalInputs, cfg: DictConfig, path: Path) -> bool:
     """Draw N queries with their first results; False when the images are unknown."""
     result = inputs.result
@@ -133,6 +148,7 @@ def write_report(
         "index": result.index,
         **counts,
         "protocol": inputs.protocol,
+        "postprocess_ablation": inputs.ablation or None,
         "files": {
             "per_label": "per_label.csv",
             "picture": picture.name if picture else None,
@@ -143,6 +159,9 @@ def write_report(
         handle.write("\n")
 
     lines = [_table(result.metrics, result.exact_metrics, result.index)]
+    if inputs.ablation:
+        lines.append("search-time steps, added one at a time (postprocess=):")
+        lines.append(_ablation_table(inputs.ablation))
     lines.append(
         f"{result.num_queries} queries scored, {result.num_excluded} without a relevant "
         f"gallery item left out ({inputs.protocol['data']['protocol']})"
