@@ -24,6 +24,7 @@ from retrieval.bundle.model import Runtime, load_runtime
 from retrieval.bundle.preprocess import Preprocessor, open_image
 from retrieval.bundle.store import Item, ItemRecord
 from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, _to_rgb
+from retrieval.postprocess import Postprocess, Rerank, search_with_steps
 
 __all__ = ["AddReport", "Hit", "Retriever"]
 
@@ -79,6 +80,13 @@ class Retriever:
         self.runtime = runtime
         self.items = items
         self.max_pixels = max_pixels
+        try:
+            steps = Postprocess.from_dict((manifest.get("postprocess") or {}).get("steps"))
+        except ValueError as err:
+            raise BundleError(f"{folder}/manifest.json: {err}") from err
+        #: the bundle's search-time steps; TTA and whitening live in its model, DBA in its
+        #: stored vectors, αQE and re-ranking run in :meth:`search`
+        self.steps = steps
 
     @classmethod
     def load(
@@ -188,27 +196,54 @@ class Retriever:
         k: int = 10,
         batch_size: int = 32,
         label: str | None = None,
+        rerank: bool | None = None,
     ) -> list[list[Hit]]:
         """The ``k`` most similar items of each query, best first.
 
         Args:
             queries: images (paths, bytes, PIL images) or (n, dim) / (dim,) vectors
-                (normalised here).
+                (normalised here; vectors are in the bundle's space, after its model's
+                TTA and whitening).
             k: results per query (fewer when the bundle holds fewer items).
             label: keep only items with this label.
+            rerank: k-reciprocal re-ranking of the first results (scores are then the
+                re-ranking's, see :func:`retrieval.postprocess.k_reciprocal_rerank`);
+                ``None``: as the bundle was exported (``postprocess.rerank`` in its manifest),
+                ``True`` with the bundle's settings or the defaults.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
+        if rerank is not None and not isinstance(rerank, bool):
+            raise ValueError(f"rerank must be true, false or None, got {rerank!r}")
         x = self._as_queries(queries, batch_size)
         if len(self) == 0 or len(x) == 0:
             return [[] for _ in range(len(x))]
+        reranking = self.steps.rerank if rerank is None else None
+        if rerank:
+            reranking = self.steps.rerank or Rerank()
         want = k if label is None else min(len(self), max(4 * k, 64))
         while True:
-            scores, ids = self.items.search(x, want)
+            scores, ids = self._search_steps(x, want, reranking)
             hits = [self._hits(s, i, label)[:k] for s, i in zip(scores, ids, strict=True)]
             if label is None or want >= len(self) or all(len(h) == k for h in hits):
                 return hits
             want = min(len(self), want * 4)
+
+    def _search_steps(
+        self, x: np.ndarray, k: int, reranking: Rerank | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, ids)`` of the bundle's search, with its αQE and ``reranking``."""
+        if self.steps.aqe is None and reranking is None:
+            return self.items.search(x, k)
+        scores, ids, _ = search_with_steps(
+            x,
+            k,
+            self.items.search,
+            lambda found: self.items.store.vectors(found.tolist()),
+            aqe=self.steps.aqe,
+            rerank=reranking,
+        )
+        return scores, ids
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray, label: str | None) -> list[Hit]:
         found = [int(i) for i in ids if i >= 0]
@@ -255,7 +290,10 @@ class Retriever:
                 names.append(name)
             if records:
                 vectors = self.runtime.embed(self.preprocessor.batch(images))
-                result = self.items.add(records, vectors)
+                dba = self.steps.dba
+                result = self.items.add(
+                    records, vectors, dba=None if dba is None else (dba.k, dba.alpha)
+                )
                 report.added += result.added
                 report.duplicates += [(names[pos], existing) for pos, existing in result.duplicates]
             if progress is not None:
@@ -298,6 +336,7 @@ class Retriever:
             "items": len(self),
             "runtime": self.runtime.kind,
             "metrics": m.get("metrics", {}),
+            "postprocess": self.steps.to_dict(),
         }
 
     def close(self) -> None:

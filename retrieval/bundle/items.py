@@ -39,6 +39,7 @@ import numpy as np
 from retrieval.bundle.store import Check, ItemRecord, ItemStore, Snapshot, check_vectors
 from retrieval.index import EmbeddingIndex
 from retrieval.io import sha256_file
+from retrieval.postprocess.steps import dba_vectors_for
 
 __all__ = ["AddResult", "IndexStateError", "IndexedItems"]
 
@@ -370,7 +371,13 @@ class IndexedItems:
                 f"({self._broken!r}); close and reopen it (the store is intact)"
             )
 
-    def add(self, records: Sequence[ItemRecord], vectors: np.ndarray) -> AddResult:
+    def add(
+        self,
+        records: Sequence[ItemRecord],
+        vectors: np.ndarray,
+        base_vectors: np.ndarray | None = None,
+        dba: tuple[int, float] | None = None,
+    ) -> AddResult:
         """Add items: store first (durable when this returns), then the index.
 
         A record whose ``content_sha256`` is that of an active item, or of an earlier record
@@ -379,6 +386,12 @@ class IndexedItems:
 
         Args:
             records: n :class:`ItemRecord`. vectors: (n, dim) L2-normalised real array.
+            base_vectors: (n, dim) un-augmented vectors of ``vectors``, stored beside them
+                (a gallery augmented as a whole, at export).
+            dba: ``(k, alpha)``: ``vectors`` are un-augmented; the new items are stored and
+                indexed with the database-side augmentation over the stored base vectors
+                of the active items and each other (as augmenting the whole gallery anew
+                would give them; items already stored keep their vectors).
 
         Raises:
             ValueError / TypeError: bad records or vectors (nothing is written).
@@ -406,14 +419,22 @@ class IndexedItems:
                         repeated.append(i)
                     else:
                         fresh.append(i)
-            added = self._store.add([records[i] for i in fresh], x[fresh])
+            base = None
+            if base_vectors is not None:
+                base = check_vectors(base_vectors, self.dim, len(records))[fresh]
+            searched = x[fresh]
+            if dba is not None and fresh:
+                _, pool = self._store.active_base_vectors()
+                base = searched
+                searched = dba_vectors_for(base, pool, int(dba[0]), float(dba[1]))
+            added = self._store.add([records[i] for i in fresh], searched, base)
             for i, new_id in zip(fresh, added, strict=True):
                 ids[i] = new_id
             for i in repeated:
                 ids[i] = ids[i] or ids[first_of[str(records[i].content_sha256)]]
             if added:
                 with self._after_commit(), self._rw.write():
-                    self._index.add(x[fresh])
+                    self._index.add(searched)
                     self._ids = np.concatenate([self._ids, np.asarray(added, dtype=np.int64)])
                 self._after_mutation(len(added))
         return AddResult(ids, added, [(i, ids[i]) for i in repeated])

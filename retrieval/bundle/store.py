@@ -1,9 +1,10 @@
 """ItemStore: the bundle's item table in SQLite (``items.sqlite``), durable on every commit.
 
 One row per vector ever added: id (``AUTOINCREMENT``, never reused), image path or URI,
-label, extra JSON fields, sha256 of the image bytes, the float32 vector and, once removed,
-the sequence number of its removal. A ``snapshots`` table records each index file written
-(:mod:`retrieval.bundle.items` replays what happened after the last one).
+label, extra JSON fields, sha256 of the image bytes, the float32 vector (the one searched) and,
+once removed, the sequence number of its removal. Bundles with database-side augmentation also
+keep each item's un-augmented vector in a ``base_vectors`` table. A ``snapshots`` table records
+each index file written (:mod:`retrieval.bundle.items` replays what happened after the last one).
 
 The database runs in WAL mode with ``synchronous=FULL``: a method that writes returns only
 after its single transaction is on disk, so a process killed right after it loses nothing.
@@ -67,6 +68,11 @@ CREATE TABLE snapshots (
     created_at TEXT NOT NULL
 );
 """  # small columns before the vector, so scans of them never read the vector's pages
+# The vectors searched vectors were derived from (database-side augmentation), when kept.
+_BASE_TABLE = """CREATE TABLE IF NOT EXISTS base_vectors (
+    id INTEGER PRIMARY KEY REFERENCES items (id),
+    vector BLOB NOT NULL CHECK (length(vector) = {nbytes})
+)"""
 
 
 class StoreError(ValueError):
@@ -355,11 +361,16 @@ class ItemStore:
         """Sequence number of the latest removal (0 before any)."""
         return int(self._one("SELECT COALESCE(MAX(seq), 0) FROM removals"))
 
-    def add(self, records: Sequence[ItemRecord], vectors: Any) -> list[int]:
+    def add(
+        self, records: Sequence[ItemRecord], vectors: Any, base_vectors: Any = None
+    ) -> list[int]:
         """Insert one item per record in ONE transaction, on disk before returning.
 
         Args:
             records: n :class:`ItemRecord`. vectors: (n, dim) L2-normalised real array.
+            base_vectors: (n, dim) vectors the searched ``vectors`` were derived from (the
+                model's, before database-side augmentation), kept in the ``base_vectors``
+                table so that items added later can be augmented against them.
 
         Returns:
             The new ids, in record order (increasing).
@@ -370,11 +381,16 @@ class ItemStore:
         if any(not isinstance(r, ItemRecord) for r in records):
             raise TypeError("records must be ItemRecord instances")
         x = check_vectors(vectors, self._dim, len(records)).astype("<f4", copy=False)
+        base = None
+        if base_vectors is not None:
+            base = check_vectors(base_vectors, self._dim, len(records)).astype("<f4", copy=False)
         now, ids = _now(), []
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                for r, v in zip(records, x, strict=True):
+                if base is not None:
+                    self._conn.execute(_BASE_TABLE.format(nbytes=4 * self._dim))
+                for row, (r, v) in enumerate(zip(records, x, strict=True)):
                     extra = json.dumps(dict(r.extra), sort_keys=True, allow_nan=False)
                     cur = self._conn.execute(
                         "INSERT INTO items (content_sha256, uri, label, added_at, extra, vector)"
@@ -382,6 +398,11 @@ class ItemStore:
                         (r.content_sha256, r.uri, r.label, now, extra, v.tobytes()),
                     )
                     ids.append(int(cur.lastrowid or 0))
+                    if base is not None:
+                        self._conn.execute(
+                            "INSERT INTO base_vectors (id, vector) VALUES (?, ?)",
+                            (ids[-1], base[row].tobytes()),
+                        )
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -472,6 +493,23 @@ class ItemStore:
         for row, item in enumerate(items):
             out[row] = item.vector
         return out
+
+    def active_base_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, vectors)`` of the active items that have base vectors (see :meth:`add`),
+        in id order: (m,) int64 and (m, dim) float32; empty when the store keeps none."""
+        with self._lock:
+            has = self._conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'base_vectors'"
+            ).fetchone()
+            rows = []
+            if has:
+                rows = self._conn.execute(
+                    "SELECT b.id, b.vector FROM base_vectors b JOIN items i ON i.id = b.id"
+                    " WHERE i.removed_seq IS NULL ORDER BY b.id"
+                ).fetchall()
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        buf = b"".join(r[1] for r in rows)
+        return ids, np.frombuffer(buf, dtype="<f4").astype(np.float32).reshape(-1, self._dim)
 
     def find_by_sha256(self, sha256: str) -> list[int]:
         """Ids of the active items whose image bytes have this sha256, in id order."""

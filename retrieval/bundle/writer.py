@@ -100,7 +100,7 @@ def write_bundle_chunks(
     embedder: Embedder,
     model_config: dict[str, Any],
     preprocessing: Preprocessing,
-    chunks: Iterable[tuple[Sequence[GalleryItem], np.ndarray]],
+    chunks: Iterable[tuple[Sequence[GalleryItem], np.ndarray] | tuple[Any, ...]],
     dim: int,
     train_vectors: np.ndarray | None = None,
     max_train: int = 100_000,
@@ -111,7 +111,9 @@ def write_bundle_chunks(
 ) -> Path:
     """:func:`write_bundle` for galleries larger than memory: the items arrive in ``chunks``
     (``(items, vectors)`` with vectors (len(items), dim)), each stored (one SQLite
-    transaction) and indexed before the next is read; one index snapshot at the end.
+    transaction) and indexed before the next is read; one index snapshot at the end. A chunk
+    ``(items, vectors, base_vectors)`` also stores the un-augmented vectors of a gallery
+    augmented by DBA (see :meth:`~retrieval.bundle.store.ItemStore.add`).
 
     Args:
         train_vectors: (m, dim) sample to train IVF / PQ indexes on (at most ``max_train``
@@ -144,11 +146,11 @@ def write_bundle_chunks(
             max_train=max_train,
         )
         try:
-            for items, vectors in chunks:
+            for items, vectors, *base in chunks:
                 if len(items) != len(vectors):
                     raise ValueError(f"a chunk has {len(items)} items but {len(vectors)} vectors")
                 records = [ItemRecord(i.uri, i.label, i.extra, i.content_sha256) for i in items]
-                state.add(records, vectors)
+                state.add(records, vectors, base_vectors=base[0] if base else None)
         except BaseException:
             with contextlib.suppress(Exception):  # release the folder; the error is the news
                 state.close()

@@ -33,6 +33,10 @@ from retrieval.service.settings import TOKEN_ENV, ServiceSettings
 STATIC = Path(__file__).parent / "static"
 ItemId = Annotated[int, PathParam(ge=0, le=2**62, description="an item id from a search result")]
 LabelFilter = Annotated[str | None, Query(max_length=256, description="only items with this label")]
+RerankOption = Annotated[
+    bool | None,
+    Query(description="k-reciprocal re-ranking of the first results (default: as exported)"),
+]
 
 
 class ErrorBody(BaseModel):
@@ -157,11 +161,12 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
         image: Annotated[UploadFile, File(description="the query image")],
         k: K = 10,
         label: LabelFilter = None,
+        rerank: RerankOption = None,
     ) -> dict[str, Any]:
         start = time.perf_counter()
         data = await image.read()
         vector = await service.embed_upload(data, image.filename or "image")
-        return _answer(k, label, start, await service.search(vector, k, label))
+        return _answer(k, label, start, await service.search(vector, k, label, rerank))
 
     @app.get("/items/{item_id}", summary="One item's record", responses=ITEM_ERRORS)
     async def item(item_id: ItemId) -> dict[str, Any]:
@@ -180,10 +185,12 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
         summary="The items most similar to an item",
         responses=ITEM_ERRORS,
     )
-    async def similar(item_id: ItemId, k: K = 10, label: LabelFilter = None) -> dict[str, Any]:
+    async def similar(
+        item_id: ItemId, k: K = 10, label: LabelFilter = None, rerank: RerankOption = None
+    ) -> dict[str, Any]:
         start = time.perf_counter()
         found = await run_in_threadpool(lookup, item_id)
-        return _answer(k, label, start, await service.search(found.vector, k, label))
+        return _answer(k, label, start, await service.search(found.vector, k, label, rerank))
 
     @app.get(
         "/items/{item_id}/thumbnail",

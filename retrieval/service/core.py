@@ -92,8 +92,10 @@ class SearchService:
         except ImageLoadError as err:
             raise BadUpload(422, f"'{name}' cannot be read as an image: {_reason(err)}") from None
 
-    async def search(self, vector: np.ndarray, k: int, label: str | None) -> list[Hit]:
-        hits = await run_in_threadpool(self.retriever.search, vector[None, :], k, 32, label)
+    async def search(
+        self, vector: np.ndarray, k: int, label: str | None, rerank: bool | None = None
+    ) -> list[Hit]:
+        hits = await run_in_threadpool(self.retriever.search, vector[None, :], k, 32, label, rerank)
         return hits[0]
 
     # writing -------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from retrieval.extract import resolve_device
 from retrieval.index.build import ShardSet, training_sample
 from retrieval.io import sha256_file
 from retrieval.models.backbone import Preprocessing
+from retrieval.postprocess import database_augment, fit_whitening
 from retrieval.shards import ShardError
 from retrieval.tasks.common import (
     LoadedModel,
@@ -35,12 +36,14 @@ from retrieval.tasks.common import (
     model_preprocessing,
 )
 from retrieval.tasks.embed import model_fingerprint
+from retrieval.tasks.postprocess import fit_steps, postprocess_config
 
 log = logging.getLogger(__name__)
 
 
-def _model_config(loaded: LoadedModel) -> dict[str, Any]:
-    """How to rebuild the Embedder in plain Python (``model.json``)."""
+def _model_config(loaded: LoadedModel, steps: dict[str, Any] | None = None) -> dict[str, Any]:
+    """How to rebuild the Embedder in plain Python (``model.json``), with its search-time
+    layers ``steps`` (``tta``, ``whiten_dim``) when set."""
     config = OmegaConf.to_container(loaded.config, resolve=True)
     assert isinstance(config, dict)
     backbone = dict(config.pop("backbone"))
@@ -51,7 +54,10 @@ def _model_config(loaded: LoadedModel) -> dict[str, Any]:
     return {
         "backbone": {"name": name, "source": source, "kwargs": backbone},
         # training-only settings do not change what the model computes
-        "embedder": {k: v for k, v in config.items() if k not in ("freeze_bn", "channels_last")},
+        "embedder": {
+            **{k: v for k, v in config.items() if k not in ("freeze_bn", "channels_last")},
+            **{k: v for k, v in (steps or {}).items() if v is not None},
+        },
     }
 
 
@@ -125,10 +131,17 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     preprocessing = datamodule.preprocessing
     if cfg.get("gallery") and cfg.get("shards"):
         raise ValueError("pass gallery=DIR or shards=DIR, not both")
+    steps = postprocess_config(cfg)
+    if cfg.get("shards") and (steps.tta or steps.whiten or steps.dba):
+        raise ValueError(
+            f"postprocess steps {steps.steps} change the gallery's vectors, but shards={cfg.shards}"
+            " were embedded without them: export from the images (drop shards=), or keep only "
+            "the query-time steps aqe and rerank"
+        )
     from_shards = _shard_gallery(cfg, model, preprocessing) if cfg.get("shards") else None
     batch_size = int(cfg.batch_size or datamodule.eval_batch_size)
 
-    def embed(dataset: ImageDataset) -> Any:
+    def embed_with(embedder: Any, dataset: ImageDataset) -> Any:
         rows = dataset.rows
         description = {
             "paths": [str(r.path) for r in rows],
@@ -136,9 +149,19 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "pre": preprocessing.to_dict(),
         }
         embeddings, _ = embed_dataset(
-            cfg, model.embedder, dataset, description, batch_size, datamodule.num_workers, device
+            cfg, embedder, dataset, description, batch_size, datamodule.num_workers, device
         )
         return embeddings
+
+    fitted = fit_steps(
+        steps,
+        model.embedder,
+        lambda: datamodule.split_eval_set(datamodule.splits[0]),
+        embed_with,
+    )
+
+    def embed(dataset: ImageDataset) -> Any:
+        return embed_with(fitted.embedder, dataset)
 
     split = datamodule.eval_set()
     split_embeddings = embed(split)
@@ -151,6 +174,8 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         split_embeddings.is_gallery,
         ks=ks,
         metrics=list(cfg.metrics),
+        postprocess=steps,
+        whitening=fitted.whitening,
     )
     if from_shards is not None:
         gallery = from_shards
@@ -172,14 +197,33 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         ]
         vectors = np.ascontiguousarray(vectors)
         source = {"source": str(cfg.gallery or f"{datamodule.manifest}:{cfg.split}")}
-        gallery = _Gallery([(items, vectors)], vectors, int(vectors.shape[1]), source)
+        chunk: tuple[Any, ...] = (items, vectors)
+        if steps.whiten is not None:
+            if fitted.whitening is None:  # fit_on=gallery: this gallery
+                fitted.whitening = fit_whitening(
+                    vectors, dim=steps.whiten.dim, shrinkage=steps.whiten.shrinkage
+                )
+                fitted.fitted_on["whiten"] = {"split": "gallery", "images": len(vectors)}
+            vectors = fitted.whitening.apply(vectors)
+            chunk = (items, vectors)
+        if steps.dba is not None:
+            chunk = (items, database_augment(vectors, steps.dba.k, steps.dba.alpha), vectors)
+        gallery = _Gallery([chunk], vectors, int(vectors.shape[1]), source)
     protocol = describe_model(model, preprocessing.to_dict())
     protocol["data"] = {"dataset": str(datamodule.manifest), "split": cfg.split}
     metrics = {f"{cfg.split}/{k}": v for k, v in result.metrics.items()}
+    exported = model.embedder.with_search_steps(steps.tta, fitted.whitening)
+    description: dict[str, Any] = {
+        "metrics": metrics,
+        "protocol": protocol,
+        "gallery": gallery.description,
+    }
+    if steps:
+        description["postprocess"] = {"steps": steps.to_dict(), "fitted_on": fitted.fitted_on}
     bundle = write_bundle_chunks(
         Path(cfg.bundle),
-        model.embedder,
-        _model_config(model),
+        exported,
+        _model_config(model, exported.search_steps()),
         preprocessing,
         gallery.chunks,
         gallery.dim,
@@ -187,7 +231,7 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         max_train=int(cfg.max_train),
         factory=cfg.index.factory,
         search_params=cfg.index.search_params or "",
-        description={"metrics": metrics, "protocol": protocol, "gallery": gallery.description},
+        description=description,
         overwrite=bool(cfg.overwrite),
     )
     count = read_manifest(bundle)["items"]
