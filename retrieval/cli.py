@@ -31,7 +31,7 @@ def _load(args: argparse.Namespace, **options: Any) -> Any:
 
 def _search(args: argparse.Namespace) -> int:
     with _load(args) as retriever:
-        results = retriever.search(args.images, k=args.k, label=args.label)
+        results = retriever.search(args.images, k=args.k, label=args.label, rerank=args.rerank)
     if args.json:
         payload = [
             {"query": str(image), "results": [hit.__dict__ for hit in hits]}
@@ -113,7 +113,9 @@ def _score(args: argparse.Namespace) -> int:
             f"(first: {missing[0]}); pass --root, the folder the manifest's paths start from"
         )
     with _load(args) as retriever:
-        result = score_bundle(retriever, queries, k=args.k, batch_size=args.batch_size)
+        result = score_bundle(
+            retriever, queries, k=args.k, batch_size=args.batch_size, rerank=args.rerank
+        )
         items = len(retriever)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -183,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="query image files")
     p.add_argument("-k", type=int, default=10, help="results per image (default 10)")
     p.add_argument("--label", default=None, help="only items with this label")
+    rerank_help = (
+        "k-reciprocal re-ranking of the first results (default: as the bundle was exported)"
+    )
+    p.add_argument(
+        "--rerank", action=argparse.BooleanOptionalAction, default=None, help=rerank_help
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=_search)
 
@@ -210,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split to score (default test)")
     p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
     p.add_argument("--root", default=None, help="folder of the manifest's relative paths")
+    p.add_argument(
+        "--rerank", action=argparse.BooleanOptionalAction, default=None, help=rerank_help
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=_score)

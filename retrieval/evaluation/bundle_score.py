@@ -40,7 +40,11 @@ def bundle_label_counts(retriever: Retriever, chunk_size: int = 10_000) -> Count
 
 
 def score_bundle(
-    retriever: Retriever, queries: Sequence[Query], k: int = 10, batch_size: int = 32
+    retriever: Retriever,
+    queries: Sequence[Query],
+    k: int = 10,
+    batch_size: int = 32,
+    rerank: bool | None = None,
 ) -> dict[str, Any]:
     """Search every query image in the bundle and score the results.
 
@@ -50,6 +54,7 @@ def score_bundle(
             (any string, e.g. the copy-detection edit kind; "" for none).
         k: results per query.
         batch_size: images embedded per model call.
+        rerank: re-ranking on or off (``None``: as the bundle was exported).
 
     Returns:
         ``queries`` (number searched), ``scored`` (those whose label is in the bundle),
@@ -78,7 +83,9 @@ def score_bundle(
         )
     start = time.perf_counter()
     # Retriever decodes and embeds batch_size images at a time
-    hits = retriever.search([str(path) for path, _, _ in queries], k=k, batch_size=batch_size)
+    hits = retriever.search(
+        [str(path) for path, _, _ in queries], k=k, batch_size=batch_size, rerank=rerank
+    )
     seconds = time.perf_counter() - start
 
     cols = max(1, min(k, len(retriever)))

@@ -31,21 +31,24 @@ class RetrievalResult:
     Attributes:
         metrics: metric name -> mean over the scored queries, each a finite float in [0, 1]
             (``recall@{k}``, ``precision@{k}``, ``map@{k}``, ``map@r``, ``r_precision``,
-            ``map``, ``nmi``; see :func:`retrieval.evaluation.evaluate_embeddings`). With an
-            approximate index these are the values through that index.
+            ``map``, ``nmi``, and ``micro_ap@{k}``, pooled over all queries including those
+            left out; see :func:`retrieval.evaluation.evaluate_embeddings`). With an
+            approximate index these are the values through that index; with search-time
+            steps, the values of the search with them.
         num_queries: number of queries scored (>= 1).
         num_excluded: number of queries with no relevant gallery item, left out of the means.
         exact_metrics: with an approximate index, the same metrics through exact search;
             ``None`` when the search was exact.
-        index: how the search was done: ``factory``, ``search_params``, ``bytes_per_vector``
-            and, with an approximate index, ``knn_recall@{k}`` (the share of the exact top k
-            that the index finds).
+        index: how the search was done: ``factory``, ``search_params``, ``bytes_per_vector``,
+            with an approximate index ``knn_recall@{k}`` (the share of the exact top k that
+            the index finds), and with search-time steps ``postprocess`` (their settings).
         query_rows: (num_queries,) positions, in the query set, of the scored queries.
         per_query: metric name -> (num_queries,) per-query values (no ``nmi``: it is a
             property of the whole set).
         neighbor_ids: (num_queries, n) gallery positions of each scored query's first results
             through the index, best first (-1 where the index found none).
-        neighbor_scores: (num_queries, n) their inner-product scores.
+        neighbor_scores: (num_queries, n) their inner-product scores (re-ranking scores
+            when the steps re-rank).
     """
 
     metrics: dict[str, float]

@@ -57,11 +57,13 @@ def top_k_by_score(scores: np.ndarray, k: int, exclude: np.ndarray | None = None
     k = max(0, min(int(k), n))
     if k == 0:
         return np.zeros((nq, 0), dtype=np.int64)
-    cols = np.arange(s.shape[1])
+    # the k-th largest score of each row; every column reaching it is a candidate (ties too)
+    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1]
     out = np.empty((nq, k), dtype=np.int64)
     for row in range(nq):
+        cand = np.flatnonzero(s[row] >= kth[row])
         # lexsort: last key first; -score descending, then column ascending
-        out[row] = np.lexsort((cols, -s[row]))[:k]
+        out[row] = cand[np.lexsort((cand, -s[row, cand]))[:k]]
     return out
 
 

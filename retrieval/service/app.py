@@ -272,6 +272,7 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
             "index": info["index"],
             "runtime": info["runtime"],
             "backbone": info["backbone"],
+            "postprocess": info["postprocess"],
             "writes_enabled": settings.token is not None,
             "limits": {
                 "max_body_bytes": settings.max_body_bytes,

@@ -208,7 +208,8 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             chunk = (items, vectors)
         if steps.dba is not None:
             chunk = (items, database_augment(vectors, steps.dba.k, steps.dba.alpha), vectors)
-        gallery = _Gallery([chunk], vectors, int(vectors.shape[1]), source)
+        # IVF / PQ train on the vectors they will hold (augmented, with DBA)
+        gallery = _Gallery([chunk], chunk[1], int(vectors.shape[1]), source)
     protocol = describe_model(model, preprocessing.to_dict())
     protocol["data"] = {"dataset": str(datamodule.manifest), "split": cfg.split}
     metrics = {f"{cfg.split}/{k}": v for k, v in result.metrics.items()}
