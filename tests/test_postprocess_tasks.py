@@ -235,3 +235,97 @@ def test_precomputed_embeddings_refuse_steps_that_need_the_model(tmp_path):
     assert metrics["test/recall@1"] == expected.metrics["recall@1"]
     assert metrics["test/map"] == expected.metrics["map"]
     assert objects["inputs"].result.index["postprocess"]["rerank"] == asdict(Rerank())
+
+
+def _naive_whitening(x: np.ndarray, shrinkage: float, labels: np.ndarray | None):
+    """PCA or learned whitening written out: ``(mean, projection)``, columns by eigenvalue."""
+    x = x.astype(np.float64)
+    mean = x.mean(axis=0)
+
+    def shrink(c: np.ndarray) -> np.ndarray:
+        return (1 - shrinkage) * c + shrinkage * np.trace(c) / len(c) * np.eye(len(c))
+
+    def eig(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        values, vectors = np.linalg.eigh(c)
+        order = np.argsort(-values)
+        return np.clip(values[order], 0, None), vectors[:, order]
+
+    def inv_sqrt(c: np.ndarray) -> np.ndarray:
+        values, vectors = eig(c)
+        return vectors / np.sqrt(values + 1e-6 * values.max())
+
+    centred = x - mean
+    if labels is None:
+        return mean, inv_sqrt(shrink(centred.T @ centred / len(x)))
+    pairs = [
+        x[a] - x[b] for a in range(len(x)) for b in range(a + 1, len(x)) if labels[a] == labels[b]
+    ]
+    d = np.stack(pairs)
+    first = inv_sqrt(shrink(d.T @ d / len(d)))
+    z = centred @ first
+    return mean, first @ eig(z.T @ z / len(z))[1]  # then a rotation onto z's principal axes
+
+
+def _naive_steps_metrics(test, train, labels_train, method):
+    """recall@1 and MAP@R of whitening (fitted on ``train``), DBA (k 3, α 3) and αQE (k 3,
+    α 3), leave-one-out over ``test``, each step a plain loop (ties by ascending id)."""
+    from tests.test_postprocess import naive_evaluate, naive_order
+
+    x, y = test["embeddings"], test["labels"]
+    mean, projection = _naive_whitening(
+        train["embeddings"], 0.1, labels_train if method == "learned" else None
+    )
+    w = (x - mean) @ projection
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    gallery = []
+    for i in range(len(w)):
+        s = w @ w[i]
+        v = w[i].copy()
+        for j in [j for j in naive_order(s) if j != i][:2]:
+            v += max(s[j], 0) ** 3 * w[j]
+        gallery.append(v / np.linalg.norm(v))
+    gallery = np.array(gallery)
+    queries = []
+    for i in range(len(w)):
+        s = gallery @ w[i]
+        v = w[i].copy()
+        for j in [j for j in naive_order(s) if j != i][:3]:
+            v += max(s[j], 0) ** 3 * gallery[j]
+        queries.append(v / np.linalg.norm(v))
+    return naive_evaluate(np.array(queries), gallery, y, y, loo=True, k=1)
+
+
+@pytest.mark.parametrize("dataset", ["demo", "emoji"])
+def test_evaluate_with_steps_equals_the_steps_written_out(dataset, small_demo, tmp_path):
+    if dataset == "demo":
+        data = ["data=manifest", f"data.manifest={small_demo}", "data.image_size=64"]
+        method = "pca"
+    else:
+        from tests.data.test_emoji import _fake_packages
+
+        root = _fake_packages(tmp_path / "emoji")
+        data = ["data=emoji", f"data.root={root}", "data.image_size=32"]
+        method = "learned"
+    common = [
+        f"paths.data_dir={tmp_path}/data",
+        f"paths.log_dir={tmp_path}/logs",
+        "data.num_workers=0",
+        "logger=csv",
+        "metrics=[recall,map@r]",
+        "ks=[1]",
+        *data,
+    ]
+
+    def run(out: str, *extra: str):
+        return evaluate(
+            compose_config([*common, f"paths.output_dir={tmp_path}/{out}", *extra], name="evaluate")
+        )
+
+    stepped, _ = run("steps", "postprocess=[whiten,dba,aqe]", f"postprocess.whiten.method={method}")
+    run("test", "save_embeddings=true")
+    run("train", "save_embeddings=true", "split=train")
+    test = np.load(tmp_path / "test" / "embeddings.npz", allow_pickle=False)
+    train = np.load(tmp_path / "train" / "embeddings.npz", allow_pickle=False)
+    recall, map_r = _naive_steps_metrics(test, train, train["labels"], method)
+    assert stepped["test/recall@1"] == pytest.approx(recall, abs=1e-9)
+    assert stepped["test/map@r"] == pytest.approx(map_r, abs=1e-5)
