@@ -1,12 +1,11 @@
 """Exact positions of the relevant gallery items in each query's full ranking.
 
 The ranking of the gallery for a query is by inner product, descending, with exact score
-ties broken by gallery index **descending** (the larger index first). That is the order in
-which FAISS ``IndexFlatIP`` (our ``EmbeddingIndex("Flat")``) lists equal scores: checked on
-faiss-cpu 1.15 with exact duplicate vectors, for k = 2..ng and nq below and above 20, and
-tested against it in ``tests/test_ranking.py``. Beware two FAISS quirks: when its k-th cut
-falls inside a group of equal scores it keeps the *smaller* ids of the group (so its top k
-is then not a prefix of its top ng), and ``IndexFlatL2`` orders ties by ascending id.
+ties broken by gallery index **ascending** (the smaller index first), the one tie rule of every
+search path in the project: ``EmbeddingIndex.search`` re-orders FAISS's results so (FAISS's
+``IndexFlatIP`` itself lists equal scores by descending index), and pytorch-metric-learning's
+FAISS ``IndexFlatL2`` search orders them so too. Tested against both in
+``tests/test_ranking.py`` and ``tests/test_ties.py``.
 
 Scores are float32 matrix products computed here with torch; FAISS computes its own and may
 differ in the last bit, so scores equal to within ~1e-7 but not exactly equal may be ordered
@@ -52,15 +51,15 @@ def _use_sort(num_items: int, ng: int) -> bool:
 def _count_before(row: np.ndarray, js: np.ndarray) -> np.ndarray:
     """For each gallery index j in ``js``: how many items of ``row`` rank before item j.
 
-    Item g ranks before j when ``row[g] > row[j]``, or the scores are equal and g > j.
-    Few items: one pass over the row each (``>`` left of j, ``>=`` right of it). Many: one
+    Item g ranks before j when ``row[g] > row[j]``, or the scores are equal and g < j.
+    Few items: one pass over the row each (``>=`` left of j, ``>`` right of it). Many: one
     sort of the row, binary searches, and a pass only for a score shared with other items.
     """
     t = row[js]
     if not _use_sort(js.size, row.size):
         return np.array(
             [
-                np.count_nonzero(row[:j] > tj) + np.count_nonzero(row[j + 1 :] >= tj)
+                np.count_nonzero(row[:j] >= tj) + np.count_nonzero(row[j + 1 :] > tj)
                 for j, tj in zip(js.tolist(), t.tolist(), strict=True)
             ],
             dtype=np.int64,
@@ -69,7 +68,7 @@ def _count_before(row: np.ndarray, js: np.ndarray) -> np.ndarray:
     right = np.searchsorted(srt, t, side="right")
     out = (row.size - right).astype(np.int64)
     for n in np.flatnonzero(right - np.searchsorted(srt, t, side="left") > 1).tolist():
-        out[n] += np.count_nonzero(row[js[n] + 1 :] == t[n])
+        out[n] += np.count_nonzero(row[: js[n]] == t[n])
     return out
 
 
@@ -85,7 +84,7 @@ def relevant_ranks(
 
     A gallery item is relevant to a query when their codes are equal. The ranking is of the
     whole gallery by inner product ``xq[q] @ xg[g]``, descending, exact ties broken by
-    gallery index descending (as FAISS ``IndexFlatIP`` does; see the module docstring).
+    gallery index ascending (see the module docstring).
     With ``self_ids`` (leave-one-out), gallery item ``self_ids[q]`` is the query itself: it
     is removed from query q's ranking (positions count the other ng - 1 items) and is not
     relevant; exact duplicates of the query stay ordinary gallery items.

@@ -39,8 +39,9 @@ def _with_duplicates(rng, x, labels, n_same, n_other):
     return np.concatenate([x, x[src]]), np.concatenate([labels, new_labels])
 
 
-def _naive(xq, xg, qc, gc, self_ids=None, larger_id_first=True):
-    """Full ranking of each query by a stable sort on (-score, -id); returns (orders, ranks)."""
+def _naive(xq, xg, qc, gc, self_ids=None, larger_id_first=False):
+    """Full ranking of each query by a stable sort on (-score, id) (the project's tie rule;
+    ``larger_id_first``: on (-score, -id)); returns (orders, ranks)."""
     scores = xq.astype(np.float64) @ xg.astype(np.float64).T
     orders, ranks = [], []
     for q in range(xq.shape[0]):
@@ -71,19 +72,19 @@ def _data(seed, n=120, num_labels=12):
 
 
 def test_hand_worked_example(counting):
-    # 1-D embeddings: scores are products; items 1 and 2 tie at 0.5 -> the larger id first
+    # 1-D embeddings: scores are products; items 1 and 2 tie at 0.5 -> the smaller id first
     xg = np.array([[1.0], [0.5], [0.5], [-1.0]], dtype=np.float32)
     gc = np.array([0, 1, 0, 1])
-    ranks, r = relevant_ranks(xg[:1], xg, np.array([0]), gc)  # order 0, 2, 1, 3
-    np.testing.assert_array_equal(ranks, [[1, 2]])
+    ranks, r = relevant_ranks(xg[:1], xg, np.array([0]), gc)  # order 0, 1, 2, 3
+    np.testing.assert_array_equal(ranks, [[1, 3]])
     np.testing.assert_array_equal(r, [2])
     ranks, r = relevant_ranks(xg[:1], xg, np.array([1]), gc)
-    np.testing.assert_array_equal(ranks, [[3, 4]])
+    np.testing.assert_array_equal(ranks, [[2, 4]])
     # leave-one-out: query q's own item leaves its ranking
     ranks, r = relevant_ranks(xg, xg, gc, gc, self_ids=np.arange(4))
-    # q0: 2,1,3 -> item 2 at 1; q1: 0,2,3 -> item 3 at 3; q2: 0,1,3 -> item 0 at 1;
-    # q3: scores -1,-.5,-.5 -> 2,1,0 -> item 1 at 2
-    np.testing.assert_array_equal(ranks, [[1], [3], [1], [2]])
+    # q0: 1,2,3 -> item 2 at 2; q1: 0,2,3 -> item 3 at 3; q2: 0,1,3 -> item 0 at 1;
+    # q3: scores -1,-.5,-.5 -> 1,2,0 -> item 1 at 1
+    np.testing.assert_array_equal(ranks, [[2], [3], [1], [1]])
     np.testing.assert_array_equal(r, [1, 1, 1, 1])
     assert ranks.dtype == np.int64 and r.dtype == np.int64
 
@@ -119,24 +120,34 @@ def test_matches_naive_full_sort(seed, counting):
     assert np.any(r == 0)
 
 
-def test_ties_follow_faiss_index_flat_ip(counting):
+def test_ties_follow_the_embedding_index_not_raw_faiss(counting):
     faiss = pytest.importorskip("faiss")
+    from retrieval.index import EmbeddingIndex
+
     for seed in range(3):
         x, labels = _data(seed)
         n = x.shape[0]
-        index = faiss.IndexFlatIP(x.shape[1])
+        index = EmbeddingIndex(x.shape[1])
         index.add(x)
         _, ids = index.search(x, n)
-        from_faiss = []
+        from_index = []
         for q in range(n):
             order = ids[q][ids[q] != q]
-            from_faiss.append(np.flatnonzero(labels[order] == labels[q]) + 1)
-        expected, _ = _padded(from_faiss)
+            from_index.append(np.flatnonzero(labels[order] == labels[q]) + 1)
+        expected, _ = _padded(from_index)
         ranks, _ = relevant_ranks(x, x, labels, labels, self_ids=np.arange(n))
         np.testing.assert_array_equal(ranks, expected)
-        # the data has ties across labels, so the other tie rule would give other ranks
-        smaller_first, _ = _padded(_naive(x, x, labels, labels, np.arange(n), False)[1])
-        assert np.any(smaller_first != expected)
+        # FAISS's own IndexFlatIP lists ties by descending id; the data has ties across
+        # labels, so that order gives other ranks
+        raw = faiss.IndexFlatIP(x.shape[1])
+        raw.add(x)
+        _, raw_ids = raw.search(x, n)
+        from_raw = [
+            np.flatnonzero(labels[raw_ids[q][raw_ids[q] != q]] == labels[q]) + 1 for q in range(n)
+        ]
+        assert np.any(_padded(from_raw)[0] != expected)
+        larger_first, _ = _padded(_naive(x, x, labels, labels, np.arange(n), True)[1])
+        np.testing.assert_array_equal(_padded(from_raw)[0], larger_first)
 
 
 def _pml_calculator(metrics, k, ip):
@@ -160,19 +171,18 @@ def _ours(xq, ql, xg, gl, loo):
     return average_precision(ranks[keep], r[keep]), precision_at_k(top1, ql[keep], 1)
 
 
-@pytest.mark.parametrize("ip", [True, False])
-def test_full_map_matches_pml(ip):
+@pytest.mark.parametrize("across_labels", [True, False])
+def test_full_map_matches_pml(across_labels):
     for seed in range(3):
         rng = np.random.default_rng(seed)
-        if ip:  # FAISS inner-product k-NN: same tie rule, so ties across labels are allowed
-            x, labels = _data(seed)
-        else:  # PML's default L2 k-NN on unit vectors; duplicates only within a label
-            x = rng.standard_normal((100, 16)).astype(np.float32)
-            x /= np.linalg.norm(x, axis=1, keepdims=True)
-            labels = rng.integers(0, 20, size=100)
-            labels[:2] = [50, 51]
-            x, labels = _with_duplicates(rng, x, labels, n_same=10, n_other=0)
-        calc = _pml_calculator(("mean_average_precision", "precision_at_1"), None, ip)
+        # PML's default L2 k-NN on unit vectors orders ties by ascending id, as we do;
+        # exact duplicates with their own label, and (across_labels) with other labels
+        x = rng.standard_normal((100, 16)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        labels = rng.integers(0, 20, size=100)
+        labels[:2] = [50, 51]
+        x, labels = _with_duplicates(rng, x, labels, n_same=10, n_other=8 if across_labels else 0)
+        calc = _pml_calculator(("mean_average_precision", "precision_at_1"), None, ip=False)
         pml = calc.get_accuracy(x, labels, x, labels, ref_includes_query=True)
         ap, p1 = _ours(x, labels, x, labels, loo=True)
         assert ap.mean() == pytest.approx(pml["mean_average_precision"], abs=1e-6)

@@ -21,7 +21,7 @@ from retrieval.index._faiss import (
 from retrieval.index._files import read_checked, write_atomically
 from retrieval.index.self_knn import drop_self, exact_self_knn
 
-__all__ = ["EmbeddingIndex"]
+__all__ = ["EmbeddingIndex", "ties_by_ascending_id"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,17 @@ def _to_all_gpus(
             raise ValueError(f"faiss cannot shard a {what!r} index over GPUs ({err})") from err
         log.info("faiss cannot shard a %r index over GPUs (%s); it stays on the CPU", what, err)
         return cpu_index, None
+
+
+def ties_by_ascending_id(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Search results with equal scores re-ordered by ascending id (missing slots, id -1,
+    stay last); rows already ordered by score stay so."""
+    if scores.shape[1] < 2:
+        return scores, ids
+    missing = ids < 0
+    key = np.where(missing, np.iinfo(np.int64).max, ids)
+    order = np.lexsort((key, np.where(missing, np.inf, -scores)), axis=1)
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
 class EmbeddingIndex:
@@ -334,8 +345,11 @@ class EmbeddingIndex:
             ``(D, I)``: D (nq, k') float32 inner-product scores, non-increasing along each
             row; I (nq, k') int64 ids in ``[0, ntotal)``, where ``k' = min(k, ntotal)``.
             Approximate indexes (IVF, HNSW) may find fewer than k' neighbours; the missing
-            slots hold id -1 and a score of about -3.4e38. Ties in score are ordered as FAISS
-            returns them.
+            slots hold id -1 and a score of about -3.4e38. Equal scores are ordered by
+            ascending id, as everywhere in the project, also across the k-th place: of a
+            group of equal scores cut there, the smaller ids are kept (FAISS itself lists
+            equal scores by descending id and keeps an arbitrary part of a cut group; one
+            more result is searched to see the cut, more only where a group straddles it).
 
         Raises:
             ValueError: empty index, ``k < 1``, ``chunk_size < 1``, bad shape or non-finite
@@ -351,8 +365,28 @@ class EmbeddingIndex:
         ids = np.empty((nq, k_eff), dtype=np.int64)
         for start in range(0, nq, chunk_size):
             stop = min(start + chunk_size, nq)
-            scores[start:stop], ids[start:stop] = self._index.search(x[start:stop], k_eff)
+            scores[start:stop], ids[start:stop] = self._search_ties_resolved(x[start:stop], k_eff)
         return scores, ids
+
+    def _search_ties_resolved(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``k`` results per row with equal scores by ascending id, also when a group of equal
+        scores straddles the k-th place: FAISS then keeps an arbitrary part of the group, so
+        one more result is searched, and rows whose k-th score still equals their last one
+        are searched again with twice as many until the group ends inside (or ``ntotal``)."""
+        n = self.ntotal
+        want = min(n, k + 1)
+        scores, ids = ties_by_ascending_id(*self._index.search(x, want))
+        open_rows = np.flatnonzero((scores[:, k - 1] == scores[:, -1]) & (ids[:, -1] >= 0))
+        while want < n and open_rows.size:
+            want = min(n, 2 * want)
+            more_scores, more_ids = ties_by_ascending_id(*self._index.search(x[open_rows], want))
+            scores[open_rows], ids[open_rows] = (
+                more_scores[:, : scores.shape[1]],
+                more_ids[:, : scores.shape[1]],
+            )
+            still = (more_scores[:, k - 1] == more_scores[:, -1]) & (more_ids[:, -1] >= 0)
+            open_rows = open_rows[still]
+        return scores[:, :k], ids[:, :k]
 
     def search_self(self, k: int, chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """Leave-one-out search: the ``k`` most similar other indexed vectors of each one.
