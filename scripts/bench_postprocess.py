@@ -2,10 +2,12 @@
 
 Two bundles of the same model and gallery, one exported without search-time steps and one
 with them (e.g. ``postprocess=[whiten,dba,aqe]``), are served at once by two ``retrieval
-serve`` child processes on loopback. One client sends each query image to one server, then to
-the other (and, with ``--rerank``, to the stepped one with ``rerank=true``), in turns, so the
-machine's noise falls on all of them alike; every upload is a distinct file, so the upload
-cache never answers. Reports the median (p50) and p90 latency of each and the ratio to plain.
+serve`` child processes on loopback. One client sends a block of query images to one server,
+then the same block to the other (and, with ``--rerank``, to the stepped one with
+``rerank=true``), block after block with the order rotating, so the machine's noise falls on
+all of them alike. Every upload is distinct (trailing zero bytes that decoders ignore), so the
+upload cache never answers.
+Reports the median (p50) and p90 latency of each and the ratio to plain.
 
     python scripts/bench_postprocess.py PLAIN_BUNDLE STEPPED_BUNDLE data/copydetect/queries
     python scripts/bench_postprocess.py ... --requests 200 --rerank --record experiments/FILE.md
@@ -51,6 +53,7 @@ def main() -> None:
     parser.add_argument("queries", type=Path, help="folder of query images (one per request)")
     parser.add_argument("--requests", type=int, default=200, help="requests per variant")
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--block", type=int, default=20, help="requests in a row per variant")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--rerank", action="store_true", help="also time rerank=true")
     parser.add_argument("--serve-args", default="", help="extra `retrieval serve` options")
@@ -61,7 +64,6 @@ def main() -> None:
 
     from tests.service.live import serve
 
-    files = query_files(args.queries, args.warmup + args.requests)
     variants: list[tuple[str, str, dict[str, Any]]] = [
         ("none", "plain", {}),
         ("steps", "stepped", {}),
@@ -69,6 +71,7 @@ def main() -> None:
     if args.rerank:
         variants.append(("steps + rerank", "stepped", {"rerank": "true"}))
     latencies: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    files = query_files(args.queries, args.warmup + args.requests)
     with ExitStack() as stack:
         bases = {
             "plain": stack.enter_context(serve(args.plain, *args.serve_args.split())),
@@ -79,22 +82,28 @@ def main() -> None:
         }
         steps = {k: clients[k].get("/stats").json().get("postprocess") for k in clients}
         log(f"steps: plain {steps['plain']}, stepped {steps['stepped']}")
-        for number, path in enumerate(files):
-            data = path.read_bytes()
-            for name, server, params in variants:
-                start = time.perf_counter()
-                reply = clients[server].post(
-                    "/search",
-                    params={"k": args.k, **params},
-                    files={"image": (path.name, data)},
-                )
-                took = (time.perf_counter() - start) * 1000.0
-                if reply.status_code != 200:
-                    raise SystemExit(f"{name}: {reply.status_code} {reply.text[:200]}")
-                if number >= args.warmup:
-                    latencies[name].append(took)
-            if number and number % 50 == 0:
-                log(f"{number} queries ...")
+        for first in range(0, len(files), args.block):
+            block = [path.read_bytes() for path in files[first : first + args.block]]
+            # blocks, not single requests, take turns: a server that has just run keeps its
+            # caches and threads warm, so each variant runs a whole block in a row; the
+            # order of the variants rotates from block to block
+            shift = (first // args.block) % len(variants)
+            for turn, (name, server, params) in enumerate(variants[shift:] + variants[:shift]):
+                time.sleep(0.2)  # the previous server's threads go idle
+                for offset, image in enumerate(block):
+                    # the same images for every variant, made distinct uploads by trailing
+                    # bytes that decoders ignore (the upload cache would answer a repeat)
+                    data = image + b"\0" * (turn + 1)
+                    start = time.perf_counter()
+                    reply = clients[server].post(
+                        "/search", params={"k": args.k, **params}, files={"image": ("q", data)}
+                    )
+                    took = (time.perf_counter() - start) * 1000.0
+                    if reply.status_code != 200:
+                        raise SystemExit(f"{name}: {reply.status_code} {reply.text[:200]}")
+                    if first + offset >= args.warmup:
+                        latencies[name].append(took)
+            log(f"{min(first + args.block, len(files))} of {len(files)} images ...")
     plain = float(np.median(latencies["none"]))
     rows = []
     for name, _, _ in variants:
@@ -114,8 +123,9 @@ def describe(args: argparse.Namespace, steps: Any) -> list[str]:
         f"- machine: {cpu_model()}, {platform.machine()}, python {platform.python_version()}",
         f"- plain bundle: `{args.plain}`; stepped bundle: `{args.stepped}` with steps "
         f"`{json.dumps(steps)}`",
-        f"- {args.requests} distinct query images from `{args.queries}` per variant, one client,"
-        f" variants taking turns; k = {args.k}; {args.warmup} warm-up queries not counted",
+        f"- {args.requests} images of `{args.queries}` sent to every variant, in blocks of "
+        f"{args.block} taking turns (a distinct upload each: trailing zero bytes), one client; "
+        f"k = {args.k}; {args.warmup} warm-up images not counted",
         f"- `python scripts/bench_postprocess.py {args.plain} {args.stepped} {args.queries}"
         f" --requests {args.requests}{' --rerank' if args.rerank else ''}`",
         "",
