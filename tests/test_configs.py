@@ -13,7 +13,7 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-EVALUATE_ONLY = {"index"}
+EVALUATE_ONLY = {"index", "postprocess"}
 
 
 @pytest.mark.parametrize(
@@ -53,6 +53,22 @@ def test_every_index_option_builds_a_searchable_index(option, tmp_path):
     index.add(x)
     _, ids = index.search(x[:20], 1)
     assert (ids[:, 0] == np.arange(20)).mean() >= 0.9  # each vector finds itself
+
+
+@pytest.mark.parametrize("name", ["evaluate", "export"])
+def test_every_postprocess_option_composes_into_its_step(name, tmp_path):
+    from retrieval.postprocess import STEPS, Postprocess
+    from retrieval.tasks.config import compose_config
+
+    assert sorted(options("postprocess")) == sorted(STEPS)
+    for option in options("postprocess"):
+        cfg = compose_config([f"postprocess=[{option}]", f"paths.output_dir={tmp_path}"], name=name)
+        assert Postprocess.from_dict(dict(cfg.postprocess)).steps == [option]
+    cfg = compose_config(
+        ["postprocess=[rerank,tta,whiten,dba,aqe]", f"paths.output_dir={tmp_path}"], name=name
+    )
+    assert Postprocess.from_dict(dict(cfg.postprocess)).steps == list(STEPS)
+    assert compose_config([f"paths.output_dir={tmp_path}"], name=name).get("postprocess") is None
 
 
 def test_monitor_is_interpolated_everywhere(tmp_path):
