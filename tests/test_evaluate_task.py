@@ -328,3 +328,23 @@ def test_an_image_rewritten_under_the_same_path_is_embedded_again(tmp_path):
     evaluate(compose_eval(tmp_path, *overrides, f"paths.output_dir={tmp_path}/out2"))
     second = json.loads((tmp_path / "out2" / "metrics.json").read_text())["protocol"]
     assert first["data"]["embedding_cache"] != second["data"]["embedding_cache"]
+
+
+def test_postprocess_ablation_goes_to_weights_and_biases(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    x, y = _clusters(3, labels=6, per_label=4)
+    np.savez(tmp_path / "e.npz", embeddings=x, labels=y)
+    evaluate(
+        compose_eval(
+            tmp_path,
+            f"embeddings={tmp_path}/e.npz",
+            "logger=default",
+            "postprocess=[whiten,aqe]",
+            "postprocess.whiten.fit_on=gallery",
+        )
+    )
+    (run,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
+    tables = [json.loads(p.read_text()) for p in (run / "files" / "media" / "table").glob("*.json")]
+    (ablation,) = [t for t in tables if t["columns"][0] == "steps"]
+    assert [row[0] for row in ablation["data"]] == ["none", "whiten", "whiten+aqe"]
+    assert ablation["columns"][-1] == "extra_ms_per_query"

@@ -112,6 +112,20 @@ def _log(
                 logger.log_image(key="results", images=[str(picture)])
             columns, data = _query_table(inputs, int(cfg.report.table_rows))
             logger.log_table(key="queries", columns=columns, data=data)
+            if inputs.ablation:
+                names = list(inputs.ablation[0]["metrics"])
+                logger.log_table(
+                    key="postprocess",
+                    columns=["steps", *names, "extra_ms_per_query"],
+                    data=[
+                        [
+                            row["steps"],
+                            *(row["metrics"][n] for n in names),
+                            row["extra_ms_per_query"],
+                        ]
+                        for row in inputs.ablation
+                    ],
+                )
             lines.append(describe_wandb(logger))
         logger.save()
         if hasattr(logger, "finalize"):
