@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from retrieval.bundle.format import BundleError, read_json, read_manifest, verify_files
+from retrieval.bundle.format import (
+    BundleError,
+    read_json,
+    read_manifest,
+    stale_exports,
+    verify_files,
+)
 from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.model import Runtime, load_runtime
 from retrieval.bundle.preprocess import Preprocessor, open_image
@@ -204,8 +210,11 @@ class Retriever:
             queries: images (paths, bytes, PIL images) or (n, dim) / (dim,) vectors
                 (normalised here; vectors are in the bundle's space, after its model's
                 TTA and whitening).
-            k: results per query (fewer when the bundle holds fewer items).
-            label: keep only items with this label.
+            k: results per query (fewer when the bundle holds fewer items; items removed
+                while the search runs are left out and others searched for in their place).
+            label: keep only items with this label: the exact top ``k`` among them for a
+                Flat index, found through the store's label index (a label nobody has costs
+                one look-up; αQE and re-ranking stay within the label's items).
             rerank: k-reciprocal re-ranking of the first results (scores are then the
                 re-ranking's, see :func:`retrieval.postprocess.k_reciprocal_rerank`);
                 ``None``: as the bundle was exported (``postprocess.rerank`` in its manifest),
@@ -221,37 +230,42 @@ class Retriever:
         reranking = self.steps.rerank if rerank is None else None
         if rerank:
             reranking = self.steps.rerank or Rerank()
-        want = k if label is None else min(len(self), max(4 * k, 64))
+        want = k  # more when items found were removed before their rows were read
         while True:
-            scores, ids = self._search_steps(x, want, reranking)
-            hits = [self._hits(s, i, label)[:k] for s, i in zip(scores, ids, strict=True)]
-            if label is None or want >= len(self) or all(len(h) == k for h in hits):
+            scores, ids = self._search_steps(x, want, reranking, label)
+            hits = [self._hits(s, i)[:k] for s, i in zip(scores, ids, strict=True)]
+            exhausted = ids.shape[1] < want or want >= len(self)
+            rows_done = (len(h) == k or (i < 0).any() for h, i in zip(hits, ids, strict=True))
+            if exhausted or all(rows_done):
                 return hits
-            want = min(len(self), want * 4)
+            want = min(len(self), want * 2)
 
     def _search_steps(
-        self, x: np.ndarray, k: int, reranking: Rerank | None
+        self, x: np.ndarray, k: int, reranking: Rerank | None, label: str | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores, ids)`` of the bundle's search, with its αQE and ``reranking``."""
+        """``(scores, ids)`` of the bundle's search among the items with ``label`` (all when
+        None), with its αQE and ``reranking`` (both within the label's items)."""
         if self.steps.aqe is None and reranking is None:
-            return self.items.search(x, k)
+            return self.items.search(x, k, label=label)
         scores, ids, _ = search_with_steps(
             x,
             k,
-            self.items.search,
+            lambda q, n: self.items.search(q, n, label=label),
             lambda found: self.items.store.vectors(found.tolist()),
             aqe=self.steps.aqe,
             rerank=reranking,
         )
         return scores, ids
 
-    def _hits(self, scores: np.ndarray, ids: np.ndarray, label: str | None) -> list[Hit]:
+    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+        """The hits of one result row, without empty slots and without items removed since
+        the index was searched (the index lock is released before the rows are read)."""
         found = [int(i) for i in ids if i >= 0]
         records = {item.id: item for item in self.items.store.get(found)}
         hits = []
         for score, item_id in zip(scores, ids, strict=True):
             item = records.get(int(item_id))
-            if item is None or (label is not None and item.label != label):
+            if item is None or not item.active:
                 continue
             hits.append(Hit(item.id, float(score), item.uri, item.label, dict(item.extra)))
         return hits
@@ -313,14 +327,22 @@ class Retriever:
         return self.items.remove([int(i) for i in ids])
 
     def verify(self) -> list[str]:
-        """Problems found, ``[]`` when healthy: file checksums, the store's integrity, the index
-        against the store, and a sample of items found at their own place."""
+        """Problems found, ``[]`` when healthy: file checksums (and every file a bundle
+        needs listed), every stored row, the index against the store, a sample of items
+        found at their own place, and folders of interrupted exports beside the bundle."""
         problems = []
         try:
             verify_files(self.folder, self.manifest)
         except BundleError as err:
             problems.append(str(err))
-        return problems + self.items.verify()
+        problems += self.items.verify()
+        stale = stale_exports(self.folder)
+        if stale:
+            problems.append(
+                f"folders left by an interrupted export beside {self.folder}: "
+                f"{[p.name for p in stale]}; the next export to it removes them, or delete them"
+            )
+        return problems
 
     def info(self) -> dict[str, Any]:
         """A summary: format, model, dim, index, item count, metrics."""

@@ -10,12 +10,22 @@ A bundle is a folder::
     index.faiss          FAISS index snapshot (its checksum is recorded in items.sqlite)
 
 Files that never change after export are checksummed here; ``items.sqlite`` and
-``index.faiss`` change with every add / remove and carry their own integrity checks.
+``index.faiss`` change with every add / remove and carry their own integrity checks. Every
+bundle has all of :data:`REQUIRED_FILES`, whatever its manifest lists.
+
+An export writes into ``.{name}.tmp-XXXXXXXX`` beside the target ``name`` (and moves a
+bundle it replaces to ``.{name}.old-XXXXXXXX`` for a moment), holding an ``flock`` on that
+folder while it works: :func:`stale_exports` finds the ones a killed export left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +36,10 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
     "BundleError",
+    "REQUIRED_FILES",
+    "export_lock",
     "read_manifest",
+    "stale_exports",
     "verify_files",
     "write_manifest",
 ]
@@ -35,6 +48,11 @@ FORMAT_NAME = "retrieval-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MUTABLE = ("items.sqlite", "index.faiss")
+#: files every bundle has and its manifest checksums (the model's four, its preprocessing)
+CHECKSUMMED = ("model.json", "model.safetensors", "model.ts", "model.onnx", "preprocessing.json")
+REQUIRED_FILES = (*CHECKSUMMED, *MUTABLE)
+#: an export folder younger than this may belong to an export that has not locked it yet
+STALE_AFTER_S = 60.0
 _REQUIRED = ("format", "format_version", "embedding_dim", "metric", "index", "files")
 
 
@@ -105,7 +123,16 @@ def verify_files(folder: str | Path, manifest: dict[str, Any]) -> None:
         BundleError: naming the first missing or altered file.
     """
     root = Path(folder)
-    for name, expected in manifest["files"].items():
+    files = manifest["files"]
+    if not isinstance(files, dict):
+        raise BundleError(f"{root / MANIFEST}: 'files' must map file names to sha256 digests")
+    unlisted = [name for name in CHECKSUMMED if name not in files]
+    if unlisted:
+        raise BundleError(
+            f"{root / MANIFEST} does not list {unlisted}, which every bundle has: the manifest "
+            "was altered or the export did not finish; re-export the bundle"
+        )
+    for name, expected in files.items():
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise BundleError(f"{root / MANIFEST} lists a file outside the bundle: {name!r}")
         path = root / name
@@ -116,3 +143,54 @@ def verify_files(folder: str | Path, manifest: dict[str, Any]) -> None:
                 f"{path} does not match its checksum in {MANIFEST}: the file was altered or "
                 "truncated"
             )
+
+
+def _export_pattern(target: Path) -> re.Pattern[str]:
+    return re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-[0-9a-f]{{8}}")
+
+
+@contextlib.contextmanager
+def export_lock(folder: str | Path, wait: bool = False) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``folder`` (a directory) while the block runs; yields
+    whether it was taken (False: another open file holds it, and ``wait`` is false). Where
+    ``flock`` does not exist it yields False (the folder counts as in use)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield False
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def stale_exports(target: str | Path, now: float | None = None) -> list[Path]:
+    """Folders that an interrupted export to ``target`` left beside it: named exactly
+    ``.{target name}.tmp-XXXXXXXX`` or ``.old-XXXXXXXX`` (8 hex digits), older than
+    :data:`STALE_AFTER_S` and not locked by a running export. Sorted by name."""
+    path = Path(target)
+    pattern, now = _export_pattern(path), time.time() if now is None else now
+    found = []
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return []
+    for sibling in siblings:
+        if not pattern.fullmatch(sibling.name) or sibling.is_symlink() or not sibling.is_dir():
+            continue
+        try:
+            if now - sibling.stat().st_mtime < STALE_AFTER_S:
+                continue
+            with export_lock(sibling) as free:
+                if free:
+                    found.append(sibling)
+        except OSError:  # removed meanwhile
+            continue
+    return sorted(found)

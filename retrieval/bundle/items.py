@@ -36,7 +36,14 @@ from typing import IO, Any
 
 import numpy as np
 
-from retrieval.bundle.store import Check, ItemRecord, ItemStore, Snapshot, check_vectors
+from retrieval.bundle.store import (
+    Check,
+    ItemRecord,
+    ItemStore,
+    Snapshot,
+    StoreError,
+    check_vectors,
+)
 from retrieval.index import EmbeddingIndex
 from retrieval.io import sha256_file
 from retrieval.postprocess.steps import dba_vectors_for
@@ -49,6 +56,9 @@ STORE_FILE = "items.sqlite"
 INDEX_FILE = "index.faiss"
 PENDING_FILE = "index.faiss.pending"
 LOCK_FILE = ".lock"
+#: label filters matching at most this many items score them exactly from their stored
+#: vectors (O(matches) rows read); more are found by searching the index ever deeper
+EXACT_MAX = 1024
 
 
 class IndexStateError(ValueError):
@@ -150,6 +160,23 @@ def _build_from_store(
         index.add(vectors)
         parts.append(ids)
     return index, np.concatenate(parts)
+
+
+def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of each row of ``scores`` (nq, m) over the increasing ``ids`` (m,),
+    equal scores by ascending id: (nq, min(k, m)) scores and ids."""
+    k = min(k, ids.size)
+    out_scores = np.empty((scores.shape[0], k), np.float32)
+    out_ids = np.empty((scores.shape[0], k), np.int64)
+    for row, values in enumerate(scores):
+        if k < values.size:  # every score equal to the k-th stays a candidate
+            kth = np.partition(values, values.size - k)[values.size - k]
+            candidates = np.flatnonzero(values >= kth)
+        else:
+            candidates = np.arange(values.size)
+        order = candidates[np.lexsort((candidates, -values[candidates]))[:k]]
+        out_scores[row], out_ids[row] = values[order], ids[order]
+    return out_scores, out_ids
 
 
 def _finish_pending(root: Path, snap: Snapshot) -> None:
@@ -319,6 +346,13 @@ class IndexedItems:
                 raise IndexStateError(f"{store.path} records no index snapshot")
             _finish_pending(root, snap)
             if rebuild_index:
+                damaged = store.check_rows(active_only=True)
+                if damaged:
+                    raise StoreError(
+                        f"cannot rebuild the index of {root}: damaged rows in {store.path}: "
+                        f"{'; '.join(damaged)}. Repair them, or mark them removed "
+                        f"(ItemStore.open({str(store.path)!r}).remove(ids)), and rebuild again"
+                    )
                 index, ids = _build_from_store(store, snap.factory, snap.search_params)
             else:
                 index, ids = _replay(root, store, snap)
@@ -496,23 +530,34 @@ class IndexedItems:
             except Exception:
                 log.exception("automatic snapshot of %s failed; will retry", self._root)
 
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` best items for each query, best first.
+    def search(
+        self, vectors: np.ndarray, k: int, label: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best items for each query, best first, equal scores by ascending id.
 
         Args:
             vectors: (n, dim) real array of queries (L2-normalised for cosine scores).
-            k: >= 1; clamped to :attr:`ntotal`.
+            k: >= 1; clamped to :attr:`ntotal` (to the label's indexed items with ``label``).
+            label: only items with this label, found through the store's label index: a
+                few (up to :data:`EXACT_MAX`, or up to the candidates a deeper search would
+                check) are scored exactly from their stored vectors; for many, the index is
+                searched deep enough to hold ``k`` of them and only the candidates' rows are
+                read. Rows read: O(min(matches, k * ntotal / matches)); none for a label
+                nobody has.
 
         Returns:
             ``(scores, item_ids)``: (n, k') float32 inner products and (n, k') int64 item ids,
-            ``k' = min(k, ntotal)`` (0 for an empty index); -1 where an approximate index
-            found fewer than k' neighbours.
+            ``k' = min(k, ntotal)`` (0 for an empty index or a label nobody has); -1 (score
+            -inf with a label, about -3.4e38 without) where an approximate index found fewer
+            than k' neighbours.
         """
         xq = np.asarray(vectors)
         if xq.ndim != 2 or xq.shape[1] != self.dim:
             raise ValueError(f"vectors must have shape (n, {self.dim}), got {xq.shape}")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
+        if label is not None:
+            return self._search_label(xq, int(k), label)
         with self._rw.read():
             self._check_usable()
             index, ids = self._index, self._ids
@@ -521,6 +566,66 @@ class IndexedItems:
                 return np.empty(shape, np.float32), np.empty(shape, np.int64)
             scores, positions = index.search(xq, int(k))
         return scores, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
+
+    def _search_label(self, xq: np.ndarray, k: int, label: str) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` among the items with ``label``: scored exactly when reading their
+        rows costs no more than checking the candidates a deeper search would bring."""
+        count = self._store.label_count(label)  # counted in the label index: no rows read
+        if count and count <= max(EXACT_MAX, 2 * k * self.ntotal // count):
+            return self._label_exact(xq, k, label)
+        if count:
+            return self._label_deeper(xq, min(k, count), label, count)
+        shape = (xq.shape[0], 0)
+        return np.empty(shape, np.float32), np.empty(shape, np.int64)
+
+    def _label_exact(self, xq: np.ndarray, k: int, label: str) -> tuple[np.ndarray, np.ndarray]:
+        """The label's indexed items scored with their stored vectors (O(matches) rows)."""
+        wanted = self._store.label_ids(label)
+        with self._rw.read():
+            self._check_usable()
+            ids = self._ids
+            pos = np.searchsorted(ids, wanted)  # ids increase with the position
+            inside = pos < ids.size
+            inside[inside] = ids[pos[inside]] == wanted[inside]  # added but not yet indexed
+        members = wanted[inside]
+        if members.size == 0:
+            shape = (xq.shape[0], 0)
+            return np.empty(shape, np.float32), np.empty(shape, np.int64)
+        scores = np.ascontiguousarray(xq, dtype=np.float32) @ self._store.vectors_of(members).T
+        return _top_k(scores, members, k)
+
+    def _label_deeper(
+        self, xq: np.ndarray, k: int, label: str, count: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The index searched for ever more neighbours (at first twice as many as hold ``k``
+        of the label's ``count`` items on average) until each row has ``k`` of them or the
+        index no more; only the candidates' rows are read. Empty slots: -1, score -inf."""
+        out_scores = np.full((xq.shape[0], k), -np.inf, np.float32)
+        out_ids = np.full((xq.shape[0], k), -1, np.int64)
+        todo = np.arange(xq.shape[0])
+        want = max(4 * k, -(-2 * k * self.ntotal // count))
+        while todo.size:
+            with self._rw.read():
+                self._check_usable()
+                index, ids = self._index, self._ids
+                if index.ntotal == 0:
+                    break
+                want = min(want, index.ntotal)
+                scores, found = index.search(xq[todo], want)
+                found = np.where(found >= 0, ids[np.maximum(found, 0)], -1)
+                everything = want >= index.ntotal
+            members = self._store.with_label(np.unique(found[found >= 0]), label)
+            keep = np.isin(found, members)
+            done = []
+            for row, query in enumerate(todo):
+                hits = np.flatnonzero(keep[row])[:k]
+                if hits.size == k or everything or bool((found[row] < 0).any()):
+                    out_scores[query, : hits.size] = scores[row, hits]
+                    out_ids[query, : hits.size] = found[row, hits]
+                    done.append(row)
+            todo = np.delete(todo, done)
+            want *= 4
+        return out_scores, out_ids
 
     def snapshot(self) -> Snapshot:
         """Write the index to ``index.faiss`` and record it (protocol step 2); return it."""
@@ -541,11 +646,15 @@ class IndexedItems:
         return snap
 
     def verify(self, sample: int = 100, seed: int = 0) -> list[str]:
-        """Problems found, ``[]`` when healthy: store integrity (full check), index size vs
-        active items, position -> id mapping vs the store, ``index.faiss`` vs its recorded
-        sha256, and a sample of stored vectors searched: each must be among the 10 nearest
-        of its own position (score ~1 for Flat / HNSW-Flat indexes)."""
+        """Problems found, ``[]`` when healthy: store integrity (full check), every stored row
+        (:meth:`ItemStore.check_rows`: vector, uri, label, extra of each item and each base
+        vector), index size vs active items, position -> id mapping vs the store,
+        ``index.faiss`` vs its recorded sha256, and a sample of stored vectors searched: each
+        must be among the 10 nearest of its own position (score ~1 for Flat / HNSW-Flat)."""
+        if not self._store.path.is_file():
+            return [f"item store {self._store.path} is missing"]
         problems = [f"store: {p}" for p in self._store.integrity_check(full=True)]
+        problems += self._store.check_rows()
         with self._mutate:
             if self._broken is not None:
                 problems.append(f"index does not match the store after {self._broken!r}")

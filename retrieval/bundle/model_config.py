@@ -14,7 +14,9 @@ Files written by :func:`export_model`::
      "input_size": 224, "output_dim": 512}
 
 ``backbone``: ``name`` and ``source`` ("timm" | "torchvision", default "timm") and ``kwargs``
-(JSON object, default {}) of :func:`retrieval.models.create_backbone` (weights never loaded);
+(JSON object, default {}) of :func:`retrieval.models.create_backbone` (weights never loaded),
+limited to the JSON scalars of :data:`BACKBONE_KWARGS`: a bundle is data, and a keyword such as
+timm's ``checkpoint_path`` or ``pretrained_cfg_overlay`` would make loading it read any file;
 ``embedder``: :class:`Embedder` arguments, ``embedding_dim`` (int or null = backbone features)
 and ``pooling`` required, ``head_bn`` default false, and the search-time layers ``tta``
 (``{"scales": [...], "flip": bool}`` or null) and ``whiten_dim`` (int or null, weights in the
@@ -72,6 +74,46 @@ def _is_tta(value: Any) -> bool:
         and len(scales) > 0
         and all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in scales)
     )
+
+
+def _is_size(value: Any) -> bool:
+    if isinstance(value, list):
+        return len(value) == 2 and all(is_positive_int(v) for v in value)
+    return is_positive_int(value)
+
+
+def _is_rate(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+
+
+#: the backbone keywords a bundle may pass to the library: what the input shape makes of the
+#: model (what conf/backbone/*.yaml set) and dropout rates (inert in eval mode, kept so that
+#: models trained with them export), each a JSON scalar checked here
+BACKBONE_KWARGS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "img_size": (_is_size, "a positive int or [height, width]"),
+    "dynamic_img_size": (lambda v: isinstance(v, bool), "true or false"),
+    "dynamic_img_pad": (lambda v: isinstance(v, bool), "true or false"),
+    "patch_size": (is_positive_int, "a positive int"),
+    "drop_rate": (_is_rate, "a number in [0, 1)"),
+    "drop_path_rate": (_is_rate, "a number in [0, 1)"),
+}
+
+
+def _check_backbone_kwargs(kwargs: Mapping[str, Any], where: str) -> None:
+    """Refuse keywords outside :data:`BACKBONE_KWARGS` and values of the wrong type."""
+    allowed = sorted(BACKBONE_KWARGS)
+    for key, value in kwargs.items():
+        if key not in BACKBONE_KWARGS:
+            raise BundleError(
+                f"{where}: 'backbone.kwargs' may not hold {key!r} (a bundle's model.json "
+                f"passes only {allowed} to the backbone library)"
+            )
+        ok, rule = BACKBONE_KWARGS[key]
+        if not ok(value):
+            raise BundleError(
+                f"{where}: 'backbone.kwargs' key {key!r} must be {rule}, got {value!r} "
+                f"(allowed keys: {allowed})"
+            )
 
 
 _POOLINGS = [*sorted(POOLINGS), "token"]
@@ -144,6 +186,7 @@ def check_model_config(
             shown = "nothing (missing)" if value is _REQUIRED else repr(value)
             raise BundleError(f"{where}: field '{path}' must be {rule}, got {shown}")
         (out[name] if name else out)[key] = copy.deepcopy(value)
+    _check_backbone_kwargs(out["backbone"]["kwargs"], where)
     return out
 
 

@@ -6,6 +6,12 @@ once removed, the sequence number of its removal. Bundles with database-side aug
 keep each item's un-augmented vector in a ``base_vectors`` table. A ``snapshots`` table records
 each index file written (:mod:`retrieval.bundle.items` replays what happened after the last one).
 
+An index on ``(label, removed_seq)`` finds a label's items in O(matches) (stores created
+before it get it when first opened; the schema version did not change, as an added index is
+readable by older software). :meth:`ItemStore.check_rows` reads every row to find damage that
+SQLite's own checks cannot see (a vector of the right length that is not a unit vector, a
+uri with control characters, an ``extra`` that is not a JSON object).
+
 The database runs in WAL mode with ``synchronous=FULL``: a method that writes returns only
 after its single transaction is on disk, so a process killed right after it loses nothing.
 Thread safety: one connection shared by all threads, every call serialised by a lock.
@@ -14,8 +20,10 @@ Thread safety: one connection shared by all threads, every call serialised by a 
 from __future__ import annotations
 
 import json
+import logging
 import operator
 import os
+import re
 import sqlite3
 import threading
 import uuid
@@ -37,6 +45,7 @@ __all__ = [
     "check_vectors",
 ]
 Check = Literal["quick", "full", "none"]
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -57,6 +66,7 @@ CREATE TABLE items (
 );
 CREATE INDEX items_by_removal ON items (removed_seq);
 CREATE INDEX items_by_sha256 ON items (content_sha256) WHERE content_sha256 IS NOT NULL;
+{label_index};
 CREATE TABLE snapshots (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     index_sha256 TEXT NOT NULL CHECK (length(index_sha256) = 64),
@@ -68,6 +78,13 @@ CREATE TABLE snapshots (
     created_at TEXT NOT NULL
 );
 """  # small columns before the vector, so scans of them never read the vector's pages
+# label -> active ids in O(matches). Added to schema version 1 without a version change: an
+# index changes no row, older software ignores it (SQLite maintains it), and stores created
+# before it get it when opened (see ItemStore.open).
+_LABEL_INDEX = "CREATE INDEX IF NOT EXISTS items_by_label ON items (label, removed_seq)"
+_MAX_URI = 4096  # characters; a path or URI longer than PATH_MAX is damage, not data
+_MAX_LABEL = 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # The vectors searched vectors were derived from (database-side augmentation), when kept.
 _BASE_TABLE = """CREATE TABLE IF NOT EXISTS base_vectors (
     id INTEGER PRIMARY KEY REFERENCES items (id),
@@ -81,6 +98,20 @@ class StoreError(ValueError):
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _text_problem(value: Any, limit: int, nullable: bool) -> str | None:
+    """Why ``value`` is not a well-formed uri / label (None when it is): text of 1 to
+    ``limit`` characters without control characters, or None where ``nullable``."""
+    if value is None and nullable:
+        return None
+    if not isinstance(value, str) or not value:
+        return f"must be a non-empty string{' or null' if nullable else ''}, got {value!r:.80}"
+    if len(value) > limit:
+        return f"is {len(value)} characters long, more than {limit}"
+    if _CONTROL.search(value):
+        return f"contains control characters: {value!r:.80}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -97,10 +128,10 @@ class ItemRecord:
     content_sha256: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.uri, str) or not self.uri:
-            raise ValueError(f"ItemRecord.uri must be a non-empty string, got {self.uri!r}")
-        if self.label is not None and not isinstance(self.label, str):
-            raise ValueError(f"ItemRecord.label must be a string or None, got {self.label!r}")
+        for name, limit in (("uri", _MAX_URI), ("label", _MAX_LABEL)):
+            problem = _text_problem(getattr(self, name), limit, nullable=name == "label")
+            if problem:
+                raise ValueError(f"ItemRecord.{name} {problem}")
         if not isinstance(self.extra, Mapping):
             raise ValueError(f"ItemRecord.extra must be a mapping, got {type(self.extra)}")
         try:
@@ -167,6 +198,27 @@ def check_vectors(vectors: Any, dim: int, n: int | None = None) -> np.ndarray:
             f"({bad.size} such rows): divide each row by its norm first"
         )
     return x
+
+
+def _row_problems(uri: Any, label: Any, extra: Any, sha: Any) -> list[str]:
+    """What is wrong with one item row's text columns (kinds, not values: ids are listed)."""
+    kinds = []
+    for name, value, limit in (("uri", uri, _MAX_URI), ("label", label, _MAX_LABEL)):
+        problem = _text_problem(value, limit, nullable=name == "label")
+        if problem:
+            kinds.append(
+                f"{name} not well-formed (text of 1 to {limit} characters without "
+                "control characters" + (", or null)" if name == "label" else ")")
+            )
+    try:
+        fields = json.loads(extra) if isinstance(extra, str) else None
+    except ValueError:
+        fields = None
+    if not isinstance(fields, dict):
+        kinds.append("extra is not a JSON object")
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        kinds.append("content_sha256 is not 64 hex digits")
+    return kinds
 
 
 def _listed(ids: Sequence[int]) -> str:
@@ -251,7 +303,9 @@ class ItemStore:
             try:
                 conn.execute("PRAGMA journal_mode=DELETE")
                 conn.executescript(
-                    "BEGIN;" + _SCHEMA.format(nbytes=4 * dim) + "INSERT INTO meta VALUES "
+                    "BEGIN;"
+                    + _SCHEMA.format(nbytes=4 * dim, label_index=_LABEL_INDEX)
+                    + "INSERT INTO meta VALUES "
                     f"('schema_version', '{SCHEMA_VERSION}'), ('dim', '{dim}'); COMMIT;"
                 )
                 if first is not None:
@@ -301,7 +355,11 @@ class ItemStore:
             if check != "none":
                 problems = store.integrity_check(full=check == "full")
                 if problems:
-                    raise StoreError(f"item store {src} failed its integrity check: {problems}")
+                    raise StoreError(
+                        f"item store {src} failed its integrity check: {problems}"
+                        + store._rows_named_after_failure()
+                    )
+            store._ensure_label_index()
         except sqlite3.DatabaseError as err:
             conn.close()
             raise StoreError(f"item store {src} is damaged: {err}") from err
@@ -309,6 +367,30 @@ class ItemStore:
             conn.close()
             raise
         return store
+
+    def _rows_named_after_failure(self) -> str:
+        """The damaged rows, when a failed integrity check still lets them be read."""
+        try:
+            rows = self.check_rows()
+        except sqlite3.DatabaseError:
+            return ""
+        return f"; damaged rows: {rows}" if rows else ""
+
+    def _ensure_label_index(self) -> None:
+        """Create the label index of stores written before it (a one-time O(n log n) pass).
+        A store that cannot be written keeps working: label look-ups then scan the table."""
+        with self._lock:
+            has = self._conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'items_by_label'"
+            ).fetchone()
+            if has:
+                return
+            try:
+                self._conn.execute(_LABEL_INDEX)
+            except sqlite3.OperationalError as err:  # read-only file or folder
+                log.warning(
+                    "cannot add the label index to %s (%s): label filters scan it", self._path, err
+                )
 
     @staticmethod
     def _read_meta(conn: sqlite3.Connection, src: Path) -> int:
@@ -566,6 +648,13 @@ class ItemStore:
             )
             if not rows:
                 return
+            bad: dict[str, list[int]] = {}
+            self._check_blobs("items", rows, bad)
+            if bad:
+                raise StoreError(
+                    f"{self._path} holds damaged vectors: "
+                    + "; ".join(f"{what}: {_listed(ids)}" for what, ids in bad.items())
+                )
             ids = np.array([r[0] for r in rows], dtype=np.int64)
             buf = b"".join(r[1] for r in rows)
             yield ids, np.frombuffer(buf, dtype="<f4").astype(np.float32).reshape(-1, self._dim)
@@ -595,6 +684,122 @@ class ItemStore:
         problems = [r[0] for r in self._fetch(f"PRAGMA {pragma}") if r[0] != "ok"]
         problems += [f"foreign key: {r}" for r in self._fetch("PRAGMA foreign_key_check")]
         return problems
+
+    def check_rows(self, chunk_size: int = 10_000, active_only: bool = False) -> list[str]:
+        """Problems in the stored rows, ``[]`` when every one is well-formed: each item's
+        vector (a BLOB of ``4 * dim`` bytes, finite, unit norm), uri (text, no control
+        characters, at most 4096 characters), label (null or such text), extra (a JSON
+        object) and sha256; each ``base_vectors`` row's vector likewise. Every row is read,
+        ``chunk_size`` at a time, so memory stays bounded. One message per kind of damage,
+        naming the file, the table and the ids. ``active_only``: skip removed items."""
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        bad: dict[str, list[int]] = {}
+        active = " AND i.removed_seq IS NULL" if active_only else ""
+        sql = (
+            "SELECT i.id, i.uri, i.label, i.extra, i.content_sha256, i.vector FROM items i"
+            f" WHERE i.id > ?{active} ORDER BY i.id LIMIT ?"
+        )
+        for rows in self._chunks(sql, chunk_size):
+            for item_id, uri, label, extra, sha, _ in rows:
+                for kind in _row_problems(uri, label, extra, sha):
+                    bad.setdefault(f"items: {kind}", []).append(item_id)
+            self._check_blobs("items", rows, bad)
+        if self._has_base_vectors():
+            sql = (
+                "SELECT b.id, b.vector FROM base_vectors b JOIN items i ON i.id = b.id"
+                f" WHERE b.id > ?{active} ORDER BY b.id LIMIT ?"
+            )
+            for rows in self._chunks(sql, chunk_size):
+                self._check_blobs("base_vectors", rows, bad)
+        return [f"{self._path} {what}: {_listed(ids)}" for what, ids in bad.items()]
+
+    def _chunks(self, sql: str, size: int) -> Iterator[list[Any]]:
+        """The rows of ``sql`` (``id > ? ... ORDER BY id LIMIT ?``, id first), chunk by chunk."""
+        last = 0
+        while True:
+            rows = self._fetch(sql, (last, size))
+            if not rows:
+                return
+            yield rows
+            last = int(rows[-1][0])
+
+    def _check_blobs(self, table: str, rows: list[Any], bad: dict[str, list[int]]) -> None:
+        """Add the ids of ``(id, ..., vector)`` rows whose vector is not a finite unit one."""
+        nbytes = 4 * self._dim
+        good = []
+        for row in rows:
+            blob = row[-1]
+            if not isinstance(blob, bytes) or len(blob) != nbytes:
+                bad.setdefault(f"{table}: vector is not {nbytes} bytes", []).append(row[0])
+            else:
+                good.append(row)
+        if not good:
+            return
+        x = np.frombuffer(b"".join(r[-1] for r in good), dtype="<f4").reshape(-1, self._dim)
+        with np.errstate(all="ignore"):
+            finite = np.isfinite(x).all(axis=1)
+            norms = np.linalg.norm(x.astype(np.float64), axis=1)
+        off = finite & (np.abs(norms - 1.0) > _NORM_TOLERANCE)
+        for mask, what in ((~finite, "NaN or infinite"), (off, "norm not 1")):
+            for row in np.flatnonzero(mask):
+                bad.setdefault(f"{table}: vector {what}", []).append(int(good[row][0]))
+
+    def _has_base_vectors(self) -> bool:
+        return bool(
+            self._fetch(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'base_vectors'"
+            )
+        )
+
+    def label_ids(self, label: str) -> np.ndarray:
+        """(m,) int64 ids of the active items with ``label``, increasing; O(m) through the
+        label index."""
+        return self._ids(
+            "SELECT id FROM items WHERE label = ? AND removed_seq IS NULL ORDER BY id", (label,)
+        )
+
+    def label_count(self, label: str) -> int:
+        """Number of active items with ``label``, counted in the label index (no row read)."""
+        return int(
+            self._one(
+                "SELECT COUNT(*) FROM items WHERE label = ? AND removed_seq IS NULL", (label,)
+            )
+        )
+
+    def with_label(self, ids: np.ndarray, label: str) -> np.ndarray:
+        """The ids among ``ids`` of active items with ``label``, increasing (rows read: those
+        of ``ids``, found by id)."""
+        wanted = np.asarray(ids, dtype=np.int64).tolist()
+        found: list[int] = []
+        with self._lock:
+            for start in range(0, len(wanted), _BATCH):
+                chunk = wanted[start : start + _BATCH]
+                marks = ",".join("?" * len(chunk))
+                rows = self._conn.execute(  # by rowid, not through the label index
+                    f"SELECT id, label, removed_seq FROM items WHERE id IN ({marks})", chunk
+                ).fetchall()
+                found += [r[0] for r in rows if r[1] == label and r[2] is None]
+        return np.array(sorted(found), dtype=np.int64)
+
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        """(len(ids), dim) float32 vectors of ``ids`` (increasing, known) in that order: only
+        the vector column is read. Raises KeyError for ids the store never had."""
+        wanted = np.asarray(ids, dtype=np.int64)
+        out = np.empty((wanted.size, self._dim), dtype=np.float32)
+        with self._lock:
+            for start in range(0, wanted.size, _BATCH):
+                chunk = wanted[start : start + _BATCH].tolist()
+                marks = ",".join("?" * len(chunk))
+                rows = self._conn.execute(
+                    f"SELECT id, vector FROM items WHERE id IN ({marks}) ORDER BY id", chunk
+                ).fetchall()
+                if [r[0] for r in rows] != chunk:
+                    missing = sorted(set(chunk) - {r[0] for r in rows})
+                    raise KeyError(f"unknown item ids in {self._path}: {_listed(missing)}")
+                buf = b"".join(r[1] for r in rows)
+                out[start : start + len(chunk)] = np.frombuffer(buf, "<f4").reshape(-1, self._dim)
+        return out
 
     def close(self) -> None:
         """Close the connection (idempotent)."""

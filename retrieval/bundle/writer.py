@@ -1,12 +1,15 @@
 """Writing a bundle: everything in a hidden temporary folder beside the target, the manifest last,
-then one rename. An interrupted export leaves no folder that loads. Galleries larger than memory
-are streamed in chunks (:func:`write_bundle_chunks`)."""
+then one rename. An interrupted export leaves no folder that loads; the folders a killed one
+left (see :func:`~retrieval.bundle.format.stale_exports`) are removed, with a warning, by the
+next export to the same target. Galleries larger than memory are streamed in chunks
+(:func:`write_bundle_chunks`)."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
 import json
+import logging
 import platform
 import shutil
 import uuid
@@ -18,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.bundle.format import BundleError, write_manifest
+from retrieval.bundle.format import BundleError, export_lock, stale_exports, write_manifest
 from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.model import export_model
 from retrieval.bundle.preprocess import Preprocessor
@@ -27,7 +30,16 @@ from retrieval.io import atomic_write
 from retrieval.models import Embedder
 from retrieval.models.backbone import Preprocessing
 
-__all__ = ["GalleryItem", "write_bundle", "write_bundle_chunks"]
+__all__ = [
+    "GalleryItem",
+    "hold_export_lock",
+    "remove_stale_exports",
+    "write_bundle",
+    "write_bundle_chunks",
+]
+
+log = logging.getLogger(__name__)
+hold_export_lock = export_lock  # what a running export holds on its folders
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,26 @@ def write_bundle(
     )
 
 
+def remove_stale_exports(target: Path) -> list[Path]:
+    """Remove the folders interrupted exports to ``target`` left beside it (those
+    :func:`~retrieval.bundle.format.stale_exports` finds), logging a warning naming them;
+    return them."""
+    removed = []
+    for folder in stale_exports(target):
+        with export_lock(folder) as free:  # not taken meanwhile by a running export
+            if free:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    if removed:
+        log.warning(
+            "removed %d folder(s) left by interrupted exports to %s: %s",
+            len(removed),
+            target,
+            ", ".join(p.name for p in removed),
+        )
+    return removed
+
+
 def write_bundle_chunks(
     output: Path,
     embedder: Embedder,
@@ -128,8 +160,42 @@ def write_bundle_chunks(
     if output.exists() and not (output / "manifest.json").is_file():
         raise BundleError(f"{output} exists and is not a bundle: refusing to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_exports(output)
     tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    with export_lock(tmp, wait=True):  # marks it in use until the export ends
+        _write_into(
+            tmp,
+            output,
+            embedder,
+            model_config,
+            preprocessing,
+            chunks,
+            dim,
+            train_vectors,
+            max_train,
+            factory,
+            search_params,
+            description,
+        )
+    return output
+
+
+def _write_into(
+    tmp: Path,
+    output: Path,
+    embedder: Embedder,
+    model_config: dict[str, Any],
+    preprocessing: Preprocessing,
+    chunks: Iterable[tuple[Sequence[GalleryItem], np.ndarray] | tuple[Any, ...]],
+    dim: int,
+    train_vectors: np.ndarray | None,
+    max_train: int,
+    factory: str,
+    search_params: str,
+    description: dict[str, Any] | None,
+) -> None:
+    """The body of :func:`write_bundle_chunks`: fill ``tmp``, then put it at ``output``."""
     try:
         pre = Preprocessor.from_preprocessing(preprocessing)
         files = list(export_model(embedder, tmp, model_config, pre.input_size).values())
@@ -175,12 +241,12 @@ def write_bundle_chunks(
         )
         if output.exists():
             old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-            output.rename(old)
-            tmp.rename(output)
-            shutil.rmtree(old)
+            with export_lock(output, wait=True):  # the lock moves with the folder
+                output.rename(old)
+                tmp.rename(output)
+                shutil.rmtree(old)
         else:
             tmp.rename(output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return output
