@@ -294,9 +294,10 @@ class Retriever:
             for path, lab in chunk:
                 name = str(Path(path).resolve())
                 try:
+                    ItemRecord(uri=name, label=lab)  # a path or label the store would refuse
                     data = Path(path).read_bytes()
                     images.append(open_image(data, self.max_pixels, name=name))
-                except (OSError, ImageLoadError) as err:
+                except (OSError, ImageLoadError, ValueError) as err:
                     report.unreadable.append((name, str(err)))
                     continue
                 digest = hashlib.sha256(data).hexdigest()

@@ -342,3 +342,15 @@ def test_an_item_removed_between_search_and_read_is_not_returned(tmp_path, rng, 
         assert len(hits) == 5
         exact = np.argsort(-(vectors @ query[0]), kind="stable") + 1
         assert [h.id for h in hits] == [int(i) for i in exact if i != 10][:5]
+
+
+def test_adding_a_file_whose_path_has_a_control_character_lists_it(bundle_copy: Path, tmp_path):
+    from tests.bundle_fixtures import new_images
+
+    good, odd = new_images(tmp_path / "new", 2)
+    odd = odd.rename(odd.with_name("line\nbreak.jpg"))
+    with Retriever.load(bundle_copy) as loaded:
+        report = loaded.add([good, odd])
+    assert len(report.added) == 1
+    assert [name for name, _ in report.unreadable] == [str(odd.resolve())]
+    assert "control characters" in report.unreadable[0][1]
