@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,10 +27,13 @@ from PIL import Image
 
 from retrieval.data.images import (
     DEFAULT_MAX_PIXELS,
+    ImageLoadError,
     _open_checked,
     _to_rgb,
     decode_rgb,
     load_rgb,
+    orientation,
+    reduced_rgb,
 )
 
 if TYPE_CHECKING:
@@ -46,6 +49,12 @@ FILTERS = {
 COLOR_MODES = ("RGB",)
 RESIZE_MODES = ("crop", "squash", "pad")  # as retrieval.models.backbone.RESIZE_MODES
 OPTIONAL = {"color_mode": "RGB", "resize_mode": "crop"}  # absent from older bundles
+#: :meth:`Preprocessor.prepare` first reduces an image by an integer factor when it stays at
+#: least this many times larger than its resized size (as ``Image.resize(reducing_gap=...)``)
+REDUCING_GAP = 3.0
+_SWAPS_AXES = {Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270}
+_SWAPS_AXES |= {Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE}
+Box = tuple[float, float, float, float]
 
 
 def _bad(field: str, rule: str, value: Any) -> ValueError:
@@ -162,8 +171,15 @@ class Preprocessor:
         if not isinstance(image, Image.Image):
             raise TypeError(f"Preprocessor takes a PIL image, got {type(image).__name__}")
         rgb = image if image.mode == "RGB" else _to_rgb(image)
-        size = self.resized_size(*rgb.size)
-        if size != rgb.size:
+        return self._finish(rgb, self.resized_size(*rgb.size))
+
+    def _finish(
+        self, rgb: Image.Image, size: tuple[int, int], box: Box | None = None
+    ) -> np.ndarray:
+        """Resize ``rgb`` (its region ``box``, when reduced) to ``size``, crop / pad, normalise."""
+        if box is not None:
+            rgb = rgb.resize(size, FILTERS[self.interpolation], box=box)
+        elif size != rgb.size:
             rgb = rgb.resize(size, FILTERS[self.interpolation])
         side = self.input_size
         pixels = np.asarray(rgb, dtype=np.uint8)
@@ -186,6 +202,107 @@ class Preprocessor:
         if len(images) == 0:
             return np.zeros((0, 3, self.input_size, self.input_size), dtype=np.float32)
         return np.stack([self(image) for image in images])
+
+    def prepare(
+        self,
+        source: str | os.PathLike[str] | bytes,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        name: str | None = None,
+        check: Callable[[str], None] | None = None,
+    ) -> np.ndarray:
+        """Decode a file or encoded bytes straight to the model input, ``(3, S, S)`` float32,
+        with the checks of :func:`open_image`, keeping only what the model needs in memory.
+
+        An image at least ``2 * REDUCING_GAP`` times larger than its resized size is decoded
+        at a reduced scale: a JPEG by its decoder (``draft``: 1/2, 1/4 or 1/8), any image by
+        averaging ``f`` x ``f`` blocks (``Image.reduce``, strip by strip, alpha composited
+        onto white first), always to at least ``REDUCING_GAP`` times the resized size; the
+        antialiased resize then covers the same region of the image. Memory: the decoded
+        image and small strips, never a converted full-size copy. The result differs from
+        ``self(open_image(source))`` by at most a few grey levels at some pixels (tests
+        bound it); smaller images take exactly that path and give the same array, as do all
+        images with ``nearest`` interpolation (which picks pixels; averaging would change it).
+        ``check(stage)`` is called between stages (``decode``, ``reduce``, ``resize``) and
+        may raise to abandon the work.
+
+        Raises:
+            ImageLoadError: as :func:`open_image` (ImageTooLargeError over ``max_pixels``).
+        """
+        check = check or (lambda stage: None)
+        if isinstance(source, str | os.PathLike):
+            label, opened = name or str(source), _open_checked(Path(source), max_pixels)
+        else:
+            label = name or f"<{len(source)} bytes>"
+            opened = _open_checked(bytes(source), max_pixels, label)
+        check("decode")
+        try:
+            reduced = self._decode_reduced(opened, label, check)
+        except ImageLoadError:
+            raise
+        except Exception as err:  # Pillow's decoders raise many types for corrupt data
+            opened.close()
+            raise ImageLoadError(
+                f"{label}: cannot be decoded ({type(err).__name__}: {err})"
+            ) from None
+        if reduced is None:  # no reduction: exactly the path of self(open_image(...))
+            rgb = decode_rgb(opened, label)
+            check("resize")
+            return self(rgb)
+        rgb, size, box = reduced
+        check("resize")
+        return self._finish(rgb, size, box)
+
+    def _decode_reduced(
+        self, image: Image.Image, label: str, check: Callable[[str], None]
+    ) -> tuple[Image.Image, tuple[int, int], Box] | None:
+        """``(reduced RGB image, resized size, region of the image in it)`` for an image
+        worth reducing (decoded and closed), else None (``image`` left as it is)."""
+        method = orientation(image)
+        swap = method in _SWAPS_AXES
+        width, height = image.size
+        size = self.resized_size(*((height, width) if swap else (width, height)))
+        target = (size[1], size[0]) if swap else size  # in the stored orientation
+        box: Box = (0.0, 0.0, float(width), float(height))
+        need = (max(1, int(target[0] * REDUCING_GAP)), max(1, int(target[1] * REDUCING_GAP)))
+        drafted = False
+        if self.interpolation == "nearest":
+            return None
+        if image.format == "JPEG" and min(width // need[0], height // need[1]) >= 2:
+            done = image.draft(None, need)
+            if done is not None:
+                box, drafted = done[1], True
+        factor = (max(1, int(box[2] / need[0])), max(1, int(box[3] / need[1])))
+        if not drafted and factor == (1, 1):
+            return None
+        with image:
+            image.load()
+            check("reduce")
+            rgb = reduced_rgb(image, factor) if factor != (1, 1) else _to_rgb(image)
+            if rgb is not image:
+                image.close()
+        fx, fy = factor
+        box = (box[0] / fx, box[1] / fy, box[2] / fx, box[3] / fy)
+        if method is not None:
+            box = _transposed_box(box, rgb.size, method)
+            rgb = rgb.transpose(method)
+        return rgb, size, box
+
+
+def _transposed_box(box: Box, size: tuple[int, int], method: Image.Transpose) -> Box:
+    """Where region ``box`` of an image of ``size`` lands once the image is transposed."""
+    w, h = size
+    T = Image.Transpose
+    move = {
+        T.FLIP_LEFT_RIGHT: lambda x, y: (w - x, y),
+        T.FLIP_TOP_BOTTOM: lambda x, y: (x, h - y),
+        T.ROTATE_180: lambda x, y: (w - x, h - y),
+        T.ROTATE_90: lambda x, y: (y, w - x),
+        T.ROTATE_270: lambda x, y: (h - y, x),
+        T.TRANSPOSE: lambda x, y: (y, x),
+        T.TRANSVERSE: lambda x, y: (h - y, w - x),
+    }[method]
+    (ax, ay), (bx, by) = move(box[0], box[1]), move(box[2], box[3])
+    return (min(ax, bx), min(ay, by), max(ax, bx), max(ay, by))
 
 
 def open_image(

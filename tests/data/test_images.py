@@ -247,3 +247,166 @@ def test_report_unreadable_silent_when_nothing_is_bad() -> None:
         warnings.simplefilter("error")
         report_unreadable([], total=9, strict=True, where="m.csv")
         report_unreadable([], total=9, strict=False, where="m.csv")
+
+
+# Decoding straight to the model input (Preprocessor.prepare): large images are reduced first.
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth picture with shapes and a little noise, like a photo at that size."""
+    from retrieval.data.demo_render import render_demo_image
+
+    side = max(width, height)
+    picture = render_demo_image(seed, 3, 2, image_size=min(side, 512)).resize(
+        (width, height), Image.Resampling.BICUBIC
+    )
+    noise = np.random.default_rng(seed).integers(-12, 13, (height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(picture) + noise, 0, 255).astype(np.uint8))
+
+
+def _encoded(image: Image.Image, fmt: str, **kwargs: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _pre(mode: str = "crop", interpolation: str = "bicubic") -> Any:
+    from retrieval.bundle.preprocess import Preprocessor
+
+    resize = 73 if mode == "crop" else 64
+    return Preprocessor(64, resize, interpolation, *IMAGENET, resize_mode=mode)
+
+
+def _grey_levels(pre: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|a - b| of two model inputs, in grey levels (0..255) of the image."""
+    return np.abs(a - b) * np.asarray(pre.std, np.float32)[:, None, None] * 255
+
+
+def _oriented(image: Image.Image, fmt: str, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _encoded(image, fmt, exif=exif.tobytes(), **({"quality": 92} if fmt == "JPEG" else {}))
+
+
+@pytest.mark.parametrize("mode", ["crop", "squash", "pad"])
+def test_prepare_equals_the_full_decode_when_no_reduction_is_needed(mode: str) -> None:
+    from retrieval.bundle.preprocess import open_image
+
+    pre = _pre(mode)
+    rgba = _photo(300, 200).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((300, 200)))
+    sources = [
+        _encoded(_photo(380, 250), "JPEG", quality=90),  # under 2 x REDUCING_GAP x the size
+        _encoded(rgba, "PNG"),
+        _encoded(_photo(200, 300).convert("P"), "GIF"),
+        _encoded(
+            Image.fromarray((np.arange(200 * 250).reshape(200, 250) % 65536).astype(np.uint16)),
+            "PNG",
+        ),
+        _oriented(_photo(320, 240), "JPEG", 6),
+    ]
+    for data in sources:
+        np.testing.assert_array_equal(pre.prepare(data), pre(open_image(data)))
+    nearest = _pre(mode, "nearest")  # never reduced, whatever the size
+    big = _encoded(_photo(1200, 900), "JPEG", quality=90)
+    np.testing.assert_array_equal(nearest.prepare(big), nearest(open_image(big)))
+
+
+@pytest.mark.parametrize("mode", ["crop", "squash", "pad"])
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8, 5])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_prepare_of_large_images_is_within_a_few_grey_levels(
+    mode: str, orientation: int, fmt: str
+) -> None:
+    """Reduced (JPEG: by its decoder; PNG: block averages), then resized as before: the
+    documented tolerance is a mean under 0.5 and a maximum of 8 grey levels."""
+    from retrieval.bundle.preprocess import open_image
+
+    pre = _pre(mode)
+    data = _oriented(_photo(1300, 900, seed=orientation), fmt, orientation)
+    diff = _grey_levels(pre, pre.prepare(data), pre(open_image(data)))
+    assert diff.mean() < 0.5 and diff.max() <= 8, (diff.mean(), diff.max())
+
+
+def test_prepare_of_large_transparent_and_palette_images_is_within_a_few_grey_levels() -> None:
+    from retrieval.bundle.preprocess import open_image
+
+    pre = _pre()
+    rgba = _photo(1500, 1100).convert("RGBA")
+    rgba.putalpha(Image.radial_gradient("L").resize((1500, 1100)))
+    palette = _photo(1500, 1100).convert("P")
+    deep = Image.fromarray(np.asarray(_photo(1500, 1100).convert("L"), np.uint16) * 257)
+    for data in (
+        _encoded(rgba, "PNG"),
+        _encoded(palette, "PNG", transparency=3),
+        _encoded(deep, "PNG"),
+    ):
+        diff = _grey_levels(pre, pre.prepare(data), pre(open_image(data)))
+        assert diff.mean() < 0.5 and diff.max() <= 8, (diff.mean(), diff.max())
+
+
+def test_strip_conversion_equals_converting_the_whole_image() -> None:
+    """16-bit scaling is decided from the whole image, not per strip."""
+    from retrieval.data.images import _to_rgb, _to_rgb_whole
+
+    values = np.zeros((1500, 1200), np.int32)
+    values[-10:] = 60000  # only the last strip holds 16-bit values
+    values[:10] = 200
+    deep = Image.fromarray(values, mode="I")
+    rgba = _photo(1200, 1500).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((1200, 1500)))
+    for image in (deep, rgba, _photo(1200, 1500).convert("P")):
+        np.testing.assert_array_equal(np.asarray(_to_rgb(image)), np.asarray(_to_rgb_whole(image)))
+
+
+_PEAK_SCRIPT = """
+import sys
+from pathlib import Path
+from retrieval.bundle.preprocess import Preprocessor, open_image
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+pre = Preprocessor(224, 256, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+data = Path(sys.argv[1]).read_bytes()
+before = status("VmRSS")
+pre.prepare(data) if sys.argv[2] == "prepare" else pre(open_image(data))
+print(status("VmHWM") - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_decoding_a_large_rgba_png_holds_at_most_one_full_size_copy(tmp_path: Path) -> None:
+    """Peak memory of one decode (a fresh process's high-water mark) of a 3000 x 3000 RGBA
+    PNG, 4 bytes a pixel once decoded: the full decode holds it and one RGB copy (was 23
+    bytes a pixel: RGBA, white, composite, RGB and an orientation copy); decoding straight
+    to the model input holds it and small strips only."""
+    import subprocess
+    import sys
+
+    side = 3000
+    image = Image.new("RGBA", (side, side), (30, 120, 200, 128))
+    image.paste((200, 40, 40, 255), (0, 0, side // 3, side // 3))
+    path = _save(image, tmp_path / "big.png")
+    pixels = side * side
+
+    def peak(how: str) -> float:
+        done = subprocess.run(
+            [sys.executable, "-c", _PEAK_SCRIPT, str(path), how],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        return (int(done.stdout.strip()) - strips) / pixels
+
+    strips = 32 << 20  # a strip's conversion (4 MiB of pixels, a few copies) and the rest
+    full, direct = peak("full"), peak("prepare")
+    assert full <= 8.0, f"open_image: {full:.1f} bytes a pixel at its peak, beyond the strips"
+    assert direct <= 4.0, f"Preprocessor.prepare: {direct:.1f} bytes a pixel beyond the strips"
