@@ -140,6 +140,9 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from retrieval.service import ServiceSettings, create_app
+    from retrieval.service.budget import return_freed_images_to_the_os
+
+    return_freed_images_to_the_os()
 
     settings = ServiceSettings(
         token=ServiceSettings.token_from(args.token),
@@ -151,14 +154,20 @@ def _serve(args: argparse.Namespace) -> int:
         batch_wait_ms=args.batch_wait_ms,
         uploads_dir=Path(args.uploads) if args.uploads else None,
         cors_origins=tuple(args.cors_origin),
+        decode_slots=args.decode_slots,
+        decode_queue=args.decode_queue,
+        decode_memory_mb=args.decode_memory_mb,
+        max_requests=args.max_requests,
     )
     retriever = _load(args, max_pixels=args.max_pixels)
     try:
         app = create_app(retriever, settings)
         writes = "enabled (bearer token)" if settings.token else "disabled (no --token)"
+        large = app.state.service.large
         print(
             f"serving {args.bundle}: {len(retriever)} items, {retriever.runtime.kind} runtime, "
-            f"writes {writes}\n  page  http://{args.host}:{args.port}/\n"
+            f"writes {writes}, {large.slots} large decode(s) at a time + {large.queue} "
+            f"waiting, at most {settings.max_requests} uploads in flight\n  page  http://{args.host}:{args.port}/\n"
             f"  API   http://{args.host}:{args.port}/docs",
             flush=True,
         )
@@ -241,6 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="most queries embedded together")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="wait for a batch to fill")
     p.add_argument("--uploads", default=None, help="folder for added images (BUNDLE/uploads)")
+    p.add_argument(
+        "--decode-slots",
+        type=int,
+        default=None,
+        help="most large-image decodes at a time (default: min(cores, decode memory / "
+        "(8 bytes x max pixels)))",
+    )
+    p.add_argument(
+        "--decode-queue", type=int, default=8, help="large decodes waiting; more get 503"
+    )
+    p.add_argument(
+        "--decode-memory-mb",
+        type=float,
+        default=None,
+        help="memory large decodes may hold together (default 1/8 of RAM, at most 2048)",
+    )
+    p.add_argument(
+        "--max-requests", type=int, default=32, help="uploads in the server at once; more get 503"
+    )
     p.add_argument(
         "--cors-origin", action="append", default=[], help="web origin allowed to call the API"
     )

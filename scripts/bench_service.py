@@ -11,6 +11,12 @@ concurrency level and time each one end to end: upload, decode, embed, search, J
     python scripts/bench_service.py                  # 100k items, 1/4/16 clients (~5 min)
     python scripts/bench_service.py --quick          # 2,000 items, fewer requests (~1 min)
     python scripts/bench_service.py --record experiments/FILE.md
+    python scripts/bench_service.py --quick --hostile  # 16 clients of near-limit PNGs + 4 normal
+
+``--hostile``: for ``--seconds`` (30), 16 clients upload 6,300 x 6,300 RGBA PNGs (just under
+the 40 M pixel limit, ~170 KB each, each one distinct) as fast as the server answers them, while
+4 clients send the normal query JPEGs; reports the normal clients' latency, the server's peak
+memory (VmHWM) and the status counts of each kind.
 """
 
 from __future__ import annotations
@@ -135,6 +141,140 @@ def drive(base: str, queries: list[bytes], clients: int) -> dict[str, Any]:
     }
 
 
+def hostile_png(side: int) -> bytes:
+    """An RGBA PNG of side x side pixels that compresses to almost nothing."""
+    from PIL import Image
+
+    image = Image.new("RGBA", (side, side), (30, 120, 200, 128))
+    image.paste((200, 40, 40, 255), (0, 0, side // 4, side // 4))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=9)
+    return buffer.getvalue()
+
+
+def memory_of(pid: int) -> dict[str, int]:
+    found = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(value.split()[0]) * 1024
+    return found
+
+
+def drive_hostile(
+    base: str, pid: int, queries: list[bytes], png: bytes, seconds: float, hostile: int, normal: int
+) -> dict[str, Any]:
+    """``hostile`` clients of near-limit PNGs and ``normal`` clients of query JPEGs, for
+    ``seconds``; each kind's status counts, the normal clients' latencies, peak memory."""
+    import httpx
+
+    stop = time.monotonic() + seconds
+    lock = threading.Lock()
+    counts: dict[str, dict[str, int]] = {"hostile": {}, "normal": {}}
+    latencies: list[float] = []
+    order = iter(range(10**9))
+    rss_peak = [0]
+
+    def count(kind: str, status: str) -> None:
+        with lock:
+            counts[kind][status] = counts[kind].get(status, 0) + 1
+
+    def client(kind: str) -> None:
+        with httpx.Client(base_url=base, timeout=120) as http:
+            while time.monotonic() < stop:
+                with lock:
+                    i = next(order)
+                if kind == "hostile":
+                    files = {"image": (f"h{i}.png", png + b"%d" % i, "image/png")}
+                else:
+                    files = {"image": ("q.jpg", queries[i % len(queries)] + b"%d" % i)}
+                start = time.perf_counter()
+                try:
+                    status = str(http.post("/search", files=files).status_code)
+                except httpx.HTTPError as err:
+                    status = type(err).__name__
+                took = time.perf_counter() - start
+                count(kind, status)
+                if kind == "normal":
+                    with lock:
+                        latencies.append(took * 1000)
+                elif status == "503":
+                    time.sleep(0.05)  # a flood, not a spin: retry at once, almost
+
+    def sample() -> None:
+        while time.monotonic() < stop + 1:
+            rss_peak[0] = max(rss_peak[0], memory_of(pid)["VmRSS"])
+            time.sleep(0.05)
+
+    before = memory_of(pid)
+    with ThreadPoolExecutor(hostile + normal + 1) as pool:
+        futures = [pool.submit(sample)]
+        futures += [pool.submit(client, "hostile") for _ in range(hostile)]
+        futures += [pool.submit(client, "normal") for _ in range(normal)]
+        for future in futures:
+            future.result()
+    after = memory_of(pid)
+    p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (float("nan"),) * 2
+    return {
+        "seconds": seconds,
+        "counts": counts,
+        "normal_requests": len(latencies),
+        "p50_ms": float(p50),
+        "p99_ms": float(p99),
+        "rss_before": before["VmRSS"],
+        "hwm_before": before["VmHWM"],
+        "hwm_after": after["VmHWM"],
+        "rss_after": after["VmRSS"],
+        "rss_sampled_peak": rss_peak[0],
+        "stats": httpx.get(f"{base}/stats").json(),
+    }
+
+
+def hostile_report(args: argparse.Namespace, r: dict[str, Any]) -> list[str]:
+    gb = 1024**3
+    decodes = r["stats"].get("decodes", {})
+    limits = r["stats"].get("limits", {})
+    normal_5xx = sum(n for s, n in r["counts"]["normal"].items() if s.startswith("5"))
+    hostile_5xx = sum(
+        n for s, n in r["counts"]["hostile"].items() if s.startswith("5") and s != "503"
+    )
+    other = {
+        k: {s: n for s, n in c.items() if s not in ("200", "503", "504")}
+        for k, c in r["counts"].items()
+    }
+    lines = describe(args) + [
+        f"- hostile: {args.hostile_clients} clients of {args.hostile_side} x {args.hostile_side} "
+        f"RGBA PNGs ({len(hostile_png(64)) and args.png_kb:.0f} KB, distinct bytes), a 503 "
+        f"retried after 50 ms; normal: {args.normal_clients} clients of the query JPEGs; "
+        f"{r['seconds']:.0f} s",
+        f"- decode budget: large {decodes.get('large')}, small {decodes.get('small')}, "
+        f"max_requests {limits.get('max_requests')}",
+        "",
+        "| kind | 200 | 503 | 504 | other |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for kind in ("hostile", "normal"):
+        c = r["counts"][kind]
+        lines.append(
+            f"| {kind} | {c.get('200', 0)} | {c.get('503', 0)} | {c.get('504', 0)} | "
+            f"{other[kind] or '-'} |"
+        )
+    lines += [
+        "",
+        f"Normal clients: {r['normal_requests']} requests, p50 {r['p50_ms']:.1f} ms, "
+        f"p99 {r['p99_ms']:.1f} ms.",
+        f"Server memory: RSS {r['rss_before'] / gb:.2f} GB before, peak (VmHWM) "
+        f"{r['hwm_after'] / gb:.2f} GB (was {r['hwm_before'] / gb:.2f} GB at start; sampled "
+        f"RSS peak {r['rss_sampled_peak'] / gb:.2f} GB), RSS {r['rss_after'] / gb:.2f} GB after.",
+        "",
+        f"Goals: peak RSS <= 2.5 GB: {'met' if r['hwm_after'] <= 2.5 * gb else 'NOT met'}; "
+        f"normal p99 <= 2 s: {'met' if r['p99_ms'] <= 2000 else 'NOT met'}; "
+        f"no 5xx for normal clients: {'met' if normal_5xx == 0 else 'NOT met'} ({normal_5xx}); "
+        f"no 5xx but deliberate 503 for hostile ones: {'met' if not hostile_5xx else 'NOT met'}.",
+    ]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, default=100_000)
@@ -149,6 +289,11 @@ def main() -> None:
     parser.add_argument(
         "--serve-args", default="", help="extra `retrieval serve` options, e.g. '--batch-size 1'"
     )
+    parser.add_argument("--hostile", action="store_true", help="near-limit PNG flood (see top)")
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--hostile-clients", type=int, default=16)
+    parser.add_argument("--normal-clients", type=int, default=4)
+    parser.add_argument("--hostile-side", type=int, default=6300)
     args = parser.parse_args()
     if args.quick:
         args.items, args.real, args.requests = 2_000, 100, [20, 40, 64]
@@ -161,6 +306,30 @@ def main() -> None:
     log(f"{len(queries)} distinct query JPEGs, mean {kb:.0f} KB")
 
     from tests.service.live import serve
+
+    if args.hostile:
+        png = hostile_png(args.hostile_side)
+        args.png_kb = len(png) / 1024
+        with serve(bundle, *args.serve_args.split()) as base:
+            drive(base, queries[:warmup], 1)
+            log(
+                f"hostile: {args.hostile_clients} + {args.normal_clients} clients, {args.seconds} s"
+            )
+            result = drive_hostile(
+                base,
+                base.pid,
+                queries[warmup:],
+                png,
+                args.seconds,
+                args.hostile_clients,
+                args.normal_clients,
+            )
+        report = hostile_report(args, result)
+        print("\n".join(report))
+        if args.record:
+            with open(args.record, "a", encoding="utf-8") as handle:
+                handle.write("\n".join(report) + "\n")
+        return
 
     rows = []
     with serve(bundle, *args.serve_args.split()) as base:

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from retrieval.data.images import ImageLoadError
 from retrieval.search import Hit, Retriever
+from retrieval.service.budget import Busy, Deadline, DeadlineExceeded
 from retrieval.service.core import BadUpload, SearchService
 from retrieval.service.guard import RequestGuard
 from retrieval.service.settings import TOKEN_ENV, ServiceSettings
@@ -54,14 +55,21 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         413: "body or image over the limits",
         415: "the upload is not an accepted image format",
         422: "invalid parameters, or an image that cannot be decoded",
+        503: "busy: too many uploads or decodes waiting; retry after Retry-After seconds",
         504: "the request took too long",
     }
     return {code: {"model": ErrorBody, "description": reasons[code]} for code in codes}
 
 
-SEARCH_ERRORS = _errors(400, 413, 415, 422, 504)
-ITEM_ERRORS = _errors(404, 422, 504)
-WRITE_ERRORS = _errors(400, 401, 403, 404, 413, 415, 422, 504)
+SEARCH_ERRORS = _errors(400, 413, 415, 422, 503, 504)
+ITEM_ERRORS = _errors(404, 422, 503, 504)
+WRITE_ERRORS = _errors(400, 401, 403, 404, 413, 415, 422, 503, 504)
+
+
+def _deadline(request: Request) -> Deadline:
+    """The request's deadline, set by RequestGuard (a fresh one if the app runs without it)."""
+    found = getattr(request.state, "deadline", None)
+    return found if isinstance(found, Deadline) else Deadline.after(30.0)
 
 
 def _hit(hit: Hit) -> dict[str, Any]:
@@ -104,6 +112,7 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
         max_body_bytes=settings.max_body_bytes,
         timeout_s=settings.request_timeout_s,
         stats=service.stats,
+        max_requests=settings.max_requests,
     )
     if settings.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
@@ -118,6 +127,15 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
     @app.exception_handler(BadUpload)
     async def bad_upload(_: Request, err: BadUpload) -> JSONResponse:
         return JSONResponse({"detail": str(err)}, status_code=err.status)
+
+    @app.exception_handler(Busy)
+    async def busy(_: Request, err: Busy) -> JSONResponse:
+        headers = {"Retry-After": str(err.retry_after)}
+        return JSONResponse({"detail": str(err)}, status_code=503, headers=headers)
+
+    @app.exception_handler(DeadlineExceeded)
+    async def too_late(_: Request, err: DeadlineExceeded) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=504)
 
     @app.exception_handler(ImageLoadError)
     async def bad_image(_: Request, err: ImageLoadError) -> JSONResponse:
@@ -158,15 +176,17 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
         responses=SEARCH_ERRORS,
     )
     async def search(
+        request: Request,
         image: Annotated[UploadFile, File(description="the query image")],
         k: K = 10,
         label: LabelFilter = None,
         rerank: RerankOption = None,
     ) -> dict[str, Any]:
-        start = time.perf_counter()
+        start, deadline = time.perf_counter(), _deadline(request)
         data = await image.read()
-        vector = await service.embed_upload(data, image.filename or "image")
-        return _answer(k, label, start, await service.search(vector, k, label, rerank))
+        vector = await service.embed_upload(data, image.filename or "image", deadline)
+        hits = await service.search(vector, k, label, rerank, deadline)
+        return _answer(k, label, start, hits)
 
     @app.get("/items/{item_id}", summary="One item's record", responses=ITEM_ERRORS)
     async def item(item_id: ItemId) -> dict[str, Any]:
@@ -186,11 +206,16 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
         responses=ITEM_ERRORS,
     )
     async def similar(
-        item_id: ItemId, k: K = 10, label: LabelFilter = None, rerank: RerankOption = None
+        request: Request,
+        item_id: ItemId,
+        k: K = 10,
+        label: LabelFilter = None,
+        rerank: RerankOption = None,
     ) -> dict[str, Any]:
         start = time.perf_counter()
         found = await run_in_threadpool(lookup, item_id)
-        return _answer(k, label, start, await service.search(found.vector, k, label, rerank))
+        hits = await service.search(found.vector, k, label, rerank, _deadline(request))
+        return _answer(k, label, start, hits)
 
     @app.get(
         "/items/{item_id}/thumbnail",
@@ -198,10 +223,12 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
         response_class=Response,
         responses={200: {"content": {"image/jpeg": {}}}, **ITEM_ERRORS},
     )
-    async def thumbnail(item_id: ItemId) -> Response:
+    async def thumbnail(request: Request, item_id: ItemId) -> Response:
         found = await run_in_threadpool(lookup, item_id)
         try:
-            data = await run_in_threadpool(service.thumbnails.get, found.id, found.uri)
+            data = service.thumbnails.cached(found.id, found.uri) or await service.large.run(
+                lambda: service.thumbnails.get(found.id, found.uri), _deadline(request)
+            )
         except FileNotFoundError as err:
             raise HTTPException(404, str(err)) from None
         except ImageLoadError:
@@ -216,6 +243,7 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
         responses={200: {"description": "every image was already in the bundle"}, **WRITE_ERRORS},
     )
     async def add_items(
+        request: Request,
         images: Annotated[list[UploadFile], File(description="one or more images")],
         labels: Annotated[
             list[str] | None, Form(description="one label for all images, or one per image")
@@ -232,7 +260,10 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
             given if len(given) == len(images) else [given[0] if given else None] * len(images)
         )
         uploads = [(f.filename or f"image {i}", await f.read()) for i, f in enumerate(images)]
-        outcome = await run_in_threadpool(service.add, uploads, [lab or None for lab in per_image])
+        per_image = [lab or None for lab in per_image]
+        outcome = await service.large.run(  # decodes one image at a time; not abandoned
+            lambda: service.add(uploads, per_image), _deadline(request), abandon=False
+        )
         status = 201 if outcome.added else 200 if outcome.duplicates else 422
         body = {
             "added": outcome.added,
@@ -278,7 +309,9 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
                 "max_body_bytes": settings.max_body_bytes,
                 "max_pixels": settings.max_pixels,
                 "max_k": settings.max_k,
+                "max_requests": settings.max_requests,
             },
+            "decodes": {"large": service.large.snapshot(), "small": service.small.snapshot()},
             **service.stats.snapshot(),
         }
 

@@ -4,19 +4,24 @@ Each request preprocesses its own image, then awaits :meth:`MicroBatcher.embed`.
 task takes the first waiting query, waits at most ``max_wait_s`` for more (up to
 ``max_batch``), runs the model once on the stacked batch in a dedicated thread and hands each
 request its row. Under load the model is busy while new queries queue up, so batches grow with
-concurrency and throughput with them; a lone query waits only ``max_wait_s``.
+concurrency and throughput with them; a lone query waits only ``max_wait_s``. A query whose
+deadline has passed by the time its batch runs is dropped (DeadlineExceeded) before the model
+sees it, so a backlog of late queries costs no model time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-Pending = tuple[np.ndarray, "asyncio.Future[np.ndarray]"]
+from retrieval.service.budget import DeadlineExceeded
+
+Pending = tuple[np.ndarray, "asyncio.Future[np.ndarray]", float]
 
 
 class MicroBatcher:
@@ -45,16 +50,17 @@ class MicroBatcher:
         self._queue: asyncio.Queue[Pending] | None = None
         self._worker: asyncio.Task[None] | None = None
 
-    async def embed(self, item: np.ndarray) -> np.ndarray:
+    async def embed(self, item: np.ndarray, deadline: float = float("inf")) -> np.ndarray:
         """The embedding of one preprocessed query ``item``: (dim,) float32. The model's
-        error, if it fails, is raised here (and in every request of the same batch)."""
+        error, if it fails, is raised here (and in every request of the same batch);
+        DeadlineExceeded when its batch starts after ``deadline`` (``time.monotonic()``)."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._worker is None or self._worker.done():
             self._loop, self._queue = loop, asyncio.Queue()
             self._worker = loop.create_task(self._run(self._queue))
         assert self._queue is not None
         future: asyncio.Future[np.ndarray] = loop.create_future()
-        self._queue.put_nowait((item, future))
+        self._queue.put_nowait((item, future, deadline))
         return await future
 
     async def _run(self, queue: asyncio.Queue[Pending]) -> None:
@@ -65,7 +71,13 @@ class MicroBatcher:
             if len(batch) < self.max_batch and self.max_wait_s > 0:
                 await asyncio.sleep(self.max_wait_s)
                 self._drain(queue, batch)
-            live = [(x, f) for x, f in batch if not f.done()]  # requests that timed out are gone
+            now = time.monotonic()
+            for _, future, deadline in batch:
+                if deadline <= now and not future.done():
+                    future.set_exception(
+                        DeadlineExceeded("the query's deadline passed before embedding")
+                    )
+            live = [(x, f) for x, f, _ in batch if not f.done()]  # late or cancelled: gone
             if not live:
                 continue
             try:

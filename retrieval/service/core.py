@@ -3,23 +3,28 @@ remove items. :mod:`retrieval.service.app` maps requests onto it."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 
-from retrieval.data.images import ImageLoadError
+from retrieval.data.images import ImageLoadError, ImageTooLargeError, _open_checked
 from retrieval.search import Hit, Retriever
 from retrieval.service.batching import MicroBatcher
+from retrieval.service.budget import SMALL_PIXELS, Deadline, Lane
 from retrieval.service.cache import ExpiringCache
 from retrieval.service.settings import ServiceSettings
 from retrieval.service.stats import ServiceStats
 from retrieval.service.thumbnails import Thumbnails
 from retrieval.service.uploads import ACCEPTED, UploadFolder, content_key, sniff_image
+
+log = logging.getLogger("retrieval.service")
 
 
 class BadUpload(ValueError):
@@ -66,37 +71,89 @@ class SearchService:
         self.thumbnails = Thumbnails(retriever.folder, settings.thumbnail_px, settings.max_pixels)
         self.uploads = UploadFolder(settings.uploads_dir or retriever.folder / "uploads")
         self._write_lock = threading.Lock()
+        #: decodes of images over SMALL_PIXELS (memory-bound) and of the rest (CPU-bound)
+        self.large = Lane("large", settings.large_decode_slots(), settings.decode_queue)
+        self.small = Lane("small", settings.small_decode_slots(), settings.max_requests)
+        self.swept = self.sweep_uploads()
+
+    @property
+    def max_pixels(self) -> int:
+        return min(self.settings.max_pixels, self.retriever.max_pixels)
 
     # searching -----------------------------------------------------------------------------
-    async def embed_upload(self, data: bytes, name: str) -> np.ndarray:
+    async def embed_upload(self, data: bytes, name: str, deadline: Deadline) -> np.ndarray:
         """The embedding of an uploaded image: (dim,) float32. An identical upload seen in the
-        last ``cache_ttl_s`` seconds is not decoded or embedded again."""
+        last ``cache_ttl_s`` seconds is not decoded or embedded again. The decode waits for a
+        slot of its lane (Busy when the lane's queue is full); every stage checks
+        ``deadline`` (DeadlineExceeded)."""
         check_image_bytes(data, name)
         key = content_key(data)
         cached = self.cache.get(key)
         self.stats.record_cache(cached is not None)
         if cached is not None:
             return cached
-        pixels = await run_in_threadpool(self._prepare, data, name)
-        vector = await self.batcher.embed(pixels)
+        pixels = await self.small.run(lambda: self._pixels(data, name), deadline)
+        lane = self.small if pixels <= SMALL_PIXELS else self.large
+        vector = await self.batcher.embed(
+            await lane.run(lambda: self.decode(data, name, deadline.check), deadline),
+            deadline.at,
+        )
         self.cache.put(key, vector)
         return vector
 
-    def _prepare(self, data: bytes, name: str) -> np.ndarray:
-        from retrieval.data.images import ImageTooLargeError
+    def _pixels(self, data: bytes, name: str) -> int:
+        """Width x height from the header (413 over the limit, 422 unreadable)."""
+        with _bad_uploads(name), _open_checked(data, self.max_pixels, name) as image:
+            return int(image.width * image.height)
 
-        try:
-            return self.retriever.prepare(data, self.settings.max_pixels)
-        except ImageTooLargeError as err:
-            raise BadUpload(413, f"'{name}': {_reason(err)}") from None
-        except ImageLoadError as err:
-            raise BadUpload(422, f"'{name}' cannot be read as an image: {_reason(err)}") from None
+    def decode(self, data: bytes, name: str, check: Callable[[str], None]) -> np.ndarray:
+        """The model input of an upload, (3, S, S) float32, large images decoded at a reduced
+        scale (see :meth:`Preprocessor.prepare`); runs in a lane's thread."""
+        with _bad_uploads(name):
+            return self.retriever.preprocessor.prepare(data, self.max_pixels, name, check)
 
     async def search(
-        self, vector: np.ndarray, k: int, label: str | None, rerank: bool | None = None
+        self,
+        vector: np.ndarray,
+        k: int,
+        label: str | None,
+        rerank: bool | None = None,
+        deadline: Deadline | None = None,
     ) -> list[Hit]:
-        hits = await run_in_threadpool(self.retriever.search, vector[None, :], k, 32, label, rerank)
+        def run() -> list[list[Hit]]:
+            if deadline is not None:
+                deadline.check("search")
+            return self.retriever.search(vector[None, :], k, 32, label, rerank)
+
+        hits = await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
         return hits[0]
+
+    def sweep_uploads(self) -> list[Path]:
+        """Move aside (to ``uploads/.orphans/``) the upload files no item references (an add
+        killed before its store commit) and delete temp files of interrupted writes; logged."""
+        store = self.retriever.items.store
+        removed = store.removed_since(0, store.max_id)
+        uris = {item.uri for item in store.get([int(i) for i in removed])}
+
+        def referenced(path: Path) -> bool:
+            uri = str(path.resolve())
+            if uri in uris:
+                return True
+            return any(it.uri == uri for it in store.get(store.find_by_sha256(path.stem)))
+
+        moved, temps = self.uploads.sweep(referenced)
+        if temps:
+            log.warning(
+                "removed %d unfinished upload file(s) from %s", len(temps), self.uploads.root
+            )
+        if moved:
+            log.warning(
+                "moved %d upload file(s) that no item references to %s: %s",
+                len(moved),
+                self.uploads.orphans,
+                ", ".join(p.name for p in moved[:5]),
+            )
+        return moved
 
     # writing -------------------------------------------------------------------------------
     def add(self, uploads: Sequence[tuple[str, bytes]], labels: Sequence[str | None]) -> AddOutcome:
@@ -116,8 +173,8 @@ class SearchService:
             if not stored:
                 return outcome
             try:
-                report = self.retriever.add(
-                    [p for _, p, _, _ in stored], [lab for *_, lab in stored]
+                report = self.retriever.add(  # one image decoded at a time
+                    [p for _, p, _, _ in stored], [lab for *_, lab in stored], batch_size=1
                 )
             except BaseException:
                 for _, path, created, _ in stored:
@@ -147,6 +204,17 @@ class SearchService:
             item = self.retriever.item(item_id)
             self.retriever.remove([item_id])
             self.uploads.discard(item.uri)  # only a file the service stored itself
+
+
+@contextlib.contextmanager
+def _bad_uploads(name: str) -> Iterator[None]:
+    """Image errors as the BadUpload the client sees: 413 over the pixel limit, 422 else."""
+    try:
+        yield
+    except ImageTooLargeError as err:
+        raise BadUpload(413, f"'{name}': {_reason(err)}") from None
+    except ImageLoadError as err:
+        raise BadUpload(422, f"'{name}' cannot be read as an image: {_reason(err)}") from None
 
 
 def _reason(err: Exception) -> str:

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from retrieval.service.budget import default_decode_memory, default_decode_slots
+
 #: Environment variable holding the bearer token that enables writes (``--token`` wins).
 TOKEN_ENV = "RETRIEVAL_TOKEN"
 
@@ -28,6 +30,15 @@ class ServiceSettings:
         thumbnail_px: longest side of thumbnails.
         uploads_dir: where images added over HTTP are kept (default: ``BUNDLE/uploads``).
         cors_origins: web origins allowed to call the API from a browser.
+        decode_slots: most decodes of large images (over ``SMALL_PIXELS``) at a time; None:
+            ``min(cores, decode_memory_mb / (8 bytes x max_pixels))``, at least 1 (8 bytes a
+            pixel is a decode's worst case, see :mod:`retrieval.service.budget`).
+        decode_queue: most large decodes waiting for a slot; one more gets 503 + Retry-After.
+        decode_memory_mb: memory the large decodes may hold together, for ``decode_slots``;
+            None: 1/8 of the machine's memory, at most 2048.
+        max_requests: most uploads (``POST /search``, ``POST /items``) in the server at once,
+            from their first byte; one more gets 503 + Retry-After before its body is read.
+            Small decodes (one slot a core) queue within this bound.
     """
 
     token: str | None = None
@@ -43,6 +54,10 @@ class ServiceSettings:
     thumbnail_px: int = 256
     uploads_dir: Path | None = None
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
+    decode_slots: int | None = None
+    decode_queue: int = 8
+    decode_memory_mb: float | None = None
+    max_requests: int = 32
 
     def __post_init__(self) -> None:
         positive = {
@@ -53,6 +68,11 @@ class ServiceSettings:
             "request_timeout_s": self.request_timeout_s,
             "batch_size": self.batch_size,
             "thumbnail_px": self.thumbnail_px,
+            "max_requests": self.max_requests,
+            **({} if self.decode_slots is None else {"decode_slots": self.decode_slots}),
+            **(
+                {} if self.decode_memory_mb is None else {"decode_memory_mb": self.decode_memory_mb}
+            ),
         }
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
@@ -61,11 +81,27 @@ class ServiceSettings:
             "batch_wait_ms": self.batch_wait_ms,
             "cache_size": self.cache_size,
             "cache_ttl_s": self.cache_ttl_s,
+            "decode_queue": self.decode_queue,
         }.items():
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"service setting {name} must be >= 0, got {value!r}")
         if self.token is not None and len(self.token) < 8:
             raise ValueError("the write token must have at least 8 characters")
+
+    def decode_memory_bytes(self) -> int:
+        if self.decode_memory_mb is None:
+            return default_decode_memory()
+        return int(self.decode_memory_mb * 1024 * 1024)
+
+    def large_decode_slots(self) -> int:
+        """``decode_slots``, or its default from the cores and ``decode_memory_mb``."""
+        if self.decode_slots is not None:
+            return int(self.decode_slots)
+        return default_decode_slots(self.max_pixels, self.decode_memory_bytes())
+
+    def small_decode_slots(self) -> int:
+        """Decodes of small images at a time: one a core."""
+        return max(1, os.cpu_count() or 1)
 
     @staticmethod
     def token_from(cli_token: str | None) -> str | None:

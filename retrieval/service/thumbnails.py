@@ -29,6 +29,11 @@ class Thumbnails:
         path = Path(uri)
         return path if path.is_absolute() else self.bundle / path
 
+    def cached(self, item_id: int, uri: str) -> bytes | None:
+        """The thumbnail if it is in memory already, else None (nothing is decoded)."""
+        with self._lock:
+            return self._cache.get((item_id, uri))
+
     def get(self, item_id: int, uri: str) -> bytes:
         """JPEG bytes of the item's thumbnail.
 

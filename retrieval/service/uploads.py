@@ -1,12 +1,16 @@
 """Uploaded images: the type is judged from the bytes (never the file name or the declared
 content type), and images added over HTTP are stored under a folder of the service's own,
-named by their content."""
+named by their content. Each is written to a temp file (``.NAME.*.tmp``) renamed into place,
+so a killed write leaves only such a temp file, and a killed add (file written, store commit
+never made) a file no item references: :meth:`UploadFolder.sweep` clears both at start."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 from retrieval.io import atomic_write
@@ -22,6 +26,10 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"MM\x00*", ".tif"),
 )
 ACCEPTED = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+#: Names of the files :meth:`UploadFolder.store` writes, and of its temp files (atomic_write);
+#: :meth:`UploadFolder.sweep` touches nothing else (the folder may hold other files).
+_STORED_NAME = re.compile(r"[0-9a-f]{64}\.(jpg|png|gif|bmp|tif|webp)")
+_TEMP_NAME = re.compile(r"\.[0-9a-f]{64}\.(jpg|png|gif|bmp|tif|webp)\..+\.tmp")
 
 
 def sniff_image(data: bytes) -> str | None:
@@ -72,3 +80,29 @@ class UploadFolder:
         if self.owns(uri):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(uri)
+
+    @property
+    def orphans(self) -> Path:
+        """Where :meth:`sweep` moves files no item references (not served, not deleted)."""
+        return self.root / ".orphans"
+
+    def sweep(self, referenced: Callable[[Path], bool]) -> tuple[list[Path], list[Path]]:
+        """Clear what interrupted adds left: temp files of unfinished writes are deleted and
+        stored files for which ``referenced(path)`` is False are moved to :attr:`orphans`.
+        Returns ``(moved, deleted)``, the paths as they were; nothing if the folder is absent.
+        Run it while no add is in progress (the service does, before it serves)."""
+        moved: list[Path] = []
+        deleted: list[Path] = []
+        if not self.root.is_dir():
+            return moved, deleted
+        for path in sorted(self.root.iterdir()):
+            if not path.is_file() or path.is_symlink():
+                continue
+            if _TEMP_NAME.fullmatch(path.name):
+                path.unlink(missing_ok=True)
+                deleted.append(path)
+            elif _STORED_NAME.fullmatch(path.name) and not referenced(path):
+                self.orphans.mkdir(exist_ok=True)
+                os.replace(path, self.orphans / path.name)
+                moved.append(path)
+        return moved, deleted

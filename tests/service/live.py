@@ -20,10 +20,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class Server(str):
+    """The base URL of a running server; ``pid`` is its process id."""
+
+    pid: int
+
+
+def memory_of(pid: int) -> dict[str, int]:
+    """``VmRSS`` (now) and ``VmHWM`` (peak) of a process, in bytes (Linux /proc)."""
+    found = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(value.split()[0]) * 1024
+    return found
+
+
 @contextmanager
-def serve(bundle: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Start ``retrieval serve BUNDLE ARGS`` and yield its base URL once /healthz answers;
-    the server is stopped (SIGTERM, then SIGKILL) on exit. Its output is shown on failure."""
+def serve(bundle: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """Start ``retrieval serve BUNDLE ARGS`` and yield its base URL (with its ``pid``) once
+    /healthz answers; the server is stopped (SIGTERM, then SIGKILL) on exit."""
     port = free_port()
     command = [sys.executable, "-m", "retrieval.cli", "serve", str(bundle), "--port", str(port)]
     process = subprocess.Popen(
@@ -33,7 +49,8 @@ def serve(bundle: Path, *args: str, env: dict[str, str] | None = None) -> Iterat
         stderr=subprocess.STDOUT,
         text=True,
     )
-    base = f"http://127.0.0.1:{port}"
+    base = Server(f"http://127.0.0.1:{port}")
+    base.pid = process.pid
     try:
         deadline = time.monotonic() + 120
         while True:

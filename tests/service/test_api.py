@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 import zlib
@@ -250,22 +251,167 @@ def test_stats_and_schema(client: TestClient, gallery: Gallery) -> None:
     assert "multipart/form-data" in schema["paths"]["/search"]["post"]["requestBody"]["content"]
 
 
-def test_a_slow_request_gets_504(bundle_copy: Path, gallery: Gallery) -> None:
+def _slow(monkeypatch: pytest.MonkeyPatch, target: object, name: str, delay: float) -> list[int]:
+    """Make ``target.name`` sleep ``delay`` s on its first call (a slow stage); the list
+    counts calls that have finished."""
     import time
 
-    for client in make_client(bundle_copy, request_timeout_s=0.3):
+    original, done = getattr(target, name), []
+
+    def slow(*args: object, **kwargs: object) -> object:
+        if not done:
+            time.sleep(delay)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            done.append(1)
+
+    monkeypatch.setattr(target, name, slow)
+    return done
+
+
+def test_a_slow_decode_stage_gets_504_in_about_the_timeout_and_frees_its_slot(
+    bundle_copy: Path, gallery: Gallery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deadline reaches the decode thread: the answer comes at the timeout, not when the
+    slow stage ends; the late query never reaches the model; its decode slot comes back."""
+    import time
+
+    from retrieval.bundle.preprocess import Preprocessor
+
+    for client in make_client(bundle_copy, request_timeout_s=0.5, decode_slots=1):
         service = client.app.state.service  # type: ignore[attr-defined]
-        slow = service.retriever.prepare
+        embedded: list[int] = []
+        model = service.batcher.embed_fn
 
-        def prepare(data: bytes, max_pixels: int | None = None, slow=slow) -> np.ndarray:
-            time.sleep(1.0)
-            return slow(data, max_pixels)
+        def counted(x: np.ndarray, model=model, embedded=embedded) -> np.ndarray:
+            embedded.append(len(x))
+            return model(x)
 
-        service.retriever.prepare = prepare
+        service.batcher.embed_fn = counted
+        done = _slow(monkeypatch, Preprocessor, "__call__", 1.5)
+        start = time.monotonic()
         response = search(client, gallery.paths[0].read_bytes())
-        assert response.status_code == 504 and "0.3 s" in response.json()["detail"]
-        service.retriever.prepare = slow
+        took = time.monotonic() - start
+        assert response.status_code == 504 and "0.5 s" in response.json()["detail"]
+        assert took < 1.1, f"504 after {took:.2f} s, the timeout is 0.5 s"
+        while not done and time.monotonic() - start < 5:
+            time.sleep(0.05)
+        time.sleep(0.1)
+        assert embedded == []  # dropped before the model ran
+        assert search(client, gallery.paths[1].read_bytes()).status_code == 200
+        assert embedded == [1]
+        decodes = client.get("/stats").json()["decodes"]
+        assert decodes["small"]["running"] == 0 and decodes["large"]["running"] == 0
+
+
+def test_a_slow_search_gets_504_in_about_the_timeout(
+    bundle_copy: Path, gallery: Gallery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    for client in make_client(bundle_copy, request_timeout_s=0.5):
+        service = client.app.state.service  # type: ignore[attr-defined]
+        _slow(monkeypatch, service.retriever, "search", 2.0)
+        start = time.monotonic()
+        response = search(client, gallery.paths[0].read_bytes())
+        assert response.status_code == 504 and "0.5 s" in response.json()["detail"]
+        assert time.monotonic() - start < 1.1
+        time.sleep(1.6)
         assert search(client, gallery.paths[0].read_bytes()).status_code == 200
+
+
+def test_large_decodes_beyond_the_queue_get_503_with_retry_after(
+    bundle_copy: Path, gallery: Gallery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One large-decode slot and no queue: while it is busy, another large image is refused
+    at once with 503 + Retry-After, and a small image still goes through its own lane."""
+    import threading
+    import time
+
+    from retrieval.bundle.preprocess import Preprocessor
+
+    big = png_bytes(Image.new("RGB", (2100, 2100), (90, 140, 200)))  # 4.4 M pixels
+    for client in make_client(bundle_copy, decode_slots=1, decode_queue=0):
+        _slow(monkeypatch, Preprocessor, "prepare", 1.0)
+        first: list[int] = []
+
+        def send_first(client: TestClient = client, first: list[int] = first) -> None:
+            first.append(search(client, big).status_code)
+
+        worker = threading.Thread(target=send_first)
+        worker.start()
+        stats = client.app.state.service.large  # type: ignore[attr-defined]
+        while stats.busy == 0 and worker.is_alive():
+            time.sleep(0.01)
+        refused = search(client, big + b"\x00")  # not the cached upload
+        assert refused.status_code == 503, refused.text
+        assert int(refused.headers["retry-after"]) >= 1 and "busy" in refused.json()["detail"]
+        assert search(client, gallery.paths[2].read_bytes()).status_code == 200
+        worker.join()
+        assert first == [200]
+        assert client.get("/stats").json()["decodes"]["large"]["refused"] == 1
+
+
+def test_orphan_uploads_are_moved_aside_at_start(
+    bundle_copy: Path, gallery: Gallery, tmp_path: Path
+) -> None:
+    """What a killed add leaves (a stored file with no item, a temp file of a write cut
+    short) is cleared when the service starts; files items use stay."""
+    from tests.bundle_fixtures import new_images
+
+    new = new_images(tmp_path / "src", 2, seed=5)
+    uploads = bundle_copy / "uploads"
+    for client in make_client(bundle_copy, token=TOKEN):
+        reply = client.post(
+            "/items", files={"images": ("a.jpg", new[0].read_bytes())}, headers=AUTH
+        )
+        assert reply.status_code == 201, reply.text
+        removed = reply.json()["added"][0]["id"]
+        reply = client.post(
+            "/items", files={"images": ("b.jpg", new[1].read_bytes())}, headers=AUTH
+        )
+        kept = reply.json()["added"][0]["id"]
+        assert client.delete(f"/items/{removed}", headers=AUTH).status_code == 200
+    (used,) = uploads.iterdir()
+    orphan = uploads / (hashlib.sha256(b"never committed").hexdigest() + ".jpg")
+    orphan.write_bytes(gallery.paths[0].read_bytes())
+    temp = uploads / f".{orphan.name}.x1y2z3.tmp"
+    temp.write_bytes(b"half written")
+    other = uploads / "notes.txt"  # not a name the service writes: never touched
+    other.write_text("keep")
+    for client in make_client(bundle_copy, token=TOKEN):
+        assert sorted(p.name for p in uploads.iterdir()) == sorted(
+            [".orphans", used.name, "notes.txt"]
+        )
+        assert (uploads / ".orphans" / orphan.name).read_bytes() == gallery.paths[0].read_bytes()
+        assert client.app.state.service.swept == [orphan]  # type: ignore[attr-defined]
+        assert first_id(client, new[1].read_bytes()) == kept
+        assert client.get(f"/items/{kept}/thumbnail").status_code == 200
+
+
+def test_uploads_are_written_under_a_temp_name_then_renamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write cut short (here: the disk fails mid-write) leaves nothing under the final
+    name, and what it leaves on a kill is a temp name the start-up sweep recognises."""
+    import os
+
+    from retrieval.service.uploads import _TEMP_NAME, UploadFolder
+
+    folder = UploadFolder(tmp_path / "up")
+    seen: list[str] = []
+    real_replace = os.replace
+
+    def crash(src: str, dst: str) -> None:
+        seen.append(Path(src).name)
+        raise OSError("killed")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="killed"):
+        folder.store(b"\xff\xd8\xffdata", ".jpg")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert list(folder.root.iterdir()) == [] and _TEMP_NAME.fullmatch(seen[0])
 
 
 def test_odd_requests_are_4xx_json(client: TestClient) -> None:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.bundle_fixtures import Gallery, new_images
 from tests.service.conftest import TOKEN
-from tests.service.live import serve
+from tests.service.live import memory_of, serve
 
 LIMIT = 1024 * 1024  # --max-upload-mb 1
 
@@ -73,7 +73,78 @@ def test_too_large_bodies_are_refused_before_they_are_read(bundle_copy: Path) ->
             reply = _read_reply(sock)
         assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
         assert b"over the limit" in reply
-        assert sent < 8 * LIMIT  # the server did not wait for the rest (it never came)
+        assert sent < 8 * LIMIT  # it read at most DRAIN_BYTES past the limit, then answered
+        assert httpx.get(f"{base}/healthz").json()["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_urllib_reads_the_413_of_a_body_over_the_limit(bundle_copy: Path) -> None:
+    """urllib sends the whole body before it reads the answer: the server reads and discards
+    the rest (bounded) before answering, so the client sees 413, not a broken pipe."""
+    import urllib.error
+    import urllib.request
+
+    with serve(bundle_copy, "--max-upload-mb", "1") as base:
+        for size in (2 * LIMIT, LIMIT + 1):
+            body = b"--xyz\r\nContent-Disposition: form-data; name=image; filename=a.jpg\r\n\r\n"
+            body += b"\xff" * (size - len(body))
+            request = urllib.request.Request(
+                f"{base}/search",
+                data=body,
+                headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+                method="POST",
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            assert refused.value.code == 413
+            assert b"over the limit" in refused.value.read()
+        assert httpx.get(f"{base}/healthz").json()["status"] == "ok"
+
+
+def near_limit_png(side: int) -> bytes:
+    """An RGBA PNG of side x side pixels (4 bytes each once decoded) that compresses to
+    almost nothing: the cheapest upload for the most decoding."""
+    import io
+
+    image = Image.new("RGBA", (side, side), (30, 120, 200, 128))
+    image.paste((200, 40, 40, 255), (0, 0, side // 4, side // 4))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=9)
+    return buffer.getvalue()
+
+
+@pytest.mark.slow
+def test_a_flood_of_near_limit_pngs_keeps_the_server_memory_bounded(
+    bundle_copy: Path, gallery: Gallery
+) -> None:
+    """16 parallel uploads of images just under the pixel limit: the server's peak memory
+    stays within the decode budget (slots x a decode's worst case over its baseline); what
+    the queue cannot hold gets 503 + Retry-After at once; nothing fails otherwise."""
+    from retrieval.service.budget import WORST_BYTES_PER_PIXEL
+
+    side, slots = 3400, 2
+    png = near_limit_png(side)
+    options = ["--max-pixels", str(side * side + 1), "--decode-slots", str(slots)]
+    with serve(bundle_copy, *options, "--decode-queue", "4", "--timeout", "60") as base:
+        warm = {"image": ("q.jpg", gallery.paths[0].read_bytes(), "image/jpeg")}
+        assert httpx.post(f"{base}/search", files=warm, timeout=60).status_code == 200
+        before = memory_of(base.pid)
+
+        def upload(i: int) -> httpx.Response:
+            data = png + b"%d" % i  # bytes after IEND: a distinct upload, the same image
+            files = {"image": (f"big{i}.png", data, "image/png")}
+            return httpx.post(f"{base}/search", files=files, timeout=120)
+
+        with ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(upload, range(16)))
+        after = memory_of(base.pid)
+        statuses = sorted(r.status_code for r in replies)
+        assert set(statuses) <= {200, 503}, [r.text for r in replies if r.status_code != 200]
+        assert statuses.count(200) >= slots and 503 in statuses
+        assert all(int(r.headers["retry-after"]) >= 1 for r in replies if r.status_code == 503)
+        budget = slots * WORST_BYTES_PER_PIXEL * side * side + (64 << 20)
+        grew = after["VmHWM"] - max(before["VmHWM"], before["VmRSS"])
+        assert grew <= budget, f"peak grew {grew >> 20} MiB, budget {budget >> 20} MiB"
         assert httpx.get(f"{base}/healthz").json()["status"] == "ok"
 
 

@@ -4,6 +4,7 @@ format sniffing and the upload folder."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -63,6 +64,86 @@ def test_a_lone_query_is_not_held_back() -> None:
         return took
 
     assert asyncio.run(main()) < 0.5 and model.calls == [1]
+
+
+def test_a_query_past_its_deadline_is_dropped_before_the_model_runs() -> None:
+    from retrieval.service.budget import DeadlineExceeded
+
+    model = SlowModel(delay=0.2)
+    batcher = MicroBatcher(model, max_batch=8, max_wait_s=0.0)
+
+    async def main() -> list[object]:
+        first = asyncio.ensure_future(batcher.embed(np.zeros(2, np.float32)))
+        await asyncio.sleep(0.05)  # the model is busy with the first query
+        soon = time.monotonic() + 0.05  # passes while it waits
+        late = [batcher.embed(np.ones(2, np.float32), deadline=soon) for _ in range(3)]
+        on_time = batcher.embed(np.ones(2, np.float32), deadline=time.monotonic() + 5)
+        results = await asyncio.gather(first, *late, on_time, return_exceptions=True)
+        await batcher.aclose()
+        return results
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, DeadlineExceeded) for r in results[1:4])
+    np.testing.assert_array_equal(results[4], np.full(2, 2.0))
+    assert model.calls == [1, 1]  # the late ones never reached the model
+
+
+def test_a_lane_bounds_running_and_waiting_jobs() -> None:
+    from retrieval.service.budget import Busy, Deadline, DeadlineExceeded, Lane
+
+    lane = Lane("test", slots=2, queue=1)
+    running: list[int] = []
+    peak: list[int] = []
+    lock = threading.Lock()
+
+    def job(delay: float) -> float:
+        with lock:
+            running.append(1)
+            peak.append(len(running))
+        time.sleep(delay)
+        with lock:
+            running.pop()
+        return delay
+
+    async def main() -> list[object]:
+        long = Deadline.after(10.0)
+        jobs = [asyncio.ensure_future(lane.run(lambda: job(0.3), long)) for _ in range(3)]
+        await asyncio.sleep(0.05)  # two run, one waits
+        assert lane.snapshot()["running"] == 2 and lane.snapshot()["waiting"] == 1
+        with pytest.raises(Busy) as busy:
+            await lane.run(lambda: job(0.0), long)
+        assert busy.value.retry_after >= 1
+        done = await asyncio.gather(*jobs)
+        # A job still waiting at its deadline gives up; the slot goes to the next one.
+        blockers = [asyncio.ensure_future(lane.run(lambda: job(0.4), long)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(DeadlineExceeded, match="waiting for a decode slot"):
+            await lane.run(lambda: job(0.0), Deadline.after(0.1))
+        await asyncio.gather(*blockers)
+        # A job whose request is cancelled mid-run keeps its slot until the thread ends.
+        task = asyncio.ensure_future(lane.run(lambda: job(0.3), long))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert lane.busy == 1
+        await asyncio.sleep(0.4)
+        assert lane.busy == 0 and lane.snapshot()["waiting"] == 0
+        return [*done, await lane.run(lambda: job(0.0), long)]
+
+    assert asyncio.run(main()) == [0.3, 0.3, 0.3, 0.0]
+    assert max(peak) == 2 and lane.refused == 1
+
+
+def test_default_decode_slots_come_from_cores_and_memory() -> None:
+    from retrieval.service.budget import WORST_BYTES_PER_PIXEL, default_decode_slots
+
+    worst = WORST_BYTES_PER_PIXEL * 40_000_000
+    assert default_decode_slots(40_000_000, 10 * worst, cores=4) == 4
+    assert default_decode_slots(40_000_000, 3 * worst, cores=16) == 3
+    assert default_decode_slots(40_000_000, worst // 2, cores=16) == 1
+    settings = ServiceSettings(decode_memory_mb=1024, max_pixels=40_000_000)
+    assert settings.large_decode_slots() == min(os.cpu_count() or 1, 3)
+    assert ServiceSettings(decode_slots=5).large_decode_slots() == 5
 
 
 def test_a_model_failure_reaches_every_query_of_its_batch_and_the_next_batch_works() -> None:
@@ -132,6 +213,9 @@ def test_stats_percentiles_and_counts() -> None:
         ("batch_size", True, "positive"),
         ("batch_wait_ms", -1.0, ">= 0"),
         ("token", "short", "8 characters"),
+        ("decode_slots", 0, "positive"),
+        ("decode_queue", -1, ">= 0"),
+        ("max_requests", 0, "positive"),
     ],
 )
 def test_settings_are_checked(field: str, value: object, words: str) -> None:
@@ -180,3 +264,18 @@ def test_upload_folder_names_files_by_content_and_deletes_only_its_own(tmp_path:
     assert outside.read_bytes() == b"keep me"
     folder.discard(str(path))
     assert not path.exists()
+
+
+def test_sweep_moves_unreferenced_files_and_deletes_temp_files(tmp_path: Path) -> None:
+    folder = UploadFolder(tmp_path / "uploads")
+    assert folder.sweep(lambda p: False) == ([], [])  # no folder yet
+    used, _ = folder.store(b"\xff\xd8\xffused", ".jpg")
+    orphan, _ = folder.store(b"\x89PNG\r\n\x1a\norphan", ".png")
+    temp = folder.root / f".{orphan.name}.abc123.tmp"
+    temp.write_bytes(b"half")
+    foreign = folder.root / "README.txt"
+    foreign.write_text("not ours")
+    moved, deleted = folder.sweep(lambda p: p == used)
+    assert moved == [orphan] and deleted == [temp]
+    assert (folder.orphans / orphan.name).is_file() and used.is_file() and foreign.is_file()
+    assert folder.sweep(lambda p: p == used) == ([], [])
