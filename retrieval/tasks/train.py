@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,6 +23,7 @@ from retrieval.extract import embed_loader
 from retrieval.io import atomic_write
 from retrieval.loggers import describe_wandb, finish_wandb
 from retrieval.models import Embedder
+from retrieval.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     # Set afterwards: instantiate() would build the _target_ nodes inside the dict.
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = _instantiate_all(cfg.get("callbacks"))
+    if cfg.trainer.get("enable_progress_bar", True) and not any(
+        isinstance(c, ProgressBar) for c in callbacks
+    ):
+        callbacks.append(progress_bar())  # the bar on a terminal, plain lines in a log
     loggers = _instantiate_all(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return {

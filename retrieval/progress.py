@@ -1,0 +1,95 @@
+"""Training progress: tqdm's bar on a terminal, a plain periodic line everywhere else.
+
+A progress bar redraws itself with carriage returns; in a log file (SLURM output, CI, ``nohup``)
+every redraw stays, and one epoch can become a single line of kilobytes. :func:`progress_bar`
+picks the bar when stderr is a terminal and :class:`LineProgress` otherwise, always the same
+kind whatever extras are installed (Lightning would switch to Rich when it is importable).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO, Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+
+__all__ = ["LineProgress", "progress_bar"]
+
+
+def _number(value: Any) -> str:
+    try:
+        return f"{float(value):.4g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+class LineProgress(ProgressBar):
+    """Plain lines for logs: one every ``every_s`` seconds of training, and one at the end of
+    each validation with its metrics, e.g.
+    ``epoch 2/8  step 40/100  train/loss 0.351  6.2 it/s``."""
+
+    def __init__(self, every_s: float = 30.0, stream: IO[str] | None = None) -> None:
+        super().__init__()
+        self.every_s = float(every_s)
+        self.stream = stream
+        self._enabled = True
+        self._last = 0.0
+        self._epoch_start = 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        if self._enabled:
+            print(*args, **kwargs, file=self.stream or sys.stderr, flush=True)
+
+    def _epoch(self, trainer: pl.Trainer) -> str:
+        total = trainer.max_epochs if trainer.max_epochs not in (None, -1) else "?"
+        return f"epoch {trainer.current_epoch + 1}/{total}"
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = self._last = time.monotonic()
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        done = batch_idx + 1
+        rate = done / max(now - self._epoch_start, 1e-9)
+        total = self.total_train_batches
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        shown = "  ".join(f"{k} {_number(v)}" for k, v in metrics.items())
+        self.print(f"{self._epoch(trainer)}  step {done}/{total}  {shown}  {rate:.3g} it/s")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        found = {k: v for k, v in trainer.callback_metrics.items() if str(k).startswith("val/")}
+        shown = "  ".join(f"{k} {_number(v)}" for k, v in sorted(found.items()))
+        if trainer.state.fn != "fit":  # trainer.validate(): the model before training
+            self.print(f"validated  {shown}")
+            return
+        spent = time.monotonic() - self._epoch_start if self._epoch_start else 0.0
+        self.print(f"{self._epoch(trainer)}  validated  {shown}  ({spent:.0f} s)")
+
+
+def progress_bar(stream: IO[str] | None = None, every_s: float = 30.0) -> ProgressBar:
+    """tqdm's bar when ``stream`` (default stderr) is a terminal, else :class:`LineProgress`."""
+    target = stream or sys.stderr
+    isatty = getattr(target, "isatty", None)
+    if callable(isatty) and isatty():
+        return TQDMProgressBar()
+    return LineProgress(every_s=every_s, stream=stream)
