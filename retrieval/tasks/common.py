@@ -154,3 +154,23 @@ def embed_dataset(
     if cache is not None:
         save_cached(embeddings, cache, key)
     return embeddings, cache
+
+
+def embed_rows(
+    cfg: DictConfig,
+    embedder: torch.nn.Module,
+    dataset: Any,
+    preprocessing: dict[str, Any],
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+) -> Embeddings:
+    """:func:`embed_dataset` of an :class:`~retrieval.data.dataset.ImageDataset`, its cache
+    key described by the dataset's rows (paths, labels) and ``preprocessing``."""
+    rows = dataset.rows
+    description = {
+        "paths": [str(r.path) for r in rows],
+        "labels": [r.label for r in rows],
+        "pre": preprocessing,
+    }
+    return embed_dataset(cfg, embedder, dataset, description, batch_size, num_workers, device)[0]

@@ -24,6 +24,7 @@ from retrieval.tasks.common import (
     data_config,
     describe_model,
     embed_dataset,
+    embed_rows,
     load_model,
     model_preprocessing,
 )
@@ -138,15 +139,9 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
     batch_size = int(cfg.batch_size or datamodule.eval_batch_size)
 
     def embed(embedder: Any, images: Any) -> Any:
-        rows = images.rows
-        description = {
-            "paths": [str(r.path) for r in rows],
-            "labels": [r.label for r in rows],
-            "pre": preprocessing,
-        }
-        return embed_dataset(
-            cfg, embedder, images, description, batch_size, datamodule.num_workers, device
-        )[0]
+        return embed_rows(
+            cfg, embedder, images, preprocessing, batch_size, datamodule.num_workers, device
+        )
 
     steps = postprocess_config(cfg)
     fitted = fit_steps(

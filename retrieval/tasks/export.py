@@ -31,7 +31,7 @@ from retrieval.tasks.common import (
     LoadedModel,
     data_config,
     describe_model,
-    embed_dataset,
+    embed_rows,
     load_model,
     model_preprocessing,
 )
@@ -142,16 +142,15 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     batch_size = int(cfg.batch_size or datamodule.eval_batch_size)
 
     def embed_with(embedder: Any, dataset: ImageDataset) -> Any:
-        rows = dataset.rows
-        description = {
-            "paths": [str(r.path) for r in rows],
-            "labels": [r.label for r in rows],
-            "pre": preprocessing.to_dict(),
-        }
-        embeddings, _ = embed_dataset(
-            cfg, embedder, dataset, description, batch_size, datamodule.num_workers, device
+        return embed_rows(
+            cfg,
+            embedder,
+            dataset,
+            preprocessing.to_dict(),
+            batch_size,
+            datamodule.num_workers,
+            device,
         )
-        return embeddings
 
     fitted = fit_steps(
         steps,
