@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from _machine import cpu_model  # noqa: E402  (scripts/ is on sys.path)
 
+from tests.service.live import memory_of  # noqa: E402  (the live tests' /proc reader)
+
 GOAL_P50_MS = 150.0
 MODEL_CONFIG = {
     "backbone": {"name": "tf_efficientnet_lite0", "source": "timm", "kwargs": {}},
@@ -150,15 +152,6 @@ def hostile_png(side: int) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG", compress_level=9)
     return buffer.getvalue()
-
-
-def memory_of(pid: int) -> dict[str, int]:
-    found = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            found[key] = int(value.split()[0]) * 1024
-    return found
 
 
 def drive_hostile(
