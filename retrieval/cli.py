@@ -6,6 +6,11 @@ retrieval info BUNDLE
 retrieval verify BUNDLE
 retrieval score BUNDLE MANIFEST [--split test] [-k 10] [--json]
 retrieval serve BUNDLE [--host 127.0.0.1] [--port 8000] [--token SECRET]
+
+search, info and score open the bundle read-only, so they run beside the one process that
+holds it for writing (serve, index). Unreadable images are skipped and listed on stderr by
+search and index alike. Exit codes: 0 done, 1 problems found (verify), 2 an error (one
+``error:`` line on stderr).
 """
 
 from __future__ import annotations
@@ -17,10 +22,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from retrieval.bundle.format import BundleError
+from retrieval.bundle.format import BundleBusyError, BundleError, ReadOnlyError
 from retrieval.data.images import ImageLoadError, images_in_folder
 
-EXIT_PROBLEMS, EXIT_ERROR = 1, 2
+EXIT_PROBLEMS, EXIT_ERROR, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_CODES = (
+    "exit codes: 0 done (unreadable images are skipped and listed); 1 problems found "
+    "(verify); 2 an error, printed as one 'error: ...' line"
+)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("retrieval")
+    except PackageNotFoundError:  # a source tree that was not installed
+        return "unknown (not installed)"
 
 
 def _load(args: argparse.Namespace, **options: Any) -> Any:
@@ -29,23 +47,60 @@ def _load(args: argparse.Namespace, **options: Any) -> Any:
     return Retriever.load(args.bundle, runtime=args.runtime, threads=args.threads, **options)
 
 
+def _embed_queries(
+    retriever: Any, images: Sequence[str], batch_size: int = 32
+) -> tuple[list[str], Any, list[tuple[str, str]]]:
+    """The readable ``images``, their embeddings (n, dim) and ``(image, reason)`` of the others."""
+    import numpy as np
+
+    readable, unreadable, vectors = [], [], [np.empty((0, retriever.dim), np.float32)]
+    batch: list[Any] = []
+    for image in images:
+        try:
+            batch.append(retriever.prepare(image))
+            readable.append(image)
+        except (ImageLoadError, OSError) as err:
+            unreadable.append((image, str(err)))
+        if len(batch) == batch_size:
+            vectors.append(retriever.embed_pixels(np.stack(batch)))
+            batch = []
+    if batch:
+        vectors.append(retriever.embed_pixels(np.stack(batch)))
+    return readable, np.concatenate(vectors), unreadable
+
+
 def _search(args: argparse.Namespace) -> int:
-    with _load(args) as retriever:
-        results = retriever.search(args.images, k=args.k, label=args.label, rerank=args.rerank)
+    with _load(args, read_only=True) as retriever:
+        images, vectors, unreadable = _embed_queries(retriever, args.images)
+        results = retriever.search(vectors, k=args.k, label=args.label, rerank=args.rerank)
+    if unreadable and not images:
+        first = unreadable[0][1]
+        if len(unreadable) == 1:
+            raise ValueError(first)
+        raise ValueError(f"none of the {len(unreadable)} query images could be read ({first})")
+    for image, reason in unreadable:
+        print(f"skipped {image}: {reason}", file=sys.stderr)
+    code = 0
+    if unreadable:
+        print(
+            f"searched {len(images)} of {len(args.images)} images, {len(unreadable)} unreadable",
+            file=sys.stderr,
+        )
     if args.json:
         payload = [
             {"query": str(image), "results": [hit.__dict__ for hit in hits]}
-            for image, hits in zip(args.images, results, strict=True)
+            for image, hits in zip(images, results, strict=True)
         ]
+        payload += [{"query": str(image), "error": reason} for image, reason in unreadable]
         print(json.dumps(payload, indent=2))
-        return 0
-    for image, hits in zip(args.images, results, strict=True):
+        return code
+    for image, hits in zip(images, results, strict=True):
         print(f"{image}")
         print(f"  {'rank':>4}  {'score':>6}  {'id':>7}  {'label':<16}  path")
         for rank, hit in enumerate(hits, 1):
             label = "" if hit.label is None else hit.label
             print(f"  {rank:>4}  {hit.score:>6.3f}  {hit.id:>7}  {label[:16]:<16}  {hit.uri}")
-    return 0
+    return code
 
 
 def _index(args: argparse.Namespace) -> int:
@@ -69,22 +124,61 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(value: Any) -> str:
+    """``{"k": 3, "alpha": 3.0}`` -> ``k=3, alpha=3.0``; ``{}`` / None -> ``none``."""
+    if not value:
+        return "none"
+    if isinstance(value, dict):
+        return ", ".join(
+            f"{key}({_settings(v)})" if isinstance(v, dict) else f"{key}={v}"
+            for key, v in value.items()
+        )
+    return str(value)
+
+
+def _info_lines(info: dict[str, Any]) -> list[str]:
+    """``retrieval info`` as aligned ``name  value`` lines."""
+    index = info.get("index") or {}
+    lines = [
+        ("bundle", info["bundle"]),
+        ("created", info.get("created") or "unknown"),
+        ("format version", info["format_version"]),
+        ("backbone", info.get("backbone") or "unknown"),
+        ("embedding", f"{info['embedding_dim']}-d, {info['metric']}"),
+        ("index", index.get("factory", "?")),
+        ("search params", index.get("search_params") or "none"),
+        ("items", info["items"]),
+        ("runtime", info["runtime"]),
+        ("search steps", _settings(info.get("postprocess"))),
+    ]
+    out = [f"{name:<16}{value}" for name, value in lines]
+    metrics = info.get("metrics") or {}
+    if metrics:
+        out.append(f"{'metrics':<16}{info.get('metrics_note') or 'measured at export'}")
+        out += [f"  {name:<22}{number:.4f}" for name, number in metrics.items()]
+    return out
+
+
 def _info(args: argparse.Namespace) -> int:
-    with _load(args) as retriever:
+    with _load(args, read_only=True) as retriever:
         info = retriever.info()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    for key, value in info.items():
-        if key == "metrics":
-            for name, number in value.items():
-                print(f"{name:<22}{number:.4f}")
-        else:
-            print(f"{key:<22}{value}")
+    print("\n".join(_info_lines(info)))
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from retrieval.bundle.format import read_manifest, verify_files
+
+    manifest = read_manifest(Path(args.bundle))  # not a bundle: an error (exit 2)
+    try:  # a missing or altered file: a problem found (exit 1)
+        verify_files(Path(args.bundle), manifest)
+    except BundleError as err:
+        print(f"problem: {err}")
+        print("1 problem(s) found; the bundle cannot be loaded until the file is restored")
+        return EXIT_PROBLEMS
     with _load(args) as retriever:
         problems = retriever.verify()
     for problem in problems:
@@ -112,7 +206,7 @@ def _score(args: argparse.Namespace) -> int:
             f"{args.manifest}: {len(missing)} of {len(queries)} query images do not exist "
             f"(first: {missing[0]}); pass --root, the folder the manifest's paths start from"
         )
-    with _load(args) as retriever:
+    with _load(args, read_only=True) as retriever:
         result = score_bundle(
             retriever, queries, k=args.k, batch_size=args.batch_size, rerank=args.rerank
         )
@@ -178,11 +272,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="retrieval", description="Search an exported bundle.")
+    parser = argparse.ArgumentParser(
+        prog="retrieval", description="Search an exported bundle.", epilog=EXIT_CODES
+    )
+    parser.add_argument("--version", action="version", version=f"retrieval {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help, epilog=EXIT_CODES)
         p.add_argument("bundle", help="bundle folder written by export.py")
         p.add_argument(
             "--runtime", default="auto", choices=("auto", "onnx", "torchscript", "eager")
@@ -277,13 +374,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: what a command can meet in normal use, each reported as one ``error:`` line (a bug
+#: anywhere else still shows its traceback)
+EXPECTED_ERRORS = (
+    BundleError,
+    BundleBusyError,
+    ReadOnlyError,
+    ImageLoadError,
+    ValueError,
+    KeyError,
+    OSError,
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except (BundleError, ImageLoadError, ValueError, KeyError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except EXPECTED_ERRORS as err:
+        text = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {text}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

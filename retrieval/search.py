@@ -102,6 +102,7 @@ class Retriever:
         threads: int | None = None,
         device: str = "auto",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        read_only: bool = False,
     ) -> Retriever:
         """Open a bundle after checking its format version and its files' checksums.
 
@@ -111,6 +112,10 @@ class Retriever:
             threads: intra-op threads of the model (default: the runtime's).
             device: ``auto`` | ``cpu`` | ``cuda``.
             max_pixels: images with more pixels are refused before decoding.
+            read_only: search only, beside the one process that may write to the bundle (e.g.
+                ``retrieval serve``); it sees the items committed when it was loaded, and
+                :meth:`add` / :meth:`remove` raise ReadOnlyError. Without it the bundle is
+                held for writing, and a second writer gets BundleBusyError.
 
         Raises:
             BundleError: missing or foreign folder, newer format, altered or truncated file.
@@ -133,7 +138,7 @@ class Retriever:
                 f"{folder}: the model gives {model.embedding_dim}-d embeddings but the manifest "
                 f"says {manifest['embedding_dim']}"
             )
-        items = IndexedItems.open(folder)
+        items = IndexedItems.open(folder, read_only=read_only)
         if items.dim != manifest["embedding_dim"]:
             items.close()
             raise BundleError(
@@ -287,6 +292,7 @@ class Retriever:
         """
         if labels is not None and len(labels) != len(paths):
             raise ValueError(f"{len(labels)} labels for {len(paths)} paths")
+        self.items.check_writable()  # before any image is embedded
         report = AddReport()
         pairs = list(zip(paths, labels or [None] * len(paths), strict=True))
         for chunk in _chunks(pairs, batch_size):
@@ -359,6 +365,7 @@ class Retriever:
             "items": len(self),
             "runtime": self.runtime.kind,
             "metrics": m.get("metrics", {}),
+            "metrics_note": (m.get("metrics_measured_on") or {}).get("note"),
             "postprocess": self.steps.to_dict(),
         }
 

@@ -32,6 +32,8 @@ from typing import Any
 from retrieval.io import atomic_write, sha256_file
 
 __all__ = [
+    "BundleBusyError",
+    "ReadOnlyError",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST",
@@ -58,6 +60,14 @@ _REQUIRED = ("format", "format_version", "embedding_dim", "metric", "index", "fi
 
 class BundleError(ValueError):
     """A bundle is missing, foreign, from a newer format, tampered with or truncated."""
+
+
+class BundleBusyError(RuntimeError):
+    """The bundle's items are already open for writing (in this or another process)."""
+
+
+class ReadOnlyError(RuntimeError):
+    """A change asked of a bundle opened read-only."""
 
 
 def write_manifest(folder: str | Path, fields: dict[str, Any], files: list[str]) -> Path:

@@ -15,7 +15,14 @@ Persistence protocol:
 4. A missing, damaged or mismatched index raises :class:`IndexStateError`; it is never
    rebuilt silently: ``open(folder, rebuild_index=True)`` re-creates it from stored vectors.
 
-One process at a time may open a folder (an ``flock`` on ``.lock``; POSIX only). Within it,
+One process at a time may open a folder for writing (an exclusive ``flock`` on ``.lock``;
+POSIX only): ``retrieval serve``, ``retrieval index``. Any number of other processes may open it
+read-only (``open(folder, read_only=True)``: ``retrieval search``, ``info``, ``score``) beside
+that writer: they read the store through a read-only connection in one read transaction and
+load the index snapshot under a shared ``flock`` on ``.snapshot.lock``, which the writer holds
+exclusively while it records a snapshot and renames its file, so a reader never pairs one
+snapshot's record with another's file. A reader sees the items committed when it opened
+(items removed later are left out of its results); it never writes. Within a process,
 searches run concurrently from any number of threads; ``add`` / ``remove`` / ``snapshot`` are
 serialised, and swap the index and its position -> id mapping under a readers-writer lock,
 so a search sees either the state before a change or after it. The index lives on the CPU
@@ -36,6 +43,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from retrieval.bundle.format import BundleBusyError, ReadOnlyError
 from retrieval.bundle.store import (
     Check,
     ItemRecord,
@@ -48,7 +56,7 @@ from retrieval.index import EmbeddingIndex
 from retrieval.io import sha256_file
 from retrieval.postprocess.steps import dba_vectors_for
 
-__all__ = ["AddResult", "IndexStateError", "IndexedItems"]
+__all__ = ["AddResult", "BundleBusyError", "IndexStateError", "IndexedItems", "ReadOnlyError"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,7 @@ STORE_FILE = "items.sqlite"
 INDEX_FILE = "index.faiss"
 PENDING_FILE = "index.faiss.pending"
 LOCK_FILE = ".lock"
+SNAPSHOT_LOCK_FILE = ".snapshot.lock"
 #: label filters matching at most this many items score them exactly from their stored
 #: vectors (O(matches) rows read); more are found by searching the index ever deeper
 EXACT_MAX = 1024
@@ -130,8 +139,37 @@ def _lock_folder(root: Path) -> IO[Any] | None:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
         handle.close()
-        raise RuntimeError(f"{root} is already open (in this or another process)") from err
+        raise BundleBusyError(
+            f"{root} is already open for writing (in this or another process, e.g. retrieval "
+            "serve or retrieval index): searches can run beside it (read-only); adds and "
+            "removals go through that process, or wait until it stops"
+        ) from err
     return handle
+
+
+@contextmanager
+def _snapshot_lock(root: Path, exclusive: bool) -> Iterator[None]:
+    """``flock`` on ``root/.snapshot.lock``: exclusive while a writer records a snapshot and
+    renames its file, shared while a reader loads one. Without fcntl, or for a reader of a
+    folder where the lock file cannot be made (nobody can write there either), no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = root / SNAPSHOT_LOCK_FILE
+    try:
+        handle = open(path, "a+")  # noqa: SIM115 - closed below
+    except OSError:
+        if exclusive or path.exists():
+            raise
+        yield
+        return
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        handle.close()  # releases the lock
 
 
 def _sync_folder(root: Path) -> None:
@@ -192,9 +230,21 @@ def _finish_pending(root: Path, snap: Snapshot) -> None:
             pending.unlink()
 
 
-def _replay(root: Path, store: ItemStore, snap: Snapshot) -> tuple[EmbeddingIndex, np.ndarray]:
-    """The snapshot's index brought up to the store's state, and its position -> id array."""
-    path = root / INDEX_FILE
+def _snapshot_file(root: Path, snap: Snapshot) -> Path:
+    """The file a reader loads: ``index.faiss``, or the pending file of a writer killed between
+    recording it and renaming it (a reader does not finish the rename: it never writes)."""
+    pending = root / PENDING_FILE
+    if pending.exists() and sha256_file(pending) == snap.index_sha256:
+        return pending
+    return root / INDEX_FILE
+
+
+def _replay(
+    root: Path, store: ItemStore, snap: Snapshot, path: Path | None = None
+) -> tuple[EmbeddingIndex, np.ndarray]:
+    """The snapshot's index (``path``, default ``index.faiss``) brought up to the store's
+    state, and its position -> id array."""
+    path = path or root / INDEX_FILE
     hint = (
         f"IndexedItems.open({str(root)!r}, rebuild_index=True) re-creates it from the "
         f"{store.active_count} stored vectors"
@@ -251,8 +301,10 @@ class IndexedItems:
         lock: IO[Any] | None,
         snapshot_every: int | None,
         snapshot_growth: float,
+        read_only: bool = False,
     ) -> None:
         self._root, self._store, self._lock_file = root, store, lock
+        self._read_only = read_only
         self._index, self._ids = index, ids  # position p holds the item with id ids[p]
         self._snapshot_every, self._snapshot_growth = snapshot_every or 0, snapshot_growth
         self._mutate = threading.RLock()  # serialises add / remove / snapshot / close
@@ -319,10 +371,14 @@ class IndexedItems:
         check: Check = "quick",
         snapshot_every: int | None = 1000,
         snapshot_growth: float = 0.05,
+        read_only: bool = False,
     ) -> IndexedItems:
         """Open ``folder``: load the last index snapshot and replay the store after it.
 
         Args:
+            read_only: open beside a writer (see the module docstring): no folder lock, a
+                read-only store connection, nothing written; ``add`` / ``remove`` /
+                ``snapshot`` raise :class:`ReadOnlyError`.
             rebuild_index: ignore ``index.faiss`` and build the index from the stored
                 vectors (IVF / PQ trained on a sample of them), then snapshot it.
             check: the store's integrity check at open: ``"quick"``, ``"full"``, ``"none"``.
@@ -332,11 +388,15 @@ class IndexedItems:
             StoreError: the store is not readable (see :meth:`ItemStore.open`).
             IndexStateError: no snapshot recorded; ``index.faiss`` missing, damaged, or not
                 the one recorded (the message says how to rebuild it).
-            RuntimeError: the folder is open elsewhere.
+            BundleBusyError: the folder is open for writing elsewhere (not with ``read_only``).
         """
         root = Path(folder)
         if not (root / STORE_FILE).is_file():
             raise FileNotFoundError(f"no item store {root / STORE_FILE}: use IndexedItems.create")
+        if read_only:
+            if rebuild_index:
+                raise ValueError("rebuild_index=True writes the index: open without read_only")
+            return cls._open_read_only(root, check)
         lock = _lock_folder(root)
         store: ItemStore | None = None
         try:
@@ -344,7 +404,8 @@ class IndexedItems:
             snap = store.last_snapshot()
             if snap is None:
                 raise IndexStateError(f"{store.path} records no index snapshot")
-            _finish_pending(root, snap)
+            with _snapshot_lock(root, exclusive=True):
+                _finish_pending(root, snap)
             if rebuild_index:
                 damaged = store.check_rows(active_only=True)
                 if damaged:
@@ -371,6 +432,27 @@ class IndexedItems:
             items.snapshot()
         return items
 
+    @classmethod
+    def _open_read_only(cls, root: Path, check: Check) -> IndexedItems:
+        """:meth:`open` with ``read_only=True``: the store's state and the snapshot it records
+        read in one transaction, the snapshot's file loaded under the shared snapshot lock."""
+        store = ItemStore.open(root / STORE_FILE, check=check, read_only=True)
+        try:
+            with _snapshot_lock(root, exclusive=False), store.read_transaction():
+                snap = store.last_snapshot()
+                if snap is None:
+                    raise IndexStateError(f"{store.path} records no index snapshot")
+                index, ids = _replay(root, store, snap, _snapshot_file(root, snap))
+        except BaseException:
+            store.close()
+            raise
+        return cls(root, store, index, ids, None, None, 0.0, read_only=True)
+
+    @property
+    def read_only(self) -> bool:
+        """Whether this was opened with ``read_only=True`` (nothing is ever written)."""
+        return self._read_only
+
     @property
     def store(self) -> ItemStore:
         """The item store (read metadata with ``get``; mutate only through this object)."""
@@ -395,6 +477,15 @@ class IndexedItems:
     def factory(self) -> str:
         """FAISS factory string of the index."""
         return self._index.factory
+
+    def check_writable(self) -> None:
+        """Raise ReadOnlyError when opened read-only (and RuntimeError when closed or broken)."""
+        if self._read_only:
+            raise ReadOnlyError(
+                f"{self._root} was opened read-only: adds, removals and snapshots need the "
+                "folder opened for writing (only one process at a time may)"
+            )
+        self._check_usable()
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -434,7 +525,7 @@ class IndexedItems:
             raise TypeError("records must be ItemRecord instances")
         x = check_vectors(vectors, self.dim, len(records))
         with self._mutate:
-            self._check_usable()
+            self.check_writable()
             ids = [0] * len(records)  # ids start at 1
             first_of: dict[str, int] = {}  # sha256 -> position of its first record
             fresh: list[int] = []
@@ -487,7 +578,7 @@ class IndexedItems:
             KeyError: unknown ids. ValueError: ids already removed. Nothing changes then.
         """
         with self._mutate:
-            self._check_usable()
+            self.check_writable()
             removed = self._store.remove(ids)
             if not removed:
                 return []
@@ -630,7 +721,7 @@ class IndexedItems:
     def snapshot(self) -> Snapshot:
         """Write the index to ``index.faiss`` and record it (protocol step 2); return it."""
         with self._mutate:
-            self._check_usable()
+            self.check_writable()
             return self._snapshot_locked()
 
     def _snapshot_locked(self) -> Snapshot:
@@ -639,9 +730,12 @@ class IndexedItems:
         store, pending = self._store, self._root / PENDING_FILE
         state = (self._index.ntotal, store.max_id, store.removal_seq)
         sha = self._index.save(pending)  # searches may go on: saving only reads the index
-        snap = store.record_snapshot(Snapshot(sha, *state, self.factory, self._index.search_params))
-        os.replace(pending, self._root / INDEX_FILE)
-        _sync_folder(self._root)
+        with _snapshot_lock(self._root, exclusive=True):  # readers never see record != file
+            snap = store.record_snapshot(
+                Snapshot(sha, *state, self.factory, self._index.search_params)
+            )
+            os.replace(pending, self._root / INDEX_FILE)
+            _sync_folder(self._root)
         self._since_snapshot = 0
         return snap
 
@@ -699,7 +793,7 @@ class IndexedItems:
             if self._closed:
                 return
             try:
-                if self._since_snapshot and self._broken is None:
+                if self._since_snapshot and self._broken is None and not self._read_only:
                     self._snapshot_locked()
             finally:
                 self._closed = True

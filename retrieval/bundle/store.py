@@ -28,6 +28,7 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -235,14 +236,18 @@ def _sync_folder(folder: Path) -> None:
             os.close(fd)
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
     uri = "file:" + path.absolute().as_posix().replace("?", "%3f").replace("#", "%23")
     conn = sqlite3.connect(
-        uri + "?mode=rw", uri=True, isolation_level=None, check_same_thread=False
+        uri + ("?mode=ro" if read_only else "?mode=rw"),
+        uri=True,
+        isolation_level=None,
+        check_same_thread=False,
     )
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
+        if not read_only:  # a reader leaves the journal mode to the writer
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
     except sqlite3.DatabaseError:
         conn.close()
@@ -275,6 +280,18 @@ class ItemStore:
     def __init__(self, conn: sqlite3.Connection, path: Path, dim: int) -> None:
         self._conn, self._path, self._dim = conn, path, dim
         self._lock = threading.RLock()
+        self._read_only = False
+
+    @contextmanager
+    def read_transaction(self) -> Iterator[None]:
+        """Every read of this thread inside sees one state of the store, whatever another
+        process commits meanwhile (an SQLite read transaction; WAL keeps writers going)."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self._conn.execute("COMMIT")
 
     @classmethod
     def create(
@@ -328,9 +345,12 @@ class ItemStore:
         return cls.open(dest, check="none")
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], check: Check = "quick") -> ItemStore:
+    def open(
+        cls, path: str | os.PathLike[str], check: Check = "quick", read_only: bool = False
+    ) -> ItemStore:
         """Open the store at ``path``; ``check`` is ``"quick"`` (``PRAGMA quick_check``),
-        ``"full"`` (``integrity_check``) or ``"none"``.
+        ``"full"`` (``integrity_check``) or ``"none"``. ``read_only``: a read-only connection
+        (beside a writer in another process; writes then fail with a StoreError).
 
         Raises:
             FileNotFoundError: no file at ``path``.
@@ -346,12 +366,13 @@ class ItemStore:
             if f.read(16) != _SQLITE_MAGIC:
                 raise StoreError(f"{src} is not an SQLite database (wrong file header)")
         try:
-            conn = _connect(src)
+            conn = _connect(src, read_only)
         except sqlite3.DatabaseError as err:
             raise StoreError(f"cannot open the item store {src}: {err}") from err
         try:
             dim = cls._read_meta(conn, src)
             store = cls(conn, src, dim)
+            store._read_only = read_only
             if check != "none":
                 problems = store.integrity_check(full=check == "full")
                 if problems:
@@ -383,7 +404,7 @@ class ItemStore:
             has = self._conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'items_by_label'"
             ).fetchone()
-            if has:
+            if has or self._read_only:  # a reader scans; the writer adds the index
                 return
             try:
                 self._conn.execute(_LABEL_INDEX)

@@ -90,6 +90,54 @@ def test_search_errors_exit_2_with_the_reason(
     assert code == 2 and f"{tmp_path} is not a bundle" in err
 
 
+def test_search_skips_and_reports_an_unreadable_query_image(
+    capsys: pytest.CaptureFixture[str], shared_bundle: Path, gallery: Gallery, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    good = gallery.paths[3]
+    code, out, err = run(capsys, "search", shared_bundle, good, broken, "-k", "2")
+    assert code == 0
+    assert out.splitlines()[0] == str(good) and str(broken) not in out
+    assert f"skipped {broken}: " in err
+    assert "searched 1 of 2 images, 1 unreadable" in err and "Traceback" not in err
+    code, out, err = run(capsys, "search", shared_bundle, broken, good, "--json")
+    assert code == 0
+    payload = json.loads(out)
+    assert payload[0]["query"] == str(good) and payload[0]["results"][0]["uri"] == str(good)
+    assert payload[1]["query"] == str(broken) and payload[1]["error"]
+    code, out, err = run(capsys, "search", shared_bundle, broken, broken)
+    assert code == 2 and out == ""
+    assert err.startswith("error: none of the 2 query images could be read")
+    assert len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- beside a writer
+
+
+def test_search_info_and_score_run_while_the_bundle_is_held_for_writing(
+    capsys: pytest.CaptureFixture[str], bundle_copy: Path, tmp_path: Path
+) -> None:
+    """``retrieval serve`` (or ``index``) holds the bundle for writing; searches read beside
+    it and see what it committed, including items added after its last index snapshot."""
+    fresh = new_images(tmp_path / "new", 1)
+    with Retriever.load(bundle_copy) as writer:  # as retrieval serve does
+        report = writer.add(fresh)
+        code, out, err = run(capsys, "search", bundle_copy, fresh[0], "-k", "1", "--json")
+        assert code == 0, err
+        (entry,) = json.loads(out)
+        assert entry["results"][0]["id"] == report.added[0]
+        code, out, err = run(capsys, "info", bundle_copy, "--json")
+        assert code == 0 and json.loads(out)["items"] == 41, err
+        code, out, err = run(capsys, "index", bundle_copy, tmp_path / "new", "--quiet")
+        assert code == 2 and out == ""
+        assert err.startswith("error: ") and "already open for writing" in err
+        assert len(err.splitlines()) == 1
+        writer.remove(report.added)
+        code, out, err = run(capsys, "search", bundle_copy, fresh[0], "-k", "1", "--json")
+        assert code == 0 and json.loads(out)[0]["results"][0]["id"] != report.added[0]
+
+
 # ---------------------------------------------------------------- index
 
 
@@ -136,12 +184,17 @@ def test_index_refuses_a_folder_without_images(
 def test_info_prints_the_summary(capsys: pytest.CaptureFixture[str], shared_bundle: Path) -> None:
     code, out, err = run(capsys, "info", shared_bundle)
     assert code == 0, err
-    fields = {line.split()[0]: line.split(maxsplit=1)[1] for line in out.splitlines()}
+    lines = out.splitlines()
+    fields = {line[:16].strip(): line[16:] for line in lines if not line.startswith(" ")}
     assert fields["items"] == "40"
-    assert fields["embedding_dim"] == "1280"
+    assert fields["embedding"] == "1280-d, inner_product"
     assert fields["backbone"] == "tf_efficientnet_lite0"
     assert fields["runtime"] == "onnx"
-    assert fields["test/recall@1"] == "0.8750"
+    assert fields["index"] == "Flat" and fields["search params"] == "none"
+    assert fields["search steps"] == "none"
+    assert "{" not in out  # no raw dicts
+    metrics = [line.split() for line in lines if line.startswith("  ")]
+    assert ["test/recall@1", "0.8750"] in metrics
 
 
 @pytest.mark.parametrize("runtime", ["onnx", "torchscript"])
@@ -169,13 +222,15 @@ def test_verify_exits_0_when_healthy_and_1_on_a_problem(
     ]
 
 
-def test_verify_of_a_damaged_bundle_exits_2(
-    capsys: pytest.CaptureFixture[str], bundle_copy: Path
+def test_verify_of_an_altered_file_is_a_problem_found_exit_1(
+    capsys: pytest.CaptureFixture[str], bundle_copy: Path, tmp_path: Path
 ) -> None:
     (bundle_copy / "model.onnx").write_bytes(b"truncated")
     code, out, err = run(capsys, "verify", bundle_copy)
-    assert code == 2 and out == ""
-    assert "model.onnx does not match its checksum" in err
+    assert code == 1 and err == ""
+    assert out.startswith("problem: ") and "model.onnx does not match its checksum" in out
+    code, out, err = run(capsys, "verify", tmp_path)  # not a bundle at all: an error
+    assert code == 2 and out == "" and err.startswith("error: ")
 
 
 # ---------------------------------------------------------------- help
@@ -189,6 +244,19 @@ def test_each_subcommand_has_help(capsys: pytest.CaptureFixture[str], command: s
     out = capsys.readouterr().out
     assert out.startswith(f"usage: retrieval {command} ")
     assert "bundle" in out and "--runtime" in out
+
+
+def test_version_and_exit_codes_in_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"retrieval {version('retrieval')}"
+    with pytest.raises(SystemExit):
+        main(["verify", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1 problems found (verify); 2 an error" in out
 
 
 def test_bad_usage_exits_2(capsys: pytest.CaptureFixture[str]) -> None:

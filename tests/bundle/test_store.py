@@ -364,3 +364,53 @@ def test_one_owner_per_folder_and_empty_search(tmp_path, rng):
         assert scores.shape == found.shape == (3, 0)
     with pytest.raises(FileExistsError):
         IndexedItems.create(tmp_path / "b", DIM)
+
+
+def test_readers_open_beside_the_writer_and_never_write(tmp_path, rng):
+    from retrieval.bundle.format import ReadOnlyError
+
+    folder = tmp_path / "b"
+    with IndexedItems.create(folder, DIM) as writer:
+        ids = writer.add(records(10), unit(rng, 10)).ids
+        writer.snapshot()
+        writer.add(records(2, "late"), unit(rng, 2))  # committed, not in the snapshot yet
+        writer.remove([ids[0]])
+        before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+        reader = IndexedItems.open(folder, read_only=True)
+        assert reader.read_only and reader.ntotal == 11
+        scores, found = reader.search(writer.store.vectors([ids[3]]), 1)
+        assert found[0, 0] == ids[3] and scores[0, 0] > 0.999
+        for change in (
+            lambda: reader.add(records(1, "x"), unit(rng, 1)),
+            lambda: reader.remove([ids[1]]),
+            reader.snapshot,
+        ):
+            with pytest.raises(ReadOnlyError, match="opened read-only"):
+                change()
+        reader.close()
+        assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+        with pytest.raises(ValueError, match="rebuild_index"):
+            IndexedItems.open(folder, read_only=True, rebuild_index=True)
+
+
+def test_a_reader_loads_the_recorded_pending_snapshot_of_a_killed_writer(tmp_path, rng):
+    """A writer killed between recording a snapshot and renaming its file: the reader loads
+    the pending file it recorded (it cannot finish the rename); the next writer does."""
+    from retrieval.bundle.items import INDEX_FILE, PENDING_FILE
+    from retrieval.bundle.store import Snapshot
+
+    folder = tmp_path / "b"
+    with IndexedItems.create(folder, DIM) as writer:
+        writer.add(records(5), unit(rng, 5))
+        writer.snapshot()
+        writer.add(records(3, "more"), unit(rng, 3))
+        index, store = writer._index, writer.store
+        sha = index.save(folder / PENDING_FILE)
+        store.record_snapshot(Snapshot(sha, 8, store.max_id, store.removal_seq, "Flat", ""))
+        writer._since_snapshot = 0  # the kill: no rename, no snapshot at close
+    with IndexedItems.open(folder, read_only=True) as reader:
+        assert reader.ntotal == 8
+    assert (folder / PENDING_FILE).exists()  # the reader wrote nothing
+    with IndexedItems.open(folder) as writer:
+        assert writer.ntotal == 8 and writer.verify() == []
+    assert not (folder / PENDING_FILE).exists() and (folder / INDEX_FILE).exists()
