@@ -5,7 +5,8 @@ retrieval index BUNDLE DIR [--labels folder|none]
 retrieval info BUNDLE
 retrieval verify BUNDLE
 retrieval score BUNDLE MANIFEST [--split test] [-k 10] [--json]
-retrieval serve BUNDLE [--host 127.0.0.1] [--port 8000] [--token SECRET]
+retrieval serve BUNDLE [--host 127.0.0.1] [--port 8000] [--token SECRET] [--backend SPEC]
+retrieval push BUNDLE milvus://HOST:PORT/COLLECTION | milvus-lite:PATH[#COLLECTION]
 
 search, info and score open the bundle read-only, so they run beside the one process that
 holds it for writing (serve, index). Unreadable images are skipped and listed on stderr by
@@ -233,6 +234,11 @@ def _score(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from retrieval.backends import parse_backend
+
+    if args.backend:
+        parse_backend(args.backend)  # a malformed spec fails before the model loads
+
     from retrieval.service import ServiceSettings, create_app
     from retrieval.service.budget import return_freed_images_to_the_os
 
@@ -253,9 +259,11 @@ def _serve(args: argparse.Namespace) -> int:
         decode_memory_mb=args.decode_memory_mb,
         max_requests=args.max_requests,
     )
-    retriever = _load(args, max_pixels=args.max_pixels)
+    retriever = _load(args, max_pixels=args.max_pixels, backend=args.backend)
     try:
         app = create_app(retriever, settings)
+        if args.backend:
+            print(f"searching {args.backend} ({retriever.items.describe()['index_type']})")
         writes = "enabled (bearer token)" if settings.token else "disabled (no --token)"
         large = app.state.service.large
         print(
@@ -268,6 +276,22 @@ def _serve(args: argparse.Namespace) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         retriever.close()
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from retrieval.backends import parse_backend
+    from retrieval.backends.milvus import push_bundle
+
+    spec = parse_backend(args.target)
+    with tqdm(unit="item", disable=args.quiet) as bar:
+        report = push_bundle(args.bundle, spec, batch_size=args.batch_size, progress=bar.update)
+    print(
+        f"pushed {report.pushed}, already there {report.present}, deleted {report.deleted}; "
+        f"{spec.where} holds {report.total} items ({report.index['index_type']} index)"
+    )
     return 0
 
 
@@ -331,7 +355,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=_score)
 
+    p = sub.add_parser(
+        "push",
+        help="upload the bundle's items and vectors to a Milvus collection (resumable)",
+        description="Upload the bundle's items and vectors, with their ids, labels and extra "
+        "fields, to a Milvus collection (created with an HNSW or IVF index sized to the "
+        "bundle). Run it again after a crash: items already there are skipped.",
+        epilog=EXIT_CODES,
+    )
+    p.add_argument("bundle", help="bundle folder written by export.py")
+    p.add_argument("target", help="milvus://HOST:PORT/COLLECTION or milvus-lite:PATH[#COLLECTION]")
+    p.add_argument("--batch-size", type=int, default=1000, help="items per request")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_push)
+
     p = command("serve", "answer searches over HTTP and serve the search page")
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="search a Milvus collection filled by 'retrieval push' instead of the bundle's "
+        "own index: milvus://HOST:PORT/COLLECTION or milvus-lite:PATH[#COLLECTION]",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from retrieval.backends.base import SearchBackend
 from retrieval.bundle.format import (
     BundleError,
     read_json,
@@ -77,7 +78,7 @@ class Retriever:
         manifest: dict[str, Any],
         preprocessor: Preprocessor,
         runtime: Runtime,
-        items: IndexedItems,
+        items: SearchBackend,
         max_pixels: int,
     ) -> None:
         self.folder = folder
@@ -103,6 +104,7 @@ class Retriever:
         device: str = "auto",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         read_only: bool = False,
+        backend: str | None = None,
     ) -> Retriever:
         """Open a bundle after checking its format version and its files' checksums.
 
@@ -116,6 +118,10 @@ class Retriever:
                 ``retrieval serve``); it sees the items committed when it was loaded, and
                 :meth:`add` / :meth:`remove` raise ReadOnlyError. Without it the bundle is
                 held for writing, and a second writer gets BundleBusyError.
+            backend: where the items are searched: None for the bundle's own index and store,
+                or a Milvus collection, ``milvus://HOST:PORT/COLLECTION`` or
+                ``milvus-lite:PATH[#COLLECTION]`` (filled by ``retrieval push``; see
+                :mod:`retrieval.backends`); the bundle then gives the model and preprocessing.
 
         Raises:
             BundleError: missing or foreign folder, newer format, altered or truncated file.
@@ -138,7 +144,12 @@ class Retriever:
                 f"{folder}: the model gives {model.embedding_dim}-d embeddings but the manifest "
                 f"says {manifest['embedding_dim']}"
             )
-        items = IndexedItems.open(folder, read_only=read_only)
+        if backend is None:
+            items: SearchBackend = IndexedItems.open(folder, read_only=read_only)
+        else:
+            from retrieval.backends import open_backend
+
+            items = open_backend(backend, int(manifest["embedding_dim"]), read_only=read_only)
         if items.dim != manifest["embedding_dim"]:
             items.close()
             raise BundleError(
@@ -256,7 +267,7 @@ class Retriever:
             x,
             k,
             lambda q, n: self.items.search(q, n, label=label),
-            lambda found: self.items.store.vectors(found.tolist()),
+            lambda found: self.items.vectors(found.tolist()),
             aqe=self.steps.aqe,
             rerank=reranking,
         )
@@ -266,7 +277,7 @@ class Retriever:
         """The hits of one result row, without empty slots and without items removed since
         the index was searched (the index lock is released before the rows are read)."""
         found = [int(i) for i in ids if i >= 0]
-        records = {item.id: item for item in self.items.store.get(found)}
+        records = self.items.get(found)
         hits = []
         for score, item_id in zip(scores, ids, strict=True):
             item = records.get(int(item_id))
@@ -324,9 +335,9 @@ class Retriever:
     def item(self, item_id: int) -> Item:
         """The stored item ``item_id`` (uri, label, extra, vector). Raises KeyError for an id
         the bundle never had or whose item was removed."""
-        (item,) = self.items.store.get([int(item_id)])
-        if not item.active:
-            raise KeyError(f"item {item_id} was removed")
+        item = self.items.get([int(item_id)]).get(int(item_id))
+        if item is None:
+            raise KeyError(f"no item {item_id} (never added, or removed)")
         return item
 
     def remove(self, ids: Sequence[int]) -> list[int]:
@@ -367,6 +378,7 @@ class Retriever:
             "metrics": m.get("metrics", {}),
             "metrics_note": (m.get("metrics_measured_on") or {}).get("note"),
             "postprocess": self.steps.to_dict(),
+            "backend": self.items.describe(),
         }
 
     def close(self) -> None:

@@ -46,6 +46,7 @@ import numpy as np
 from retrieval.bundle.format import BundleBusyError, ReadOnlyError
 from retrieval.bundle.store import (
     Check,
+    Item,
     ItemRecord,
     ItemStore,
     Snapshot,
@@ -786,6 +787,44 @@ class IndexedItems:
         if actual != snap.index_sha256:
             return [f"{path} has sha256 {actual}, its snapshot record {snap.index_sha256}"]
         return []
+
+    # the rest of the SearchBackend interface (retrieval.backends) ------------------------
+    def get(self, ids: Sequence[int]) -> dict[int, Item]:
+        """The active items among ``ids`` by id (unknown and removed ids left out)."""
+        wanted = [int(i) for i in ids]
+        try:
+            found = self._store.get(wanted)
+        except KeyError:  # some ids were never stored: keep the others
+            found = []
+            for item_id in wanted:
+                try:
+                    found += self._store.get([item_id])
+                except KeyError:
+                    continue
+        return {item.id: item for item in found if item.active}
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """(len(ids), dim) float32 stored vectors (removed items' too); KeyError if unknown."""
+        return self._store.vectors(ids)
+
+    def find_by_sha256(self, sha256: str) -> list[int]:
+        """Ids of the active items whose image bytes have this sha256, increasing."""
+        return self._store.find_by_sha256(sha256)
+
+    def removed_uris(self) -> set[str]:
+        """Uris of the removed items (the store keeps their rows)."""
+        removed = self._store.removed_since(0, self._store.max_id)
+        return {item.uri for item in self._store.get(removed.tolist())}
+
+    def describe(self) -> dict[str, Any]:
+        """The bundle's own FAISS index and item store."""
+        return {
+            "kind": "bundle",
+            "path": str(self._root),
+            "factory": self.factory,
+            "search_params": self._index.search_params,
+            "metric": "IP",
+        }
 
     def close(self) -> None:
         """Snapshot unsaved changes, close the store and release the folder (idempotent)."""

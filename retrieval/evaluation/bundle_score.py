@@ -31,10 +31,18 @@ Query = tuple[str | os.PathLike[str], str, str]
 
 def bundle_label_counts(retriever: Retriever, chunk_size: int = 10_000) -> Counter[str]:
     """How many active items of the bundle carry each label (unlabelled items not counted)."""
+    from retrieval.bundle.items import IndexedItems
+
+    if not isinstance(retriever.items, IndexedItems):
+        raise ValueError(
+            "scoring counts labels in the bundle's own item store: load the bundle without a "
+            f"search backend (this one searches {retriever.items.describe()['kind']})"
+        )
+    store = retriever.items.store
     counts: Counter[str] = Counter()
-    ids = retriever.items.store.active_ids()
+    ids = store.active_ids()
     for start in range(0, len(ids), chunk_size):
-        items = retriever.items.store.get(ids[start : start + chunk_size].tolist())
+        items = store.get(ids[start : start + chunk_size].tolist())
         counts.update(item.label for item in items if item.label is not None)
     return counts
 

@@ -301,6 +301,7 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
             "items": len(retriever),
             "dim": retriever.dim,
             "index": info["index"],
+            "backend": info["backend"],
             "runtime": info["runtime"],
             "backbone": info["backbone"],
             "postprocess": info["postprocess"],

@@ -131,15 +131,15 @@ class SearchService:
     def sweep_uploads(self) -> list[Path]:
         """Move aside (to ``uploads/.orphans/``) the upload files no item references (an add
         killed before its store commit) and delete temp files of interrupted writes; logged."""
-        store = self.retriever.items.store
-        removed = store.removed_since(0, store.max_id)
-        uris = {item.uri for item in store.get([int(i) for i in removed])}
+        items = self.retriever.items
+        uris = items.removed_uris()
 
         def referenced(path: Path) -> bool:
             uri = str(path.resolve())
             if uri in uris:
                 return True
-            return any(it.uri == uri for it in store.get(store.find_by_sha256(path.stem)))
+            found = items.get(items.find_by_sha256(path.stem)).values()
+            return any(it.uri == uri for it in found)
 
         moved, temps = self.uploads.sweep(referenced)
         if temps:

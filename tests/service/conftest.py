@@ -29,8 +29,10 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def make_client(bundle: Path, **settings: object) -> Iterator[TestClient]:
-    retriever = Retriever.load(bundle)
+def make_client(
+    bundle: Path, backend: str | None = None, **settings: object
+) -> Iterator[TestClient]:
+    retriever = Retriever.load(bundle, backend=backend)
     app = create_app(retriever, ServiceSettings(**settings))  # type: ignore[arg-type]
     try:
         with TestClient(app) as client:
@@ -39,14 +41,30 @@ def make_client(bundle: Path, **settings: object) -> Iterator[TestClient]:
         retriever.close()
 
 
+@pytest.fixture(params=["bundle", "milvus-lite"])
+def backend(request: pytest.FixtureRequest, bundle_copy: Path) -> str | None:
+    """Where the service searches: the bundle itself, or a Milvus Lite collection that the
+    bundle was pushed to (skipped where pymilvus / milvus-lite cannot be imported)."""
+    if request.param == "bundle":
+        return None
+    pytest.importorskip("pymilvus", reason="the milvus extra is not installed")
+    pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
+    from retrieval.backends import parse_backend
+    from retrieval.backends.milvus import push_bundle
+
+    spec = f"milvus-lite:{bundle_copy.parent / 'lite'}"
+    push_bundle(bundle_copy, parse_backend(spec))
+    return spec
+
+
 @pytest.fixture
-def client(bundle_copy: Path) -> Iterator[TestClient]:
+def client(bundle_copy: Path, backend: str | None) -> Iterator[TestClient]:
     """Writes enabled with ``TOKEN``; small limits so tests can cross them cheaply."""
     yield from make_client(
-        bundle_copy, token=TOKEN, max_body_bytes=2 * 1024 * 1024, max_pixels=4_000_000
+        bundle_copy, backend, token=TOKEN, max_body_bytes=2 * 1024 * 1024, max_pixels=4_000_000
     )
 
 
 @pytest.fixture
-def read_only_client(bundle_copy: Path) -> Iterator[TestClient]:
-    yield from make_client(bundle_copy)
+def read_only_client(bundle_copy: Path, backend: str | None) -> Iterator[TestClient]:
+    yield from make_client(bundle_copy, backend)
