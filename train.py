@@ -3,7 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from retrieval.tasks.runs import monitored_value, run_task
+from retrieval.tasks.preflight import check_command_line
+from retrieval.tasks.runs import monitored_value, reported, run_task
 from retrieval.tasks.train import train
 
 
@@ -17,8 +18,9 @@ def objective(cfg: DictConfig) -> float:
 def main(cfg: DictConfig) -> float | None:
     # In a multirun a failed job writes error.txt in its run directory, returns None (Optuna:
     # a failed trial) and the sweep goes on; a single run raises.
-    return run_task(objective, cfg)
+    return run_task(reported(objective), cfg)
 
 
 if __name__ == "__main__":
+    check_command_line("train")  # one line for a typo or a missing value, not a traceback
     main()

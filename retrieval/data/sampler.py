@@ -16,6 +16,26 @@ import numpy as np
 from torch.utils.data import Sampler
 
 
+def fitting_sampler(sizes: Sequence[int], samples_per_label: int) -> str:
+    """What to set for a split whose labels have ``sizes`` images (only labels with >= 2):
+    the most labels a batch can hold (>= 2), with ``samples_per_label`` lowered until that
+    many labels have at least as many images. E.g. ``this split has 10 labels with >= 4
+    images; use sampler.labels_per_batch=10 sampler.samples_per_label=4``."""
+    if len(sizes) < 2:
+        return (
+            "P x K batches need at least 2 labels with 2 or more images each: add images, or "
+            "use sampler=instance (each image its own label)"
+        )
+    k = max(2, samples_per_label)
+    while k > 2 and sum(n >= k for n in sizes) < 2:
+        k -= 1
+    labels = sum(n >= k for n in sizes)
+    return (
+        f"this split has {labels} labels with >= {k} images; use "
+        f"sampler.labels_per_batch={labels} sampler.samples_per_label={k}"
+    )
+
+
 class _EpochBatches(Sampler[list[int]]):
     """What both samplers share: P x K batches, ``batches_per_rank`` per epoch, seeded by
     (``seed``, epoch), every ``num_replicas``-th global batch taken from ``rank``."""
@@ -96,8 +116,8 @@ class PKBatchSampler(_EpochBatches):
         if len(self.groups) < labels_per_batch:
             raise ValueError(
                 f"sampler needs labels_per_batch={labels_per_batch} labels with at least 2 "
-                f"images, but the training split has {len(self.groups)}; lower "
-                "sampler.labels_per_batch"
+                f"images, but the training split has {len(self.groups)}; "
+                + fitting_sampler([len(g) for g in self.groups], samples_per_label)
             )
         total = batches_per_epoch or len(labels) // (labels_per_batch * samples_per_label)
         self._setup(labels_per_batch, samples_per_label, total, seed, num_replicas, rank)

@@ -113,9 +113,13 @@ def _timm_backbone(
     import timm
 
     if not timm.is_model(name):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "no timm name is close to it"
         raise ValueError(
-            f"unknown timm backbone '{name}'; list the names with "
-            f"`python -c \"import timm; print(timm.list_models('{name.split('_')[0]}*'))\"`"
+            f"unknown timm backbone '{name}' (backbone.name): {hint} All names: "
+            '`python -c "import timm; print(timm.list_models())"`'
         )
     net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **kwargs)
     cfg: dict[str, Any] = dict(net.pretrained_cfg)  # type: ignore[arg-type]

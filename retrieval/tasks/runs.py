@@ -4,6 +4,7 @@ is recorded in its run directory and the sweep goes on; in a single run the erro
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Mapping
@@ -58,6 +59,43 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig, failed: Any = N
         )
         _finish_open_wandb_run()
         return failed
+
+
+#: errors that describe bad input (a missing file, a bad value, too little data) and say how
+#: to fix it: in a single run, :func:`reported` prints them as one line, without a traceback
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
+
+
+def reported(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
+    """``task`` that, in a single run, reports an :data:`INPUT_ERRORS` as one ``error:`` line
+    and exits with status 2 (``HYDRA_FULL_ERROR=1`` keeps the traceback). In a multirun the
+    error propagates to :func:`run_task`, which records it and goes on."""
+
+    def run(cfg: DictConfig) -> T:
+        if in_multirun() or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            return task(cfg)
+        try:
+            return task(cfg)
+        except Exception as err:
+            cause = _input_error(err)
+            if cause is None:
+                raise
+            text = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
+            print(f"error: {text}", file=sys.stderr, flush=True)
+            _finish_open_wandb_run()
+            raise SystemExit(2) from None
+
+    return run
+
+
+def _input_error(err: BaseException) -> BaseException | None:
+    """``err`` when it is an :data:`INPUT_ERRORS`, or the one that Hydra's ``instantiate``
+    wrapped (a bad backbone name raised while building the model); else None."""
+    from hydra.errors import InstantiationException
+
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return err if isinstance(err, INPUT_ERRORS) else None
 
 
 def write_error(run_dir: Path, text: str) -> Path:
