@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from collections.abc import Iterable, Mapping, Sized
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from retrieval.io import atomic_write
 
@@ -78,6 +76,7 @@ def embed_loader(
     precision: str = "auto",
     progress: bool | None = None,
     description: str = "embedding",
+    progress_every_s: float = 30.0,
 ) -> Embeddings:
     """Embed every batch of ``loader`` (items as :class:`~retrieval.data.dataset.ImageDataset`
     yields them) and return the rows in dataset order (by each item's ``index``).
@@ -87,18 +86,24 @@ def embed_loader(
         loader: batches with ``image``, ``label``, ``index``, ``is_query``, ``is_gallery``.
         device: ``auto`` (CUDA when available), or a torch device.
         precision: ``auto`` | ``fp32`` | ``bf16`` | ``fp16`` autocast.
-        progress: show a progress bar; ``None`` shows it when stderr is a terminal.
+        progress: ``None`` or True: tqdm's bar when stderr is a terminal, else a plain line
+            every ``progress_every_s`` seconds and one at the end
+            (:func:`retrieval.progress.track`); False: nothing.
 
     Raises:
         ValueError: the loader yields nothing, or the model returns non-finite values.
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     model.eval().to(dev)
-    show = sys.stderr.isatty() if progress is None else progress
     total = len(loader) if isinstance(loader, Sized) else None
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("vec", "label", "index", "q", "g")}
+    batches: Iterable[Mapping[str, torch.Tensor]] = loader
+    if progress is not False:
+        from retrieval.progress import track  # Lightning's import only when it is shown
+
+        batches = track(loader, total, description, unit="batch", every_s=progress_every_s)
     with torch.inference_mode(), _autocast(dev, precision):
-        for batch in tqdm(loader, total=total, desc=description, disable=not show, unit="batch"):
+        for batch in batches:
             out = model(batch["image"].to(dev, non_blocking=True)).float()
             parts["vec"].append(out.cpu().numpy())
             parts["label"].append(batch["label"].numpy())

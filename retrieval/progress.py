@@ -1,4 +1,5 @@
-"""Training progress: tqdm's bar on a terminal, a plain periodic line everywhere else.
+"""Progress of training and of embedding: tqdm's bar on a terminal, a plain periodic line
+everywhere else.
 
 A progress bar redraws itself with carriage returns; in a log file (SLURM output, CI, ``nohup``)
 every redraw stays, and one epoch can become a single line of kilobytes. :func:`progress_bar`
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import IO, Any
+from collections.abc import Iterable, Iterator
+from typing import IO, Any, TypeVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
-__all__ = ["LineProgress", "progress_bar"]
+__all__ = ["LineProgress", "progress_bar", "track"]
+
+T = TypeVar("T")
 
 
 def _number(value: Any) -> str:
@@ -93,3 +97,42 @@ def progress_bar(stream: IO[str] | None = None, every_s: float = 30.0) -> Progre
     if callable(isatty) and isatty():
         return TQDMProgressBar()
     return LineProgress(every_s=every_s, stream=stream)
+
+
+def track(
+    items: Iterable[T],
+    total: int | None,
+    description: str,
+    unit: str = "batch",
+    stream: IO[str] | None = None,
+    every_s: float = 30.0,
+) -> Iterator[T]:
+    """``items`` with progress: tqdm's bar when ``stream`` (default stderr) is a terminal, else
+    a line every ``every_s`` seconds and one at the end, e.g.
+    ``embedding: 40/90 batches (44%), 6.1 batches/s, about 8 s left``."""
+    target = stream or sys.stderr
+    isatty = getattr(target, "isatty", None)
+    if callable(isatty) and isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(items, total=total, desc=description, unit=unit, file=target)
+        return
+    start = last = time.monotonic()
+    done = 0
+    of = f"/{total}" if total else ""
+    for item in items:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= every_s and (total is None or done < total):
+            last = now
+            rate = done / max(now - start, 1e-9)
+            share = f" ({100 * done / total:.0f}%)" if total else ""
+            left = f", about {(total - done) / rate:.0f} s left" if total else ""
+            print(
+                f"{description}: {done}{of} {unit}es{share}, {rate:.3g} {unit}es/s{left}",
+                file=target,
+                flush=True,
+            )
+    spent = time.monotonic() - start
+    print(f"{description}: {done} {unit}es in {spent:.1f} s", file=target, flush=True)

@@ -33,3 +33,36 @@ def test_training_into_a_log_writes_plain_lines(small_demo, tmp_path, capsys):
     assert all("val/recall@1" in line for line in lines)
     assert "\r" not in err  # no redraws: a log holds lines, not a bar
     assert max(len(line) for line in err.splitlines()) < 400
+
+
+def test_track_writes_plain_lines_when_not_a_terminal() -> None:
+    import io
+
+    from retrieval.progress import track
+
+    out = io.StringIO()
+    assert list(track(range(4), 4, "embedding", stream=out, every_s=0.0)) == [0, 1, 2, 3]
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("embedding: 1/4 batches (25%), ") and "s left" in lines[0]
+    assert len(lines) == 4 and "\r" not in out.getvalue()
+    assert lines[-1].startswith("embedding: 4 batches in ")
+
+
+def test_embedding_reports_progress_in_a_log(capsys) -> None:
+    import torch
+
+    from retrieval.extract import embed_loader
+
+    batches = [
+        {
+            "image": torch.ones(2, 3),
+            "label": torch.zeros(2, dtype=torch.long),
+            "index": torch.tensor([2 * i, 2 * i + 1]),
+            "is_query": torch.ones(2, dtype=torch.bool),
+            "is_gallery": torch.ones(2, dtype=torch.bool),
+        }
+        for i in range(3)
+    ]
+    embed_loader(torch.nn.Identity(), batches, "cpu", "fp32", progress_every_s=0.0)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("embedding: 1/3 batches") and err[-1].startswith("embedding: 3 batches")
