@@ -29,6 +29,9 @@ def test_readme_documents_the_main_commands():
     assert any("backbone=resnet50" in c and "data=cub200" in c and "data.root=" in c for c in train)
     text = (ROOT / "README.md").read_text()
     assert 'pip install -e ".[dev]" && python -m pytest' in text
+    cpu = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+    assert cpu in text and cpu in (ROOT / "pyproject.toml").read_text()
+    assert "download.pytorch.org/whl/cu12" in text  # CUDA 12, as faiss-gpu-cu12
     evaluate = commands("evaluate")
     assert "python evaluate.py" in evaluate
     for mode in ("ckpt_path=", "embeddings=", "index="):
@@ -47,6 +50,9 @@ def test_readme_command_composes(command, tmp_path):
         cfg = compose_config([f"paths.output_dir={tmp_path}", *overrides], name=script)
     else:
         cfg = compose_train(overrides, tmp_path)
+    from retrieval.tasks.preflight import problem_with
+
+    assert problem_with(script, overrides) is None  # what the entry point checks first
     for override in overrides:
         key, _, value = override.partition("=")
         if "." in key and not key.startswith(("+", "hydra.", "hydra/")):
