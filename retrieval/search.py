@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from retrieval.bundle.format import (
 )
 from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.model import Runtime, load_runtime
-from retrieval.bundle.preprocess import Preprocessor, open_image
+from retrieval.bundle.preprocess import Preprocessor
 from retrieval.bundle.store import Item, ItemRecord
 from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, _to_rgb
 from retrieval.postprocess import Postprocess, Rerank, search_with_steps
@@ -63,6 +64,31 @@ class AddReport:
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _prefetched(chunks: Iterable[Any], load: Callable[[Any], Any]) -> Iterator[Any]:
+    """``load(chunk)`` of each chunk in order, the next one loaded in a thread while the
+    caller works on the current one: decoding (which releases the GIL) overlaps embedding.
+    An error of ``load`` is raised where its chunk would have been yielded."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval-load") as pool:
+        pending: Future[Any] | None = None
+        for chunk in chunks:
+            upcoming = pool.submit(load, chunk)
+            if pending is not None:
+                yield pending.result()
+            pending = upcoming
+        if pending is not None:
+            yield pending.result()
+
+
+@dataclass
+class _LoadedFiles:
+    """One batch of files read for :meth:`Retriever.add`."""
+
+    count: int
+    pixels: list[np.ndarray] = field(default_factory=list)
+    records: list[ItemRecord] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Retriever:
@@ -165,20 +191,19 @@ class Retriever:
     def __len__(self) -> int:
         return self.items.ntotal
 
-    def _decode(self, source: ImageSource, max_pixels: int | None = None) -> Image.Image:
-        if isinstance(source, Image.Image):  # alpha onto white etc., as for files
-            return source if source.mode == "RGB" else _to_rgb(source)
-        limit = self.max_pixels if max_pixels is None else min(max_pixels, self.max_pixels)
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            return open_image(bytes(source), limit)
-        return open_image(source, limit)
-
     def prepare(self, image: ImageSource, max_pixels: int | None = None) -> np.ndarray:
         """One image (path, encoded bytes or PIL image) decoded and preprocessed into the
         model's input: (3, size, size) float32. ``max_pixels`` lowers the bundle's pixel limit
-        for this call. Raises ImageLoadError (ImageTooLargeError over the pixel limit) naming
-        the image."""
-        return self.preprocessor(self._decode(image, max_pixels))
+        for this call. Files and bytes go through :meth:`Preprocessor.prepare` (a large JPEG
+        decoded at a reduced scale), as the service's uploads do, so an image gives the same
+        vector whether it is indexed, searched here or uploaded. Raises ImageLoadError
+        (ImageTooLargeError over the pixel limit) naming the image."""
+        if isinstance(image, Image.Image):  # alpha onto white etc., as for files
+            return self.preprocessor(image if image.mode == "RGB" else _to_rgb(image))
+        limit = self.max_pixels if max_pixels is None else min(max_pixels, self.max_pixels)
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            return self.preprocessor.prepare(bytes(image), limit)
+        return self.preprocessor.prepare(image, limit)
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Embeddings of preprocessed images ``(B, 3, size, size)``: (B, dim) float32 unit rows."""
@@ -190,8 +215,10 @@ class Retriever:
         if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):
             raise TypeError("pass a list of images, e.g. search([path]), not a single image")
         out = [np.empty((0, self.dim), np.float32)]
-        for chunk in _chunks(list(images), batch_size):
-            batch = self.preprocessor.batch([self._decode(s) for s in chunk])
+        size = self.preprocessor.input_size
+        empty = np.zeros((0, 3, size, size), np.float32)
+        load = lambda chunk: np.stack([self.prepare(s) for s in chunk]) if chunk else empty  # noqa: E731
+        for batch in _prefetched(_chunks(list(images), batch_size), load):
             out.append(self.runtime.embed(batch))
         return np.concatenate(out)
 
@@ -306,31 +333,37 @@ class Retriever:
         self.items.check_writable()  # before any image is embedded
         report = AddReport()
         pairs = list(zip(paths, labels or [None] * len(paths), strict=True))
-        for chunk in _chunks(pairs, batch_size):
-            images, records, names = [], [], []
-            for path, lab in chunk:
-                name = str(Path(path).resolve())
-                try:
-                    ItemRecord(uri=name, label=lab)  # a path or label the store would refuse
-                    data = Path(path).read_bytes()
-                    images.append(open_image(data, self.max_pixels, name=name))
-                except (OSError, ImageLoadError, ValueError) as err:
-                    report.unreadable.append((name, str(err)))
-                    continue
-                digest = hashlib.sha256(data).hexdigest()
-                records.append(ItemRecord(uri=name, label=lab, content_sha256=digest))
-                names.append(name)
-            if records:
-                vectors = self.runtime.embed(self.preprocessor.batch(images))
+        for loaded in _prefetched(_chunks(pairs, batch_size), self._load_files):
+            report.unreadable += loaded.unreadable
+            if loaded.records:
+                vectors = self.runtime.embed(np.stack(loaded.pixels))
                 dba = self.steps.dba
                 result = self.items.add(
-                    records, vectors, dba=None if dba is None else (dba.k, dba.alpha)
+                    loaded.records, vectors, dba=None if dba is None else (dba.k, dba.alpha)
                 )
                 report.added += result.added
-                report.duplicates += [(names[pos], existing) for pos, existing in result.duplicates]
+                report.duplicates += [
+                    (loaded.records[pos].uri, existing) for pos, existing in result.duplicates
+                ]
             if progress is not None:
-                progress(len(chunk))
+                progress(loaded.count)
         return report
+
+    def _load_files(self, chunk: Sequence[tuple[Any, str | None]]) -> _LoadedFiles:
+        """Read, hash and preprocess one batch of ``(path, label)`` for :meth:`add`."""
+        loaded = _LoadedFiles(count=len(chunk))
+        for path, lab in chunk:
+            name = str(Path(path).resolve())
+            try:
+                ItemRecord(uri=name, label=lab)  # a path or label the store would refuse
+                data = Path(path).read_bytes()
+                loaded.pixels.append(self.preprocessor.prepare(data, self.max_pixels, name=name))
+            except (OSError, ImageLoadError, ValueError) as err:
+                loaded.unreadable.append((name, str(err)))
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            loaded.records.append(ItemRecord(uri=name, label=lab, content_sha256=digest))
+        return loaded
 
     def item(self, item_id: int) -> Item:
         """The stored item ``item_id`` (uri, label, extra, vector). Raises KeyError for an id
