@@ -50,7 +50,11 @@ def test_export_of_the_backbone_over_the_test_split(small_demo, tmp_path, capsys
     assert manifest["protocol"]["model"]["backbone"] == "tf_efficientnet_lite0"
     assert json.loads((bundle / "preprocessing.json").read_text())["input_size"] == 64
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".bundle")]
-    assert "bundle:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "bundle:" in out
+    assert manifest["metrics_measured_on"]["bundle_gallery"] is True
+    assert "whose gallery images this bundle holds" in out
+    assert f"  retrieval search {bundle} IMAGE.jpg" in out.splitlines()  # what to run next
 
     # the bundle answers: a gallery image finds itself
     with Retriever.load(bundle) as retriever:
@@ -93,6 +97,10 @@ def test_export_of_a_folder_gallery_with_folder_labels(small_demo, tmp_path):
     manifest = read_manifest(metrics["bundle"])
     assert manifest["items"] == 4 and manifest["gallery"]["source"] == str(gallery)
     assert "test/recall@1" in manifest["metrics"]  # scored on the data split all the same
+    measured = manifest["metrics_measured_on"]  # ... and labelled so
+    assert measured["split"] == "test" and measured["bundle_gallery"] is False
+    assert measured["note"].endswith(f"not on this bundle's gallery {gallery}")
+    assert measured["images"] == 360 and measured["manifest"] in measured["note"]
 
     empty = tmp_path / "empty"
     empty.mkdir()

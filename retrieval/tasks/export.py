@@ -121,6 +121,27 @@ def _shard_gallery(cfg: DictConfig, model: LoadedModel, preprocessing: Preproces
     return _Gallery(chunks, train, shards.dim, description)
 
 
+def _metrics_data(
+    cfg: DictConfig, manifest: str, images: int, gallery: dict[str, Any]
+) -> dict[str, Any]:
+    """What the manifest's metrics were measured on, and whether that is the bundle's own
+    gallery (``note``: the words ``retrieval info`` and the export print)."""
+    own = not cfg.get("gallery") and not cfg.get("shards")
+    where = f"the {cfg.split} split of {manifest} ({images} images)"
+    note = (
+        f"measured on {where}, whose gallery images this bundle holds"
+        if own
+        else f"measured on {where}, not on this bundle's gallery {gallery['source']}"
+    )
+    return {
+        "manifest": manifest,
+        "split": str(cfg.split),
+        "images": images,
+        "bundle_gallery": own,
+        "note": note,
+    }
+
+
 def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Export per ``cfg``; returns ``({"bundle": path, metrics...}, objects)``."""
     model = load_model(cfg)
@@ -213,8 +234,10 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     protocol["data"] = {"dataset": str(datamodule.manifest), "split": cfg.split}
     metrics = {f"{cfg.split}/{k}": v for k, v in result.metrics.items()}
     exported = model.embedder.with_search_steps(steps.tta, fitted.whitening)
+    measured_on = _metrics_data(cfg, str(datamodule.manifest), len(split), gallery.description)
     description: dict[str, Any] = {
         "metrics": metrics,
+        "metrics_measured_on": measured_on,
         "protocol": protocol,
         "gallery": gallery.description,
     }
@@ -236,6 +259,9 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     count = read_manifest(bundle)["items"]
     lines = [f"bundle: {bundle}", f"items: {count}, dim {gallery.dim}"]
-    lines += [f"{name:<20}{value:.4f}" for name, value in metrics.items()]
+    lines.append(f"metrics {measured_on['note']}:")
+    lines += [f"  {name:<20}{value:.4f}" for name, value in metrics.items()]
+    lines += ["next: search it, or serve it to search from a browser:"]
+    lines += [f"  retrieval search {bundle} IMAGE.jpg", f"  retrieval serve {bundle}"]
     print("\n".join(lines), flush=True)
     return {"bundle": str(bundle), **metrics}, {"model": model, "items": gallery.items}
