@@ -17,6 +17,10 @@ Sections (``--only``; default: all, in this order):
   is 2 FLOPs; convolutions, matmuls only), float32 GEMM FLOP/s (torch.mm), memory bandwidth
   (1 GiB sum / copy), and what the Embedder, its ONNX export and a Flat ``EmbeddingIndex``
   reach against them.
+- ``training``: ``scripts/peers_training.py`` (train.py's path, a plain loop, PML's
+  ``MetricLossOnly``, OML's ``ExtractorModule``; equal loss on one batch checked first).
+- ``indexing``: ``scripts/peers_indexing.py`` (``retrieval index``'s path beside OML's
+  predict path and a naive loop, on one folder of photos; decoders alone).
 
 Needs the ``peers`` extra, in its own environment (OML pins numpy<2)::
 
@@ -52,7 +56,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from _machine import cpu_model  # noqa: E402  (scripts/ is on sys.path)
 from bench_eval import make_data  # noqa: E402  (the same generator as bench_eval)
 
-SECTIONS = ("eval", "roofline")
+SECTIONS = ("eval", "roofline", "training", "indexing")
 DIM, PER_LABEL = 512, 5.35
 OML_KS = (1, 10)
 
@@ -595,6 +599,33 @@ def versions() -> str:
     return ", ".join(out)
 
 
+def script_section(script: str, options: list[str]) -> Callable[..., list[str]]:
+    """A section run by another script of ``scripts/`` in a child process, its report
+    (what it writes with ``--record``) taken into this one."""
+
+    def run(args: argparse.Namespace, workdir: Path) -> list[str]:
+        report = workdir / f"{script}.md"
+        cmd = [sys.executable, str(ROOT / "scripts" / f"{script}.py"), *options]
+        if args.quick:
+            cmd += QUICK_OPTIONS[script]
+        subprocess.run([*cmd, "--record", str(report)], check=True, cwd=ROOT)
+        return report.read_text().splitlines()
+
+    return run
+
+
+QUICK_OPTIONS = {
+    "peers_training": ["--steps", "3", "--warmup", "1", "--repeats", "1"],
+    "peers_indexing": ["--images", "32", "--large", "2", "--repeats", "1"],
+}
+SECTION_RUNNERS: dict[str, Callable[..., list[str]]] = {
+    "eval": lambda args, workdir: eval_section(args, workdir),
+    "roofline": lambda args, workdir: roofline_section(args, workdir),
+    "training": script_section("peers_training", []),
+    "indexing": script_section("peers_indexing", []),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -647,7 +678,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_peers_") as tmp:
         for section in sections:
             start = time.perf_counter()
-            part = (eval_section if section == "eval" else roofline_section)(args, Path(tmp))
+            part = SECTION_RUNNERS[section](args, Path(tmp))
             body += part  # written after each section, so a later failure keeps it
             if args.record:
                 args.record.write_text("\n".join([*header, *body]))

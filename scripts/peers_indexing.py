@@ -22,7 +22,9 @@ The vectors of ours and of the naive loop are compared (cosine per image).
 
 Decoding alone (``decode`` table): Pillow's full decode + RGB, Pillow's JPEG ``draft``
 (DCT scaling to 1/2, 1/4 or 1/8, as ``Preprocessor.prepare`` asks for when an image is at
-least twice the size it needs) and simplejpeg (libjpeg-turbo), full and scaled, when installed.
+least ``REDUCING_GAP`` x the size it needs) and simplejpeg (libjpeg-turbo), full and scaled,
+and to the model input: full decode then the Preprocessor, against ``Preprocessor.prepare``;
+on the folder's photos and on ``--large`` camera-sized (12 MP) JPEGs.
 
     python scripts/peers_indexing.py --images 256 --repeats 3 --record experiments/FILE.md
 """
@@ -47,6 +49,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+#: The default backbone's ImageNet input size.
+IMAGE_SIZE = 224
 
 
 def log(message: str) -> None:
@@ -111,6 +117,8 @@ def export_bundle(gallery: Path, out: Path) -> Path:
         f"gallery={gallery}",
         "gallery_labels=none",
         f"bundle={bundle}",
+        "data=demo",
+        f"data.image_size={IMAGE_SIZE}",
         f"paths.output_dir={out}",
         "use_cache=false",
     ]
@@ -228,10 +236,15 @@ class Ways:
         return prepare
 
 
-def decode_table(paths: list[Path], need: int, repeats: int) -> list[str]:
-    """ms per image of decoding alone, medians of ``repeats`` passes over ``paths``."""
-    datas = [p.read_bytes() for p in paths]
+def decode_table(paths: list[Path], pre: Any, repeats: int, title: str) -> list[str]:
+    """ms per image of decoding alone, and of decoding + preprocessing to the model input,
+    medians of ``repeats`` passes over ``paths`` (read into memory first)."""
     import io
+
+    from retrieval.bundle.preprocess import REDUCING_GAP, open_image
+
+    datas = [p.read_bytes() for p in paths]
+    need = round(pre.resize * REDUCING_GAP)  # what Preprocessor.prepare decodes down to
 
     def pillow_full() -> None:
         for data in datas:
@@ -242,6 +255,14 @@ def decode_table(paths: list[Path], need: int, repeats: int) -> list[str]:
             image = Image.open(io.BytesIO(data))
             image.draft("RGB", (need, need))
             image.convert("RGB").load()
+
+    def full_then_preprocess() -> None:
+        for data in datas:
+            pre(open_image(data))
+
+    def prepare() -> None:
+        for data in datas:
+            pre.prepare(data)
 
     ways: dict[str, Callable[[], None]] = {
         "Pillow, full decode + RGB": pillow_full,
@@ -262,6 +283,8 @@ def decode_table(paths: list[Path], need: int, repeats: int) -> list[str]:
         ways[f"simplejpeg, scaled (>= {need} px)"] = sj_scaled
     except ImportError:
         log("simplejpeg is not installed: its rows are left out")
+    ways["to the model input: full decode, then Preprocessor"] = full_then_preprocess
+    ways["to the model input: Preprocessor.prepare (ours)"] = prepare
     times: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(repeats):
         for name, fn in ways.items():
@@ -269,16 +292,39 @@ def decode_table(paths: list[Path], need: int, repeats: int) -> list[str]:
             fn()
             times[name].append((time.perf_counter() - start) / len(datas) * 1000)
     base = statistics.median(times["Pillow, full decode + RGB"])
-    lines = ["| decoder | ms / image (median) | vs Pillow full |", "|---|---|---|"]
+    lines = [
+        f"{title}:",
+        "",
+        "| decoder | ms / image (median) | vs Pillow full decode |",
+        "|---|---|---|",
+    ]
     for name, values in times.items():
         median = statistics.median(values)
         lines.append(f"| {name} | {median:.2f} | {median / base:.2f}x |")
-    return lines
+    return [*lines, ""]
+
+
+def make_large(folder: Path, n: int) -> list[Path]:
+    """``n`` camera-sized JPEGs (4000 x 3000 or 3000 x 4000, quality 90), from the photos."""
+    rng = np.random.default_rng(2)
+    photos = real_photos()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        size = (4000, 3000) if i % 2 == 0 else (3000, 4000)
+        image = photos[i % len(photos)].resize(size, Image.Resampling.BICUBIC)
+        noise = rng.normal(0, 6, (size[1], size[0], 3))  # sensor-like grain: real entropy
+        pixels = np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8)
+        path = folder / f"large{i:03d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+    return paths
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--large", type=int, default=8, help="12 MP JPEGs for decoding alone")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-oml", action="store_true", help="when OML is not installed")
@@ -327,7 +373,6 @@ def run(args: argparse.Namespace, work: Path) -> list[str]:
             times[name].append(time.perf_counter() - start)
             log(f"{name} round {repeat + 1}: {len(paths) / times[name][-1]:.1f} images/s")
     pre = ways.pre
-    need = round(pre.resize * 2)  # Preprocessor.prepare decodes to >= REDUCING_GAP x the size
     lines = [
         f"## Indexing a folder ({time.strftime('%Y-%m-%d %H:%M')}, {platform.node()})",
         "",
@@ -355,7 +400,10 @@ def run(args: argparse.Namespace, work: Path) -> list[str]:
             f"\n{name} vs naive loop, cosine per image: min {cos.min():.5f}, "
             f"median {np.median(cos):.6f} (reduced decode and runtime differ)"
         )
-    lines += ["", "### Decoding alone", "", *decode_table(paths, need, args.repeats), ""]
+    lines += ["", "### Decoding alone", ""]
+    lines += decode_table(paths, pre, args.repeats, f"the {len(paths)} photos above")
+    large = make_large(work / "large", args.large)
+    lines += decode_table(large, pre, args.repeats, f"{len(large)} camera-sized (12 MP) JPEGs")
     return lines
 
 
