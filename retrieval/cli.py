@@ -306,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, epilog=EXIT_CODES)
         p.add_argument("bundle", help="bundle folder written by export.py")
         p.add_argument(
-            "--runtime", default="auto", choices=("auto", "onnx", "torchscript", "eager")
+            "--runtime",
+            default="auto",
+            choices=("auto", "onnx", "openvino", "torchscript", "eager"),
         )
         p.add_argument("--threads", type=int, default=None, help="model threads")
         return p

@@ -476,6 +476,11 @@ def roofline_section(args: argparse.Namespace, workdir: Path) -> list[str]:
     }
     export_model(models[False], bundle, config, main)
     onnx = load_runtime(bundle, kind="onnx", device="cpu")
+    try:
+        openvino = load_runtime(bundle, kind="openvino", device="cpu")
+    except ValueError as err:  # not installed: its rows are left out, and said so
+        print(f"roofline: {err}", file=sys.stderr)
+        openvino = None
 
     # configs: (label, size, batch, fn); alternated within each repeat
     configs = []
@@ -492,6 +497,9 @@ def roofline_section(args: argparse.Namespace, workdir: Path) -> list[str]:
             )
         xn = x.numpy()
         configs.append(("bundle ONNX Runtime (CPU EP)", main, batch, lambda xn=xn: onnx.embed(xn)))
+        if openvino is not None:
+            run = openvino.embed
+            configs.append(("bundle OpenVINO (CPU, f32)", main, batch, lambda xn=xn, r=run: r(xn)))
     for s in sizes[1:]:
         x = torch.randn(64, 3, s, s)
         configs.append(("Embedder eager, channels_last=on", s, 64, lambda x=x: models[True](x)))
@@ -590,6 +598,7 @@ def versions() -> str:
         "open-metric-learning",
         "pytorch-metric-learning",
         "onnxruntime",
+        "openvino",
         "timm",
     ):
         try:

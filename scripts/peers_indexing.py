@@ -9,7 +9,8 @@ bundle's mean / std) and batches of ``--batch-size``:
 - ``ours (onnx)``: ``Retriever.add`` of every file, as ``retrieval index BUNDLE DIR`` runs it:
   read, sha256, decode (reduced where the image is much larger than the model input),
   preprocess, embed with the bundle's ONNX model, store in the item table and the FAISS index;
-- ``ours (eager)``: the same with the bundle's PyTorch module (``runtime=eager``);
+- ``ours (eager)``: the same with the bundle's PyTorch module (``runtime=eager``), and with
+  OpenVINO (``runtime=openvino``) when it is installed;
 - ``oml``: open-metric-learning's predict path, ``oml.inference.inference`` over an
   ``ImageBaseDataset`` with the equivalent torchvision transform, on the same PyTorch module
   (``num_workers`` 0, its default, and 2), then a FAISS ``IndexFlatIP.add``;
@@ -32,6 +33,7 @@ on the folder's photos and on ``--large`` camera-sized (12 MP) JPEGs.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import shutil
@@ -355,6 +357,10 @@ def run(args: argparse.Namespace, work: Path) -> list[str]:
     runners: dict[str, Callable[[], Callable[[], np.ndarray]]] = {
         "ours (onnx)": ways.ours("onnx"),
         "ours (eager)": ways.ours("eager"),
+    }
+    if importlib.util.find_spec("openvino") is not None:
+        runners["ours (openvino)"] = ways.ours("openvino")
+    runners |= {
         "naive loop": ways.naive(),
     }
     if not args.skip_oml:
@@ -392,7 +398,7 @@ def run(args: argparse.Namespace, work: Path) -> list[str]:
         runs = ", ".join(f"{v:.1f}" for v in values)
         lines.append(f"| {name} | {len(paths) / median:.1f} | {runs} | {median / ours:.2f}x time |")
     base = vectors["naive loop"]
-    for name in ("ours (onnx)", "ours (eager)"):
+    for name in [n for n in vectors if n.startswith("ours")]:
         cos = np.sum(vectors[name] * base, axis=1) / (
             np.linalg.norm(vectors[name], axis=1) * np.linalg.norm(base, axis=1)
         )

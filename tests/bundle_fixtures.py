@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import io
 import shutil
 from collections.abc import Iterator
@@ -156,3 +157,14 @@ def negate_stored_vector(bundle: Path, item_id: int) -> None:
             conn.execute("UPDATE items SET vector = ? WHERE id = ?", (flipped, item_id))
     finally:
         conn.close()
+
+
+#: The ``openvino`` runtime kind as a test parameter, skipped where OpenVINO is not installed
+#: (it runs the bundle's ONNX file; the ``openvino`` extra).
+OPENVINO = pytest.param(
+    "openvino",
+    marks=pytest.mark.skipif(
+        importlib.util.find_spec("openvino") is None,
+        reason="openvino is not installed (pip install -e '.[openvino]')",
+    ),
+)

@@ -26,6 +26,7 @@ from retrieval.bundle.model import (
 from retrieval.bundle.preprocess import Preprocessor
 from retrieval.data.demo_render import render_demo_image
 from retrieval.models import Embedder, create_backbone
+from tests.bundle_fixtures import OPENVINO
 
 SIZE = 64
 CONFIG: dict[str, Any] = {
@@ -111,7 +112,7 @@ def test_raw_files_take_any_batch_and_return_unit_rows(bundle: Path, images: np.
             np.testing.assert_allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["onnx", "torchscript", "eager"])
+@pytest.mark.parametrize("kind", ["onnx", OPENVINO, "torchscript", "eager"])
 @pytest.mark.parametrize("batch_size", [1, 7])
 def test_runtime_matches_pytorch(
     bundle: Path, embedder: Embedder, images: np.ndarray, kind: str, batch_size: int
@@ -129,6 +130,29 @@ def test_runtime_matches_pytorch(
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
     assert (got * expected).sum(axis=1).min() >= 0.9999
     assert np.abs(got - expected).max() < 1e-4
+
+
+def test_openvino_without_the_package_says_how_to_install_it(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
+    with pytest.raises(ValueError, match=r"kind='openvino' needs OpenVINO: pip install openvino"):
+        load_runtime(bundle, "openvino")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_openvino_serves_concurrent_callers_each_with_its_own_request(
+    bundle: Path, embedder: Embedder, images: np.ndarray, threads: int
+) -> None:
+    pytest.importorskip("openvino", reason="openvino is not installed (the 'openvino' extra)")
+    from concurrent.futures import ThreadPoolExecutor
+
+    runtime = load_runtime(bundle, "openvino", threads=threads)
+    batches = [images[i % len(images) : i % len(images) + 1 + i % 3] for i in range(12)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(runtime.embed, batches))
+    for batch, got in zip(batches, results, strict=True):
+        assert (got * _reference(embedder, batch)).sum(axis=1).min() >= 0.9999
 
 
 def test_auto_prefers_onnx_and_embed_checks_its_input(bundle: Path, images: np.ndarray) -> None:

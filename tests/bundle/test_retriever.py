@@ -20,6 +20,7 @@ from retrieval.bundle.format import FORMAT_VERSION, BundleError
 from retrieval.data.images import ImageLoadError, load_rgb
 from retrieval.search import Retriever
 from tests.bundle_fixtures import (
+    OPENVINO,
     Gallery,
     negate_stored_vector,
     new_images,
@@ -162,7 +163,7 @@ def test_label_filter_returns_only_that_label(retriever: Retriever, gallery: Gal
 # ---------------------------------------------------------------- runtimes
 
 
-@pytest.mark.parametrize("runtime", ["onnx", "torchscript", "eager"])
+@pytest.mark.parametrize("runtime", ["onnx", OPENVINO, "torchscript", "eager"])
 def test_embed_matches_the_pytorch_model(
     bundle_copy: Path, gallery: Gallery, gallery_embedder, gallery_pre, runtime: str
 ) -> None:
