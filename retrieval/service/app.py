@@ -1,10 +1,11 @@
 """The HTTP API and the web page: ``create_app(retriever, settings)`` gives an ASGI app.
 
-Routes: ``GET /`` (the page), ``POST /search``, ``GET /items/{id}``,
-``GET /items/{id}/similar``, ``GET /items/{id}/thumbnail``, ``POST /items`` and
-``DELETE /items/{id}`` (bearer token), ``GET /healthz``, ``GET /stats``; the OpenAPI schema at
-``/openapi.json`` and its pages at ``/docs``. Errors are JSON ``{"detail": ...}`` with a 4xx
-status for anything wrong with the request.
+Routes: ``GET /`` (the page, its icon at ``/favicon.ico``), ``POST /search``,
+``GET /items/{id}``, ``GET /items/{id}/similar``, ``GET /items/{id}/thumbnail``,
+``GET /items/{id}/image``, ``POST /items`` and ``DELETE /items/{id}`` (bearer token),
+``GET /healthz``, ``GET /stats``; the OpenAPI schema at ``/openapi.json`` and its pages at
+``/docs``. Errors are JSON ``{"detail": ...}`` with a 4xx status for anything wrong with the
+request. Searches page through one ranking with ``offset`` (``offset + k`` at most ``max_k``).
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the routes' annotations at run
@@ -24,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from retrieval.data.images import ImageLoadError
+from retrieval.data.images import ImageLoadError, ImageTooLargeError
 from retrieval.search import Hit, Retriever
 from retrieval.service.budget import Busy, Deadline, DeadlineExceeded
 from retrieval.service.core import BadUpload, SearchService
@@ -79,14 +80,27 @@ def _hit(hit: Hit) -> dict[str, Any]:
         "label": hit.label,
         "name": Path(hit.uri).name,
         "thumbnail": f"/items/{hit.id}/thumbnail",
+        "image": f"/items/{hit.id}/image",
         "extra": hit.extra,
     }
 
 
-def _answer(k: int, label: str | None, start: float, hits: list[Hit]) -> dict[str, Any]:
-    """A search's JSON: what was asked, how long it took since ``start`` and the results."""
+def _answer(
+    k: int, label: str | None, start: float, page: tuple[list[Hit], bool], offset: int, max_k: int
+) -> dict[str, Any]:
+    """A search's JSON: what was asked, how long it took since ``start``, the results and
+    the offset of the next page (None when the ranking ends there or ``max_k`` is reached)."""
+    hits, more = page
     took = round((time.perf_counter() - start) * 1000.0, 2)
-    return {"k": k, "label": label, "took_ms": took, "results": [_hit(h) for h in hits]}
+    after = offset + len(hits)
+    return {
+        "k": k,
+        "offset": offset,
+        "label": label,
+        "took_ms": took,
+        "results": [_hit(h) for h in hits],
+        "next_offset": after if more and after < max_k else None,
+    }
 
 
 def create_app(retriever: Retriever, settings: ServiceSettings | None = None) -> FastAPI:
@@ -94,6 +108,20 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
     settings = settings or ServiceSettings()
     service = SearchService(retriever, settings)
     K = Annotated[int, Query(ge=1, le=settings.max_k, description="results to return")]
+    Offset = Annotated[
+        int,
+        Query(
+            ge=0, lt=settings.max_k, description=f"results to skip; offset + k <= {settings.max_k}"
+        ),
+    ]
+
+    def check_page(k: int, offset: int) -> None:
+        if offset + k > settings.max_k:
+            raise HTTPException(
+                422,
+                f"offset + k is {offset + k}, over this server's {settings.max_k} results per "
+                f"ranking: ask for k={settings.max_k - offset} or fewer",
+            )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -168,6 +196,14 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        return FileResponse(
+            STATIC / "favicon.svg",
+            media_type="image/svg+xml",
+            headers={"Cache-Control": "max-age=86400"},
+        )
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.post(
@@ -181,12 +217,14 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
         k: K = 10,
         label: LabelFilter = None,
         rerank: RerankOption = None,
+        offset: Offset = 0,
     ) -> dict[str, Any]:
         start, deadline = time.perf_counter(), _deadline(request)
+        check_page(k, offset)
         data = await image.read()
         vector = await service.embed_upload(data, image.filename or "image", deadline)
-        hits = await service.search(vector, k, label, rerank, deadline)
-        return _answer(k, label, start, hits)
+        page = await service.search(vector, k, label, rerank, deadline, offset)
+        return _answer(k, label, start, page, offset, settings.max_k)
 
     @app.get("/items/{item_id}", summary="One item's record", responses=ITEM_ERRORS)
     async def item(item_id: ItemId) -> dict[str, Any]:
@@ -198,6 +236,7 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
             "extra": found.extra,
             "added_at": found.added_at,
             "thumbnail": f"/items/{found.id}/thumbnail",
+            "image": f"/items/{found.id}/image",
         }
 
     @app.get(
@@ -211,11 +250,19 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
         k: K = 10,
         label: LabelFilter = None,
         rerank: RerankOption = None,
+        offset: Offset = 0,
+        exclude_self: Annotated[
+            bool, Query(description="leave the item itself out of its results")
+        ] = False,
     ) -> dict[str, Any]:
         start = time.perf_counter()
+        check_page(k, offset)
         found = await run_in_threadpool(lookup, item_id)
-        hits = await service.search(found.vector, k, label, rerank, _deadline(request))
-        return _answer(k, label, start, hits)
+        exclude = found.id if exclude_self else None
+        page = await service.search(
+            found.vector, k, label, rerank, _deadline(request), offset, exclude
+        )
+        return _answer(k, label, start, page, offset, settings.max_k)
 
     @app.get(
         "/items/{item_id}/thumbnail",
@@ -234,6 +281,32 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
         except ImageLoadError:
             raise HTTPException(404, f"item {item_id}'s image can no longer be read") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get(
+        "/items/{item_id}/image",
+        summary="An item's full image (its file; a JPEG of it for formats browsers do not show)",
+        response_class=Response,
+        responses={200: {"content": {"image/*": {}}}, **_errors(404, 413, 422, 503, 504)},
+    )
+    async def full_image(request: Request, item_id: ItemId) -> Response:
+        found, deadline = await run_in_threadpool(lookup, item_id), _deadline(request)
+        headers = {"Cache-Control": "max-age=3600"}
+        try:  # the file from the bundle's own record of the item, never from the request
+            path, media_type = await service.small.run(
+                lambda: service.thumbnails.full(found.id, found.uri), deadline
+            )
+            if media_type is not None:
+                return FileResponse(path, media_type=media_type, headers=headers)
+            data = await service.large.run(lambda: service.thumbnails.as_jpeg(path), deadline)
+        except FileNotFoundError as err:
+            raise HTTPException(404, str(err)) from None
+        except ImageTooLargeError:
+            raise HTTPException(
+                413, f"item {item_id}'s image is over this server's {settings.max_pixels:,} pixels"
+            ) from None
+        except ImageLoadError:
+            raise HTTPException(404, f"item {item_id}'s image can no longer be read") from None
+        return Response(data, media_type="image/jpeg", headers=headers)
 
     @app.post(
         "/items",

@@ -119,14 +119,23 @@ class SearchService:
         label: str | None,
         rerank: bool | None = None,
         deadline: Deadline | None = None,
-    ) -> list[Hit]:
+        offset: int = 0,
+        exclude: int | None = None,
+    ) -> tuple[list[Hit], bool]:
+        """Results ``offset`` to ``offset + k`` of the ranking of ``vector`` (best first), with
+        the item ``exclude`` left out of the ranking (an item's own similar list), and whether
+        the ranking goes on past them. Pages of one ranking do not overlap: equal scores are
+        ordered by ascending id."""
+        want = offset + k + 1 + (exclude is not None)  # one past the page: is there more?
+
         def run() -> list[list[Hit]]:
             if deadline is not None:
                 deadline.check("search")
-            return self.retriever.search(vector[None, :], k, 32, label, rerank)
+            return self.retriever.search(vector[None, :], want, 32, label, rerank)
 
-        hits = await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
-        return hits[0]
+        found = (await anyio.to_thread.run_sync(run, abandon_on_cancel=True))[0]
+        ranked = [hit for hit in found if hit.id != exclude]
+        return ranked[offset : offset + k], len(ranked) > offset + k
 
     def sweep_uploads(self) -> list[Path]:
         """Move aside (to ``uploads/.orphans/``) the upload files no item references (an add

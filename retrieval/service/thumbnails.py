@@ -1,4 +1,5 @@
-"""JPEG thumbnails of a bundle's items, made from their image files and kept in memory."""
+"""An item's picture for the page: JPEG thumbnails made from its image file and kept in
+memory, and the full image (the file itself when browsers show its format, else a JPEG)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,18 @@ from pathlib import Path
 from PIL import Image
 
 from retrieval.bundle.preprocess import open_image
+from retrieval.data.images import _open_checked
+
+#: Formats every browser shows, as Pillow names them, and their media types; files in other
+#: formats (TIFF) are sent as a JPEG of the same size.
+SHOWN = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",  # a phone's JPEG with a second picture; shown as a JPEG
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+    "BMP": "image/bmp",
+}
 
 
 class Thumbnails:
@@ -28,6 +41,27 @@ class Thumbnails:
     def path_of(self, uri: str) -> Path:
         path = Path(uri)
         return path if path.is_absolute() else self.bundle / path
+
+    def full(self, item_id: int, uri: str) -> tuple[Path, str | None]:
+        """The item's file and its media type when browsers show its format, else None (send
+        :meth:`as_jpeg` of it instead). Reads the header only.
+
+        Raises:
+            FileNotFoundError: the item's file is not on this machine.
+            ImageTooLargeError: its header gives more than ``max_pixels`` pixels.
+            ImageLoadError: the file is not a readable image.
+        """
+        path = self.path_of(uri)
+        if not path.is_file():
+            raise FileNotFoundError(f"item {item_id}'s image is not available on this server")
+        with _open_checked(path, self.max_pixels, f"item {item_id}'s image") as header:
+            return path, SHOWN.get(str(header.format))
+
+    def as_jpeg(self, path: Path) -> bytes:
+        """The whole image at ``path`` as JPEG bytes (a full decode: run it in the large lane)."""
+        buffer = io.BytesIO()
+        open_image(path, self.max_pixels).save(buffer, format="JPEG", quality=92)
+        return buffer.getvalue()
 
     def cached(self, item_id: int, uri: str) -> bytes | None:
         """The thumbnail if it is in memory already, else None (nothing is decoded)."""

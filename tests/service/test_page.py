@@ -1,5 +1,7 @@
 """The search page in headless Chromium against ``retrieval serve``: choose a photo, drop a
-photo, click a result, see an error; the results grid is checked on a screenshot.
+photo, click a result (its similar items without itself), open a full image, ask for more
+results, see an error that clears the old results; the results grid is checked on a
+screenshot, and no request of the page gets a 404 (its icon included).
 
 Chromium comes from the system (``.ci/run`` installs Debian's ``chromium``); without it the
 test is skipped, unless RETRIEVAL_REQUIRE_BROWSER=1 (as in CI) makes that a failure.
@@ -67,6 +69,10 @@ def test_search_page_end_to_end(bundle_copy: Path, gallery: Gallery, tmp_path: P
         problems: list[str] = []
         page.on("pageerror", lambda err: problems.append(f"page error: {err}"))
         page.on(
+            "response",
+            lambda r: problems.append(f"{r.status} for {r.url}") if r.status == 404 else None,
+        )
+        page.on(
             "request",
             lambda r: (
                 None
@@ -86,6 +92,8 @@ def test_search_page_end_to_end(bundle_copy: Path, gallery: Gallery, tmp_path: P
         expect(first).to_have_attribute("data-id", str(expected))
         expect(first.locator(".score")).to_have_text("1.000")
         expect(first.locator(".label")).to_have_text(gallery.labels[13])
+        expect(first.locator(".name")).to_have_text(query.name)  # shown, not only a tooltip
+        expect(first.locator(".name")).to_be_visible()
         expect(page.locator("#preview")).to_be_visible()
         expect(page.locator("#status")).to_contain_text("20 results")
 
@@ -98,27 +106,56 @@ def test_search_page_end_to_end(bundle_copy: Path, gallery: Gallery, tmp_path: P
         other_id = top_id(base, gallery.paths[2])  # another label's image
         other = pixels(httpx.get(f"{base}/items/{other_id}/thumbnail").content)
         assert np.abs(shot - own).mean() < 12 < np.abs(shot - other).mean()
-        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+        # a result's full image: the item's own file, opened in a new tab
+        with page.context.expect_page() as opened:
+            first.locator("a.open").click()
+        tab = opened.value
+        tab.wait_for_load_state()
+        assert tab.url == f"{base}/items/{expected}/image"
+        assert tab.evaluate("document.images[0].naturalWidth") == 96
+        tab.close()
+
+        # click a result: its similar items, the item itself left out
+        clicked = cards.nth(5).get_attribute("data-id")
+        cards.nth(5).locator(".pick").click()
+        expect(page.locator("#query-item")).to_contain_text("Similar to")
+        expect(page.locator("#status")).to_contain_text("itself left out")
+        expect(cards).to_have_count(20)
+        expect(page.locator(f'.result[data-id="{clicked}"]')).to_have_count(0)
+        similar = httpx.get(f"{base}/items/{clicked}/similar", params={"k": 21}).json()
+        expect(cards.first).to_have_attribute("data-id", str(similar["results"][1]["id"]))
+        page.wait_for_function(
+            "[...document.querySelectorAll('.result img')].every(i => i.complete && i.naturalWidth)"
+        )
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)  # the README's picture
         if os.environ.get("RETRIEVAL_PAGE_SCREENSHOT"):
             shutil.copy(tmp_path / "page.png", os.environ["RETRIEVAL_PAGE_SCREENSHOT"])
 
-        # click a result: it becomes the query
-        clicked = cards.nth(5).get_attribute("data-id")
-        cards.nth(5).click()
-        expect(cards.first).to_have_attribute("data-id", str(clicked))
-        expect(cards.first.locator(".score")).to_have_text("1.000")
+        # more results: the next page of the same ranking, until the collection ends
+        expect(page.locator("#more")).to_be_visible()
+        page.click("#more")
+        expect(cards).to_have_count(39)  # 40 items less the clicked one
+        expect(page.locator("#more")).to_be_hidden()
+        shown = [cards.nth(i).get_attribute("data-id") for i in range(39)]
+        assert clicked not in shown and len(set(shown)) == 39
 
         # drop a photo on the drop zone
         page.evaluate(DROP, [base64.b64encode(dropped.read_bytes()).decode(), dropped.name])
         expect(cards.first).to_have_attribute("data-id", str(top_id(base, dropped)))
 
-        # a file that is not an image: the server's reason is shown, the grid stays
+        # a file that is not an image: the server's reason is shown, the old results and the
+        # preview are cleared
         page.set_input_files(
             "#file-input",
             files=[{"name": "broken.jpg", "mimeType": "image/jpeg", "buffer": b"not a photo"}],
         )
         expect(page.locator("#message")).to_be_visible()
         expect(page.locator("#message")).to_contain_text("is not a JPEG, PNG")
-        expect(cards).to_have_count(20)
+        expect(cards).to_have_count(0)
+        expect(page.locator("#preview")).to_be_hidden()
+        expect(page.locator("#more")).to_be_hidden()
         browser.close()
+        stats = httpx.get(f"{base}/stats").json()["routes"]
+        assert not [r for r, entry in stats.items() if "404" in entry["by_status"]], stats
     assert not problems, problems

@@ -1,9 +1,13 @@
 // The search page: pick or drop a photo, POST it to /search, show the results; clicking a
-// result searches with that item (GET /items/{id}/similar). No external assets.
+// result's picture searches with that item (GET /items/{id}/similar, the item itself left
+// out), its "full image" link opens /items/{id}/image, and "More results" asks for the next
+// page of the same ranking (offset) up to the server's max_k. No external assets.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let limits = { max_body_bytes: Infinity };
+let limits = { max_body_bytes: Infinity, max_k: 100 };
+// The search on screen: fetch(offset, k) gives its next page; shown counts the results.
+let current = null;
 
 function showMessage(text) {
   $("message").textContent = text;
@@ -19,59 +23,122 @@ async function errorText(response) {
   return `the server answered ${response.status} ${response.statusText}`;
 }
 
-function options() {
-  const params = new URLSearchParams({ k: $("k").value });
+function options(offset, k) {
+  const params = new URLSearchParams({ k: String(k), offset: String(offset) });
   const label = $("label").value.trim();
   if (label) params.set("label", label);
   return params;
 }
 
-function render(body) {
+function pageSize() {
+  return Number($("k").value);
+}
+
+function card(hit) {
+  const box = document.createElement("div");
+  box.className = "result";
+  box.dataset.id = hit.id;
+  const pick = document.createElement("button");
+  pick.type = "button";
+  pick.className = "pick";
+  pick.title = `${hit.name} (id ${hit.id}): search with this image`;
+  const img = document.createElement("img");
+  img.src = hit.thumbnail;
+  img.alt = hit.label ? `${hit.label}: ${hit.name}` : hit.name;
+  img.loading = "lazy";
+  pick.append(img);
+  pick.addEventListener("click", () => searchItem(hit));
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const label = document.createElement("span");
+  label.className = "label";
+  label.textContent = hit.label ?? "";
+  const score = document.createElement("span");
+  score.className = "score";
+  score.textContent = hit.score.toFixed(3);
+  meta.append(label, score);
+  const file = document.createElement("div");
+  file.className = "file";
+  const name = document.createElement("span");
+  name.className = "name";
+  name.textContent = hit.name;
+  name.title = hit.name;
+  const open = document.createElement("a");
+  open.className = "open";
+  open.href = hit.image;
+  open.target = "_blank";
+  open.rel = "noopener";
+  open.textContent = "full image";
+  open.title = `open ${hit.name} at full size`;
+  file.append(name, open);
+  box.append(pick, meta, file);
+  return box;
+}
+
+function clearResults() {
+  $("results").replaceChildren();
+  $("more").hidden = true;
+  $("status").textContent = "";
+  current = null;
+}
+
+function clearQuery() {
+  $("preview").hidden = true;
+  $("preview").removeAttribute("src");
+  $("drop-text").hidden = false;
+  $("query-item").hidden = true;
+}
+
+// A failed new search: its error, and nothing left over from the search before it.
+function fail(text) {
+  clearResults();
+  clearQuery();
+  showMessage(text);
+}
+
+function show(body, append) {
   const grid = $("results");
-  grid.replaceChildren();
-  for (const hit of body.results) {
-    const card = document.createElement("button");
-    card.type = "button";
-    card.className = "result";
-    card.dataset.id = hit.id;
-    card.title = `${hit.name} (id ${hit.id}): search with this image`;
-    const img = document.createElement("img");
-    img.src = hit.thumbnail;
-    img.alt = hit.label ? `${hit.label}: ${hit.name}` : hit.name;
-    img.loading = "lazy";
-    const meta = document.createElement("div");
-    meta.className = "meta";
-    const label = document.createElement("span");
-    label.className = "label";
-    label.textContent = hit.label ?? "";
-    const score = document.createElement("span");
-    score.className = "score";
-    score.textContent = hit.score.toFixed(3);
-    meta.append(label, score);
-    card.append(img, meta);
-    card.addEventListener("click", () => searchItem(hit));
-    grid.append(card);
-  }
-  $("status").textContent = body.results.length
-    ? `${body.results.length} results in ${Math.round(body.took_ms)} ms`
+  if (!append) grid.replaceChildren();
+  grid.append(...body.results.map(card));
+  current.shown = grid.children.length;
+  current.next = body.next_offset;
+  $("more").hidden = body.next_offset === null;
+  $("status").textContent = current.shown
+    ? `${current.shown} results, ${Math.round(body.took_ms)} ms${current.about}`
     : "No results (is a label filter set?)";
 }
 
-async function run(request) {
-  showMessage("");
-  $("status").textContent = "Searching…";
+async function fetchPage(search, offset, k) {
   try {
-    const response = await request();
-    if (!response.ok) {
-      showMessage(await errorText(response));
-      $("status").textContent = "";
-      return;
-    }
-    render(await response.json());
+    const response = await search.fetch(offset, k);
+    if (!response.ok) return { error: await errorText(response) };
+    return { body: await response.json() };
   } catch (err) {
-    showMessage(`The server cannot be reached (${err.message}).`);
-    $("status").textContent = "";
+    return { error: `The server cannot be reached (${err.message}).` };
   }
+}
+
+async function start(search) {
+  showMessage("");
+  current = search;
+  $("more").hidden = true;
+  $("status").textContent = "Searching…";
+  const page = await fetchPage(search, 0, pageSize());
+  if (current !== search) return; // a newer search started meanwhile
+  if (page.error) { fail(page.error); return; }
+  show(page.body, false);
+}
+
+async function more() {
+  const search = current;
+  if (!search || search.next === null) return;
+  const k = Math.min(pageSize(), limits.max_k - search.next);
+  $("more").disabled = true;
+  const page = await fetchPage(search, search.next, k);
+  $("more").disabled = false;
+  if (current !== search) return;
+  if (page.error) { showMessage(page.error); return; } // the results shown so far stay
+  show(page.body, true);
 }
 
 function preview(src) {
@@ -83,27 +150,45 @@ function preview(src) {
 function searchFile(file) {
   if (!file) return;
   if (!file.type.startsWith("image/") && file.type !== "") {
-    showMessage(`${file.name} is not an image.`);
+    fail(`${file.name} is not an image.`);
     return;
   }
   if (file.size > limits.max_body_bytes) {
-    showMessage(`${file.name} is ${(file.size / 1048576).toFixed(1)} MB; the limit is ${(limits.max_body_bytes / 1048576).toFixed(1)} MB.`);
+    fail(`${file.name} is ${(file.size / 1048576).toFixed(1)} MB; the limit is ${(limits.max_body_bytes / 1048576).toFixed(1)} MB.`);
     return;
   }
   preview(URL.createObjectURL(file));
-  const form = new FormData();
-  form.append("image", file, file.name);
-  run(() => fetch(`/search?${options()}`, { method: "POST", body: form }));
+  $("query-item").hidden = true;
+  start({
+    about: "",
+    fetch: (offset, k) => {
+      const form = new FormData();
+      form.append("image", file, file.name);
+      return fetch(`/search?${options(offset, k)}`, { method: "POST", body: form });
+    },
+  });
 }
 
 function searchItem(hit) {
   preview(hit.thumbnail);
-  run(() => fetch(`/items/${hit.id}/similar?${options()}`));
+  const caption = $("query-item");
+  const open = document.createElement("a");
+  open.href = hit.image;
+  open.target = "_blank";
+  open.rel = "noopener";
+  open.textContent = "full image";
+  caption.replaceChildren(`Similar to ${hit.name}${hit.label ? ` (${hit.label})` : ""} · `, open);
+  caption.hidden = false;
+  start({
+    about: ` (${hit.name} itself left out)`,
+    fetch: (offset, k) => fetch(`/items/${hit.id}/similar?${options(offset, k)}&exclude_self=true`),
+  });
 }
 
 function setUp() {
   const zone = $("drop-zone");
   $("file-input").addEventListener("change", (e) => searchFile(e.target.files[0]));
+  $("more").addEventListener("click", more);
   zone.addEventListener("keydown", (e) => {
     if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file-input").click(); }
   });
