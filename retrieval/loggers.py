@@ -48,7 +48,12 @@ def wandb_logger(
 ) -> WandbLogger:
     """A Lightning ``WandbLogger`` in the mode chosen by :func:`wandb_mode` (or ``mode``)."""
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(project=project, save_dir=save_dir, mode=mode or wandb_mode(), **kwargs)
+    logger = WandbLogger(project=project, save_dir=save_dir, mode=mode or wandb_mode(), **kwargs)
+    # Lightning passes anonymous=None, which W&B's settings warn about although it means
+    # "not set"; left out, W&B uses its default.
+    if logger._wandb_init.get("anonymous", "given") is None:
+        del logger._wandb_init["anonymous"]
+    return logger
 
 
 def describe_wandb(logger: WandbLogger) -> str:

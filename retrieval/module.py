@@ -16,6 +16,7 @@ from retrieval.evaluation import evaluate_protocol
 from retrieval.layer_decay import layer_decay_groups
 from retrieval.losses import build_loss, check_gatherable, compute_loss
 from retrieval.models.embedder import Embedder
+from retrieval.quiet import expect_eval_modules
 
 
 class RetrievalModule(pl.LightningModule):
@@ -90,6 +91,9 @@ class RetrievalModule(pl.LightningModule):
         return self.current_epoch < self.frozen_backbone_epochs
 
     def on_fit_start(self) -> None:
+        in_eval = [m for _, m in self.named_modules() if not m.training]
+        if in_eval and {id(m) for m in in_eval} <= {id(m) for m in self.model.frozen_modules()}:
+            expect_eval_modules(len(in_eval))  # the frozen norms, in eval mode by design
         wrapped = self.trainer.strategy.model
         if (
             self.frozen_backbone_epochs > 0

@@ -91,6 +91,13 @@ class Embedder(nn.Module):
         norms = nn.modules.batchnorm._BatchNorm
         return [m for m in self.backbone.modules() if isinstance(m, norms)]
 
+    def frozen_modules(self) -> list[nn.Module]:
+        """The modules kept in eval mode while training: the backbone's norm layers and their
+        children when ``freeze_bn``, else none."""
+        if not self.freeze_bn:
+            return []
+        return [m for norm in self._backbone_norms() for m in norm.modules()]
+
     def train(self, mode: bool = True) -> Embedder:
         super().train(mode)
         if mode and self.freeze_bn:

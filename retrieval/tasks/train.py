@@ -24,6 +24,7 @@ from retrieval.io import atomic_write
 from retrieval.loggers import describe_wandb, finish_wandb
 from retrieval.models import Embedder
 from retrieval.progress import progress_bar
+from retrieval.quiet import quiet_third_party
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Every object of a training run, with the data read and checked before anything trains."""
+    quiet_third_party()
     pl.seed_everything(cfg.seed, workers=True)
     embedder = instantiate(cfg.model.embedder)
     # Partial: a dataclass passed through instantiate() would be turned into a config.

@@ -1,0 +1,59 @@
+"""Silence third-party messages that tell the user nothing, each matched narrowly so every
+other warning still shows.
+
+- Lightning's "💡 Tip: ... litlogger" advertisement, logged at every Trainer's start.
+- Lightning's ``isinstance(treespec, LeafSpec)`` deprecation: Lightning's own code calling
+  PyTorch, nothing a user can change.
+- Lightning's "Found N module(s) in eval mode at the start of training" when those N modules
+  are exactly the backbone's frozen BatchNorm layers (``freeze_bn``), which stay in eval mode
+  by design (see :func:`expect_eval_modules`); any other module in eval mode still warns.
+
+W&B's "anonymous setting has no effect" is avoided where it starts, in
+:func:`retrieval.loggers.wandb_logger`; FAISS's k-means warnings are replaced by one line of
+ours in :mod:`retrieval.index`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+
+#: Loggers Lightning's rank_zero_info writes through (fabric's or pytorch's, whichever was
+#: imported last).
+_RANK_ZERO_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+)
+_TIP = "💡 Tip:"
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_TIP)
+
+
+_DROP_TIPS = _DropTips()
+
+
+def quiet_third_party() -> None:
+    """Install the filters (idempotent; process-wide, as warnings filters are)."""
+    for name in _RANK_ZERO_LOGGERS:
+        logger = logging.getLogger(name)
+        if _DROP_TIPS not in logger.filters:
+            logger.addFilter(_DROP_TIPS)
+    warnings.filterwarnings(
+        "ignore",
+        message=re.escape("`isinstance(treespec, LeafSpec)` is deprecated"),
+        module=r"lightning\.",
+    )
+
+
+def expect_eval_modules(count: int) -> None:
+    """Lightning's warning that ``count`` modules are in eval mode at the start of training
+    says nothing new: the caller checked they are the ones it keeps in eval mode. A different
+    count still warns."""
+    warnings.filterwarnings(
+        "ignore",
+        message=re.escape(f"Found {count} module(s) in eval mode at the start of training"),
+    )
