@@ -104,6 +104,47 @@ def min_train_rows(faiss: Any, index: Any) -> int:
     return needed
 
 
+def kmeans_of(faiss: Any, index: Any) -> list[tuple[str, int, str, Any]]:
+    """The k-means runs that training ``index`` makes: ``(what, centroids, smaller, params)``
+    for its inverted lists and its product-quantiser codebooks (one run per sub-quantiser, all
+    with the same ClusteringParameters); ``smaller`` formats the factory part with fewer
+    centroids (``{}`` is their log2)."""
+    runs = []
+    ivf = faiss.try_extract_index_ivf(index)
+    holder = faiss.downcast_index(ivf) if ivf is not None else index
+    if ivf is not None:
+        nlist = int(ivf.nlist)
+        runs.append((f"{nlist} inverted lists", nlist, "IVF{lists}", ivf.cp))
+    pq = getattr(holder, "pq", None)
+    if pq is not None:
+        m, ksub = int(pq.M), int(pq.ksub)
+        runs.append((f"{m} PQ codebooks of {ksub} codes", ksub, f"PQ{m}x{{bits}}", pq.cp))
+    return runs
+
+
+def few_training_rows(faiss: Any, index: Any, n: int, factory: str) -> str | None:
+    """Make faiss's k-means of ``index`` quiet about ``n`` training rows being fewer than it
+    recommends (it prints a line per k-means run, 33 for ``IVF256,PQ32``), and return the
+    one line that says so instead, with the fix; None when ``n`` is enough."""
+    short = []
+    for what, k, smaller, cp in kmeans_of(faiss, index):
+        per = int(cp.min_points_per_centroid)
+        if n < k * per:
+            short.append((what, k * per, smaller, per))
+        cp.min_points_per_centroid = 1
+    if not short:
+        return None
+    per = short[0][3]
+    bits = max(1, min(8, int(np.log2(max(n // per, 2)))))
+    needs = ", ".join(f"{wanted} for its {what}" for what, wanted, _, _ in short)
+    fewer = " and ".join(smaller.format(lists=2**bits, bits=bits) for _, _, smaller, _ in short)
+    return (
+        f"index {factory!r} is trained on {n} vectors, fewer than its k-means wants ({per} a "
+        f"centroid: {needs}); it works, with lower recall than it could have: train it on "
+        f"more vectors (more images), or give it fewer centroids ({fewer} suit {n} vectors)"
+    )
+
+
 def remove_ids(faiss: Any, index: Any, ids: np.ndarray, what: str) -> None:
     """Remove the vectors ``ids`` from ``index`` and renumber the rest ``0 .. ntotal - 1``.
 

@@ -271,11 +271,19 @@ class EmbeddingIndex:
                 f"index {self._factory!r} needs at least {self._min_train_rows} training vectors, "
                 f"got {x.shape[0]}"
             )
+        faiss = import_faiss()
+
+        def train(index: Any) -> None:
+            note = _structure.few_training_rows(faiss, index, x.shape[0], self._factory)
+            if note is not None:  # said once, instead of faiss's line per k-means run
+                log.warning(note)
+            index.train(x)
+
         try:
             if self._sharded:  # one quantizer for all shards, not one per GPU
-                self._through_cpu(lambda index: index.train(x))
+                self._through_cpu(train)
             else:
-                self._index.train(x)
+                train(self._index)
         except RuntimeError as err:
             raise ValueError(f"training index {self._factory!r} failed: {err}") from err
 
