@@ -34,9 +34,16 @@ import numpy as np
 from retrieval.backends.base import BackendError
 from retrieval.backends.spec import BackendSpec
 from retrieval.bundle.items import AddResult
-from retrieval.bundle.store import Item, ItemRecord, check_vectors
+from retrieval.bundle.store import Item, ItemRecord, ItemStore, check_vectors
 
-__all__ = ["IndexChoice", "MilvusBackend", "PushReport", "choose_index", "push_bundle"]
+__all__ = [
+    "IndexChoice",
+    "MilvusBackend",
+    "PushReport",
+    "choose_index",
+    "push_bundle",
+    "push_store",
+]
 
 FIELDS = ("id", "vector", "label", "uri", "extra", "content_sha256", "added_at")
 MAX_TOPK = 16_384  # Milvus's largest search limit
@@ -540,38 +547,50 @@ def push_bundle(
     """
     from retrieval.bundle.format import read_manifest
     from retrieval.bundle.items import STORE_FILE
-    from retrieval.bundle.store import ItemStore
 
     folder = Path(bundle)
-    manifest = read_manifest(folder)
-    dim = int(manifest["embedding_dim"])
+    dim = int(read_manifest(folder)["embedding_dim"])
     store = ItemStore.open(folder / STORE_FILE)
     try:
-        index = choose_index(store.active_count)
-        with MilvusBackend.connect(spec, dim, create=index) as backend:
-            removed = store.removed_since(0, store.max_id).tolist()
-            gone = sorted(backend.present(removed))
-            for chunk in _chunks(gone):
-                backend._client.delete(spec.collection, ids=list(chunk))
-            pushed = present = 0
-            for ids, _ in store.iter_active(chunk_size=batch_size):
-                there = backend.present(ids.tolist())
-                missing = [int(i) for i in ids if int(i) not in there]
-                present += len(there)
-                if missing:
-                    rows = [
-                        _row(
-                            it.id,
-                            ItemRecord(it.uri, it.label, it.extra, it.content_sha256),
-                            it.vector,
-                            it.added_at,
-                        )
-                        for it in store.get(missing)
-                    ]
-                    backend._client.insert(spec.collection, rows)
-                    pushed += len(rows)
-                if progress is not None:
-                    progress(len(ids))
-            return PushReport(pushed, present, len(gone), backend.ntotal, backend.describe())
+        if store.dim != dim:
+            raise BackendError(
+                f"{folder}: its item store holds {store.dim}-d vectors, its manifest says {dim}"
+            )
+        return push_store(store, spec, batch_size, progress)
     finally:
         store.close()
+
+
+def push_store(
+    store: ItemStore,
+    spec: BackendSpec,
+    batch_size: int = _BATCH,
+    progress: Callable[[int], None] | None = None,
+) -> PushReport:
+    """:func:`push_bundle` from an open item store."""
+    index = choose_index(store.active_count)
+    with MilvusBackend.connect(spec, store.dim, create=index) as backend:
+        removed = store.removed_since(0, store.max_id).tolist()
+        gone = sorted(backend.present(removed))
+        for chunk in _chunks(gone):
+            backend._client.delete(spec.collection, ids=list(chunk))
+        pushed = present = 0
+        for ids, _ in store.iter_active(chunk_size=batch_size):
+            there = backend.present(ids.tolist())
+            missing = [int(i) for i in ids if int(i) not in there]
+            present += len(there)
+            if missing:
+                rows = [
+                    _row(
+                        it.id,
+                        ItemRecord(it.uri, it.label, it.extra, it.content_sha256),
+                        it.vector,
+                        it.added_at,
+                    )
+                    for it in store.get(missing)
+                ]
+                backend._client.insert(spec.collection, rows)
+                pushed += len(rows)
+            if progress is not None:
+                progress(len(ids))
+        return PushReport(pushed, present, len(gone), backend.ntotal, backend.describe())
