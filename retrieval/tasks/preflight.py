@@ -5,8 +5,8 @@ that names the key and the fix instead of a traceback:
 * an unknown option of a group (``loss=tripletx``): the closest options;
 * a mandatory value left out (``data=folder`` without ``data.root``): the key and an example.
 
-Only plain override lists are checked; with flags (``-m``, ``--help``, ``--cfg`` ...) Hydra
-handles the command line alone.
+Only plain override lists are checked; with flags (``-m``, ``--cfg`` ...) Hydra handles the
+command line alone. ``--help`` prints the task's own help (:mod:`retrieval.tasks.help`).
 """
 
 from __future__ import annotations
@@ -143,6 +143,11 @@ def check_command_line(name: str, argv: Sequence[str] | None = None) -> None:
     """Exit with one ``error:`` line (status 2) when :func:`problem_with` finds a problem in
     ``argv`` (default ``sys.argv[1:]``); return otherwise."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if {"--help", "-h"} & set(args) and all(a in ("--help", "-h") or "=" in a for a in args):
+        from retrieval.tasks.help import task_help  # this task's groups, not all of conf/
+
+        print(task_help(name, [a for a in args if "=" in a]))
+        raise SystemExit(0)
     if any(a.startswith("-") for a in args):
         return
     problem = problem_with(name, [a for a in args if not a.startswith(("hydra.", "hydra/"))])
