@@ -287,3 +287,32 @@ def test_index_choice_grows_with_the_bundle() -> None:
     big = choose_index(10_000_000)
     assert big.index_type == "IVF_FLAT" and big.params["nlist"] == 16384
     assert big.search["nprobe"] == 256
+
+
+def test_two_serve_processes_on_one_engine_share_writes(
+    bundle_copy: Path, milvus_server: str
+) -> None:
+    """Two real `retrieval serve --backend milvus://...` processes on one bundle folder (the
+    folder is not held: the engine has the items) and one Milvus Lite server."""
+    import httpx
+
+    from tests.service.live import serve
+
+    spec = f"{milvus_server}/replicas"
+    push_bundle(bundle_copy, parse_backend(spec))
+    (new,) = new_images(bundle_copy.parent / "incoming", 1, seed=11)
+    flags = ("--backend", spec, "--token", TOKEN)
+    with serve(bundle_copy, *flags) as one, serve(bundle_copy, *flags) as two:
+        assert httpx.get(f"{two}/stats").json()["backend"]["collection"] == "replicas"
+        reply = httpx.post(
+            f"{one}/items", files={"images": (new.name, new.read_bytes())}, headers=AUTH
+        )
+        assert reply.status_code == 201, reply.text
+        new_id = reply.json()["added"][0]["id"]
+        found = httpx.post(
+            f"{two}/search", files={"image": ("q.jpg", new.read_bytes())}, params={"k": 1}
+        ).json()["results"]
+        assert found[0]["id"] == new_id
+        assert httpx.delete(f"{two}/items/{new_id}", headers=AUTH).status_code == 200
+        assert httpx.get(f"{one}/items/{new_id}").status_code == 404
+        assert httpx.get(f"{one}/healthz").json()["items"] == 40

@@ -57,3 +57,15 @@ def test_the_readme_backend_commands_parse() -> None:
         if spec:
             specs.append(parse_backend(spec).kind)
     assert specs.count("milvus") >= 2 and specs.count("milvus-lite") >= 2, found
+
+
+def test_without_pymilvus_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The base install has no pymilvus: importing the package works, naming a Milvus backend
+    fails with one line that says which extra to install."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pymilvus", None)  # import pymilvus -> ImportError
+    from retrieval.backends import open_backend
+
+    with pytest.raises(BackendError, match=r"needs pymilvus .*pip install -e '\.\[milvus\]'"):
+        open_backend("milvus://127.0.0.1:19530/photos", 64)
