@@ -316,3 +316,33 @@ def test_two_serve_processes_on_one_engine_share_writes(
         assert httpx.delete(f"{two}/items/{new_id}", headers=AUTH).status_code == 200
         assert httpx.get(f"{one}/items/{new_id}").status_code == 404
         assert httpx.get(f"{one}/healthz").json()["items"] == 40
+
+
+def test_push_keeps_extra_fields_labels_and_hashes(
+    bundle_copy: Path, gallery: Gallery, lite: str
+) -> None:
+    from retrieval.backends import SearchBackend
+    from retrieval.bundle.items import IndexedItems
+    from retrieval.bundle.store import ItemRecord
+
+    extra = {"sku": "A-1", "sizes": [38, 39], "note": 'quote " and \\ backslash'}
+    with IndexedItems.open(bundle_copy) as items:
+        record = ItemRecord("/shop/a1.jpg", "shoes", extra, "ab" * 32)
+        (new_id,) = items.add([record], gallery.vectors[:1]).added
+        unlabelled = items.add([ItemRecord("/shop/x.jpg")], gallery.vectors[1:2]).added[0]
+    push_bundle(bundle_copy, parse_backend(lite))
+    with Retriever.load(bundle_copy) as bundle, Retriever.load(bundle_copy, backend=lite) as mv:
+        assert isinstance(bundle.items, SearchBackend) and isinstance(mv.items, SearchBackend)
+        for item_id in (new_id, unlabelled):
+            a, b = bundle.item(item_id), mv.item(item_id)
+            assert (b.uri, b.label, b.extra, b.content_sha256, b.added_at) == (
+                a.uri,
+                a.label,
+                a.extra,
+                a.content_sha256,
+                a.added_at,
+            )
+        assert mv.item(new_id).extra == extra and mv.item(unlabelled).label is None
+        assert mv.items.find_by_sha256("AB" * 32) == [new_id]
+        hits = mv.search(gallery.vectors[:1], k=3, label="shoes")[0]
+        assert [(h.id, h.extra) for h in hits] == [(new_id, extra)]
