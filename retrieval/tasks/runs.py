@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from retrieval.allocator import keep_freed_memory
 from retrieval.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig, failed: Any = N
     sweeper goes on with the next job. For the Optuna sweeper keep ``failed=None`` (a failed
     trial): hydra-optuna-sweeper 1.2/1.3 aborts the whole study on a NaN result.
     Outside a multirun (a single run, a test calling it) the exception propagates unchanged.
-    ``KeyboardInterrupt`` and ``SystemExit`` always propagate: they stop the whole sweep."""
+    ``KeyboardInterrupt`` and ``SystemExit`` always propagate: they stop the whole sweep.
+    Freed memory is kept for reuse first (:func:`retrieval.allocator.keep_freed_memory`)."""
+    keep_freed_memory()
     if not in_multirun():
         return task(cfg)
     try:

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from retrieval.allocator import keep_freed_memory
 from retrieval.evaluation import evaluate_protocol
 from retrieval.extract import embed_loader
 from retrieval.io import atomic_write
@@ -39,6 +40,7 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Every object of a training run, with the data read and checked before anything trains."""
     quiet_third_party()
+    keep_freed_memory()  # no page faults for the activations every step frees and allocates
     pl.seed_everything(cfg.seed, workers=True)
     embedder = instantiate(cfg.model.embedder)
     # Partial: a dataclass passed through instantiate() would be turned into a config.
