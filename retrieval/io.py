@@ -1,16 +1,19 @@
-"""Writing files so that a crash never leaves a half-written one: temp file, fsync, rename."""
+"""Files and the environment: atomic writes (temp file, fsync, rename), folder fsync, file
+checksums, and the versions of installed packages."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import platform
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "sha256_file"]
+__all__ = ["atomic_write", "fsync_dir", "package_versions", "sha256_file"]
 
 
 @contextmanager
@@ -48,3 +51,32 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """fsync a folder, so that a rename or a new file in it survives a crash (POSIX; nothing
+    elsewhere). A file system that cannot fsync a folder (EINVAL, ENOTSUP) is skipped; any
+    other error is raised."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def package_versions(packages: Sequence[str]) -> dict[str, str]:
+    """``{"python": ..., package: version}`` for each of ``packages`` that is installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for package in packages:
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return out

@@ -54,7 +54,7 @@ from retrieval.bundle.store import (
     check_vectors,
 )
 from retrieval.index import EmbeddingIndex
-from retrieval.io import sha256_file
+from retrieval.io import fsync_dir, sha256_file
 from retrieval.postprocess.steps import dba_vectors_for
 
 __all__ = ["AddResult", "BundleBusyError", "IndexStateError", "IndexedItems", "ReadOnlyError"]
@@ -173,15 +173,6 @@ def _snapshot_lock(root: Path, exclusive: bool) -> Iterator[None]:
         handle.close()  # releases the lock
 
 
-def _sync_folder(root: Path) -> None:
-    if os.name == "posix":
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _build_from_store(
     store: ItemStore, factory: str, search_params: str, max_train: int = 100_000
 ) -> tuple[EmbeddingIndex, np.ndarray]:
@@ -226,7 +217,7 @@ def _finish_pending(root: Path, snap: Snapshot) -> None:
     if pending.exists():
         if sha256_file(pending) == snap.index_sha256:
             os.replace(pending, root / INDEX_FILE)
-            _sync_folder(root)
+            fsync_dir(root)
         else:
             pending.unlink()
 
@@ -736,7 +727,7 @@ class IndexedItems:
                 Snapshot(sha, *state, self.factory, self._index.search_params)
             )
             os.replace(pending, self._root / INDEX_FILE)
-            _sync_folder(self._root)
+            fsync_dir(self._root)
         self._since_snapshot = 0
         return snap
 

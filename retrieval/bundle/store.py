@@ -36,6 +36,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from retrieval.io import fsync_dir
+
 __all__ = [
     "SCHEMA_VERSION",
     "Item",
@@ -227,15 +229,6 @@ def _listed(ids: Sequence[int]) -> str:
     return f"[{shown}{', ...' if len(ids) > 20 else ''}] ({len(ids)} ids)"
 
 
-def _sync_folder(folder: Path) -> None:
-    if os.name == "posix":
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
     uri = "file:" + path.absolute().as_posix().replace("?", "%3f").replace("#", "%23")
     conn = sqlite3.connect(
@@ -341,7 +334,7 @@ class ItemStore:
                 os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
-        _sync_folder(dest.parent)
+        fsync_dir(dest.parent)
         return cls.open(dest, check="none")
 
     @classmethod

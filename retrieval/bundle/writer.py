@@ -10,12 +10,10 @@ import contextlib
 import datetime
 import json
 import logging
-import platform
 import shutil
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.model import export_model
 from retrieval.bundle.preprocess import Preprocessor
 from retrieval.bundle.store import ItemRecord
-from retrieval.io import atomic_write
+from retrieval.io import atomic_write, package_versions
 from retrieval.models import Embedder
 from retrieval.models.backbone import Preprocessing
 
@@ -50,16 +48,6 @@ class GalleryItem:
     label: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     content_sha256: str | None = None
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for package in ("retrieval", "torch", "timm", "faiss-cpu", "onnxruntime", "numpy"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            continue
-    return out
 
 
 def write_bundle(
@@ -234,7 +222,9 @@ def _write_into(
                 "normalized": True,
                 "index": {"factory": factory, "search_params": search_params},
                 "items": count,
-                "versions": _versions(),
+                "versions": package_versions(
+                    ("retrieval", "torch", "timm", "faiss-cpu", "onnxruntime", "numpy")
+                ),
                 **(description or {}),
             },
             files,

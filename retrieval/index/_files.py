@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from retrieval.io import fsync_dir, sha256_file
+
 _CHUNK = 1 << 20
 
 
@@ -25,28 +27,6 @@ def _hash_and_sync(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 hex digest of the file at ``path``, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _sync_folder(folder: Path) -> None:
-    """fsync a folder so a rename in it survives a crash (POSIX only; best effort)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_atomically(faiss: Any, cpu_index: Any, path: str | os.PathLike[str]) -> str:
@@ -69,7 +49,7 @@ def write_atomically(faiss: Any, cpu_index: Any, path: str | os.PathLike[str]) -
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _sync_folder(folder)
+    fsync_dir(folder)
     return sha256
 
 
@@ -103,7 +83,7 @@ def read_checked(
         raise FileNotFoundError(f"no index file at {src}")
     if sha256 is not None:
         expected = check_sha256(sha256)
-        actual = file_sha256(src)
+        actual = sha256_file(src)
         if actual != expected:
             raise ValueError(
                 f"index file {src} has sha256 {actual}, expected {expected}: the file was "

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from retrieval.evaluation import RetrievalResult, evaluate_embeddings, evaluate_protocol
 from retrieval.evaluation.npz import read_embeddings_npz, write_embeddings_npz
 from retrieval.extract import resolve_device
-from retrieval.io import sha256_file
+from retrieval.io import package_versions, sha256_file
 from retrieval.postprocess import Postprocess
 from retrieval.tasks.common import (
     data_config,
@@ -261,19 +261,6 @@ def _save_embeddings(
         )
 
 
-def _versions() -> dict[str, str]:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for package in ("retrieval", "torch", "timm", "faiss-cpu", "numpy", "pytorch-metric-learning"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            continue
-    return out
-
-
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluate per ``cfg``; returns ``(metrics, objects)`` with metrics named
     ``{split}/{name}`` (``test/recall@1``...) and the report written to the run directory."""
@@ -288,7 +275,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "index": dict(inputs.result.index),
         "seed": int(cfg.seed),
     }
-    inputs.protocol["versions"] = _versions()
+    inputs.protocol["versions"] = package_versions(
+        ("retrieval", "torch", "timm", "faiss-cpu", "numpy", "pytorch-metric-learning")
+    )
     inputs.protocol["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"
     )
