@@ -20,7 +20,15 @@ from torch import nn
 
 from retrieval.io import atomic_write
 
-__all__ = ["Embeddings", "embed_loader", "fingerprint", "load_cached", "save_cached"]
+__all__ = [
+    "Embeddings",
+    "embed_loader",
+    "fingerprint",
+    "load_cached",
+    "resolve_device",
+    "resolve_precision",
+    "save_cached",
+]
 
 _CACHE_VERSION = 1
 
@@ -50,17 +58,27 @@ class Embeddings:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else the CPU."""
+    """``auto`` -> the first CUDA device when there is one, else the CPU; any other torch
+    device as given. Raises ValueError for a CUDA device when torch sees none."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA device; use device='cpu'")
+    return resolved
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on CUDA, ``fp32`` elsewhere; any other value as given."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 def _autocast(device: torch.device, precision: str) -> Any:
-    """Autocast context for ``precision``: ``auto`` (bf16 on CUDA, fp32 elsewhere), ``bf16``,
+    """Autocast context for ``precision``: ``auto`` (see :func:`resolve_precision`), ``bf16``,
     ``fp16`` or ``fp32``."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = resolve_precision(precision, device)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)

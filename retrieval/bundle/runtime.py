@@ -23,6 +23,7 @@ from retrieval.bundle.model_config import (
     quiet_tracing,
     read_model_config,
 )
+from retrieval.extract import resolve_device
 
 
 def onnxruntime_module() -> Any:
@@ -117,14 +118,6 @@ class Runtime:
         return out / np.maximum(norms, np.float32(1e-12))
 
 
-def _torch_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu'")
-    return device
-
-
 def _torch_runner(module: nn.Module, device: str) -> Callable[[np.ndarray], np.ndarray]:
     def run(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -170,7 +163,7 @@ def load_runtime(
         return _openvino_runtime(path, config, threads, device)
     if threads is not None:
         torch.set_num_threads(threads)
-    target = _torch_device(device)
+    target = str(resolve_device(device))
     if kind == "eager":
         model: nn.Module = build_embedder(config, path).to(target)
     else:

@@ -18,7 +18,7 @@ from retrieval.data.dataset import ImageDataset
 from retrieval.data.images import ImageLoadError, find_unreadable, images_in_folder
 from retrieval.data.manifest import ManifestRow, read_manifest
 from retrieval.data.transforms import eval_transform
-from retrieval.extract import embed_loader, fingerprint, resolve_device
+from retrieval.extract import embed_loader, fingerprint, resolve_device, resolve_precision
 from retrieval.io import sha256_file
 from retrieval.models import Embedder
 from retrieval.models.backbone import Preprocessing
@@ -134,9 +134,7 @@ def embed(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model = load_model(cfg)
     pre = preprocessing_of(cfg, model)
     device = _device(cfg)
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = resolve_precision(cfg.precision, device)
     header = {
         "dim": int(model.embedder.embedding_dim),
         "model_fingerprint": model_fingerprint(model.embedder, pre),

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from retrieval.evaluation import RetrievalResult, evaluate_embeddings, evaluate_protocol
 from retrieval.evaluation.npz import read_embeddings_npz, write_embeddings_npz
-from retrieval.extract import resolve_device
+from retrieval.extract import resolve_device, resolve_precision
 from retrieval.io import package_versions, sha256_file
 from retrieval.postprocess import Postprocess
 from retrieval.tasks.common import (
@@ -193,9 +193,7 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
         "gallery": len(g_rows),
         "embedding_cache": str(cache) if cache else None,
     }
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = resolve_precision(cfg.precision, device)
     protocol["evaluation_device"] = {"device": str(device), "precision": precision}
     if steps:
         protocol["postprocess"] = {"steps": steps.to_dict(), "fitted_on": fitted.fitted_on}
