@@ -25,6 +25,7 @@ __all__ = [
     "embed_loader",
     "fingerprint",
     "load_cached",
+    "model_fingerprint",
     "resolve_device",
     "resolve_precision",
     "save_cached",
@@ -155,6 +156,12 @@ def fingerprint(model: nn.Module, description: Mapping[str, Any]) -> str:
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def model_fingerprint(embedder: nn.Module, preprocessing: Any) -> str:
+    """What shards record and export checks: equal means the same weights and preprocessing
+    (a :class:`~retrieval.models.backbone.Preprocessing`)."""
+    return fingerprint(embedder, {"preprocessing": preprocessing.to_dict()})
 
 
 def save_cached(embeddings: Embeddings, path: str | Path, key: str) -> None:

@@ -1,5 +1,5 @@
 """Files and the environment: atomic writes (temp file, fsync, rename), folder fsync, file
-checksums, and the versions of installed packages."""
+checksums, the versions of installed packages and a network probe."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import errno
 import hashlib
 import os
 import platform
+import socket
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "fsync_dir", "package_versions", "sha256_file"]
+__all__ = ["atomic_write", "fsync_dir", "network_reachable", "package_versions", "sha256_file"]
 
 
 @contextmanager
@@ -80,3 +81,15 @@ def package_versions(packages: Sequence[str]) -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return out
+
+
+def network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
+    """True when a TCP connection to ``host`` opens within ``timeout`` seconds (never with
+    ``HF_HUB_OFFLINE=1``)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False

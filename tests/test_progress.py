@@ -65,4 +65,5 @@ def test_embedding_reports_progress_in_a_log(capsys) -> None:
     ]
     embed_loader(torch.nn.Identity(), batches, "cpu", "fp32", progress_every_s=0.0)
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("embedding: 1/3 batches") and err[-1].startswith("embedding: 3 batches")
+    assert err[0].startswith("embedding: 1/3 batches")
+    assert err[-1].startswith("embedding: 3 batches")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from retrieval import io
 from retrieval.models import weights as W
 
 RESIZE_MODES = ("crop", "squash", "pad")
@@ -162,7 +163,7 @@ def _load_timm_weights(net: nn.Module, name: str, cfg: dict[str, Any], weights: 
         return
     if not (cfg.get("hf_hub_id") or cfg.get("url")):
         raise W.unavailable(name, "timm knows no pretrained weights for it")
-    if not W.network_reachable():
+    if not io.network_reachable():
         raise W.unavailable(name, "they are not in the local caches and the network is unreachable")
     import timm
 
@@ -186,7 +187,7 @@ def _torchvision_backbone(
         W.load_into(model, W.read_state_dict(weights), str(weights))
     elif pretrained:
         cached = W.cached_torch_hub_file(default.url)
-        if cached is None and not W.network_reachable("download.pytorch.org"):
+        if cached is None and not io.network_reachable("download.pytorch.org"):
             raise W.unavailable(
                 name,
                 f"{Path(default.url).name} is not in the torch hub cache "

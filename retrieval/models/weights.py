@@ -15,7 +15,6 @@ naming the fix; it never trains from random weights silently.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
@@ -85,17 +84,6 @@ def load_into(
     if problem:
         raise WeightsUnavailableError(f"weights from {source} do not fit the model: {problem}")
     model.load_state_dict(state)
-
-
-def network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
-    """True when a TCP connection to ``host`` opens within ``timeout`` seconds."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return False
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def cached_timm_file(pretrained_cfg: Mapping[str, object]) -> Path | None:

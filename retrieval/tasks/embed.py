@@ -18,7 +18,12 @@ from retrieval.data.dataset import ImageDataset
 from retrieval.data.images import ImageLoadError, find_unreadable, images_in_folder
 from retrieval.data.manifest import ManifestRow, read_manifest
 from retrieval.data.transforms import eval_transform
-from retrieval.extract import embed_loader, fingerprint, resolve_device, resolve_precision
+from retrieval.extract import (
+    embed_loader,
+    model_fingerprint,
+    resolve_device,
+    resolve_precision,
+)
 from retrieval.io import sha256_file
 from retrieval.models import Embedder
 from retrieval.models.backbone import Preprocessing
@@ -28,11 +33,6 @@ from retrieval.tasks.common import LoadedModel, describe_model, load_model, mode
 log = logging.getLogger(__name__)
 
 __all__ = ["embed", "model_fingerprint"]
-
-
-def model_fingerprint(embedder: Embedder, preprocessing: Preprocessing) -> str:
-    """What shards record and export checks: equal means the same weights and preprocessing."""
-    return fingerprint(embedder, {"preprocessing": preprocessing.to_dict()})
 
 
 def preprocessing_of(cfg: DictConfig, model: LoadedModel) -> Preprocessing:

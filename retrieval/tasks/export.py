@@ -21,7 +21,7 @@ from retrieval.data.images import find_unreadable, images_in_folder, report_unre
 from retrieval.data.manifest import ManifestRow
 from retrieval.data.transforms import eval_transform
 from retrieval.evaluation import evaluate_protocol
-from retrieval.extract import resolve_device
+from retrieval.extract import model_fingerprint, resolve_device
 from retrieval.index.build import ShardSet, training_sample
 from retrieval.io import sha256_file
 from retrieval.models.backbone import Preprocessing
@@ -35,7 +35,6 @@ from retrieval.tasks.common import (
     load_model,
     model_preprocessing,
 )
-from retrieval.tasks.embed import model_fingerprint
 from retrieval.tasks.postprocess import fit_steps, postprocess_config
 
 log = logging.getLogger(__name__)

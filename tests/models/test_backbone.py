@@ -3,6 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
+from retrieval import io
 from retrieval.data.transforms import eval_transform
 from retrieval.models import Embedder, WeightsUnavailableError, create_backbone
 from retrieval.models import weights as W
@@ -55,7 +56,7 @@ def test_preprocessing_comes_from_the_weights_config(lite0):
 
 
 def test_missing_weights_fail_with_the_fix(monkeypatch, tmp_path):
-    monkeypatch.setattr(W, "network_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(io, "network_reachable", lambda *a, **k: False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(W, "cached_timm_file", lambda cfg: None)
