@@ -31,7 +31,7 @@ from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.model import Runtime, load_runtime
 from retrieval.bundle.preprocess import Preprocessor
 from retrieval.bundle.store import Item, ItemRecord
-from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, _to_rgb
+from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageLoadError
 from retrieval.postprocess import Postprocess, Rerank, search_with_steps
 
 __all__ = ["AddReport", "Hit", "Retriever"]
@@ -198,11 +198,9 @@ class Retriever:
         decoded at a reduced scale), as the service's uploads do, so an image gives the same
         vector whether it is indexed, searched here or uploaded. Raises ImageLoadError
         (ImageTooLargeError over the pixel limit) naming the image."""
-        if isinstance(image, Image.Image):  # alpha onto white etc., as for files
-            return self.preprocessor(image if image.mode == "RGB" else _to_rgb(image))
+        if isinstance(image, Image.Image):  # converted to RGB (alpha onto white) as files are
+            return self.preprocessor(image)
         limit = self.max_pixels if max_pixels is None else min(max_pixels, self.max_pixels)
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            return self.preprocessor.prepare(bytes(image), limit)
         return self.preprocessor.prepare(image, limit)
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
@@ -215,12 +213,12 @@ class Retriever:
         if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):
             raise TypeError("pass a list of images, e.g. search([path]), not a single image")
         out = [np.empty((0, self.dim), np.float32)]
-        size = self.preprocessor.input_size
-        empty = np.zeros((0, 3, size, size), np.float32)
-        load = lambda chunk: np.stack([self.prepare(s) for s in chunk]) if chunk else empty  # noqa: E731
-        for batch in _prefetched(_chunks(list(images), batch_size), load):
+        for batch in _prefetched(_chunks(list(images), batch_size), self._prepare_all):
             out.append(self.runtime.embed(batch))
         return np.concatenate(out)
+
+    def _prepare_all(self, images: Sequence[ImageSource]) -> np.ndarray:
+        return np.stack([self.prepare(image) for image in images])
 
     def _as_queries(
         self, queries: np.ndarray | Sequence[ImageSource], batch_size: int
