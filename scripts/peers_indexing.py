@@ -173,12 +173,11 @@ class Ways:
         shutil.copytree(self.bundle, copy)
         return copy
 
-    def ours(self, runtime: str) -> Callable[[], np.ndarray]:
+    def ours(self, runtime: str) -> Callable[[], Callable[[], np.ndarray]]:
         from retrieval.search import Retriever
 
         def prepare() -> Callable[[], np.ndarray]:
             retriever = Retriever.load(self._fresh_bundle(), runtime=runtime)
-            before = len(retriever)
 
             def run() -> np.ndarray:
                 report = retriever.add(self.paths, batch_size=self.batch)
@@ -186,12 +185,12 @@ class Ways:
                     raise RuntimeError(f"unexpected: {report}")
                 vectors = retriever.items.vectors(np.asarray(report.added))
                 retriever.close()
-                assert len(report.added) == len(self.paths), before
+                assert len(report.added) == len(self.paths)
                 return vectors
 
             return run
 
-        return prepare  # type: ignore[return-value]
+        return prepare
 
     def oml(self, workers: int) -> Callable[[], Callable[[], np.ndarray]]:
         import faiss
@@ -348,11 +347,8 @@ def run(args: argparse.Namespace, work: Path) -> list[str]:
 
     log(f"writing {args.images} photos and exporting the bundle in {work}")
     paths = make_folder(work / "photos", args.images)
-    seed_gallery = work / "seed"
-    seed_gallery.mkdir()
-    for p in make_folder(work / "seed_src", 8, seed=1):
-        shutil.move(p, seed_gallery / p.name)
-    bundle = export_bundle(seed_gallery, work / "export")
+    make_folder(work / "seed", 8, seed=1)  # the exported bundle's own few items
+    bundle = export_bundle(work / "seed", work / "export")
     ways = Ways(bundle, paths, args.batch_size, work)
     runners: dict[str, Callable[[], Callable[[], np.ndarray]]] = {
         "ours (onnx)": ways.ours("onnx"),
