@@ -50,15 +50,28 @@ def onnx_session(path: Path, providers: list[str], threads: int | None) -> Any:
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as err:  # onnxruntime raises its own exception types
-        raise BundleError(
-            f"{path} cannot be loaded by onnxruntime ({type(err).__name__}: {err}); the file "
-            "is corrupt or truncated: re-export the bundle"
-        ) from None
-    inputs = [i.name for i in session.get_inputs()]
-    outputs = [o.name for o in session.get_outputs()]
+        raise _unreadable(path, "loaded by onnxruntime", err, str(err)) from None
+    _check_names(
+        path, [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+    )
+    return session
+
+
+def _unreadable(path: Path, by: str, err: Exception, detail: str) -> BundleError:
+    return BundleError(
+        f"{path} cannot be {by} ({type(err).__name__}: {detail}); the file is corrupt or "
+        "truncated: re-export the bundle"
+    )
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else ""
+
+
+def _check_names(path: Path, inputs: list[str], outputs: list[str]) -> None:
+    """The exported graph maps ``images`` to ``embeddings``, as export writes it."""
     if inputs != ["images"] or outputs != ["embeddings"]:
         raise BundleError(f"{path} maps {inputs} -> {outputs}, not ['images'] -> ['embeddings']")
-    return session
 
 
 class Runtime:
@@ -171,11 +184,7 @@ def load_runtime(
             with quiet_tracing():
                 model = torch.jit.load(str(path), map_location=target).eval()
         except Exception as err:  # torch raises RuntimeError and others for bad archives
-            raise BundleError(
-                f"{path} cannot be loaded by torch.jit.load ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}); the file is corrupt or "
-                "truncated: re-export the bundle"
-            ) from None
+            raise _unreadable(path, "loaded by torch.jit.load", err, _first_line(err)) from None
     return Runtime(kind, target, config, _torch_runner(model, target))
 
 
@@ -220,14 +229,10 @@ def _openvino_runtime(
     try:
         compiled = openvino.Core().compile_model(str(path), "CPU", settings)
     except Exception as err:  # OpenVINO raises RuntimeError and its own types
-        raise BundleError(
-            f"{path} cannot be compiled by OpenVINO ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); the file is corrupt or "
-            "truncated: re-export the bundle"
-        ) from None
-    names = ([i.any_name for i in compiled.inputs], [o.any_name for o in compiled.outputs])
-    if names != (["images"], ["embeddings"]):
-        raise BundleError(f"{path} maps {names[0]} -> {names[1]}, not ['images'] -> ['embeddings']")
+        raise _unreadable(path, "compiled by OpenVINO", err, _first_line(err)) from None
+    _check_names(
+        path, [i.any_name for i in compiled.inputs], [o.any_name for o in compiled.outputs]
+    )
     local = threading.local()  # an inference request serves one call at a time
 
     def run(batch: np.ndarray) -> np.ndarray:
