@@ -43,7 +43,7 @@ def _version() -> str:
 
 
 def _load(args: argparse.Namespace, **options: Any) -> Any:
-    from retrieval.search import Retriever  # heavy imports only once a command runs
+    from retrieval.bundle.retriever import Retriever  # heavy imports only once a command runs
 
     return Retriever.load(args.bundle, runtime=args.runtime, threads=args.threads, **options)
 

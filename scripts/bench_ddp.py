@@ -58,7 +58,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     from retrieval.data.sampler import PKBatchSampler
     from retrieval.models import Embedder, create_backbone
-    from retrieval.module import RetrievalModule
+    from retrieval.training.module import RetrievalModule
 
     num_labels, per_label = 32, 8
     labels = [i // per_label for i in range(num_labels * per_label)]

@@ -425,7 +425,8 @@ def roofline_section(args: argparse.Namespace, workdir: Path) -> list[str]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from retrieval.bundle.model import export_model, load_runtime
+    from retrieval.bundle.model_export import export_model
+    from retrieval.bundle.runtime import load_runtime
     from retrieval.index import EmbeddingIndex
     from retrieval.models import Embedder, create_backbone
 

@@ -90,7 +90,7 @@ class PeakRss:
 
 def child_generate(a: argparse.Namespace) -> dict[str, Any]:
     """Shards of ``a.shard_rows`` rows, generated 100k rows at a time; queries.npy."""
-    from retrieval.io import atomic_write
+    from retrieval.infra.io import atomic_write
 
     rng, d, latent = np.random.default_rng(0), a.dim, min(LATENT_DIM, a.dim)
     centres = rng.standard_normal((CLUSTERS, latent)).astype(np.float32)
@@ -199,12 +199,12 @@ def child_bundle(a: argparse.Namespace) -> dict[str, Any]:
     """Shards in embed.py's format (100k rows each, random unit vectors, fake image items),
     streamed into a bundle with a 128-d (random) EfficientNet-Lite0 model, then loaded by
     Retriever: each of 5 stored vectors must find its own item."""
+    from retrieval.bundle.retriever import Retriever
     from retrieval.bundle.writer import GalleryItem, write_bundle_chunks
     from retrieval.index import ShardSet
     from retrieval.index.build import training_sample
+    from retrieval.index.shards import PLAN_FILE, ShardContent, ShardItem, write_shard
     from retrieval.models import Embedder, create_backbone
-    from retrieval.search import Retriever
-    from retrieval.shards import PLAN_FILE, ShardContent, ShardItem, write_shard
 
     folder, rows, rng = Path(a.dir), 100_000, np.random.default_rng(0)
     shards = folder / "shards"

@@ -180,8 +180,9 @@ def child_indexing(args: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime
     import torch
 
-    from retrieval.bundle.model import export_model, load_runtime
+    from retrieval.bundle.model_export import export_model
     from retrieval.bundle.preprocess import Preprocessor
+    from retrieval.bundle.runtime import load_runtime
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_search_"))
     try:

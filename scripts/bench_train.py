@@ -32,10 +32,10 @@ from PIL import Image
 
 from retrieval.data.datamodule import RetrievalDataModule
 from retrieval.data.images import load_rgb
-from retrieval.losses import compute_loss
-from retrieval.module import RetrievalModule
 from retrieval.tasks.config import compose_config
 from retrieval.tasks.train import build
+from retrieval.training.losses import compute_loss
+from retrieval.training.module import RetrievalModule
 
 REPO = Path(__file__).resolve().parents[1]
 Args = argparse.Namespace

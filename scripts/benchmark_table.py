@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(text, end="")
         return
     sys.path.insert(0, str(ROOT))
-    from retrieval.io import atomic_write
+    from retrieval.infra.io import atomic_write
 
     with atomic_write(args.output, "w", encoding="utf-8") as handle:
         handle.write(text)

@@ -136,7 +136,7 @@ def part_train(size: dict[str, Any], dry_run: bool) -> dict[str, Any]:
     from pytorch_metric_learning.losses import MultiSimilarityLoss
     from pytorch_metric_learning.miners import MultiSimilarityMiner
 
-    from retrieval.losses import compute_loss
+    from retrieval.training.losses import compute_loss
 
     device, autocast = device_and_autocast(dry_run)
     model = build_embedder(size, device).train()

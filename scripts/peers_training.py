@@ -276,7 +276,7 @@ RUNNERS: dict[str, Callable[[Path, Path, int], StepClock]] = {
 
 def same_loss(manifest: Path, out: Path) -> dict[str, float]:
     """The loss of one fixed batch, same initial weights, through each way's loss path."""
-    from retrieval.losses import compute_loss
+    from retrieval.training.losses import compute_loss
 
     parts = _components(manifest, out)
     module, datamodule = parts["module"], parts["datamodule"]
@@ -305,9 +305,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    # train.py keeps freed memory for reuse (retrieval.allocator); the setting is process-wide,
-    # so it is made first and holds for every way alike (RETRIEVAL_KEEP_FREED_MEMORY=0: none)
-    from retrieval.allocator import keep_freed_memory
+    # train.py keeps freed memory for reuse (retrieval.infra.allocator); the setting is
+    # process-wide, so it is made first and holds for every way alike
+    # (RETRIEVAL_KEEP_FREED_MEMORY=0: none)
+    from retrieval.infra.allocator import keep_freed_memory
 
     args.kept_freed_memory = keep_freed_memory()
     work = Path(tempfile.mkdtemp(prefix="peers_training_"))
@@ -346,7 +347,8 @@ def describe(args: argparse.Namespace, losses: dict[str, float]) -> list[str]:
         f"main process; {args.warmup} warm-up steps, {args.steps} timed, {args.repeats} rounds "
         "taking turns",
         f"- the loss of one fixed batch through each way: {losses}",
-        "- freed memory kept for reuse (retrieval.allocator, as train.py does), for every way: "
+        "- freed memory kept for reuse (retrieval.infra.allocator, as train.py does), "
+        "for every way: "
         f"{'yes' if args.kept_freed_memory else 'no (RETRIEVAL_KEEP_FREED_MEMORY=0 or no glibc)'}",
         f"- `python scripts/peers_training.py --steps {args.steps} --repeats {args.repeats}`",
         "",

@@ -10,7 +10,7 @@ import pytest
 CHILD = """
 import resource, sys
 import numpy as np
-from retrieval.allocator import keep_freed_memory
+from retrieval.infra.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "on" else False
 a = np.ones(64 << 20, np.uint8); del a  # 64 MiB: above glibc's default mmap threshold
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

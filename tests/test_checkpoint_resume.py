@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import retrieval.module as module_code
 import retrieval.tasks.train as train_task
+import retrieval.training.module as module_code
 from tests.test_train import fast_cfg
 
 COMMON = [
@@ -155,7 +155,7 @@ def test_state_of_a_plain_model_checkpoint_is_taken_over(tmp_path):
     same way; a top-k file that no longer exists keeps its score and path."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from retrieval.checkpoints import RunCheckpoint
+    from retrieval.training.checkpoints import RunCheckpoint
 
     old_dir = tmp_path / "old"
     old_dir.mkdir()

@@ -12,7 +12,7 @@ from pytorch_metric_learning.losses import NTXentLoss
 
 from retrieval.data.copy_edits import CopyEditAugment
 from retrieval.data.sampler import InstanceBatchSampler
-from retrieval.losses import build_loss
+from retrieval.training.losses import build_loss
 from tests.conftest import CONF, compose_train
 
 pytestmark = pytest.mark.skipif(

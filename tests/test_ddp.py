@@ -18,8 +18,8 @@ from lightning.fabric.utilities.distributed import _all_gather_ddp_if_available
 from pytorch_metric_learning.losses import MultiSimilarityLoss, ProxyAnchorLoss, SupConLoss
 from pytorch_metric_learning.miners import MultiSimilarityMiner
 
-from retrieval.losses import check_gatherable, compute_loss
-from retrieval.module import gather_rows, unique_by_index
+from retrieval.training.losses import check_gatherable, compute_loss
+from retrieval.training.module import gather_rows, unique_by_index
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,13 @@ from retrieval.data.demo_render import render_demo_image
 from retrieval.data.images import load_rgb
 from retrieval.data.transforms import eval_transform
 from retrieval.index import ShardSet
-from retrieval.shards import ShardError, is_finished, shard_files, shard_problem, worker_identity
+from retrieval.index.shards import (
+    ShardError,
+    is_finished,
+    shard_files,
+    shard_problem,
+    worker_identity,
+)
 from retrieval.tasks.config import compose_config
 from retrieval.tasks.embed import embed
 

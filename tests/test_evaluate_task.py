@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval.checkpoints import CheckpointError
 from retrieval.evaluation import evaluate_embeddings
 from retrieval.tasks.config import compose_config
 from retrieval.tasks.evaluate import evaluate
 from retrieval.tasks.train import train
+from retrieval.training.checkpoints import CheckpointError
 from tests.test_train import fast_cfg
 
 QUICK = ["logger=csv", "metrics=[recall,precision,map@k,map@r,r_precision,map]"]

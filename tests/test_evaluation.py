@@ -306,8 +306,8 @@ def test_per_query_values_and_kept_neighbours():
 
 
 def test_nmi_is_that_of_kmeans_clusters_of_the_queries():
+    from retrieval.evaluation.metrics import nmi
     from retrieval.index import kmeans
-    from retrieval.metrics import nmi
 
     rng = np.random.default_rng(14)
     centres = 4 * rng.standard_normal((6, 8))

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from retrieval.bundle.format import BundleError, read_manifest, verify_files
-from retrieval.search import Retriever
+from retrieval.bundle.retriever import Retriever
 from retrieval.tasks.config import compose_config
 from retrieval.tasks.export import export
 
@@ -137,7 +137,7 @@ def test_export_from_shards_searches_like_the_models_own_embeddings(small_demo, 
 
     from retrieval.data.images import load_rgb
     from retrieval.data.transforms import eval_transform
-    from retrieval.shards import ShardError
+    from retrieval.index.shards import ShardError
     from retrieval.tasks.embed import embed
     from tests.index.synthetic import brute_force
     from tests.test_embed_task import compose_embed, make_images

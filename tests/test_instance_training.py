@@ -33,8 +33,8 @@ from retrieval.data.copy_edits import apply_edit
 from retrieval.data.datamodule import RetrievalDataModule
 from retrieval.data.sampler import InstanceBatchSampler
 from retrieval.models import Embedder, create_backbone
-from retrieval.module import RetrievalModule
-from retrieval.schedules import warmup_cosine
+from retrieval.training.module import RetrievalModule
+from retrieval.training.schedules import warmup_cosine
 
 TRAIN_IMAGES, HELD_OUT, SIDE, STEPS = 48, 48, 96, 80
 QUERY_KINDS = ("mirror", "rotate")

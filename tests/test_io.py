@@ -1,4 +1,4 @@
-"""retrieval.io: the one copy of the file and environment helpers the packages share."""
+"""retrieval.infra.io: the one copy of the file and environment helpers the packages share."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from importlib.metadata import version
 
 import pytest
 
-from retrieval.io import atomic_write, fsync_dir, package_versions, sha256_file
+from retrieval.infra.io import atomic_write, fsync_dir, package_versions, sha256_file
 
 
 def test_sha256_file_matches_hashlib_over_several_blocks(tmp_path) -> None:

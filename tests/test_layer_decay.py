@@ -7,10 +7,10 @@ import pytest
 import torch
 from pytorch_metric_learning.losses import MultiSimilarityLoss, ProxyAnchorLoss
 
-from retrieval.layer_decay import layer_id
 from retrieval.models import Embedder, create_backbone
-from retrieval.module import RetrievalModule
-from retrieval.schedules import warmup_cosine
+from retrieval.training.layer_decay import layer_id
+from retrieval.training.module import RetrievalModule
+from retrieval.training.schedules import warmup_cosine
 
 LR, DECAY, HEAD = 1e-4, 0.75, 10.0
 

@@ -1,6 +1,6 @@
 import pytest
 
-from retrieval import loggers
+from retrieval.training import loggers
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_user_choice_wins(no_credentials, monkeypatch):
 def test_finished_runs_are_not_reused_by_the_next_logger(tmp_path, monkeypatch):
     import wandb
 
-    from retrieval.loggers import finish_wandb, wandb_logger
+    from retrieval.training.loggers import finish_wandb, wandb_logger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     first = wandb_logger(save_dir=str(tmp_path / "a"))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from retrieval.losses import build_loss, compute_loss
+from retrieval.training.losses import build_loss, compute_loss
 from tests.conftest import CONF, compose_train
 
 LOSSES = sorted(p.stem for p in (CONF / "loss").glob("*.yaml"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from retrieval.evaluation import evaluate_embeddings
-from retrieval.metrics import map_at_r, recall_at_k
+from retrieval.evaluation.metrics import map_at_r, recall_at_k
 from retrieval.postprocess import (
     AQE,
     DBA,

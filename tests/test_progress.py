@@ -6,7 +6,7 @@ import io
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from retrieval.progress import LineProgress, progress_bar
+from retrieval.infra.progress import LineProgress, progress_bar
 from retrieval.tasks.train import build, train
 from tests.test_train import fast_cfg
 
@@ -38,7 +38,7 @@ def test_training_into_a_log_writes_plain_lines(small_demo, tmp_path, capsys):
 def test_track_writes_plain_lines_when_not_a_terminal() -> None:
     import io
 
-    from retrieval.progress import track
+    from retrieval.infra.progress import track
 
     out = io.StringIO()
     assert list(track(range(4), 4, "embedding", stream=out, every_s=0.0)) == [0, 1, 2, 3]
@@ -51,7 +51,7 @@ def test_track_writes_plain_lines_when_not_a_terminal() -> None:
 def test_embedding_reports_progress_in_a_log(capsys) -> None:
     import torch
 
-    from retrieval.extract import embed_loader
+    from retrieval.models.extract import embed_loader
 
     batches = [
         {

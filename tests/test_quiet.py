@@ -13,9 +13,9 @@ import pytest
 import torch
 from pytorch_metric_learning.losses import MultiSimilarityLoss
 
-from retrieval import quiet
 from retrieval.models import Embedder, create_backbone
-from retrieval.module import RetrievalModule
+from retrieval.training import quiet
+from retrieval.training.module import RetrievalModule
 
 EVAL_MODE = "module(s) in eval mode at the start of training"
 
@@ -90,7 +90,7 @@ def test_eval_mode_warning_only_for_modules_not_frozen_by_design(
 
 
 def test_wandb_logger_gives_no_anonymous_setting_warning(tmp_path, monkeypatch, capfd) -> None:
-    from retrieval.loggers import finish_wandb, wandb_logger
+    from retrieval.training.loggers import finish_wandb, wandb_logger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = wandb_logger(save_dir=str(tmp_path))

@@ -1,4 +1,4 @@
-"""Tests of retrieval.ranking against a naive full sort, FAISS and pytorch-metric-learning.
+"""Tests of retrieval.evaluation.ranking against a naive full sort, FAISS and PML.
 
 Most data is "dyadic": coordinates are multiples of 1/16, so every inner product is exact in
 float32 whatever the summation order. torch, numpy and FAISS then agree bit for bit on every
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import retrieval.ranking
-from retrieval.metrics import average_precision, map_at_k, precision_at_k
-from retrieval.ranking import relevant_ranks
+import retrieval.evaluation.ranking
+from retrieval.evaluation.metrics import average_precision, map_at_k, precision_at_k
+from retrieval.evaluation.ranking import relevant_ranks
 
 
 @pytest.fixture(params=["auto", "scan", "sort"])
@@ -23,7 +23,7 @@ def counting(request, monkeypatch):
     """Run a test with the automatic choice, and with only scans or only sorts of a row."""
     if request.param != "auto":
         always_sort = request.param == "sort"
-        monkeypatch.setattr(retrieval.ranking, "_use_sort", lambda r, ng: always_sort)
+        monkeypatch.setattr(retrieval.evaluation.ranking, "_use_sort", lambda r, ng: always_sort)
     return request.param
 
 
@@ -273,7 +273,7 @@ def test_errors():
 
 
 def test_module_does_not_import_faiss():
-    import retrieval.ranking as ranking
+    import retrieval.evaluation.ranking as ranking
 
     tree = ast.parse(Path(ranking.__file__).read_text())
     imported = {

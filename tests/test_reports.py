@@ -1,4 +1,4 @@
-"""Tests of retrieval.reports: the results grid, per-label tables, CSV, atomic writes."""
+"""Tests of retrieval.evaluation.reports: the results grid, per-label tables, CSV, atomic writes."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval import reports
-from retrieval.reports import (
+from retrieval.evaluation import reports
+from retrieval.evaluation.reports import (
     BLUE,
     GREEN,
     GREY,

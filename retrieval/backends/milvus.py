@@ -238,8 +238,6 @@ class MilvusBackend:
         xq = np.ascontiguousarray(vectors, dtype=np.float32)
         if xq.ndim != 2 or xq.shape[1] != self._dim:
             raise ValueError(f"vectors must have shape (n, {self._dim}), got {xq.shape}")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
         k = min(int(k), MAX_TOPK)
         where = "" if label is None else f"label == {_quote(label)}"
         found: list[list[tuple[float, int]]] = [[] for _ in range(len(xq))]

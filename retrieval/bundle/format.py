@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from retrieval.io import atomic_write, sha256_file
+from retrieval.infra.io import atomic_write, sha256_file
 
 __all__ = [
     "BundleBusyError",

@@ -54,7 +54,7 @@ from retrieval.bundle.store import (
     check_vectors,
 )
 from retrieval.index import EmbeddingIndex
-from retrieval.io import fsync_dir, sha256_file
+from retrieval.infra.io import fsync_dir, sha256_file
 from retrieval.postprocess.steps import dba_vectors_for
 
 __all__ = ["AddResult", "BundleBusyError", "IndexStateError", "IndexedItems", "ReadOnlyError"]
@@ -338,7 +338,9 @@ class IndexedItems:
                 raise FileExistsError(f"{root / STORE_FILE} exists: use IndexedItems.open")
             index = EmbeddingIndex(dim, factory, use_gpu=False, search_params=search_params)
             if train_vectors is not None and not index.is_trained:
-                index.train(check_vectors(train_vectors, dim), max_train=max_train)
+                index.train(
+                    check_vectors(train_vectors, dim, name="train_vectors"), max_train=max_train
+                )
             if not index.is_trained:
                 raise ValueError(
                     f"a {factory!r} index must be trained: pass train_vectors, a representative "
@@ -637,8 +639,6 @@ class IndexedItems:
         xq = np.asarray(vectors)
         if xq.ndim != 2 or xq.shape[1] != self.dim:
             raise ValueError(f"vectors must have shape (n, {self.dim}), got {xq.shape}")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
         if label is not None:
             return self._search_label(xq, int(k), label)
         with self._rw.read():

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from retrieval.bundle.format import BundleError, read_json
+from retrieval.infra.checks import is_int
 from retrieval.models import Embedder, create_backbone
 from retrieval.models.pooling import POOLINGS
 from retrieval.models.weights import state_mismatch
@@ -54,12 +55,8 @@ _QUIET = (
 )
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_positive_int(value: Any) -> bool:
-    return _is_int(value) and value > 0
+def _is_positive_int(value: Any) -> bool:
+    return is_int(value) and value > 0
 
 
 def _is_tta(value: Any) -> bool:
@@ -78,8 +75,8 @@ def _is_tta(value: Any) -> bool:
 
 def _is_size(value: Any) -> bool:
     if isinstance(value, list):
-        return len(value) == 2 and all(is_positive_int(v) for v in value)
-    return is_positive_int(value)
+        return len(value) == 2 and all(_is_positive_int(v) for v in value)
+    return _is_positive_int(value)
 
 
 def _is_rate(value: Any) -> bool:
@@ -93,7 +90,7 @@ BACKBONE_KWARGS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "img_size": (_is_size, "a positive int or [height, width]"),
     "dynamic_img_size": (lambda v: isinstance(v, bool), "true or false"),
     "dynamic_img_pad": (lambda v: isinstance(v, bool), "true or false"),
-    "patch_size": (is_positive_int, "a positive int"),
+    "patch_size": (_is_positive_int, "a positive int"),
     "drop_rate": (_is_rate, "a number in [0, 1)"),
     "drop_path_rate": (_is_rate, "a number in [0, 1)"),
 }
@@ -124,7 +121,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, Any]] = {  # field: (check, 
     "backbone.source": (lambda v: v in ("timm", "torchvision"), "'timm' or 'torchvision'", "timm"),
     "backbone.kwargs": (lambda v: isinstance(v, Mapping), "a JSON object", {}),
     "embedder.embedding_dim": (
-        lambda v: v is None or is_positive_int(v),
+        lambda v: v is None or _is_positive_int(v),
         "an int > 0 or null",
         _REQUIRED,
     ),
@@ -132,12 +129,12 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, Any]] = {  # field: (check, 
     "embedder.head_bn": (lambda v: isinstance(v, bool), "true or false", False),
     "embedder.tta": (_is_tta, '{"scales": [numbers > 0], "flip": bool} or null', _OMITTED),
     "embedder.whiten_dim": (
-        lambda v: v is None or is_positive_int(v),
+        lambda v: v is None or _is_positive_int(v),
         "an int > 0 or null",
         _OMITTED,
     ),
-    "input_size": (is_positive_int, "a positive integer", _OPTIONAL),
-    "output_dim": (is_positive_int, "a positive integer", _OPTIONAL),
+    "input_size": (_is_positive_int, "a positive integer", _OPTIONAL),
+    "output_dim": (_is_positive_int, "a positive integer", _OPTIONAL),
 }
 
 

@@ -1,6 +1,6 @@
 """Export an :class:`Embedder` into a bundle folder: safetensors weights, TorchScript and ONNX,
-each checked against the PyTorch model as it is written (layout in
-:mod:`retrieval.bundle.model`)."""
+each checked against the PyTorch model as it is written (read back by
+:mod:`retrieval.bundle.runtime`)."""
 
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ from retrieval.bundle.model_config import (
     WEIGHTS,
     build_embedder,
     check_model_config,
-    is_positive_int,
     quiet_tracing,
 )
 from retrieval.bundle.runtime import onnx_session, onnxruntime_module
+from retrieval.infra.checks import positive_int
 from retrieval.models import Embedder
 
 
@@ -125,8 +125,7 @@ def export_model(
         raise BundleError(f"export folder {root} does not exist or is not a folder")
     if not isinstance(embedder, Embedder):
         raise TypeError(f"export_model takes an Embedder, got {type(embedder).__name__}")
-    if not is_positive_int(input_size):
-        raise ValueError(f"input_size must be a positive integer, got {input_size!r}")
+    positive_int(input_size, "input_size")
     if onnx_exporter not in ONNX_OPSET:
         raise ValueError(
             f"onnx_exporter must be one of {sorted(ONNX_OPSET)}, got {onnx_exporter!r}"

@@ -35,6 +35,7 @@ from retrieval.data.images import (
     orientation,
     reduced_rgb,
 )
+from retrieval.infra.checks import is_int, positive_int
 
 if TYPE_CHECKING:
     from retrieval.models.backbone import Preprocessing
@@ -59,10 +60,6 @@ Box = tuple[float, float, float, float]
 
 def _bad(field: str, rule: str, value: Any) -> ValueError:
     return ValueError(f"preprocessing field '{field}' must be {rule}, got {value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _triple(field: str, value: Any, positive: bool) -> tuple[float, float, float]:
@@ -97,9 +94,8 @@ class Preprocessor:
     resize_mode: str = "crop"
 
     def __post_init__(self) -> None:
-        if not _is_int(self.input_size) or self.input_size < 1:
-            raise _bad("input_size", "a positive integer", self.input_size)
-        if not _is_int(self.resize) or self.resize < self.input_size:
+        positive_int(self.input_size, "preprocessing field 'input_size'")
+        if not is_int(self.resize) or self.resize < self.input_size:
             raise _bad("resize", f"an integer >= input_size ({self.input_size})", self.resize)
         if self.interpolation not in FILTERS:
             raise _bad("interpolation", f"one of {sorted(FILTERS)}", self.interpolation)

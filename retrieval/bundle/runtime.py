@@ -19,11 +19,11 @@ from retrieval.bundle.model_config import (
     MODEL_CONFIG,
     RUNTIME_FILES,
     build_embedder,
-    is_positive_int,
     quiet_tracing,
     read_model_config,
 )
-from retrieval.extract import resolve_device
+from retrieval.infra.checks import positive_int
+from retrieval.models.extract import resolve_device
 
 
 def onnxruntime_module() -> Any:
@@ -162,8 +162,8 @@ def load_runtime(
         raise ValueError(f"kind must be one of {[*RUNTIME_FILES, 'auto']}, got {kind!r}")
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if threads is not None and not is_positive_int(threads):
-        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    if threads is not None:
+        positive_int(threads, "threads (or None)")
     if kind == "auto":
         kind = "onnx" if onnxruntime_module() is not None else "torchscript"
     config = read_model_config(root / MODEL_CONFIG)

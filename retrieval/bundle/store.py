@@ -36,7 +36,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from retrieval.io import fsync_dir
+from retrieval.infra.checks import positive_int, unit_rows, vectors
+from retrieval.infra.io import fsync_dir
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -184,23 +185,9 @@ class Snapshot:
     id: int = 0
 
 
-def check_vectors(vectors: Any, dim: int, n: int | None = None) -> np.ndarray:
-    """Validate (n, dim) finite, L2-normalised rows; return them as C-contiguous float32."""
-    x = np.asarray(vectors)
-    if x.ndim != 2 or x.shape[1] != dim or (n is not None and x.shape[0] != n):
-        rows = "n" if n is None else str(n)
-        raise ValueError(f"vectors must have shape ({rows}, {dim}), got {x.shape}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise ValueError("vectors contain NaN or infinite values")
-    norms = np.linalg.norm(x, axis=1)
-    bad = np.flatnonzero(np.abs(norms - 1.0) > _NORM_TOLERANCE)
-    if bad.size:
-        raise ValueError(
-            f"vectors must be L2-normalised; row {bad[0]} has norm {norms[bad[0]]:.4f} "
-            f"({bad.size} such rows): divide each row by its norm first"
-        )
-    return x
+def check_vectors(x: Any, dim: int, n: int | None = None, name: str = "vectors") -> np.ndarray:
+    """``x`` as C-contiguous float32 when it is (n, dim) finite rows of unit L2 norm (1e-3)."""
+    return unit_rows(vectors(x, name, dim=dim, rows=n), name, _NORM_TOLERANCE)
 
 
 def _row_problems(uri: Any, label: Any, extra: Any, sha: Any) -> list[str]:
@@ -300,8 +287,7 @@ class ItemStore:
                 ``initial_snapshot`` is not empty.
         """
         dest = Path(path)
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        positive_int(dim, "dim")
         if dest.exists():
             raise FileExistsError(f"cannot create an item store at {dest}: the file exists")
         first = initial_snapshot
@@ -651,8 +637,7 @@ class ItemStore:
             Each chunk is its own query: items added or removed meanwhile may or may not
             be seen.
         """
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        positive_int(chunk_size, "chunk_size")
         last = int(after_id)
         while True:
             rows = self._fetch(
@@ -706,8 +691,7 @@ class ItemStore:
         object) and sha256; each ``base_vectors`` row's vector likewise. Every row is read,
         ``chunk_size`` at a time, so memory stays bounded. One message per kind of damage,
         naming the file, the table and the ids. ``active_only``: skip removed items."""
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        positive_int(chunk_size, "chunk_size")
         bad: dict[str, list[int]] = {}
         active = " AND i.removed_seq IS NULL" if active_only else ""
         sql = (

@@ -21,10 +21,10 @@ import numpy as np
 
 from retrieval.bundle.format import BundleError, export_lock, stale_exports, write_manifest
 from retrieval.bundle.items import IndexedItems
-from retrieval.bundle.model import export_model
+from retrieval.bundle.model_export import export_model
 from retrieval.bundle.preprocess import Preprocessor
 from retrieval.bundle.store import ItemRecord
-from retrieval.io import atomic_write, package_versions
+from retrieval.infra.io import atomic_write, package_versions
 from retrieval.models import Embedder
 from retrieval.models.backbone import Preprocessing
 

@@ -28,6 +28,7 @@ from retrieval.data.copy_edits_draw import (
     random_colour,
 )
 from retrieval.data.images import images_in_folder
+from retrieval.infra.checks import positive_int
 
 EDIT_KINDS: tuple[str, ...] = (
     "crop",
@@ -234,8 +235,7 @@ def load_overlays(folder: str | Path, limit: int = 256) -> list[Image.Image]:
         ValueError: ``folder`` is not a folder or holds no images (the message names it), or
             ``limit`` < 1.
     """
-    if limit < 1:
-        raise ValueError(f"limit={limit} must be at least 1")
+    positive_int(limit, "limit")
     paths = images_in_folder(folder, name=f"overlay folder {folder}")[:limit]
     overlays = []
     for path in paths:

@@ -40,7 +40,7 @@ from pathlib import Path
 from retrieval.data.copy_edits import EDIT_KINDS, apply_edit, load_overlays
 from retrieval.data.images import list_images, load_rgb
 from retrieval.data.manifest import ManifestError, ManifestRow, write_manifest
-from retrieval.io import atomic_write, sha256_file
+from retrieval.infra.io import atomic_write, sha256_file
 
 COPYDETECT_VERSION = 2  # bump when the queries or the rows change for the same inputs
 MIN_IMAGES = 20

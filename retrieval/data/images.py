@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
+from retrieval.infra.checks import positive_int
+
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit (Image.MAX_IMAGE_PIXELS)
 _ALPHA_MODES = {"LA", "La", "RGBA", "RGBa", "PA"}
 _JPEG_TAIL = 1024
@@ -248,8 +250,7 @@ def find_unreadable(
     last KiB. Pixel data is not decoded, so some corrupt files can still pass; ``load_rgb``
     catches those. An empty ``paths`` gives []. Raises ValueError if ``num_threads`` < 1.
     """
-    if num_threads < 1:
-        raise ValueError(f"num_threads must be at least 1, got {num_threads}")
+    positive_int(num_threads, "num_threads")
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
         results = pool.map(lambda p: _scan_one(Path(p), max_pixels), paths)
         return [bad for bad in results if bad is not None]

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrieval.io import atomic_write
+from retrieval.infra.io import atomic_write
 
 SPLITS = ("train", "val", "test")
 REQUIRED = ("path", "label", "split")

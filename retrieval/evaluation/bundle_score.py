@@ -1,8 +1,8 @@
 """Score an exported bundle the way a user searches it: every query image goes through
-:meth:`retrieval.search.Retriever.search` (the bundle's own preprocessing, runtime and index),
-and the hits' labels, stored with the bundle's items at export, decide what is relevant.
+:meth:`retrieval.bundle.retriever.Retriever.search` (the bundle's own preprocessing, runtime
+and index), and the hits' labels, stored with the bundle's items at export, decide what is relevant.
 
-The metric functions are those of :mod:`retrieval.metrics`, with the conventions of
+The metric functions are those of :mod:`retrieval.evaluation.metrics`, with the conventions of
 :func:`retrieval.evaluation.evaluate_embeddings`: queries whose label no bundle item has are
 left out of the recall values (and counted), but their hits still enter ``micro_ap@{k}`` as
 false positives.
@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.metrics import micro_average_precision, recall_at_k
+from retrieval.evaluation.metrics import micro_average_precision, recall_at_k
+from retrieval.infra.checks import positive_int
 
 if TYPE_CHECKING:
-    from retrieval.search import Retriever
+    from retrieval.bundle.retriever import Retriever
 
 __all__ = ["bundle_label_counts", "score_bundle"]
 
@@ -78,8 +79,7 @@ def score_bundle(
     """
     if not queries:
         raise ValueError("no queries to score")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    positive_int(k, "k")
     counts = bundle_label_counts(retriever)
     labels = [str(label) for _, label, _ in queries]
     num_relevant = np.array([counts.get(label, 0) for label in labels], dtype=np.int64)

@@ -22,15 +22,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from retrieval.evaluation.inputs import (
-    as_embeddings,
     as_labels,
     encode_labels,
     encode_pair,
     l2_normalised,
 )
-from retrieval.evaluation.result import RetrievalResult
-from retrieval.index import EmbeddingIndex, drop_self, kmeans, knn_recall, self_join_pays_off
-from retrieval.metrics import (
+from retrieval.evaluation.metrics import (
     average_precision,
     map_at_k,
     map_at_r,
@@ -40,9 +37,12 @@ from retrieval.metrics import (
     r_precision,
     recall_at_k,
 )
+from retrieval.evaluation.ranking import relevant_ranks
+from retrieval.evaluation.result import RetrievalResult
+from retrieval.index import EmbeddingIndex, drop_self, kmeans, knn_recall, self_join_pays_off
+from retrieval.infra.checks import positive_int, vectors
 from retrieval.postprocess import Postprocess, Whitening, database_augment, fit_whitening
 from retrieval.postprocess.query import search_with_steps
-from retrieval.ranking import relevant_ranks
 
 __all__ = [
     "ALL_METRICS",
@@ -112,10 +112,9 @@ def search_excluding_self(
 
 def _check_options(ks: Sequence[int], metrics: Sequence[str]) -> tuple[list[int], list[str]]:
     ks = list(ks)
-    if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) for k in ks):
-        raise ValueError(f"ks must be a non-empty sequence of ints, got {ks!r}")
-    if min(ks) < 1:
-        raise ValueError(f"ks must be positive, got {ks!r}")
+    if not ks:
+        raise ValueError("ks must be a non-empty sequence of positive integers, got []")
+    ks = [positive_int(k, "each of ks") for k in ks]
     names = list(metrics)
     unknown = sorted(set(names) - set(ALL_METRICS))
     if unknown or not names:
@@ -281,7 +280,7 @@ def evaluate_embeddings(
 ) -> RetrievalResult:
     """Evaluate retrieval of ``query`` in ``gallery`` (or leave-one-out within ``query``).
 
-    Metrics (definitions in :mod:`retrieval.metrics`), averaged over the scored queries:
+    Metrics (definitions in :mod:`retrieval.evaluation.metrics`), averaged over the scored queries:
 
     - ``recall@{k}``: a relevant item among the first k (the papers' Recall@k, a hit rate);
     - ``precision@{k}``: the share of the first k that is relevant;
@@ -328,7 +327,7 @@ def evaluate_embeddings(
     if (gallery is None) != (gallery_labels is None):
         raise ValueError("pass gallery and gallery_labels together, or neither")
     ks_, names = _check_options(ks, metrics)
-    xq = as_embeddings(query, "query")
+    xq = vectors(query, "query", integers=False, empty=False)
     lq = as_labels(query_labels, xq.shape[0], "query_labels")
     loo = gallery is None
     if gallery is None:
@@ -336,7 +335,7 @@ def evaluate_embeddings(
         xg, cq = xq, encode_labels(lq)
         cg = cq
     else:
-        xg = as_embeddings(gallery, "gallery")
+        xg = vectors(gallery, "gallery", integers=False, empty=False)
         if xg.shape[1] != xq.shape[1]:
             raise ValueError(f"query has dim {xq.shape[1]} but gallery has dim {xg.shape[1]}")
         lg = as_labels(gallery_labels, xg.shape[0], "gallery_labels")

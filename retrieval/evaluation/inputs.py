@@ -6,23 +6,9 @@ import warnings
 
 import numpy as np
 
-__all__ = ["as_embeddings", "as_labels", "encode_labels", "l2_normalised"]
+__all__ = ["as_labels", "encode_labels", "l2_normalised"]
 
 NORM_TOLERANCE = 1e-4
-
-
-def as_embeddings(x: np.ndarray, name: str) -> np.ndarray:
-    """Validate a non-empty (n, d) array of finite floats; return it as C-contiguous float32."""
-    arr = np.asarray(x)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (n, dim) array, got shape {arr.shape}")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {arr.shape})")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"{name} must be a floating-point array, got dtype {arr.dtype}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def l2_normalised(arrays: dict[str, np.ndarray], stacklevel: int = 3) -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.io import atomic_write
+from retrieval.infra.io import atomic_write
 
 __all__ = ["EmbeddingFile", "read_embeddings_npz", "write_embeddings_npz"]
 

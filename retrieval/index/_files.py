@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from retrieval.io import fsync_dir, sha256_file
+from retrieval.infra.io import fsync_dir, sha256_file
 
 _CHUNK = 1 << 20
 

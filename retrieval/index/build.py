@@ -1,6 +1,6 @@
 """Building an index from embedding shards larger than memory.
 
-The vectors stay on disk in ``.npy`` files (see :mod:`retrieval.shards`), memory-mapped one
+The vectors stay on disk in ``.npy`` files (see :mod:`retrieval.index.shards`), memory-mapped one
 file at a time: the index is trained on a sample drawn uniformly across all files, then the
 files are added ``chunk_rows`` rows at a time. Peak memory is the index itself plus one chunk
 and one file's mapped pages, whatever the number of vectors (10,000,000 x 128 into
@@ -21,10 +21,18 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.index._checks import check_positive
+from retrieval.index._checks import sample_positions
 from retrieval.index.embedding_index import EmbeddingIndex
-from retrieval.io import sha256_file
-from retrieval.shards import FORMAT, PLAN_FILE, ShardError, ShardItem, shard_files, shard_problem
+from retrieval.index.shards import (
+    FORMAT,
+    PLAN_FILE,
+    ShardError,
+    ShardItem,
+    shard_files,
+    shard_problem,
+)
+from retrieval.infra.checks import positive_int
+from retrieval.infra.io import sha256_file
 
 __all__ = [
     "ShardSet",
@@ -58,15 +66,6 @@ def vector_counts(files: Sequence[PathLike]) -> list[int]:
     return [n for n, _ in shapes]
 
 
-def sample_positions(n: int, max_rows: int, seed: int = 0) -> np.ndarray:
-    """Sorted row numbers of the training sample: all of ``0 .. n-1`` when ``n <= max_rows``,
-    else ``max_rows`` of them drawn as :meth:`EmbeddingIndex.train` draws them."""
-    check_positive(max_rows, "max_rows")
-    if n <= max_rows:
-        return np.arange(n, dtype=np.int64)
-    return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
-
-
 def training_sample(files: Sequence[PathLike], max_rows: int, seed: int = 0) -> np.ndarray:
     """(min(n, max_rows), dim) float32 rows of the files, chosen by :func:`sample_positions`
     over their concatenation (n rows in all); one file mapped at a time."""
@@ -85,7 +84,7 @@ def training_sample(files: Sequence[PathLike], max_rows: int, seed: int = 0) -> 
 def iter_chunks(files: Sequence[PathLike], chunk_rows: int = 100_000) -> Iterator[np.ndarray]:
     """The files' rows in order, as (chunk_rows, dim) float32 copies (the last one shorter);
     chunks span file boundaries. Files with no rows are skipped."""
-    check_positive(chunk_rows, "chunk_rows")
+    positive_int(chunk_rows, "chunk_rows")
     pending: list[np.ndarray] = []
     have = 0
     for path in files:
@@ -143,7 +142,7 @@ def build_index(
 
 
 class ShardSet:
-    """A finished shards folder written by :func:`retrieval.shards.embed_shards`, read-only.
+    """A finished shards folder written by :func:`retrieval.index.shards.embed_shards`, read-only.
 
     Raises (from :meth:`open`):
         ShardError: not a shards folder, or some shards unfinished or damaged.

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.index import _structure
-from retrieval.index._checks import as_ids, as_vectors, check_dim, check_positive, sample_rows
+from retrieval.index._checks import as_ids, sample_positions
 from retrieval.index._faiss import (
     check_temp_memory,
     gpu_available,
@@ -20,6 +20,7 @@ from retrieval.index._faiss import (
 )
 from retrieval.index._files import read_checked, write_atomically
 from retrieval.index.self_knn import drop_self, exact_self_knn
+from retrieval.infra.checks import positive_int, vectors
 
 __all__ = ["EmbeddingIndex", "ties_by_ascending_id"]
 
@@ -102,7 +103,7 @@ class EmbeddingIndex:
         gpu_temp_memory: int | None = None,
     ) -> None:
         faiss = import_faiss()
-        dim = check_dim(dim)
+        dim = positive_int(dim, "dim")
         temp_memory = check_temp_memory(gpu_temp_memory)
         try:
             index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
@@ -181,7 +182,7 @@ class EmbeddingIndex:
                 ``search_params``; and the constructor's GPU errors. Messages name the file.
         """
         faiss = import_faiss()
-        expected_dim = None if dim is None else check_dim(dim)
+        expected_dim = None if dim is None else positive_int(dim, "dim")
         temp_memory = check_temp_memory(gpu_temp_memory)
         index = read_checked(faiss, path, sha256, expected_dim)
         what = factory if factory is not None else _structure.describe(faiss, index)
@@ -265,7 +266,8 @@ class EmbeddingIndex:
         """
         if self.is_trained:
             return
-        x = sample_rows(as_vectors(xb, self._dim, "xb"), max_train, seed)
+        x = vectors(xb, "xb", dim=self._dim)
+        x = x[sample_positions(x.shape[0], positive_int(max_train, "max_train"), seed)]
         if x.shape[0] < self._min_train_rows:
             raise ValueError(
                 f"index {self._factory!r} needs at least {self._min_train_rows} training vectors, "
@@ -298,7 +300,7 @@ class EmbeddingIndex:
         Raises:
             ValueError: bad shape, non-finite values, or too few rows to train.
         """
-        x = as_vectors(xb, self._dim, "xb")
+        x = vectors(xb, "xb", dim=self._dim)
         if x.shape[0] == 0:
             return
         if not self.is_trained:
@@ -365,9 +367,9 @@ class EmbeddingIndex:
         """
         if self.ntotal == 0:
             raise ValueError("cannot search an empty index: add vectors first")
-        k_eff = min(check_positive(k, "k"), self.ntotal)
-        check_positive(chunk_size, "chunk_size")
-        x = as_vectors(xq, self._dim, "xq")
+        k_eff = min(positive_int(k, "k"), self.ntotal)
+        positive_int(chunk_size, "chunk_size")
+        x = vectors(xq, "xq", dim=self._dim)
         nq = x.shape[0]
         scores = np.empty((nq, k_eff), dtype=np.float32)
         ids = np.empty((nq, k_eff), dtype=np.int64)
@@ -423,8 +425,8 @@ class EmbeddingIndex:
         """
         if self.ntotal == 0:
             raise ValueError("cannot search an empty index: add vectors first")
-        check_positive(k, "k")
-        check_positive(chunk_size, "chunk_size")
+        positive_int(k, "k")
+        positive_int(chunk_size, "chunk_size")
         n = self.ntotal
         if self.exact_on_cpu:
             return exact_self_knn(self._index.reconstruct_n(0, n), k)

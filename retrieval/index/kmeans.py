@@ -6,8 +6,8 @@ import warnings
 
 import numpy as np
 
-from retrieval.index._checks import as_vectors, check_positive
 from retrieval.index._faiss import import_faiss
+from retrieval.infra.checks import positive_int, vectors
 
 __all__ = ["kmeans"]
 
@@ -46,16 +46,13 @@ def kmeans(
         ValueError: ``x`` not 2-D, empty or non-finite; ``k`` not in ``[1, n]``; ``niter``
             or ``max_points_per_centroid`` < 1; an unknown ``init``.
     """
-    arr = np.asarray(x)
-    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"x must be a non-empty 2-D array (n, d), got shape {arr.shape}")
-    xs = as_vectors(arr, arr.shape[1], "x")
+    xs = vectors(x, "x", empty=False)
     n, d = xs.shape
-    k = check_positive(k, "k")
+    k = positive_int(k, "k")
     if k > n:
         raise ValueError(f"k must be <= the number of rows ({n}), got {k}")
-    niter = check_positive(niter, "niter")
-    max_points_per_centroid = check_positive(max_points_per_centroid, "max_points_per_centroid")
+    niter = positive_int(niter, "niter")
+    max_points_per_centroid = positive_int(max_points_per_centroid, "max_points_per_centroid")
     if init not in ("k-means++", "random"):
         raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
     faiss = import_faiss()

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from retrieval.infra.checks import positive_int
+
 if TYPE_CHECKING:
     import torch
 
@@ -101,9 +103,9 @@ def exact_self_knn(
     """
     import torch
 
-    for name, value in (("k", k), ("block_size", 1 if block_size is None else block_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    positive_int(k, "k")
+    if block_size is not None:
+        positive_int(block_size, "block_size")
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"x must be a 2-D (n, d) array, got shape {x.shape}")

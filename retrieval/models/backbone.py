@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from retrieval import io
+from retrieval.infra import io
 from retrieval.models import weights as W
 
 RESIZE_MODES = ("crop", "squash", "pad")

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from retrieval.infra.checks import positive_int
+
 __all__ = ["STEPS", "AQE", "DBA", "Postprocess", "Rerank", "TTA", "Whiten"]
 
 #: The steps in the order they apply.
@@ -19,9 +21,7 @@ STEPS = ("tta", "whiten", "dba", "aqe", "rerank")
 
 
 def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"postprocess.{name} must be a positive integer, got {value!r}")
-    return value
+    return positive_int(value, f"postprocess.{name}")
 
 
 def _number(value: Any, name: str, low: float, high: float = math.inf) -> float:

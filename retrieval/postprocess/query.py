@@ -1,8 +1,9 @@
 """Query-time steps around any search: α-query expansion, then k-reciprocal re-ranking.
 
 :func:`search_with_steps` needs two functions of the caller's search backend, so evaluation
-(an in-memory index over the evaluated gallery) and :class:`~retrieval.search.Retriever` (a
-bundle's index and item store) run the very same steps:
+(an in-memory index over the evaluated gallery) and
+:class:`~retrieval.bundle.retriever.Retriever` (a bundle's index and item store)
+run the very same steps:
 
 - ``search(x, k) -> (scores, ids)``: the ``k`` best ids of each row of ``x``, best first,
   ``-1`` (score ``-inf``) for an empty slot;

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from retrieval.infra.checks import positive_int
+
 __all__ = [
     "Whitening",
     "alpha_query_expansion",
@@ -159,8 +161,7 @@ def fit_whitening(
         raise ValueError("whitening vectors contain NaN or infinite values")
     d = x.shape[1]
     out = d if dim is None else dim
-    if isinstance(out, bool) or not isinstance(out, (int, np.integer)) or not 1 <= out <= d:
-        raise ValueError(f"postprocess.whiten.dim must be an int in [1, {d}] or null, got {dim!r}")
+    positive_int(out, "postprocess.whiten.dim (or null)", maximum=d)
     if not 0.0 <= float(shrinkage) <= 1.0:
         raise ValueError(f"postprocess.whiten.shrinkage must be in [0, 1], got {shrinkage!r}")
     mean = x.mean(axis=0)

@@ -25,8 +25,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from retrieval.bundle.retriever import Hit, Retriever
 from retrieval.data.images import ImageLoadError, ImageTooLargeError
-from retrieval.search import Hit, Retriever
 from retrieval.service.budget import Busy, Deadline, DeadlineExceeded
 from retrieval.service.core import BadUpload, SearchService
 from retrieval.service.guard import RequestGuard

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from retrieval.infra.checks import positive_int
 from retrieval.service.budget import DeadlineExceeded
 
 Pending = tuple[np.ndarray, "asyncio.Future[np.ndarray]", float]
@@ -41,8 +42,7 @@ class MicroBatcher:
         max_wait_s: float = 0.002,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        positive_int(max_batch, "max_batch")
         self.embed_fn, self.max_batch, self.max_wait_s = embed_fn, max_batch, max_wait_s
         self.on_batch = on_batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")

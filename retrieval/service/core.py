@@ -14,8 +14,8 @@ from typing import Any
 import anyio.to_thread
 import numpy as np
 
+from retrieval.bundle.retriever import Hit, Retriever
 from retrieval.data.images import ImageLoadError, ImageTooLargeError, _open_checked
-from retrieval.search import Hit, Retriever
 from retrieval.service.batching import MicroBatcher
 from retrieval.service.budget import SMALL_PIXELS, Deadline, Lane
 from retrieval.service.cache import ExpiringCache

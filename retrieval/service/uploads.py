@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from retrieval.io import atomic_write
+from retrieval.infra.io import atomic_write
 
 #: Leading bytes of the formats the service accepts, and the extension files get.
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (

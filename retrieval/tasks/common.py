@@ -14,10 +14,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader, Dataset
 
-from retrieval.checkpoints import TrainingCheckpoint, load_embedder_weights, read_checkpoint
-from retrieval.extract import Embeddings, embed_loader, fingerprint, load_cached, save_cached
 from retrieval.models import Embedder, Preprocessing
+from retrieval.models.extract import Embeddings, embed_loader, fingerprint, load_cached, save_cached
 from retrieval.tasks.config import CONF_DIR
+from retrieval.training.checkpoints import (
+    TrainingCheckpoint,
+    load_embedder_weights,
+    read_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""``embed(cfg)``: embed a folder or a manifest into shards (:mod:`retrieval.shards`), this
+"""``embed(cfg)``: embed a folder or a manifest into shards (:mod:`retrieval.index.shards`), this
 worker's share of them, skipping the shards already finished. Called by ``embed.py``."""
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ from retrieval.data.dataset import ImageDataset
 from retrieval.data.images import ImageLoadError, find_unreadable, images_in_folder
 from retrieval.data.manifest import ManifestRow, read_manifest
 from retrieval.data.transforms import eval_transform
-from retrieval.extract import (
+from retrieval.index.shards import ShardContent, ShardItem, ShardPlan, embed_shards, worker_identity
+from retrieval.infra.io import sha256_file
+from retrieval.models import Embedder
+from retrieval.models.backbone import Preprocessing
+from retrieval.models.extract import (
     embed_loader,
     model_fingerprint,
     resolve_device,
     resolve_precision,
 )
-from retrieval.io import sha256_file
-from retrieval.models import Embedder
-from retrieval.models.backbone import Preprocessing
-from retrieval.shards import ShardContent, ShardItem, ShardPlan, embed_shards, worker_identity
 from retrieval.tasks.common import LoadedModel, describe_model, load_model, model_preprocessing
 
 log = logging.getLogger(__name__)

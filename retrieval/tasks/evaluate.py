@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from retrieval.evaluation import RetrievalResult, evaluate_embeddings, evaluate_protocol
 from retrieval.evaluation.npz import read_embeddings_npz, write_embeddings_npz
-from retrieval.extract import resolve_device, resolve_precision
-from retrieval.io import package_versions, sha256_file
+from retrieval.infra.io import package_versions, sha256_file
+from retrieval.models.extract import resolve_device, resolve_precision
 from retrieval.postprocess import Postprocess
 from retrieval.tasks.common import (
     data_config,

@@ -10,9 +10,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from omegaconf import DictConfig
 
-from retrieval.io import atomic_write
-from retrieval.loggers import describe_wandb, finish_wandb
-from retrieval.reports import choose_queries, per_label_table, results_grid, save_png, write_csv
+from retrieval.evaluation.reports import (
+    choose_queries,
+    per_label_table,
+    results_grid,
+    save_png,
+    write_csv,
+)
+from retrieval.infra.io import atomic_write
+from retrieval.training.loggers import describe_wandb, finish_wandb
 
 if TYPE_CHECKING:
     from retrieval.tasks.evaluate import EvalInputs

@@ -21,12 +21,12 @@ from retrieval.data.images import find_unreadable, images_in_folder, report_unre
 from retrieval.data.manifest import ManifestRow
 from retrieval.data.transforms import eval_transform
 from retrieval.evaluation import evaluate_protocol
-from retrieval.extract import model_fingerprint, resolve_device
 from retrieval.index.build import ShardSet, training_sample
-from retrieval.io import sha256_file
+from retrieval.index.shards import ShardError
+from retrieval.infra.io import sha256_file
 from retrieval.models.backbone import Preprocessing
+from retrieval.models.extract import model_fingerprint, resolve_device
 from retrieval.postprocess import database_augment, fit_whitening
-from retrieval.shards import ShardError
 from retrieval.tasks.common import (
     LoadedModel,
     data_config,

@@ -14,8 +14,8 @@ import torch
 from omegaconf import DictConfig
 
 from retrieval.data.dataset import ImageDataset
-from retrieval.extract import Embeddings
 from retrieval.models import Embedder
+from retrieval.models.extract import Embeddings
 from retrieval.postprocess import Postprocess, Whitening, fit_whitening
 
 log = logging.getLogger(__name__)

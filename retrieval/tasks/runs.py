@@ -15,8 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from retrieval.allocator import keep_freed_memory
-from retrieval.io import atomic_write
+from retrieval.infra.allocator import keep_freed_memory
+from retrieval.infra.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig, failed: Any = N
     trial): hydra-optuna-sweeper 1.2/1.3 aborts the whole study on a NaN result.
     Outside a multirun (a single run, a test calling it) the exception propagates unchanged.
     ``KeyboardInterrupt`` and ``SystemExit`` always propagate: they stop the whole sweep.
-    Freed memory is kept for reuse first (:func:`retrieval.allocator.keep_freed_memory`)."""
+    Freed memory is kept for reuse first (:func:`retrieval.infra.allocator.keep_freed_memory`)."""
     keep_freed_memory()
     if not in_multirun():
         return task(cfg)

@@ -18,14 +18,14 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from retrieval.allocator import keep_freed_memory
 from retrieval.evaluation import evaluate_protocol
-from retrieval.extract import embed_loader
-from retrieval.io import atomic_write
-from retrieval.loggers import describe_wandb, finish_wandb
+from retrieval.infra.allocator import keep_freed_memory
+from retrieval.infra.io import atomic_write
+from retrieval.infra.progress import progress_bar
 from retrieval.models import Embedder
-from retrieval.progress import progress_bar
-from retrieval.quiet import quiet_third_party
+from retrieval.models.extract import embed_loader
+from retrieval.training.loggers import describe_wandb, finish_wandb
+from retrieval.training.quiet import quiet_third_party
 
 log = logging.getLogger(__name__)
 

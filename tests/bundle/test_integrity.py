@@ -19,9 +19,9 @@ from retrieval.bundle import writer
 from retrieval.bundle.format import BundleError, read_manifest, write_manifest
 from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.model_config import build_embedder, check_model_config
+from retrieval.bundle.retriever import Retriever
 from retrieval.bundle.store import ItemRecord, ItemStore, StoreError
 from retrieval.cli import main
-from retrieval.search import Retriever
 
 DIM = 16
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from retrieval.bundle.items import IndexedItems
+from retrieval.bundle.retriever import Retriever
 from retrieval.bundle.store import ItemRecord
 from retrieval.postprocess import AQE, Rerank, search_with_steps
-from retrieval.search import Retriever
 
 DIM = 32
 N = 20_000

@@ -1,4 +1,4 @@
-"""Tests for retrieval.bundle.model: export, rebuild and the three runtimes against PyTorch."""
+"""Tests for the bundle's model: export, rebuild and the runtimes against PyTorch."""
 
 from __future__ import annotations
 
@@ -15,15 +15,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from retrieval.bundle.format import BundleError
-from retrieval.bundle.model import (
-    Runtime,
-    build_embedder,
-    check_model_config,
-    export_model,
-    load_runtime,
-    read_model_config,
-)
+from retrieval.bundle.model_config import build_embedder, check_model_config, read_model_config
+from retrieval.bundle.model_export import export_model
 from retrieval.bundle.preprocess import Preprocessor
+from retrieval.bundle.runtime import Runtime, load_runtime
 from retrieval.data.demo_render import render_demo_image
 from retrieval.models import Embedder, create_backbone
 from tests.bundle_fixtures import OPENVINO
@@ -323,7 +318,8 @@ def test_truncated_or_missing_files_are_named(
 
 def test_importing_the_model_module_pulls_no_training_stack() -> None:
     code = (
-        "import retrieval.bundle.model, sys; banned = {'hydra', 'omegaconf', 'lightning'}; "
+        "import retrieval.bundle.runtime, retrieval.bundle.model_export, sys; "
+        "banned = {'hydra', 'omegaconf', 'lightning'}; "
         "assert not any(m.split('.')[0] in banned for m in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

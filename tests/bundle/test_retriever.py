@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from retrieval.bundle.format import FORMAT_VERSION, BundleError
+from retrieval.bundle.retriever import Retriever
 from retrieval.data.images import ImageLoadError, load_rgb
-from retrieval.search import Retriever
 from tests.bundle_fixtures import (
     OPENVINO,
     Gallery,
@@ -219,7 +219,7 @@ def test_an_add_acknowledged_before_a_kill_survives(bundle_copy: Path, tmp_path:
     (image,) = new_images(tmp_path / "new", 1)
     code = (
         "import os, signal, sys\n"
-        "from retrieval.search import Retriever\n"
+        "from retrieval.bundle.retriever import Retriever\n"
         "r = Retriever.load(sys.argv[1])\n"
         "report = r.add([sys.argv[2]])\n"
         "assert len(report.added) == 1, report\n"
@@ -382,7 +382,7 @@ def test_altered_files_are_refused_at_load_and_nothing_else_changes(
 
 def test_bad_preprocessing_with_a_matching_checksum_names_the_field(bundle_copy: Path) -> None:
     from retrieval.bundle.format import read_manifest, write_manifest
-    from retrieval.io import sha256_file
+    from retrieval.infra.io import sha256_file
 
     path = bundle_copy / "preprocessing.json"
     data = json.loads(path.read_text())
@@ -501,7 +501,7 @@ def test_info_describes_the_bundle(retriever: Retriever) -> None:
 
 def test_importing_search_and_cli_pulls_no_training_stack() -> None:
     code = (
-        "import sys, retrieval.search, retrieval.cli\n"
+        "import sys, retrieval.bundle.retriever, retrieval.cli\n"
         "banned = {'hydra', 'omegaconf', 'lightning', 'pytorch_lightning', 'lightning_fabric'}\n"
         "found = sorted(m for m in sys.modules if m.split('.')[0] in banned)\n"
         "assert not found, found\n"

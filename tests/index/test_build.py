@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from retrieval.index import EmbeddingIndex, ShardSet, build_index, knn_recall
-from retrieval.index._checks import sample_rows
+from retrieval.index._checks import sample_positions
 from retrieval.index._faiss import gpu_available, import_faiss
 from retrieval.index.build import add_from_files, iter_chunks, training_sample, vector_counts
-from retrieval.shards import ShardError
+from retrieval.index.shards import ShardError
 from tests.index.synthetic import brute_force, clustered, unit
 from tests.index.test_gpu import _FakeGpuFaiss
 
@@ -47,7 +47,7 @@ def test_chunks_span_files_in_order(shards):
 def test_training_sample_is_the_one_shot_sample(shards):
     files, xb, _ = shards
     for max_rows, seed in ((1000, 0), (1000, 7), (5000, 0)):
-        expected = sample_rows(xb, max_rows, seed)
+        expected = xb[sample_positions(len(xb), max_rows, seed)]
         np.testing.assert_array_equal(training_sample(files, max_rows, seed), expected)
 
 

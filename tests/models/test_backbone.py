@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval import io
 from retrieval.data.transforms import eval_transform
+from retrieval.infra import io
 from retrieval.models import Embedder, WeightsUnavailableError, create_backbone
 from retrieval.models import weights as W
 

@@ -9,8 +9,8 @@ other warning still shows.
   by design (see :func:`expect_eval_modules`); any other module in eval mode still warns.
 
 W&B's "anonymous setting has no effect" is avoided where it starts, in
-:func:`retrieval.loggers.wandb_logger`; FAISS's k-means warnings are replaced by one line of
-ours in :mod:`retrieval.index`.
+:func:`retrieval.training.loggers.wandb_logger`; FAISS's k-means warnings are replaced by one
+line of ours in :mod:`retrieval.index`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Training checkpoints: writing them during training (:class:`RunCheckpoint`, the callback of
 ``conf/callbacks/default.yaml``), and reading them without unpickling code: the Embedder's weights
-and the run's config (``run_config``, stored by :class:`~retrieval.module.RetrievalModule`)."""
+and the run's config (``run_config``, stored by
+:class:`~retrieval.training.module.RetrievalModule`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from retrieval.io import sha256_file
+from retrieval.infra.io import sha256_file
 
 __all__ = [
     "CheckpointError",

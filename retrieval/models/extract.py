@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from retrieval.io import atomic_write
+from retrieval.infra.io import atomic_write
 
 __all__ = [
     "Embeddings",
@@ -107,7 +107,7 @@ def embed_loader(
         precision: ``auto`` | ``fp32`` | ``bf16`` | ``fp16`` autocast.
         progress: ``None`` or True: tqdm's bar when stderr is a terminal, else a plain line
             every ``progress_every_s`` seconds and one at the end
-            (:func:`retrieval.progress.track`); False: nothing.
+            (:func:`retrieval.infra.progress.track`); False: nothing.
 
     Raises:
         ValueError: the loader yields nothing, or the model returns non-finite values.
@@ -118,7 +118,7 @@ def embed_loader(
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("vec", "label", "index", "q", "g")}
     batches: Iterable[Mapping[str, torch.Tensor]] = loader
     if progress is not False:
-        from retrieval.progress import track  # Lightning's import only when it is shown
+        from retrieval.infra.progress import track  # Lightning's import only when it is shown
 
         batches = track(loader, total, description, unit="batch", every_s=progress_every_s)
     with torch.inference_mode(), _autocast(dev, precision):

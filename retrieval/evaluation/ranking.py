@@ -10,7 +10,7 @@ FAISS ``IndexFlatL2`` search orders them so too. Tested against both in
 Scores are float32 matrix products computed here with torch; FAISS computes its own and may
 differ in the last bit, so scores equal to within ~1e-7 but not exactly equal may be ordered
 differently by FAISS. Full average precision only needs these ranks (see
-``retrieval.metrics.average_precision``), never an nq x ng matrix or a full sort.
+``retrieval.evaluation.metrics.average_precision``), never an nq x ng matrix or a full sort.
 """
 
 from __future__ import annotations
@@ -18,26 +18,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from retrieval.infra.checks import int_array, positive_int, vectors
+
 __all__ = ["relevant_ranks"]
-
-
-def _as_vectors(x: np.ndarray, name: str) -> np.ndarray:
-    arr = np.asarray(x)
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"{name} must be a 2-D float array (n, d), got {arr.dtype} {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return arr
-
-
-def _as_ints(x: np.ndarray, n: int, name: str) -> np.ndarray:
-    arr = np.asarray(x)
-    if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(
-            f"{name} must be an integer array of shape ({n},), got {arr.dtype} {arr.shape}"
-        )
-    return arr.astype(np.int64)
 
 
 def _use_sort(num_items: int, ng: int) -> bool:
@@ -108,26 +91,23 @@ def relevant_ranks(
         ``(ranks, num_relevant)``: ``num_relevant`` (nq,) int64 R_q, and ``ranks``
         (nq, max R) int64 (0 columns if nq == 0 or every R_q == 0) holding in row q its
         R_q ranks ascending, then zeros; a query with R_q == 0 gets an all-zero row.
-        Feed the rows with R_q >= 1 to ``retrieval.metrics.average_precision``.
+        Feed the rows with R_q >= 1 to ``retrieval.evaluation.metrics.average_precision``.
 
     Raises:
         ValueError: non-2-D, non-float or non-finite embeddings, dimension mismatch, bad
             code or self_ids shapes or dtypes, self_ids out of range or with another code,
             or chunk_size < 1.
     """
-    xq_, xg_ = _as_vectors(xq, "xq"), _as_vectors(xg, "xg")
+    xq_, xg_ = vectors(xq, "xq", integers=False), vectors(xg, "xg", integers=False)
     nq, ng = xq_.shape[0], xg_.shape[0]
     if xq_.shape[1] != xg_.shape[1]:
         raise ValueError(f"xq has dimension {xq_.shape[1]} but xg has {xg_.shape[1]}")
-    qc = _as_ints(query_codes, nq, "query_codes")
-    gc = _as_ints(gallery_codes, ng, "gallery_codes")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    qc = int_array(query_codes, nq, "query_codes")
+    gc = int_array(gallery_codes, ng, "gallery_codes")
+    positive_int(chunk_size, "chunk_size")
     self_ = None
     if self_ids is not None:
-        self_ = _as_ints(self_ids, nq, "self_ids")
+        self_ = int_array(self_ids, nq, "self_ids")
         if nq and (self_.min() < 0 or self_.max() >= ng):
             raise ValueError(f"self_ids must lie in [0, ng={ng})")
         if np.any(gc[self_] != qc):

@@ -13,10 +13,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from retrieval.evaluation import evaluate_protocol
-from retrieval.layer_decay import layer_decay_groups
-from retrieval.losses import build_loss, check_gatherable, compute_loss
 from retrieval.models.embedder import Embedder
-from retrieval.quiet import expect_eval_modules
+from retrieval.training.layer_decay import layer_decay_groups
+from retrieval.training.losses import build_loss, check_gatherable, compute_loss
+from retrieval.training.quiet import expect_eval_modules
 
 
 class RetrievalModule(pl.LightningModule):
@@ -37,14 +37,16 @@ class RetrievalModule(pl.LightningModule):
             parameters train (the backbone runs in eval mode without gradients).
         layer_decay: layer-wise learning-rate decay of a ViT backbone (e.g. 0.75): block ``i``
             of L trains at ``lr * layer_decay ** (L - i)``, the patch embedding at
-            ``lr * layer_decay ** (L + 1)`` (see :func:`retrieval.layer_decay.layer_decay_groups`);
+            ``lr * layer_decay ** (L + 1)`` (see
+            :func:`retrieval.training.layer_decay.layer_decay_groups`);
             ``None``: one learning rate for the whole backbone. Other backbones raise ValueError.
         eval_ks: the k of recall@k reported by validation.
         eval_metrics: metric families validation reports (see
             :func:`retrieval.evaluation.evaluate_embeddings`).
         gather_embeddings: under distributed training, compute the loss and the miner over the
             embeddings and labels of every rank (the global batch) instead of this rank's batch
-            alone; only for parameter-free PML losses (see :func:`retrieval.losses.compute_loss`).
+            alone; only for parameter-free PML losses (see
+            :func:`retrieval.training.losses.compute_loss`).
         run_config: plain dict stored in checkpoints so a run can be rebuilt from them.
     """
 

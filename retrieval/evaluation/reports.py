@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from retrieval.data.images import DEFAULT_MAX_PIXELS, load_rgb
-from retrieval.io import atomic_write
+from retrieval.infra.io import atomic_write
 
 GREEN, RED, BLUE, GREY = (0, 160, 60), (215, 40, 40), (40, 90, 200), (150, 150, 150)
 _WHITE, _LETTERBOX, _PLACEHOLDER, _TEXT = (255,) * 3, (235,) * 3, (190,) * 3, (30,) * 3

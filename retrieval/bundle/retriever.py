@@ -28,10 +28,11 @@ from retrieval.bundle.format import (
     verify_files,
 )
 from retrieval.bundle.items import IndexedItems
-from retrieval.bundle.model import Runtime, load_runtime
 from retrieval.bundle.preprocess import Preprocessor
+from retrieval.bundle.runtime import Runtime, load_runtime
 from retrieval.bundle.store import Item, ItemRecord
 from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageLoadError
+from retrieval.infra.checks import positive_int
 from retrieval.postprocess import Postprocess, Rerank, search_with_steps
 
 __all__ = ["AddReport", "Hit", "Retriever"]
@@ -261,8 +262,7 @@ class Retriever:
                 ``None``: as the bundle was exported (``postprocess.rerank`` in its manifest),
                 ``True`` with the bundle's settings or the defaults.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        positive_int(k, "k")
         if rerank is not None and not isinstance(rerank, bool):
             raise ValueError(f"rerank must be true, false or None, got {rerank!r}")
         x = self._as_queries(queries, batch_size)

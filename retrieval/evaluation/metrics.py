@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from retrieval.infra.checks import is_int, positive_int
+
 __all__ = [
     "average_precision",
     "map_at_k",
@@ -94,8 +96,7 @@ def recall_at_k(neighbor_labels: np.ndarray, query_labels: np.ndarray, k: int) -
 def _relevance_at_k(neighbor_labels: np.ndarray, query_labels: np.ndarray, k: int) -> np.ndarray:
     """Validate the labels and ``1 <= k <= K``; return the (nq, k) bool hit matrix."""
     rel = _relevance(neighbor_labels, query_labels)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= rel.shape[1]:
-        raise ValueError(f"k must be an int in [1, K={rel.shape[1]}], got {k!r}")
+    positive_int(k, "k", maximum=rel.shape[1])
     return rel[:, :k]
 
 
@@ -194,7 +195,7 @@ def average_precision(relevant_ranks: np.ndarray, num_relevant: np.ndarray) -> n
 
     ``AP[q] = (1 / R) * sum_{j=1..R} j / rank_j`` where rank_1 < ... < rank_R are the 1-based
     positions of query q's R = R_q relevant gallery items in its full ranking (as returned
-    by ``retrieval.ranking.relevant_ranks``). Example: ranks [1, 3] give (1/1 + 2/3) / 2.
+    by ``retrieval.evaluation.ranking.relevant_ranks``). Example: ranks [1, 3] give (1/1 + 2/3) / 2.
 
     Args:
         relevant_ranks: (nq, Rmax) integers, Rmax >= max(R): row q holds its R_q ranks
@@ -276,7 +277,7 @@ def micro_average_precision(scores: np.ndarray, relevant: np.ndarray, num_positi
     if np.isnan(s).any():
         raise ValueError("scores contain NaN")
     found = int(rel.sum())
-    if isinstance(num_positives, bool) or not isinstance(num_positives, (int, np.integer)):
+    if not is_int(num_positives):
         raise ValueError(f"num_positives must be an int, got {num_positives!r}")
     if num_positives < max(1, found):
         raise ValueError(

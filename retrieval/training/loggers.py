@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger
 
-from retrieval.io import network_reachable
+from retrieval.infra.io import network_reachable
 
 
 def wandb_host() -> str:

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.io import atomic_write, sha256_file
+from retrieval.infra.checks import positive_int
+from retrieval.infra.io import atomic_write, sha256_file
 
 __all__ = [
     "PLAN_FILE",
@@ -86,8 +87,7 @@ class ShardPlan:
     shard_size: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.shard_size, bool) or int(self.shard_size) < 1:
-            raise ValueError(f"shard_size must be a positive int, got {self.shard_size!r}")
+        positive_int(self.shard_size, "shard_size")
         if not self.items:
             raise ValueError("the plan has no items to embed")
 
