@@ -53,6 +53,7 @@ from retrieval.bundle.store import (
     StoreError,
     check_vectors,
 )
+from retrieval.index._checks import sample_positions
 from retrieval.index import EmbeddingIndex
 from retrieval.infra.io import fsync_dir, sha256_file
 from retrieval.postprocess.steps import dba_vectors_for
@@ -181,9 +182,7 @@ def _build_from_store(
     index = EmbeddingIndex(store.dim, factory, use_gpu=False, search_params=search_params)
     if not index.is_trained:
         active = store.active_ids()
-        if active.size > max_train:
-            rng = np.random.default_rng(0)
-            active = np.sort(rng.choice(active, size=max_train, replace=False))
+        active = active[sample_positions(active.size, max_train, seed=0)]
         index.train(store.vectors(active.tolist()))
     parts = [np.empty(0, dtype=np.int64)]
     for ids, vectors in store.iter_active():
