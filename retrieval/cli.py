@@ -25,6 +25,7 @@ from typing import Any
 
 from retrieval.bundle.format import BundleBusyError, BundleError, ReadOnlyError
 from retrieval.data.images import ImageLoadError, images_in_folder
+from retrieval.data.manifest import folder_labels
 
 EXIT_PROBLEMS, EXIT_ERROR, EXIT_INTERRUPTED = 1, 2, 130
 EXIT_CODES = (
@@ -109,10 +110,7 @@ def _index(args: argparse.Namespace) -> int:
 
     root = Path(args.folder)
     paths = images_in_folder(root)
-    labels: list[str | None] | None = None
-    if args.labels == "folder":
-        folders = [p.parent.relative_to(root).as_posix() for p in paths]
-        labels = [None if name == "." else name for name in folders]
+    labels = folder_labels(paths, root, args.labels)
     with _load(args) as retriever, tqdm(total=len(paths), unit="img", disable=args.quiet) as bar:
         report = retriever.add(paths, labels, batch_size=args.batch_size, progress=bar.update)
         total = len(retriever)

@@ -236,3 +236,26 @@ def select_split(
             f"Add '{split}' rows (column 'split') or use another split"
         )
     return chosen
+
+
+LABEL_MODES = ("folder", "none")
+
+
+def folder_labels(paths: Sequence[Path], root: Path, labels: str) -> list[str | None]:
+    """Each image's label under the ``labels`` option every entry point shares.
+
+    ``labels="folder"``: an image's label is its folder's path under ``root`` (``None`` for an
+    image directly in ``root``); ``labels="none"``: every label is ``None``.
+
+    >>> folder_labels([Path("/g/cat/1.jpg"), Path("/g/2.jpg")], Path("/g"), "folder")
+    ['cat', None]
+
+    Raises:
+        ValueError: ``labels`` is neither "folder" nor "none".
+    """
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels must be 'folder' or 'none', got {labels!r}")
+    if labels == "none":
+        return [None] * len(paths)
+    names = [Path(p).parent.relative_to(root).as_posix() for p in paths]
+    return [None if name == "." else name for name in names]

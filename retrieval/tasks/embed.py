@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from retrieval.data.dataset import ImageDataset
 from retrieval.data.images import ImageLoadError, find_unreadable, images_in_folder
-from retrieval.data.manifest import ManifestRow, read_manifest
+from retrieval.data.manifest import ManifestRow, folder_labels, read_manifest
 from retrieval.data.transforms import eval_transform
 from retrieval.index.shards import ShardContent, ShardItem, ShardPlan, embed_shards, worker_identity
 from retrieval.infra.io import sha256_file
@@ -51,15 +51,9 @@ def _plan_items(cfg: DictConfig) -> tuple[list[ShardItem], str]:
         raise ValueError("pass exactly one of images=DIR or manifest=FILE.csv")
     if cfg.get("images"):
         root = Path(cfg.images).resolve()
-        if cfg.labels not in ("folder", "none"):
-            raise ValueError(f"labels must be 'folder' or 'none', got {cfg.labels!r}")
-
-        def label(path: Path) -> str | None:
-            parent = path.parent.relative_to(root).as_posix()
-            return None if cfg.labels == "none" or parent == "." else parent
-
         paths = images_in_folder(root, name=f"images={root}")
-        return [ShardItem(str(p), label(p)) for p in paths], str(root)
+        labels = folder_labels(paths, root, cfg.labels)
+        return [ShardItem(str(p), label) for p, label in zip(paths, labels, strict=True)], str(root)
     manifest = Path(cfg.manifest).resolve()
     rows = read_manifest(manifest, check_files=False)  # missing files: skipped per shard
     if cfg.get("split"):

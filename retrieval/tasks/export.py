@@ -18,7 +18,7 @@ from retrieval.bundle.format import read_manifest
 from retrieval.bundle.writer import GalleryItem, write_bundle_chunks
 from retrieval.data.dataset import ImageDataset
 from retrieval.data.images import find_unreadable, images_in_folder, report_unreadable
-from retrieval.data.manifest import ManifestRow
+from retrieval.data.manifest import ManifestRow, folder_labels
 from retrieval.data.transforms import eval_transform
 from retrieval.evaluation import evaluate_protocol
 from retrieval.index.build import ShardSet, training_sample
@@ -66,13 +66,9 @@ def _folder_gallery(cfg: DictConfig, transform: Any) -> ImageDataset:
     paths = images_in_folder(root, name=f"gallery={root}")
     bad = find_unreadable(paths)
     report_unreadable(bad, len(paths), strict=False, where=f"gallery {root}")
-    skipped = {b.path for b in bad}
-
-    def label(path: Path) -> str:
-        parent = path.parent.relative_to(root).as_posix()
-        return "" if cfg.gallery_labels == "none" or parent == "." else parent
-
-    rows = [ManifestRow(p, label(p), "gallery") for p in paths if p not in skipped]
+    paths = [p for p in paths if p not in {b.path for b in bad}]
+    labels = folder_labels(paths, root, cfg.labels)
+    rows = [ManifestRow(p, label or "", "gallery") for p, label in zip(paths, labels, strict=True)]
     return ImageDataset(rows, transform)
 
 
