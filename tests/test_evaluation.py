@@ -306,7 +306,7 @@ def test_per_query_values_and_kept_neighbours():
 
 
 def test_nmi_is_that_of_kmeans_clusters_of_the_queries():
-    from retrieval.evaluation.metrics import nmi
+    from retrieval.evaluation.clustering import nmi
     from retrieval.index import kmeans
 
     rng = np.random.default_rng(14)

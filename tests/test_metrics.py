@@ -1,11 +1,11 @@
-"""Tests of retrieval.evaluation.metrics against hand-worked examples and a naive oracle."""
+"""Tests of the metrics of retrieval.evaluation against hand-worked examples and a naive oracle."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from retrieval.evaluation.metrics import (
+from retrieval.evaluation import (
     average_precision,
     map_at_k,
     map_at_r,

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from retrieval.evaluation import ALL_METRICS, evaluate_embeddings
-from retrieval.evaluation.metrics import micro_average_precision
+from retrieval.evaluation.ap import micro_average_precision
 
 
 def naive_micro_ap(scores: np.ndarray, relevant: np.ndarray, num_positives: int) -> float:

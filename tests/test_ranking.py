@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import retrieval.evaluation.ranking
-from retrieval.evaluation.metrics import average_precision, map_at_k, precision_at_k
+from retrieval.evaluation.ap import average_precision
+from retrieval.evaluation.metrics import map_at_k, precision_at_k
 from retrieval.evaluation.ranking import relevant_ranks
 
 

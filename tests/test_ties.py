@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import retrieval.evaluation.core as core
+import retrieval.evaluation.search as search
 from retrieval.evaluation import evaluate_embeddings
 from retrieval.index import EmbeddingIndex
 
@@ -83,7 +83,7 @@ def test_leave_one_out_with_duplicates_matches_pml_and_a_naive_loop(path, monkey
     x, y = duplicated()
     # both exact search paths of leave-one-out: FAISS k + 1 with the own id dropped, and
     # the symmetric self-join
-    monkeypatch.setattr(core, "self_join_pays_off", lambda n, d, k: path == "self_join")
+    monkeypatch.setattr(search, "self_join_pays_off", lambda n, d, k: path == "self_join")
     ours = evaluate_embeddings(x, y, ks=[1], metrics=METRICS).metrics
     expected = naive(x, y, x, y, loo=True)
     reference = pml(x, y, x, y, loo=True)

@@ -2,7 +2,8 @@
 :meth:`retrieval.bundle.retriever.Retriever.search` (the bundle's own preprocessing, runtime
 and index), and the hits' labels, stored with the bundle's items at export, decide what is relevant.
 
-The metric functions are those of :mod:`retrieval.evaluation.metrics`, with the conventions of
+The metric functions are those of :mod:`retrieval.evaluation.metrics` and
+:mod:`retrieval.evaluation.ap`, with the conventions of
 :func:`retrieval.evaluation.evaluate_embeddings`: queries whose label no bundle item has are
 left out of the recall values (and counted), but their hits still enter ``micro_ap@{k}`` as
 false positives.
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.evaluation.metrics import micro_average_precision, recall_at_k
+from retrieval.evaluation.ap import micro_average_precision
+from retrieval.evaluation.metrics import recall_at_k
 from retrieval.infra.checks import positive_int
 
 if TYPE_CHECKING:

@@ -21,93 +21,33 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from retrieval.evaluation.ap import average_precision
+from retrieval.evaluation.clustering import nmi
 from retrieval.evaluation.inputs import (
     as_labels,
     encode_labels,
     encode_pair,
     l2_normalised,
 )
-from retrieval.evaluation.metrics import (
-    average_precision,
-    map_at_k,
-    map_at_r,
-    micro_average_precision,
-    nmi,
-    precision_at_k,
-    r_precision,
-    recall_at_k,
-)
 from retrieval.evaluation.ranking import relevant_ranks
 from retrieval.evaluation.result import RetrievalResult
-from retrieval.index import EmbeddingIndex, drop_self, kmeans, knn_recall, self_join_pays_off
+from retrieval.evaluation.scoring import micro_ap_at_k, per_query_metrics, reranked_ranks
+from retrieval.evaluation.search import apply_vector_steps, search_gallery
+from retrieval.index import kmeans, knn_recall
 from retrieval.infra.checks import positive_int, vectors
-from retrieval.postprocess import Postprocess, Whitening, database_augment, fit_whitening
-from retrieval.postprocess.query import search_with_steps
+from retrieval.postprocess import Postprocess, Whitening
 
 __all__ = [
     "ALL_METRICS",
-    "apply_vector_steps",
     "DEFAULT_METRICS",
     "evaluate_embeddings",
     "evaluate_protocol",
-    "search_excluding_self",
 ]
 
 #: Metric families: ``recall``, ``precision``, ``map@k`` and ``micro_ap`` give one value per k.
 ALL_METRICS = ("recall", "precision", "map@k", "map@r", "r_precision", "map", "micro_ap", "nmi")
 #: NMI is left out by default: its k-means costs more than everything else together.
 DEFAULT_METRICS = ("recall", "precision", "map@k", "map@r", "r_precision", "map")
-
-
-def search_excluding_self(
-    index: EmbeddingIndex,
-    xq: np.ndarray,
-    self_ids: np.ndarray,
-    k: int,
-    chunk_size: int = 4096,
-    queries_stored: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Search ``k`` neighbours of queries that are themselves in ``index``, dropping self.
-
-    Searches ``k + 1`` neighbours (clamped to ``index.ntotal``) and removes, per row, the
-    column whose id equals the query's own id; if the query's id is not among them (ties
-    with exact duplicates, or an approximate index, can push it out), the last column is
-    removed instead (:func:`retrieval.index.drop_self`). Duplicates of a query therefore
-    remain as ordinary results.
-
-    When the index is exact and on the CPU (:attr:`EmbeddingIndex.exact_on_cpu`), the
-    queries are at least half of it and the join pays off
-    (:func:`retrieval.index.self_join_pays_off`: large ``ntotal * dim``, small ``k``),
-    every stored vector is searched at once with :meth:`EmbeddingIndex.search_self`
-    instead (symmetric blocks: half the flops of searching them all, so less than searching
-    the queries) and the rows ``self_ids`` kept; the queries are then the stored vectors
-    themselves, and ties are ordered by ascending id.
-
-    Args:
-        index: index holding the queries, under the ids ``self_ids``.
-        xq: (nq, dim) float32 queries: the vectors stored under ``self_ids``.
-        self_ids: (nq,) int ids of the queries in ``index``.
-        k: neighbours wanted per query, ``1 <= k``.
-        chunk_size: queries per FAISS call.
-        queries_stored: ``xq`` are the very vectors stored under ``self_ids``; false when
-            the queries were changed after storing (augmented gallery, expanded queries),
-            which rules out the self-join.
-
-    Returns:
-        ``(D, I)``, each (nq, min(k + 1, ntotal) - 1): scores and int64 ids, best first;
-        never the query's own id.
-    """
-    self_ids = np.asarray(self_ids, dtype=np.int64)
-    n = index.ntotal
-    if (
-        queries_stored
-        and index.exact_on_cpu
-        and 2 * self_ids.size >= n
-        and self_join_pays_off(n, index.dim, k)
-    ):
-        scores, ids = index.search_self(k, chunk_size=chunk_size)
-        return scores[self_ids], ids[self_ids]
-    return drop_self(*index.search(xq, k + 1, chunk_size=chunk_size), self_ids)
 
 
 def _check_options(ks: Sequence[int], metrics: Sequence[str]) -> tuple[list[int], list[str]]:
@@ -120,146 +60,6 @@ def _check_options(ks: Sequence[int], metrics: Sequence[str]) -> tuple[list[int]
     if unknown or not names:
         raise ValueError(f"metrics must be a non-empty subset of {ALL_METRICS}, got {names!r}")
     return sorted(set(int(k) for k in ks)), names
-
-
-def _per_query(
-    ids: np.ndarray,
-    gallery_codes: np.ndarray,
-    query_codes: np.ndarray,
-    num_relevant: np.ndarray,
-    ks: list[int],
-    metrics: list[str],
-) -> dict[str, np.ndarray]:
-    """Per-query values of every ranking metric from the (nq, K) ids of the results."""
-    labels = np.where(ids >= 0, gallery_codes[np.clip(ids, 0, None)], -1)
-    cols = labels.shape[1]
-    out: dict[str, np.ndarray] = {}
-    # a k past the gallery takes the whole gallery
-    if "recall" in metrics:
-        out.update({f"recall@{k}": recall_at_k(labels, query_codes, min(k, cols)) for k in ks})
-    if "precision" in metrics:
-        out.update(
-            {f"precision@{k}": precision_at_k(labels, query_codes, min(k, cols)) for k in ks}
-        )
-    if "map@k" in metrics:
-        out.update(
-            {f"map@{k}": map_at_k(labels, query_codes, num_relevant, min(k, cols)) for k in ks}
-        )
-    if "map@r" in metrics:
-        out["map@r"] = map_at_r(labels, query_codes, num_relevant)
-    if "r_precision" in metrics:
-        out["r_precision"] = r_precision(labels, query_codes, num_relevant)
-    return out
-
-
-def _micro_ap(
-    scores: np.ndarray,
-    ids: np.ndarray,
-    gallery_codes: np.ndarray,
-    query_codes: np.ndarray,
-    num_positives: int,
-    ks: list[int],
-    lone_scores: np.ndarray | None,
-) -> dict[str, float]:
-    """``micro_ap@{k}``: µAP of the first k results of every query pooled together, the
-    results of queries without a relevant item (``lone_scores``, all misses) included."""
-    labels = np.where(ids >= 0, gallery_codes[np.clip(ids, 0, None)], -1)
-    relevant = labels == query_codes[:, None]
-    scores = np.where(ids >= 0, scores, -np.inf)  # an empty slot is no prediction
-    out = {}
-    for k in ks:
-        kk = min(k, scores.shape[1])
-        s, rel = scores[:, :kk], relevant[:, :kk]
-        if lone_scores is not None:
-            s = np.concatenate([s, lone_scores[:, :kk]])
-            rel = np.concatenate([rel, np.zeros((len(lone_scores), kk), bool)])
-        out[f"micro_ap@{k}"] = micro_average_precision(s, rel, num_positives)
-    return out
-
-
-def _search(
-    xq: np.ndarray,
-    xg: np.ndarray,
-    self_ids: np.ndarray | None,
-    k: int,
-    factory: str,
-    search_params: str,
-    chunk_size: int,
-    steps: Postprocess | None = None,
-    queries_stored: bool = True,
-) -> tuple[np.ndarray, np.ndarray, EmbeddingIndex, np.ndarray]:
-    """``(scores, ids, index, final queries)``: ``k`` results of ``xq`` in ``xg`` (without
-    self), through the query-time steps (αQE, re-ranking) of ``steps`` when given."""
-    index = EmbeddingIndex(xg.shape[1], factory=factory, search_params=search_params)
-    index.add(xg)
-
-    def search(x: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
-        if self_ids is None:
-            return index.search(x, want, chunk_size=chunk_size)
-        stored = queries_stored and x is xq
-        return search_excluding_self(index, x, self_ids, want, chunk_size, stored)
-
-    if steps is None or (steps.aqe is None and steps.rerank is None):
-        scores, ids = search(xq, k)
-        return scores, ids, index, xq
-    scores, ids, final = search_with_steps(
-        xq, k, search, lambda found: xg[found], aqe=steps.aqe, rerank=steps.rerank
-    )
-    return scores, ids, index, final
-
-
-def _reranked_ranks(
-    ranks: np.ndarray,
-    ids: np.ndarray,
-    gallery_codes: np.ndarray,
-    query_codes: np.ndarray,
-    num_relevant: np.ndarray,
-) -> np.ndarray:
-    """Full-ranking positions of the relevant items after re-ranking the first ``ids.shape[1]``
-    results: their new positions inside that block, the plain ones after it."""
-    block = ids.shape[1]
-    out = np.zeros_like(ranks)
-    relevant = (ids >= 0) & (gallery_codes[np.clip(ids, 0, None)] == query_codes[:, None])
-    for row in range(len(ranks)):
-        inside = np.flatnonzero(relevant[row]) + 1
-        r = int(num_relevant[row])
-        tail = np.sort(ranks[row, :r])[inside.size :]
-        tail = np.maximum(tail, block + 1 + np.arange(tail.size))
-        out[row, :r] = np.concatenate([inside, tail])
-    return out
-
-
-def apply_vector_steps(
-    xq: np.ndarray,
-    xg: np.ndarray | None,
-    steps: Postprocess,
-    whitening: Whitening | None,
-) -> tuple[np.ndarray, np.ndarray | None, Whitening | None]:
-    """Whitening of queries and gallery, then DBA of the gallery (``xg=None``: leave-one-out,
-    the queries are the gallery). Returns ``(queries, gallery or None, whitening used)``;
-    in leave-one-out with DBA the gallery comes back augmented and the queries not.
-
-    Raises:
-        ValueError: whitening to fit on the training split but none given.
-    """
-    if steps.whiten is not None:
-        if whitening is None:
-            if steps.whiten.fit_on != "gallery":
-                raise ValueError(
-                    "postprocess.whiten.fit_on=train: pass the whitening fitted on the "
-                    "training split (whitening=), or fit on the gallery (fit_on=gallery)"
-                )
-            whitening = fit_whitening(
-                xq if xg is None else xg,
-                dim=steps.whiten.dim,
-                shrinkage=steps.whiten.shrinkage,
-                method="pca",
-            )
-        xq = whitening.apply(xq)
-        xg = None if xg is None else whitening.apply(xg)
-    if steps.dba is not None:
-        xg = database_augment(xq if xg is None else xg, steps.dba.k, steps.dba.alpha)
-    return xq, xg, whitening
 
 
 def evaluate_embeddings(
@@ -280,7 +80,8 @@ def evaluate_embeddings(
 ) -> RetrievalResult:
     """Evaluate retrieval of ``query`` in ``gallery`` (or leave-one-out within ``query``).
 
-    Metrics (definitions in :mod:`retrieval.evaluation.metrics`), averaged over the scored queries:
+    Metrics (definitions in :mod:`retrieval.evaluation.metrics`, :mod:`~retrieval.evaluation.ap`
+    and :mod:`~retrieval.evaluation.clustering`), averaged over the scored queries:
 
     - ``recall@{k}``: a relevant item among the first k (the papers' Recall@k, a hit rate);
     - ``precision@{k}``: the share of the first k that is relevant;
@@ -368,10 +169,10 @@ def evaluate_embeddings(
     k_needed = min(k_needed, ng - 1 if loo else ng)
     options = {"steps": steps, "queries_stored": queries_stored}
 
-    scores, ids, index, final_queries = _search(
+    scores, ids, index, final_queries = search_gallery(
         xq[scored], xg, self_ids, k_needed, factory, search_params, chunk_size, **options
     )
-    per_query = _per_query(ids, cg, labels, r, ks_, names)
+    per_query = per_query_metrics(ids, cg, labels, r, ks_, names)
     info: dict[str, object] = {
         "factory": factory,
         "search_params": search_params,
@@ -381,10 +182,10 @@ def evaluate_embeddings(
         info["postprocess"] = steps.to_dict()
     exact_metrics = None
     if factory != "Flat" and compare_exact:
-        exact_scores, exact_ids, _, _ = _search(
+        exact_scores, exact_ids, _, _ = search_gallery(
             xq[scored], xg, self_ids, k_needed, "Flat", "", chunk_size, **options
         )
-        exact = _per_query(exact_ids, cg, labels, r, ks_, names)
+        exact = per_query_metrics(exact_ids, cg, labels, r, ks_, names)
         for k in ks_:
             kk = min(k, k_needed)
             info[f"knn_recall@{k}"] = knn_recall(ids[:, :kk], exact_ids[:, :kk])
@@ -395,7 +196,7 @@ def evaluate_embeddings(
             final_queries, xg, labels, cg, self_ids=self_ids, chunk_size=rank_chunk
         )
         if steps is not None and steps.rerank is not None:
-            ranks = _reranked_ranks(ranks, ids, cg, labels, r)
+            ranks = reranked_ranks(ranks, ids, cg, labels, r)
         per_query["map"] = average_precision(ranks, r)
         if factory != "Flat" and compare_exact:
             exact["map"] = per_query["map"]
@@ -410,16 +211,16 @@ def evaluate_embeddings(
             if lone.size == 0:
                 return None
             lone_self = lone if loo else None
-            return _search(xq[lone], xg, lone_self, k_needed, name, params, chunk_size, **options)[
-                0
-            ]
+            found = search_gallery(
+                xq[lone], xg, lone_self, k_needed, name, params, chunk_size, **options
+            )
+            return found[0]
 
-        means.update(
-            _micro_ap(scores, ids, cg, labels, positives, ks_, lone_scores(factory, search_params))
-        )
+        lone_found = lone_scores(factory, search_params)
+        means.update(micro_ap_at_k(scores, ids, cg, labels, positives, ks_, lone_found))
         if exact_metrics is not None:
             exact_metrics.update(
-                _micro_ap(
+                micro_ap_at_k(
                     exact_scores, exact_ids, cg, labels, positives, ks_, lone_scores("Flat", "")
                 )
             )

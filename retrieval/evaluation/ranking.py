@@ -10,7 +10,7 @@ FAISS ``IndexFlatL2`` search orders them so too. Tested against both in
 Scores are float32 matrix products computed here with torch; FAISS computes its own and may
 differ in the last bit, so scores equal to within ~1e-7 but not exactly equal may be ordered
 differently by FAISS. Full average precision only needs these ranks (see
-``retrieval.evaluation.metrics.average_precision``), never an nq x ng matrix or a full sort.
+``retrieval.evaluation.ap.average_precision``), never an nq x ng matrix or a full sort.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def relevant_ranks(
         ``(ranks, num_relevant)``: ``num_relevant`` (nq,) int64 R_q, and ``ranks``
         (nq, max R) int64 (0 columns if nq == 0 or every R_q == 0) holding in row q its
         R_q ranks ascending, then zeros; a query with R_q == 0 gets an all-zero row.
-        Feed the rows with R_q >= 1 to ``retrieval.evaluation.metrics.average_precision``.
+        Feed the rows with R_q >= 1 to ``retrieval.evaluation.ap.average_precision``.
 
     Raises:
         ValueError: non-2-D, non-float or non-finite embeddings, dimension mismatch, bad
