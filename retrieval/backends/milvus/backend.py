@@ -1,0 +1,277 @@
+"""The Milvus backend class: one collection of items, searched, read and written through a
+``pymilvus`` client (see :mod:`retrieval.backends.milvus` for the collection's layout and
+the ids of added items)."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from retrieval.backends.base import BackendError
+from retrieval.backends.milvus.collection import (
+    FIELDS,
+    IndexChoice,
+    check_collection,
+    chunks,
+    item_of,
+    open_collection,
+    quote,
+    row_of,
+)
+from retrieval.backends.milvus.engine import open_client, release
+from retrieval.backends.milvus.search import ranked_search
+from retrieval.backends.spec import BackendSpec
+from retrieval.bundle.items import AddResult
+from retrieval.bundle.store import Item, ItemRecord, check_vectors
+
+__all__ = ["MilvusBackend"]
+
+_EPOCH = datetime(2020, 1, 1, tzinfo=timezone.utc).timestamp()
+_LOW_BITS = 22
+
+
+class MilvusBackend:
+    """A Milvus collection as a :class:`~retrieval.backends.SearchBackend`. Build with
+    :meth:`connect`. Thread-safe (pymilvus clients are); writes are serialised per process."""
+
+    def __init__(
+        self, spec: BackendSpec, client: Any, dim: int, index: dict[str, Any], read_only: bool
+    ) -> None:
+        self.spec, self._client, self._dim = spec, client, dim
+        self._index, self._read_only = index, read_only
+        self._write = threading.Lock()
+        self._last_id = 0
+        self._closed = False
+
+    # opening -------------------------------------------------------------------------------
+    @classmethod
+    def connect(
+        cls,
+        spec: BackendSpec,
+        dim: int,
+        read_only: bool = False,
+        create: IndexChoice | None = None,
+        timeout_s: float = 10.0,
+    ) -> MilvusBackend:
+        """Open the collection of ``spec``; with ``create``, make it (with that index) if it
+        does not exist. Raises BackendError: pymilvus missing, engine unreachable, no such
+        collection, or one that is not an item collection of ``dim``-d vectors."""
+        client = open_client(spec, timeout_s)
+        try:
+            index = open_collection(client, spec, dim, create)
+        except BaseException:
+            client.close()
+            release(spec)
+            raise
+        return cls(spec, client, dim, index, read_only)
+
+    # the interface -------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def ntotal(self) -> int:
+        rows = self._client.query(
+            self.spec.collection, filter="", output_fields=["count(*)"], consistency_level="Strong"
+        )
+        return int(rows[0]["count(*)"])
+
+    def search(
+        self, vectors: np.ndarray, k: int, label: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """See :meth:`SearchBackend.search`; ``k`` is capped at 16,384 (Milvus's limit)."""
+        xq = np.ascontiguousarray(vectors, dtype=np.float32)
+        if xq.ndim != 2 or xq.shape[1] != self._dim:
+            raise ValueError(f"vectors must have shape (n, {self._dim}), got {xq.shape}")
+        where = "" if label is None else f"label == {quote(label)}"
+        return ranked_search(self._client, self.spec.collection, self._index, xq, k, where)
+
+    def add(
+        self,
+        records: Sequence[ItemRecord],
+        vectors: np.ndarray,
+        base_vectors: np.ndarray | None = None,
+        dba: tuple[int, float] | None = None,
+    ) -> AddResult:
+        """See :meth:`SearchBackend.add`. ``base_vectors`` are not kept, and ``dba`` is
+        refused: augmenting new items needs every item's base vector, which only the bundle
+        keeps (add to the bundle, then push it again)."""
+        self.check_writable()
+        if dba is not None:
+            raise BackendError(
+                f"{self.spec.where}: the bundle augments added items (DBA), which needs the "
+                "base vectors only the bundle keeps: add with 'retrieval index BUNDLE DIR' "
+                "and push the bundle again"
+            )
+        if any(not isinstance(r, ItemRecord) for r in records):
+            raise TypeError("records must be ItemRecord instances")
+        x = check_vectors(vectors, self._dim, len(records))
+        with self._write:
+            shas = sorted({r.content_sha256 for r in records if r.content_sha256})
+            existing = self._ids_by_sha256(shas)
+            ids = [0] * len(records)
+            first_of: dict[str, int] = {}
+            fresh, repeated = [], []
+            for i, record in enumerate(records):
+                sha = record.content_sha256
+                if sha is not None and (sha in existing or sha in first_of):
+                    ids[i] = existing.get(sha, 0)
+                    repeated.append(i)
+                    continue
+                if sha is not None:
+                    first_of[sha] = i
+                fresh.append(i)
+            new_ids = self._new_ids(len(fresh))
+            now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+            rows = [
+                row_of(new_id, records[i], x[i], now)
+                for i, new_id in zip(fresh, new_ids, strict=True)
+            ]
+            for chunk in chunks(rows):
+                self._client.insert(self.spec.collection, list(chunk))
+            for i, new_id in zip(fresh, new_ids, strict=True):
+                ids[i] = new_id
+            for i in repeated:
+                ids[i] = ids[i] or ids[first_of[str(records[i].content_sha256)]]
+        return AddResult(ids, new_ids, [(i, ids[i]) for i in repeated])
+
+    def _new_ids(self, count: int) -> list[int]:
+        """``count`` consecutive ids no item has (see :mod:`retrieval.backends.milvus`)."""
+        while True:
+            clock = int(time.time() - _EPOCH) << _LOW_BITS
+            start = max(clock + secrets.randbelow(1 << (_LOW_BITS - 1)), self._last_id + 1)
+            ids = list(range(start, start + count))
+            if not count or not self.present(ids):
+                self._last_id = max(self._last_id, ids[-1] if ids else 0)
+                return ids
+
+    def _ids_by_sha256(self, shas: Sequence[str]) -> dict[str, int]:
+        """The lowest id of an item with each of ``shas``."""
+        out: dict[str, int] = {}
+        for chunk in chunks(list(shas)):
+            rows = self._client.query(
+                self.spec.collection,
+                filter=f"content_sha256 in [{', '.join(quote(s) for s in chunk)}]",
+                output_fields=["id", "content_sha256"],
+                consistency_level="Strong",
+            )
+            for row in rows:
+                sha, item_id = row["content_sha256"], int(row["id"])
+                out[sha] = min(item_id, out.get(sha, item_id))
+        return out
+
+    def present(self, ids: Sequence[int]) -> set[int]:
+        """The ids among ``ids`` that the collection holds."""
+        out: set[int] = set()
+        for chunk in chunks([int(i) for i in ids]):
+            rows = self._client.query(
+                self.spec.collection,
+                filter=f"id in [{', '.join(str(i) for i in chunk)}]",
+                output_fields=["id"],
+                consistency_level="Strong",
+            )
+            out.update(int(r["id"]) for r in rows)
+        return out
+
+    def remove(self, ids: Sequence[int]) -> list[int]:
+        self.check_writable()
+        wanted = sorted({int(i) for i in ids})
+        with self._write:
+            unknown = sorted(set(wanted) - self.present(wanted))
+            if unknown:
+                shown = ", ".join(str(i) for i in unknown[:20])
+                raise KeyError(f"unknown item ids in {self.spec.where}: [{shown}]")
+            for chunk in chunks(wanted):
+                self._client.delete(self.spec.collection, ids=list(chunk))
+        return wanted
+
+    def get(self, ids: Sequence[int]) -> dict[int, Item]:
+        out: dict[int, Item] = {}
+        for chunk in chunks([int(i) for i in ids]):
+            rows = self._client.get(
+                self.spec.collection, ids=list(chunk), output_fields=list(FIELDS)
+            )
+            out.update((int(r["id"]), item_of(r)) for r in rows)
+        return out
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        items = self.get(ids)
+        missing = [int(i) for i in ids if int(i) not in items]
+        if missing:
+            raise KeyError(f"unknown item ids in {self.spec.where}: {missing[:20]}")
+        out = np.empty((len(ids), self._dim), np.float32)
+        for row, item_id in enumerate(ids):
+            out[row] = items[int(item_id)].vector
+        return out
+
+    def find_by_sha256(self, sha256: str) -> list[int]:
+        rows = self._client.query(
+            self.spec.collection,
+            filter=f"content_sha256 == {quote(sha256.lower())}",
+            output_fields=["id"],
+            consistency_level="Strong",
+        )
+        return sorted(int(r["id"]) for r in rows)
+
+    def removed_uris(self) -> set[str]:
+        return set()  # removed items are deleted from the collection
+
+    def check_writable(self) -> None:
+        if self._read_only:
+            raise BackendError(f"{self.spec.where} was opened read-only")
+
+    def describe(self) -> dict[str, Any]:
+        place = (
+            {"uri": self.spec.uri} if self.spec.kind == "milvus" else {"path": str(self.spec.path)}
+        )
+        return {
+            "kind": self.spec.kind,
+            **place,
+            "collection": self.spec.collection,
+            "index_type": self._index["index_type"],
+            "params": dict(self._index.get("params", {})),
+            "metric": "IP",
+        }
+
+    def verify(self, sample: int = 100) -> list[str]:
+        """Problems found: the collection's schema and dimension, and a sample of its items
+        each found first (score ~1) with its own vector."""
+        try:
+            check_collection(self._client, self.spec, self._dim)
+        except BackendError as err:
+            return [str(err)]
+        rows = self._client.query(
+            self.spec.collection, filter="", output_fields=["id", "vector"], limit=sample
+        )
+        problems = []
+        if rows:
+            x = np.asarray([r["vector"] for r in rows], np.float32)
+            scores, ids = self.search(x, 10)
+            for row, r in enumerate(rows):
+                hit = np.flatnonzero(ids[row] == int(r["id"]))
+                if hit.size == 0 or scores[row, hit[0]] < 1 - 1e-3:
+                    problems.append(f"item {r['id']} is not found with its own vector")
+        return problems
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._client.close()
+        release(self.spec)
+
+    def __enter__(self) -> MilvusBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"MilvusBackend({self.spec.where})"
