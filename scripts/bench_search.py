@@ -145,8 +145,8 @@ def index_images(
     """Open, preprocess, embed and add ``paths`` in batches of BATCH to a new IndexedItems in
     ``folder``; return the seconds of each stage and the vectors."""
     from retrieval.bundle.items import IndexedItems
-    from retrieval.bundle.preprocess import open_image
     from retrieval.bundle.store import ItemRecord
+    from retrieval.data.images import open_rgb
 
     seconds = {"decode": 0.0, "model": 0.0, "index": 0.0}
     parts = []
@@ -156,7 +156,7 @@ def index_images(
     for first in range(0, len(paths), BATCH):
         chunk = paths[first : first + BATCH]
         t0 = time.perf_counter()
-        batch = preprocess.batch([open_image(p) for p in chunk])
+        batch = preprocess.batch([open_rgb(p) for p in chunk])
         t1 = time.perf_counter()
         vectors = embed(batch)
         t2 = time.perf_counter()
@@ -523,7 +523,7 @@ def describe(args: argparse.Namespace) -> list[str]:
         f"--repeats {args.repeats} runs after untimed warm-up runs ({args.warmup_images} images "
         f"per path in (a), {WARMUP_QUERIES} extra queries before each search measurement in (b))"
         f"; batch searches repeat until they took >= {args.batch_min_s:g} s in all.",
-        "- (a): images rendered by retrieval.data.demo_render; per path open_image -> "
+        "- (a): images rendered by retrieval.data.demo_render; per path open_rgb -> "
         "Preprocessor.batch -> model -> IndexedItems.add (Flat index, SQLite store, fsync per "
         "batch) and close (index snapshot); eager / channels_last run the Embedder under "
         "torch.inference_mode, TorchScript / ONNX the bundle's Runtime.embed; the four paths "

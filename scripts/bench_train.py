@@ -1,7 +1,7 @@
 """Benchmark: training and data-loading throughput, each beside a plain baseline.
 
 Our Lightning training vs a plain PyTorch loop doing the same steps on the same batches from the
-same weights; the training DataLoader vs raw PIL decoding (and ``load_rgb``) of the same files.
+same weights; the training DataLoader vs raw PIL decoding (and ``open_rgb``) of the same files.
 The first ``--warmup-steps`` of each run are not timed; runs alternate ``--repeats`` times.
 Usage: ``python scripts/bench_train.py [--quick] [--output bench.md] [hydra.key=value ...]``.
 """
@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from retrieval.data.datamodule import RetrievalDataModule
-from retrieval.data.images import load_rgb
+from retrieval.data.images import open_rgb
 from retrieval.tasks.config import compose_config
 from retrieval.tasks.train import build
 from retrieval.training.losses import compute_loss
@@ -206,12 +206,12 @@ def main() -> None:
 
     ours, plain = "Lightning trainer.fit (ours)", "plain PyTorch loop"
     loader = f"training DataLoader ({cfg.data.num_workers} workers)"
-    ours_rgb, pil = "load_rgb (1 process)", "raw PIL open+convert (1 process)"
+    ours_rgb, pil = "open_rgb (1 process)", "raw PIL open+convert (1 process)"
     runs: dict[str, Callable[[], Stopwatch]] = {
         ours: lambda: run_lightning(cfg, pristine, data, args),
         plain: lambda: run_plain(pristine, data, args, device),
         loader: lambda: run_loader(data, args),
-        ours_rgb: lambda: run_decode(load_rgb, data, batches, args),
+        ours_rgb: lambda: run_decode(open_rgb, data, batches, args),
         pil: lambda: run_decode(raw_pil, data, batches, args),
     }
     results: dict[str, list[float]] = {name: [] for name in runs}

@@ -122,7 +122,7 @@ def export_bundle(gallery: Path, out: Path) -> Path:
         "data=demo",
         f"data.image_size={IMAGE_SIZE}",
         f"paths.output_dir={out}",
-        "use_cache=false",
+        "inference.use_cache=false",
     ]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return bundle
@@ -242,7 +242,8 @@ def decode_table(paths: list[Path], pre: Any, repeats: int, title: str) -> list[
     medians of ``repeats`` passes over ``paths`` (read into memory first)."""
     import io
 
-    from retrieval.bundle.preprocess import REDUCING_GAP, open_image
+    from retrieval.bundle.decode import REDUCING_GAP
+    from retrieval.data.images import open_rgb
 
     datas = [p.read_bytes() for p in paths]
     need = round(pre.resize * REDUCING_GAP)  # what Preprocessor.prepare decodes down to
@@ -259,7 +260,7 @@ def decode_table(paths: list[Path], pre: Any, repeats: int, title: str) -> list[
 
     def full_then_preprocess() -> None:
         for data in datas:
-            pre(open_image(data))
+            pre(open_rgb(data))
 
     def prepare() -> None:
         for data in datas:

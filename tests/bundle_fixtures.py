@@ -22,7 +22,7 @@ from PIL import Image, ImageEnhance
 
 from retrieval.bundle.writer import GalleryItem, write_bundle
 from retrieval.data.demo_render import render_demo_image
-from retrieval.data.images import load_rgb
+from retrieval.data.images import open_rgb as load_rgb
 from retrieval.data.transforms import eval_transform
 from retrieval.models import Embedder, create_backbone
 from retrieval.models.backbone import Preprocessing

@@ -17,7 +17,7 @@ import torch
 
 import retrieval.tasks.embed as embed_task
 from retrieval.data.demo_render import render_demo_image
-from retrieval.data.images import load_rgb
+from retrieval.data.images import open_rgb as load_rgb
 from retrieval.data.transforms import eval_transform
 from retrieval.index import ShardSet
 from retrieval.index.shards import (
@@ -52,7 +52,7 @@ def compose_embed(tmp_path: Path, *overrides: str):
             f"paths.log_dir={tmp_path}/logs",
             "image_size=64",
             "num_workers=0",
-            "batch_size=4",
+            "inference.batch_size=4",
             *overrides,
         ],
         name="embed",

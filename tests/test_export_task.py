@@ -135,7 +135,7 @@ def test_export_of_a_checkpoint_matches_its_evaluation(small_demo, tmp_path):
 def test_export_from_shards_searches_like_the_models_own_embeddings(small_demo, tmp_path):
     import torch
 
-    from retrieval.data.images import load_rgb
+    from retrieval.data.images import open_rgb as load_rgb
     from retrieval.data.transforms import eval_transform
     from retrieval.index.shards import ShardError
     from retrieval.tasks.embed import embed

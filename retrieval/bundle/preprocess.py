@@ -9,53 +9,35 @@ rounded half to even, as torchvision does); ``"squash"`` resizes the whole image
 ``int(input_size * short / long)``, at least 1) and, after normalising, pads the short side with
 zeros (the mean colour), centred. Pixels are scaled to [0, 1] and normalised with ``mean`` and
 ``std`` in float32.
-:func:`open_image` loads a file or in-memory bytes safely (pixel limit checked from the header
-before decoding, EXIF orientation, RGB).
+:meth:`Preprocessor.prepare` decodes a file or encoded bytes straight to that input
+(:mod:`retrieval.bundle.decode`); :func:`retrieval.data.images.open_rgb` opens one as an RGB
+image with the same checks (pixel limit from the header before decoding, EXIF orientation).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from retrieval.data.images import (
-    DEFAULT_MAX_PIXELS,
-    ImageLoadError,
-    _open_checked,
-    _to_rgb,
-    decode_rgb,
-    load_rgb,
-    orientation,
-    reduced_rgb,
-)
+from retrieval.bundle import decode
+from retrieval.bundle.decode import FILTERS
+from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageInput
+from retrieval.data.rgb import to_rgb
 from retrieval.infra.checks import is_int, positive_int
 
 if TYPE_CHECKING:
     from retrieval.models.backbone import Preprocessing
 
-__all__ = ["Preprocessor", "open_image"]
+__all__ = ["Preprocessor"]
 
-FILTERS = {
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "nearest": Image.Resampling.NEAREST,
-}
 COLOR_MODES = ("RGB",)
 RESIZE_MODES = ("crop", "squash", "pad")  # as retrieval.models.backbone.RESIZE_MODES
 OPTIONAL = {"color_mode": "RGB", "resize_mode": "crop"}  # absent from older bundles
-#: :meth:`Preprocessor.prepare` first reduces an image by an integer factor when it stays at
-#: least this many times larger than its resized size (as ``Image.resize(reducing_gap=...)``)
-REDUCING_GAP = 3.0
-_SWAPS_AXES = {Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270}
-_SWAPS_AXES |= {Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE}
-Box = tuple[float, float, float, float]
 
 
 def _bad(field: str, rule: str, value: Any) -> ValueError:
@@ -162,36 +144,13 @@ class Preprocessor:
         return int(self.resize * width / height), self.resize
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        """``image`` (any mode; non-RGB is converted like :func:`open_image` does) ->
-        ``(3, input_size, input_size)`` float32."""
+        """``image`` (any mode; non-RGB is converted like
+        :func:`~retrieval.data.images.open_rgb` does) -> ``(3, input_size, input_size)``
+        float32."""
         if not isinstance(image, Image.Image):
             raise TypeError(f"Preprocessor takes a PIL image, got {type(image).__name__}")
-        rgb = image if image.mode == "RGB" else _to_rgb(image)
-        return self._finish(rgb, self.resized_size(*rgb.size))
-
-    def _finish(
-        self, rgb: Image.Image, size: tuple[int, int], box: Box | None = None
-    ) -> np.ndarray:
-        """Resize ``rgb`` (its region ``box``, when reduced) to ``size``, crop / pad, normalise."""
-        if box is not None:
-            rgb = rgb.resize(size, FILTERS[self.interpolation], box=box)
-        elif size != rgb.size:
-            rgb = rgb.resize(size, FILTERS[self.interpolation])
-        side = self.input_size
-        pixels = np.asarray(rgb, dtype=np.uint8)
-        if self.resize_mode == "crop":
-            top = int(round((size[1] - side) / 2.0))
-            left = int(round((size[0] - side) / 2.0))
-            pixels = pixels[top : top + side, left : left + side]
-        chw = pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
-        mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
-        std = np.asarray(self.std, dtype=np.float32)[:, None, None]
-        out = (chw - mean) / std
-        if self.resize_mode == "pad":  # zeros: the mean colour once normalised
-            top, left = (side - size[1]) // 2, (side - size[0]) // 2
-            margins = ((0, 0), (top, side - size[1] - top), (left, side - size[0] - left))
-            out = np.pad(out, margins)
-        return np.ascontiguousarray(out)
+        rgb = image if image.mode == "RGB" else to_rgb(image)
+        return decode.model_input(self, rgb, self.resized_size(*rgb.size))
 
     def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
         """``B`` images -> ``(B, 3, input_size, input_size)`` float32; ``B`` may be 0."""
@@ -201,127 +160,30 @@ class Preprocessor:
 
     def prepare(
         self,
-        source: str | os.PathLike[str] | bytes,
+        source: ImageInput,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         name: str | None = None,
         check: Callable[[str], None] | None = None,
     ) -> np.ndarray:
-        """Decode a file or encoded bytes straight to the model input, ``(3, S, S)`` float32,
-        with the checks of :func:`open_image`, keeping only what the model needs in memory.
+        """Decode a file, encoded bytes or a binary file straight to the model input,
+        ``(3, S, S)`` float32, with the checks of :func:`~retrieval.data.images.open_rgb`,
+        keeping only what the model needs in memory.
 
-        An image at least ``2 * REDUCING_GAP`` times larger than its resized size is decoded
-        at a reduced scale: a JPEG by its decoder (``draft``: 1/2, 1/4 or 1/8), any image by
-        averaging ``f`` x ``f`` blocks (``Image.reduce``, strip by strip, alpha composited
-        onto white first), always to at least ``REDUCING_GAP`` times the resized size; the
-        antialiased resize then covers the same region of the image. Memory: the decoded
-        image and small strips, never a converted full-size copy. The result differs from
-        ``self(open_image(source))`` by at most a few grey levels at some pixels (tests
-        bound it); smaller images take exactly that path and give the same array, as do all
-        images with ``nearest`` interpolation (which picks pixels; averaging would change it).
-        ``check(stage)`` is called between stages (``decode``, ``reduce``, ``resize``) and
-        may raise to abandon the work.
+        An image at least ``2 * REDUCING_GAP`` (:data:`retrieval.bundle.decode.REDUCING_GAP`)
+        times larger than its resized size is decoded at a reduced scale: a JPEG by its
+        decoder (``draft``: 1/2, 1/4 or 1/8), any image by averaging ``f`` x ``f`` blocks
+        (``Image.reduce``, strip by strip, alpha composited onto white first), always to at
+        least ``REDUCING_GAP`` times the resized size; the antialiased resize then covers the
+        same region of the image. Memory: the decoded image and small strips, never a
+        converted full-size copy. The result differs from ``self(open_rgb(source))`` by at
+        most a few grey levels at some pixels (tests bound it); smaller images take exactly
+        that path and give the same array, as do all images with ``nearest`` interpolation
+        (which picks pixels; averaging would change it). ``check(stage)`` is called between
+        stages (``decode``, ``reduce``, ``resize``) and may raise to abandon the work.
 
         Raises:
-            ImageLoadError: as :func:`open_image` (ImageTooLargeError over ``max_pixels``).
+            ImageLoadError: as :func:`~retrieval.data.images.open_rgb` (ImageTooLargeError
+                over ``max_pixels``).
+            TypeError: ``source`` is neither a path, nor bytes, nor a binary file.
         """
-        check = check or (lambda stage: None)
-        if isinstance(source, str | os.PathLike):
-            label, opened = name or str(source), _open_checked(Path(source), max_pixels)
-        else:
-            label = name or f"<{len(source)} bytes>"
-            opened = _open_checked(bytes(source), max_pixels, label)
-        check("decode")
-        try:
-            reduced = self._decode_reduced(opened, label, check)
-        except ImageLoadError:
-            raise
-        except Exception as err:  # Pillow's decoders raise many types for corrupt data
-            opened.close()
-            raise ImageLoadError(
-                f"{label}: cannot be decoded ({type(err).__name__}: {err})"
-            ) from None
-        if reduced is None:  # no reduction: exactly the path of self(open_image(...))
-            rgb = decode_rgb(opened, label)
-            check("resize")
-            return self(rgb)
-        rgb, size, box = reduced
-        check("resize")
-        return self._finish(rgb, size, box)
-
-    def _decode_reduced(
-        self, image: Image.Image, label: str, check: Callable[[str], None]
-    ) -> tuple[Image.Image, tuple[int, int], Box] | None:
-        """``(reduced RGB image, resized size, region of the image in it)`` for an image
-        worth reducing (decoded and closed), else None (``image`` left as it is)."""
-        method = orientation(image)
-        swap = method in _SWAPS_AXES
-        width, height = image.size
-        size = self.resized_size(*((height, width) if swap else (width, height)))
-        target = (size[1], size[0]) if swap else size  # in the stored orientation
-        box: Box = (0.0, 0.0, float(width), float(height))
-        need = (max(1, int(target[0] * REDUCING_GAP)), max(1, int(target[1] * REDUCING_GAP)))
-        drafted = False
-        if self.interpolation == "nearest":
-            return None
-        if image.format == "JPEG" and min(width // need[0], height // need[1]) >= 2:
-            done = image.draft(None, need)
-            if done is not None:
-                box, drafted = done[1], True
-        factor = (max(1, int(box[2] / need[0])), max(1, int(box[3] / need[1])))
-        if not drafted and factor == (1, 1):
-            return None
-        with image:
-            image.load()
-            check("reduce")
-            rgb = reduced_rgb(image, factor) if factor != (1, 1) else _to_rgb(image)
-            if rgb is not image:
-                image.close()
-        fx, fy = factor
-        box = (box[0] / fx, box[1] / fy, box[2] / fx, box[3] / fy)
-        if method is not None:
-            box = _transposed_box(box, rgb.size, method)
-            rgb = rgb.transpose(method)
-        return rgb, size, box
-
-
-def _transposed_box(box: Box, size: tuple[int, int], method: Image.Transpose) -> Box:
-    """Where region ``box`` of an image of ``size`` lands once the image is transposed."""
-    w, h = size
-    T = Image.Transpose
-    move = {
-        T.FLIP_LEFT_RIGHT: lambda x, y: (w - x, y),
-        T.FLIP_TOP_BOTTOM: lambda x, y: (x, h - y),
-        T.ROTATE_180: lambda x, y: (w - x, h - y),
-        T.ROTATE_90: lambda x, y: (y, w - x),
-        T.ROTATE_270: lambda x, y: (h - y, x),
-        T.TRANSPOSE: lambda x, y: (y, x),
-        T.TRANSVERSE: lambda x, y: (h - y, w - x),
-    }[method]
-    (ax, ay), (bx, by) = move(box[0], box[1]), move(box[2], box[3])
-    return (min(ax, bx), min(ay, by), max(ax, bx), max(ay, by))
-
-
-def open_image(
-    source: str | os.PathLike[str] | bytes | bytearray | memoryview,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    name: str | None = None,
-) -> Image.Image:
-    """Decode a file path or in-memory bytes into an RGB image.
-
-    Paths go through :func:`retrieval.data.images.load_rgb`; bytes get the same checks: the
-    pixel count is read from the header and refused before decoding when over ``max_pixels``
-    (or over Pillow's own limit), EXIF orientation is applied and any mode becomes RGB.
-    ``name`` labels the bytes in error messages (default ``<N bytes>``).
-
-    Raises:
-        ImageLoadError: empty, unidentifiable, too large, truncated or corrupt data, naming
-            the source.
-        TypeError: ``source`` is neither a path nor bytes.
-    """
-    if isinstance(source, str | os.PathLike):
-        return load_rgb(Path(source), max_pixels)
-    if not isinstance(source, bytes | bytearray | memoryview):
-        raise TypeError(f"open_image takes a path or bytes, got {type(source).__name__}")
-    data = bytes(source)
-    label = name or f"<{len(data)} bytes>"
-    return decode_rgb(_open_checked(data, max_pixels, label), label)
+        return decode.prepare(self, source, max_pixels, name, check)

@@ -38,7 +38,7 @@ import tempfile
 from pathlib import Path
 
 from retrieval.data.copy_edits import EDIT_KINDS, apply_edit, load_overlays
-from retrieval.data.images import list_images, load_rgb
+from retrieval.data.images import list_images, open_rgb
 from retrieval.data.manifest import ManifestError, ManifestRow, write_manifest
 from retrieval.infra.io import atomic_write, sha256_file
 
@@ -114,7 +114,7 @@ def _write_queries(
     sprites = load_overlays(overlays[0].parent, limit=len(overlays)) if overlays else []
     for path, queries in zip(held, names, strict=True):
         rng = random.Random(f"{seed}:{_label(path, base)}")  # depends on this original alone
-        original = load_rgb(path)
+        original = open_rgb(path)
         for name, kind in queries:
             (folder / name).parent.mkdir(exist_ok=True)
             edited = apply_edit(original, kind, rng, sprites)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from retrieval.data.images import DEFAULT_MAX_PIXELS, load_rgb
+from retrieval.data.images import DEFAULT_MAX_PIXELS, open_rgb
 from retrieval.data.manifest import ManifestRow
 
 
@@ -40,7 +40,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
-        image = load_rgb(row.path, self.max_pixels)
+        image = open_rgb(row.path, self.max_pixels)
         return {
             "image": self.transform(image),
             "label": int(self.labels[index]),

@@ -1,5 +1,10 @@
 """Safe image loading (pixel limit checked from the header, EXIF orientation, RGB) and a cheap
-integrity scan of image files before training."""
+integrity scan of image files before training.
+
+:func:`open_rgb` decodes a path, encoded bytes or a binary file into an RGB image;
+:func:`open_checked` opens one lazily (header only, pixel limit enforced) for callers that
+decode it their own way or only need its size and format.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +16,19 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
+from retrieval.data.rgb import to_rgb
 from retrieval.infra.checks import positive_int
 
+#: What :func:`open_rgb` and :func:`image_source` take: a path, encoded bytes or a binary file.
+ImageInput = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO
+
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit (Image.MAX_IMAGE_PIXELS)
-_ALPHA_MODES = {"LA", "La", "RGBA", "RGBa", "PA"}
 _JPEG_TAIL = 1024
 _OPEN_LOCK = threading.Lock()  # warnings.catch_warnings changes process-wide state
-_STRIP_BYTES = 4 << 20  # conversions of large images work on strips of about this size
 #: EXIF Orientation -> transposition, the table ``PIL.ImageOps.exif_transpose`` uses
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -50,7 +57,7 @@ class BadImage:
     reason: str
 
 
-def _open_checked(
+def open_checked(
     source: Path | bytes, max_pixels: int, label: str | None = None
 ) -> ImageFile.ImageFile:
     """Open a file or in-memory bytes lazily (header only) and enforce the pixel limit before
@@ -90,86 +97,45 @@ def _open_checked(
     return image
 
 
-def _high_bit_depth_to_l(image: Image.Image, from_16bit: bool | None = None) -> Image.Image:
-    """Map 16/32-bit integer and float grayscale to 8-bit L.
+def image_source(source: ImageInput, name: str | None = None) -> tuple[Path | bytes, str]:
+    """``source`` as :func:`open_checked` takes it, a path or bytes (a binary file is read to
+    its end), and the label messages call it: ``name``, else the path or ``<N bytes>``.
 
-    ``I;16*`` is scaled from 0..65535; ``I`` is scaled the same way when its maximum exceeds
-    255 (16-bit data stored as 32-bit), otherwise kept; ``F`` and other values are clipped to
-    0..255. ``from_16bit`` overrides that decision (a strip of an image takes the whole
-    image's, see :func:`_to_rgb`).
+    Raises:
+        TypeError: ``source`` is neither a path, nor bytes (any buffer), nor a binary file.
     """
-    values = np.asarray(image, dtype=np.float64)
-    if from_16bit is None:
-        from_16bit = _is_16bit(image)
-    if from_16bit:
-        values = values / 257.0
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        return path, name or str(path)
+    data = source.read() if hasattr(source, "read") else source
+    try:
+        data = bytes(memoryview(data))  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"images are read from a path or bytes (or a binary file), got {type(data).__name__}"
+        ) from None
+    return data, name or f"<{len(data)} bytes>"
 
 
-def _is_16bit(image: Image.Image) -> bool:
-    """Whether integer grayscale holds 16-bit values (the whole image's maximum, no copy)."""
-    if image.mode.startswith("I;16"):
-        return True
-    if image.mode != "I" or image.width * image.height == 0:
-        return False
-    return float(image.getextrema()[1]) > 255  # type: ignore[index, arg-type]
+def open_rgb(
+    source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
+) -> Image.Image:
+    """Decode a path, encoded bytes or a binary file into a fully decoded RGB image.
 
+    The pixel count is read from the header and refused before decoding when over
+    ``max_pixels`` (or over Pillow's own limit, see :func:`open_checked`); EXIF orientation is
+    applied; L/1/I/F/CMYK/YCbCr become RGB; palette images with transparency and LA/RGBA/PA
+    are composited onto white; animated images give their first frame. ``name`` labels the
+    source in error messages (default: the path, or ``<N bytes>``).
 
-def _to_rgb_whole(image: Image.Image, from_16bit: bool | None = None) -> Image.Image:
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if image.mode.startswith(("I", "F")):
-        image = _high_bit_depth_to_l(image, from_16bit)
-    return image.convert("RGB")
-
-
-def _strip_rows(width: int, multiple: int = 1) -> int:
-    """Rows per strip: about ``_STRIP_BYTES`` of 4-byte pixels, a multiple of ``multiple``."""
-    rows = max(1, _STRIP_BYTES // max(1, 4 * width))
-    return max(multiple, rows - rows % multiple)
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB version of ``image``; transparent pixels are composited onto white.
-
-    A large image is converted a strip of rows at a time into one new RGB image, so the
-    conversion's intermediates (RGBA, the white backdrop, 16-bit values as float64) only
-    ever exist for a strip: the input plus the output are the only full-size buffers. Every
-    step is per pixel, so the result equals converting the whole image at once."""
-    if image.mode == "RGB":
-        return image
-    width, height = image.size
-    rows = _strip_rows(width)
-    if rows >= height:
-        return _to_rgb_whole(image)
-    from_16bit = _is_16bit(image)
-    out = Image.new("RGB", image.size)
-    for top in range(0, height, rows):
-        strip = image.crop((0, top, width, min(height, top + rows)))
-        out.paste(_to_rgb_whole(strip, from_16bit), (0, top))
-    return out
-
-
-def reduced_rgb(image: Image.Image, factor: tuple[int, int]) -> Image.Image:
-    """RGB version of a decoded ``image`` averaged over ``factor`` = (x, y) pixel blocks
-    (``Image.reduce``: the size is rounded up, edge blocks average what they cover).
-
-    Converted like :func:`_to_rgb` (alpha onto white, palette, 16-bit) a strip of rows at a
-    time, each strip reduced at once, so no full-size copy of ``image`` is ever made; the
-    result equals reducing the whole converted image."""
-    if image.mode == "RGB":
-        return image.reduce(factor)
-    width, height = image.size
-    fx, fy = factor
-    out = Image.new("RGB", (-(-width // fx), -(-height // fy)))
-    from_16bit = _is_16bit(image)
-    rows = _strip_rows(width, fy)
-    for top in range(0, height, rows):
-        strip = image.crop((0, top, width, min(height, top + rows)))
-        out.paste(_to_rgb_whole(strip, from_16bit).reduce(factor), (0, top // fy))
-    return out
+    Raises:
+        ImageLoadError: missing, empty, unidentifiable, too large (ImageTooLargeError),
+            truncated or corrupt data, naming the source (truncated files are only accepted
+            if the caller set ``ImageFile.LOAD_TRUNCATED_IMAGES``).
+        TypeError: ``source`` is neither a path, nor bytes, nor a binary file.
+    """
+    data, label = image_source(source, name)
+    return decode_rgb(open_checked(data, max_pixels, label), label)
 
 
 def orientation(image: Image.Image) -> Image.Transpose | None:
@@ -177,19 +143,6 @@ def orientation(image: Image.Image) -> Image.Transpose | None:
     applies it), or None. Reads the header only, except for formats that keep EXIF after the
     pixel data."""
     return _TRANSPOSE.get(image.getexif().get(ExifTags.Base.Orientation, 1))
-
-
-def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Load ``path`` as a fully decoded RGB image.
-
-    The pixel count is checked from the header before decoding (see ``_open_checked``); EXIF
-    orientation is applied; L/1/I/F/CMYK/YCbCr become RGB; palette images with transparency
-    and LA/RGBA/PA are composited onto white; animated images give their first frame. Missing,
-    zero-byte, truncated, corrupt and non-image files raise ImageLoadError (truncated files are
-    only accepted if the caller set ``ImageFile.LOAD_TRUNCATED_IMAGES``).
-    """
-    file = Path(path)
-    return decode_rgb(_open_checked(file, max_pixels), str(file))
 
 
 def decode_rgb(image: Image.Image, label: str) -> Image.Image:
@@ -203,7 +156,7 @@ def decode_rgb(image: Image.Image, label: str) -> Image.Image:
         with image:  # closes the file on exit, not the decoded pixels
             image.load()
             method = orientation(image)
-            rgb = _to_rgb(image)
+            rgb = to_rgb(image)
         if rgb is not image:
             image.close()  # frees the decoded source
         if method is None:
@@ -226,7 +179,7 @@ def _jpeg_is_truncated(path: Path) -> bool:
 def _scan_one(path: Path, max_pixels: int) -> BadImage | None:
     """The reason ``path`` is unusable, or None; does not decode pixel data."""
     try:
-        image = _open_checked(path, max_pixels)
+        image = open_checked(path, max_pixels)
     except ImageLoadError as err:
         return BadImage(path, str(err).removeprefix(f"{path}: "))
     try:
@@ -247,7 +200,7 @@ def find_unreadable(
 
     Detects missing and zero-byte files, files Pillow cannot identify, images over the pixel
     limit, files that fail ``Image.verify()`` and JPEGs with no end-of-image marker in their
-    last KiB. Pixel data is not decoded, so some corrupt files can still pass; ``load_rgb``
+    last KiB. Pixel data is not decoded, so some corrupt files can still pass; ``open_rgb``
     catches those. An empty ``paths`` gives []. Raises ValueError if ``num_threads`` < 1.
     """
     positive_int(num_threads, "num_threads")

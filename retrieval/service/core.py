@@ -15,7 +15,7 @@ import anyio.to_thread
 import numpy as np
 
 from retrieval.bundle.retriever import Hit, Retriever
-from retrieval.data.images import ImageLoadError, ImageTooLargeError, _open_checked
+from retrieval.data.images import ImageLoadError, ImageTooLargeError, open_checked
 from retrieval.service.batching import MicroBatcher
 from retrieval.service.budget import SMALL_PIXELS, Deadline, Lane
 from retrieval.service.cache import ExpiringCache
@@ -103,7 +103,7 @@ class SearchService:
 
     def _pixels(self, data: bytes, name: str) -> int:
         """Width x height from the header (413 over the limit, 422 unreadable)."""
-        with _bad_uploads(name), _open_checked(data, self.max_pixels, name) as image:
+        with _bad_uploads(name), open_checked(data, self.max_pixels, name) as image:
             return int(image.width * image.height)
 
     def decode(self, data: bytes, name: str, check: Callable[[str], None]) -> np.ndarray:

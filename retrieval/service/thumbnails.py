@@ -10,8 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from retrieval.bundle.preprocess import open_image
-from retrieval.data.images import _open_checked
+from retrieval.data.images import open_checked, open_rgb
 
 #: Formats every browser shows, as Pillow names them, and their media types; files in other
 #: formats (TIFF) are sent as a JPEG of the same size.
@@ -54,13 +53,13 @@ class Thumbnails:
         path = self.path_of(uri)
         if not path.is_file():
             raise FileNotFoundError(f"item {item_id}'s image is not available on this server")
-        with _open_checked(path, self.max_pixels, f"item {item_id}'s image") as header:
+        with open_checked(path, self.max_pixels, f"item {item_id}'s image") as header:
             return path, SHOWN.get(str(header.format))
 
     def as_jpeg(self, path: Path) -> bytes:
         """The whole image at ``path`` as JPEG bytes (a full decode: run it in the large lane)."""
         buffer = io.BytesIO()
-        open_image(path, self.max_pixels).save(buffer, format="JPEG", quality=92)
+        open_rgb(path, self.max_pixels).save(buffer, format="JPEG", quality=92)
         return buffer.getvalue()
 
     def cached(self, item_id: int, uri: str) -> bytes | None:
@@ -83,7 +82,7 @@ class Thumbnails:
         path = self.path_of(uri)
         if not path.is_file():
             raise FileNotFoundError(f"item {item_id}'s image is not available on this server")
-        image = open_image(path, self.max_pixels)
+        image = open_rgb(path, self.max_pixels)
         image.thumbnail((self.size_px, self.size_px), Image.Resampling.LANCZOS)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)

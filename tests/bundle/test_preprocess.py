@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFile, ImageFilter
 
-from retrieval.bundle.preprocess import Preprocessor, open_image
+from retrieval.bundle.preprocess import Preprocessor
 from retrieval.data.demo_render import render_demo_image
 from retrieval.data.images import ImageLoadError
+from retrieval.data.images import open_rgb as open_image
 from retrieval.data.transforms import eval_transform
 from retrieval.models import Preprocessing
 from retrieval.models.backbone import RESIZE_MODES

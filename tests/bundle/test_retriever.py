@@ -18,7 +18,8 @@ from PIL import Image
 
 from retrieval.bundle.format import FORMAT_VERSION, BundleError
 from retrieval.bundle.retriever import Retriever
-from retrieval.data.images import ImageLoadError, load_rgb
+from retrieval.data.images import ImageLoadError
+from retrieval.data.images import open_rgb as load_rgb
 from tests.bundle_fixtures import (
     OPENVINO,
     Gallery,

@@ -17,9 +17,9 @@ from retrieval.data.images import (
     BadImage,
     ImageLoadError,
     find_unreadable,
-    load_rgb,
     report_unreadable,
 )
+from retrieval.data.images import open_rgb as load_rgb
 
 
 def _save(image: Image.Image, path: Path, **kwargs: Any) -> Path:
@@ -294,7 +294,7 @@ def _oriented(image: Image.Image, fmt: str, orientation: int) -> bytes:
 
 @pytest.mark.parametrize("mode", ["crop", "squash", "pad"])
 def test_prepare_equals_the_full_decode_when_no_reduction_is_needed(mode: str) -> None:
-    from retrieval.bundle.preprocess import open_image
+    from retrieval.data.images import open_rgb as open_image
 
     pre = _pre(mode)
     rgba = _photo(300, 200).convert("RGBA")
@@ -324,7 +324,7 @@ def test_prepare_of_large_images_is_within_a_few_grey_levels(
 ) -> None:
     """Reduced (JPEG: by its decoder; PNG: block averages), then resized as before: the
     documented tolerance is a mean under 0.5 and a maximum of 8 grey levels."""
-    from retrieval.bundle.preprocess import open_image
+    from retrieval.data.images import open_rgb as open_image
 
     pre = _pre(mode)
     data = _oriented(_photo(1300, 900, seed=orientation), fmt, orientation)
@@ -333,7 +333,7 @@ def test_prepare_of_large_images_is_within_a_few_grey_levels(
 
 
 def test_prepare_of_large_transparent_and_palette_images_is_within_a_few_grey_levels() -> None:
-    from retrieval.bundle.preprocess import open_image
+    from retrieval.data.images import open_rgb as open_image
 
     pre = _pre()
     rgba = _photo(1500, 1100).convert("RGBA")
@@ -351,7 +351,8 @@ def test_prepare_of_large_transparent_and_palette_images_is_within_a_few_grey_le
 
 def test_strip_conversion_equals_converting_the_whole_image() -> None:
     """16-bit scaling is decided from the whole image, not per strip."""
-    from retrieval.data.images import _to_rgb, _to_rgb_whole
+    from retrieval.data.rgb import _to_rgb_whole
+    from retrieval.data.rgb import to_rgb as _to_rgb
 
     values = np.zeros((1500, 1200), np.int32)
     values[-10:] = 60000  # only the last strip holds 16-bit values
@@ -366,7 +367,8 @@ def test_strip_conversion_equals_converting_the_whole_image() -> None:
 _PEAK_SCRIPT = """
 import sys
 from pathlib import Path
-from retrieval.bundle.preprocess import Preprocessor, open_image
+from retrieval.bundle.preprocess import Preprocessor
+from retrieval.data.images import open_rgb as open_image
 
 def status(key):
     for line in open("/proc/self/status"):
