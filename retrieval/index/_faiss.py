@@ -97,3 +97,34 @@ def to_gpu(
 def to_cpu(faiss: Any, index: Any, on_gpu: bool) -> Any:
     """The CPU form of ``index``: a copy when it lives on a GPU, else ``index`` itself."""
     return faiss.index_gpu_to_cpu(index) if on_gpu else index
+
+
+def to_all_gpus(
+    faiss: Any, cpu_index: Any, use_gpu: bool | None, temp_memory: int | None, what: str
+) -> tuple[Any, Any]:
+    """``cpu_index`` sharded over every GPU faiss sees (``GpuMultipleClonerOptions.shard``:
+    each GPU holds 1/n of the vectors, searches merge the n results); ``(index, resources)``,
+    or ``(cpu_index, None)`` for a type faiss cannot shard when ``use_gpu`` is None."""
+    resources = [faiss.StandardGpuResources() for _ in range(faiss.get_num_gpus())]
+    for res in resources:
+        if temp_memory is not None:
+            res.setTempMemory(temp_memory)
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True
+    try:
+        return faiss.index_cpu_to_gpu_multiple_py(resources, cpu_index, options), resources
+    except RuntimeError as err:  # HNSW, and types IndexShards does not implement
+        if use_gpu:
+            raise ValueError(f"faiss cannot shard a {what!r} index over GPUs ({err})") from err
+        log.info("faiss cannot shard a %r index over GPUs (%s); it stays on the CPU", what, err)
+        return cpu_index, None
+
+
+def place(
+    faiss: Any, cpu_index: Any, use_gpu: bool | None, temp_memory: int | None, what: str
+) -> tuple[Any, Any]:
+    """``(index, gpu_resources)``: ``cpu_index`` where ``use_gpu`` asks: sharded over all GPUs
+    (:func:`to_all_gpus`, resources a list) when there are several, else per :func:`to_gpu`."""
+    args = (faiss, cpu_index, use_gpu, temp_memory, what)
+    several = use_gpu is not False and gpu_available(faiss) and faiss.get_num_gpus() > 1
+    return to_all_gpus(*args) if several else to_gpu(*args)

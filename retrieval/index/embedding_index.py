@@ -3,63 +3,24 @@
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from retrieval.index import _structure
 from retrieval.index._checks import as_ids, sample_positions
-from retrieval.index._faiss import (
-    check_temp_memory,
-    gpu_available,
-    import_faiss,
-    to_cpu,
-    to_gpu,
-)
-from retrieval.index._files import read_checked, write_atomically
+from retrieval.index._faiss import check_temp_memory, import_faiss, to_cpu
+from retrieval.index.placement import PlacedIndex
 from retrieval.index.self_knn import drop_self, exact_self_knn
+from retrieval.index.ties import search_ties_resolved
 from retrieval.infra.checks import positive_int, vectors
 
-__all__ = ["EmbeddingIndex", "ties_by_ascending_id"]
+__all__ = ["EmbeddingIndex"]
 
 log = logging.getLogger(__name__)
 
 
-def _to_all_gpus(
-    faiss: Any, cpu_index: Any, use_gpu: bool | None, temp_memory: int | None, what: str
-) -> tuple[Any, Any]:
-    """``cpu_index`` sharded over every GPU faiss sees (``GpuMultipleClonerOptions.shard``:
-    each GPU holds 1/n of the vectors, searches merge the n results); ``(index, resources)``,
-    or ``(cpu_index, None)`` for a type faiss cannot shard when ``use_gpu`` is None."""
-    resources = [faiss.StandardGpuResources() for _ in range(faiss.get_num_gpus())]
-    for res in resources:
-        if temp_memory is not None:
-            res.setTempMemory(temp_memory)
-    options = faiss.GpuMultipleClonerOptions()
-    options.shard = True
-    try:
-        return faiss.index_cpu_to_gpu_multiple_py(resources, cpu_index, options), resources
-    except RuntimeError as err:  # HNSW, and types IndexShards does not implement
-        if use_gpu:
-            raise ValueError(f"faiss cannot shard a {what!r} index over GPUs ({err})") from err
-        log.info("faiss cannot shard a %r index over GPUs (%s); it stays on the CPU", what, err)
-        return cpu_index, None
-
-
-def ties_by_ascending_id(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Search results with equal scores re-ordered by ascending id (missing slots, id -1,
-    stay last); rows already ordered by score stay so."""
-    if scores.shape[1] < 2:
-        return scores, ids
-    missing = ids < 0
-    key = np.where(missing, np.iinfo(np.int64).max, ids)
-    order = np.lexsort((key, np.where(missing, np.inf, -scores)), axis=1)
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
-
-
-class EmbeddingIndex:
+class EmbeddingIndex(PlacedIndex):
     """Nearest-neighbour index over L2-normalised float32 vectors, scored by inner product.
 
     The index is fully described by its dimension, a FAISS factory string (``"Flat"``,
@@ -84,8 +45,10 @@ class EmbeddingIndex:
     With more than one GPU (and ``use_gpu`` not False) the index is sharded over all of
     them instead of GPU 0 (Flat, IVF-Flat, IVF-SQ, IVF-PQ). Such an index is for searching:
     ``train`` / ``add`` / ``remove_ids`` copy it to the CPU and back (O(ntotal) each), so
-    build it with ``use_gpu=False`` (e.g. :func:`retrieval.index.build.build_index`), save
-    it and load it onto the GPUs.
+    build it with ``use_gpu=False`` (e.g. trained on :func:`retrieval.index.build.training_sample`
+    and filled from :func:`~retrieval.index.build.iter_chunks`), save it and load it onto the
+    GPUs. Placement and ``save`` / ``load`` with checksums come from
+    :class:`~retrieval.index.placement.PlacedIndex`.
 
     Raises:
         ImportError: faiss is not installed.
@@ -112,99 +75,6 @@ class EmbeddingIndex:
         _structure.apply_search_params(faiss, index, search_params, factory)
         self._setup(faiss, index, factory, search_params, use_gpu, temp_memory)
 
-    def _setup(
-        self,
-        faiss: Any,
-        cpu_index: Any,
-        factory: str,
-        search_params: str,
-        use_gpu: bool | None,
-        temp_memory: int | None,
-    ) -> None:
-        """Hold ``cpu_index`` (built or read from disk), on GPU 0 if asked and possible."""
-        self._dim = int(cpu_index.d)
-        self._factory = factory
-        self._search_params = search_params
-        self._use_gpu = use_gpu
-        self._temp_memory = temp_memory
-        self._bytes_per_vector = _structure.bytes_per_vector(faiss, cpu_index)
-        self._min_train_rows = _structure.min_train_rows(faiss, cpu_index)  # GPU forms hide it
-        self._place(faiss, cpu_index)
-
-    def _place(self, faiss: Any, cpu_index: Any) -> None:
-        """Put ``cpu_index`` where ``use_gpu`` asks: sharded over all GPUs when there are
-        several, else per :func:`~retrieval.index._faiss.to_gpu`."""
-        args = (faiss, cpu_index, self._use_gpu, self._temp_memory, self._factory)
-        several = self._use_gpu is not False and gpu_available(faiss) and faiss.get_num_gpus() > 1
-        self._index, self._gpu_resources = _to_all_gpus(*args) if several else to_gpu(*args)
-
-    @property
-    def _sharded(self) -> bool:
-        """Whether the index is split over several GPUs (see the class docstring)."""
-        return isinstance(self._gpu_resources, list)
-
-    def _through_cpu(self, change: Callable[[Any], None]) -> None:
-        """Apply ``change`` to the CPU form of the index, then place it again."""
-        faiss = import_faiss()
-        cpu_index = to_cpu(faiss, self._index, self.on_gpu)
-        change(cpu_index)
-        if self.on_gpu:
-            self._place(faiss, cpu_index)
-
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike[str],
-        dim: int | None = None,
-        factory: str | None = None,
-        use_gpu: bool | None = None,
-        search_params: str = "",
-        sha256: str | None = None,
-        gpu_temp_memory: int | None = None,
-    ) -> EmbeddingIndex:
-        """Read an index written by :meth:`save`.
-
-        Args:
-            path: the index file.
-            dim: expected dimension; ``None`` accepts the file's.
-            factory: the factory string to report as :attr:`factory` (faiss files do not
-                store it); ``None`` derives one from the index (e.g. ``"IVF64,PQ8x8"``).
-            use_gpu, gpu_temp_memory: as for the constructor.
-            search_params: applied after reading. faiss files keep ``nprobe`` / ``efSearch``
-                as they were when saved, and ``""`` keeps those.
-            sha256: the hex digest :meth:`save` returned; when given, the file is checked
-                against it before faiss parses it.
-
-        Raises:
-            FileNotFoundError: no file at ``path``.
-            ValueError: checksum mismatch; a truncated, corrupt or non-faiss file; an index
-                whose metric is not inner product or whose dimension is not ``dim``; bad
-                ``search_params``; and the constructor's GPU errors. Messages name the file.
-        """
-        faiss = import_faiss()
-        expected_dim = None if dim is None else positive_int(dim, "dim")
-        temp_memory = check_temp_memory(gpu_temp_memory)
-        index = read_checked(faiss, path, sha256, expected_dim)
-        what = factory if factory is not None else _structure.describe(faiss, index)
-        _structure.apply_search_params(faiss, index, search_params, what)
-        loaded = cls.__new__(cls)
-        loaded._setup(faiss, index, what, search_params, use_gpu, temp_memory)
-        return loaded
-
-    def save(self, path: str | os.PathLike[str]) -> str:
-        """Write the CPU form of the index to ``path`` atomically; return its sha256 hex.
-
-        The file is written to a temporary file in the same folder, fsynced and renamed over
-        ``path``, so a failure leaves any previous file at ``path`` intact and no temporary
-        file behind. A GPU index is copied to the CPU for writing (memory for one more copy).
-
-        Raises:
-            FileNotFoundError: the folder of ``path`` does not exist.
-            OSError, RuntimeError: writing failed (nothing at ``path`` changed).
-        """
-        faiss = import_faiss()
-        return write_atomically(faiss, to_cpu(faiss, self._index, self.on_gpu), path)
-
     @property
     def dim(self) -> int:
         """Embedding dimension."""
@@ -229,11 +99,6 @@ class EmbeddingIndex:
     def is_trained(self) -> bool:
         """Whether the index can accept vectors (always true for ``"Flat"`` and ``"HNSW*"``)."""
         return bool(self._index.is_trained)
-
-    @property
-    def on_gpu(self) -> bool:
-        """Whether the index lives on a GPU."""
-        return self._gpu_resources is not None
 
     @property
     def exact_on_cpu(self) -> bool:
@@ -375,28 +240,9 @@ class EmbeddingIndex:
         ids = np.empty((nq, k_eff), dtype=np.int64)
         for start in range(0, nq, chunk_size):
             stop = min(start + chunk_size, nq)
-            scores[start:stop], ids[start:stop] = self._search_ties_resolved(x[start:stop], k_eff)
+            found = search_ties_resolved(self._index, x[start:stop], k_eff)
+            scores[start:stop], ids[start:stop] = found
         return scores, ids
-
-    def _search_ties_resolved(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``k`` results per row with equal scores by ascending id, also when a group of equal
-        scores straddles the k-th place: FAISS then keeps an arbitrary part of the group, so
-        one more result is searched, and rows whose k-th score still equals their last one
-        are searched again with twice as many until the group ends inside (or ``ntotal``)."""
-        n = self.ntotal
-        want = min(n, k + 1)
-        scores, ids = ties_by_ascending_id(*self._index.search(x, want))
-        open_rows = np.flatnonzero((scores[:, k - 1] == scores[:, -1]) & (ids[:, -1] >= 0))
-        while want < n and open_rows.size:
-            want = min(n, 2 * want)
-            more_scores, more_ids = ties_by_ascending_id(*self._index.search(x[open_rows], want))
-            scores[open_rows], ids[open_rows] = (
-                more_scores[:, : scores.shape[1]],
-                more_ids[:, : scores.shape[1]],
-            )
-            still = (more_scores[:, k - 1] == more_scores[:, -1]) & (more_ids[:, -1] >= 0)
-            open_rows = open_rows[still]
-        return scores[:, :k], ids[:, :k]
 
     def search_self(self, k: int, chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """Leave-one-out search: the ``k`` most similar other indexed vectors of each one.
