@@ -100,7 +100,6 @@ def _worker(args: argparse.Namespace) -> None:
         loss=MultiSimilarityLoss(),
         miner=MultiSimilarityMiner(),
         optimizer=partial(torch.optim.AdamW, lr=1e-4, weight_decay=1e-4),
-        num_classes=num_labels,
         gather_embeddings=args.gather,
     )
     watch = Stopwatch()

@@ -110,10 +110,9 @@ def recall_before_and_after(folder: Path, seed: int) -> tuple[float, float]:
     )
     module = RetrievalModule(
         embedder,
-        partial(NTXentLoss, temperature=0.1),
+        NTXentLoss(temperature=0.1),
         partial(torch.optim.AdamW, lr=1e-2),
         scheduler=partial(warmup_cosine, warmup_fraction=0.1),
-        num_classes=TRAIN_IMAGES,
         head_lr_multiplier=1.0,
         eval_ks=(1,),
         eval_metrics=("recall",),

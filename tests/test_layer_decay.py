@@ -23,7 +23,6 @@ def module_for(backbone, layer_decay, loss=None, scheduler=None) -> RetrievalMod
         embedder,
         loss or MultiSimilarityLoss(),
         partial(torch.optim.AdamW, lr=LR),
-        num_classes=4,
         scheduler=scheduler,
         head_lr_multiplier=HEAD,
         layer_decay=layer_decay,
@@ -38,7 +37,7 @@ def vit():
 
 
 def test_vit_groups_follow_the_formula(vit):
-    module = module_for(vit, DECAY, loss=partial(ProxyAnchorLoss))
+    module = module_for(vit, DECAY, loss=ProxyAnchorLoss(num_classes=4, embedding_size=16))
     optimizer = module.configure_optimizers()
     groups = {g["name"]: g for g in optimizer.param_groups}
     depth = len(vit.net.blocks)  # L = 12
@@ -59,7 +58,7 @@ def test_vit_groups_follow_the_formula(vit):
 
 
 def test_every_trainable_parameter_is_in_exactly_one_group(vit):
-    module = module_for(vit, DECAY, loss=partial(ProxyAnchorLoss))
+    module = module_for(vit, DECAY, loss=ProxyAnchorLoss(num_classes=4, embedding_size=16))
     vit.net.pos_embed.requires_grad_(False)  # frozen parameters are left out
     try:
         optimizer = module.configure_optimizers()

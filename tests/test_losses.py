@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from retrieval.training.losses import build_loss, compute_loss
+from retrieval.training.losses import compute_loss
 from tests.conftest import CONF, compose_train
 
 LOSSES = sorted(p.stem for p in (CONF / "loss").glob("*.yaml"))
@@ -19,8 +19,9 @@ NUM_CLASSES, DIM = 6, 32
 
 @pytest.mark.parametrize("name", LOSSES)
 def test_loss_with_its_default_miner_is_finite_and_trains(name: str, tmp_path: Path) -> None:
-    cfg = compose_train([f"loss={name}"], tmp_path)
-    loss = build_loss(instantiate(cfg.loss), NUM_CLASSES, DIM)
+    sizes = [f"num_train_labels={NUM_CLASSES}", f"embedding_size={DIM}"]
+    cfg = compose_train([f"loss={name}", *sizes], tmp_path)
+    loss = instantiate(cfg.loss)
     miner = instantiate(cfg.miner) if cfg.get("miner") is not None else None
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(4)  # P=6 labels x K=4

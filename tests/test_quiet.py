@@ -56,9 +56,7 @@ def _fit_warnings(freeze_bn: bool, head_in_eval: bool) -> list[str]:
     embedder = Embedder(
         create_backbone("test_efficientnet", pretrained=False), 16, "avg", freeze_bn=freeze_bn
     )
-    module = RetrievalModule(
-        embedder, MultiSimilarityLoss(), partial(torch.optim.SGD, lr=1e-3), num_classes=4
-    )
+    module = RetrievalModule(embedder, MultiSimilarityLoss(), partial(torch.optim.SGD, lr=1e-3))
     if head_in_eval:
         module.model.head.eval()  # a module in eval mode that nothing keeps so by design
     batches = [{"image": torch.randn(8, 3, 32, 32), "label": torch.arange(8) % 4}]

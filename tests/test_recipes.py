@@ -88,7 +88,9 @@ def test_recipe_builds_its_optimizer_groups(name, tmp_path):
     with open_dict(cfg):
         cfg.backbone.pretrained = False
     embedder = instantiate(cfg.model.embedder)
-    module = instantiate(cfg.model, embedder=embedder, num_classes=100)
+    with open_dict(cfg):  # as train.py measures them
+        cfg.num_train_labels, cfg.embedding_size = 100, embedder.embedding_dim
+    module = instantiate(cfg.model, embedder=embedder)
     module._trainer = SimpleNamespace(estimated_stepping_batches=1000)
     optimizer = module.configure_optimizers()["optimizer"]
     groups = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}  # before warm-up

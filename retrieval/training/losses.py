@@ -1,8 +1,9 @@
 """Glue around pytorch-metric-learning losses and miners; no loss math of our own.
 
-Losses are configured as partial constructors (``_partial_: true``) because some of their
-arguments are known only once the data is read: classification-style losses (ProxyAnchor,
-ProxyNCA, NormalizedSoftmax, ArcFace, CosFace) need ``num_classes`` and ``embedding_size``.
+Classification-style losses (ProxyAnchor, ProxyNCA, NormalizedSoftmax, ArcFace, CosFace) need
+``num_classes`` and ``embedding_size``, known only once the data is read and the model built:
+their configs take them by interpolation from ``num_train_labels`` / ``embedding_size``, which
+``train.py`` measures (``conf/train.yaml``).
 
 Under distributed training a pair-based loss sees only its rank's batch unless embeddings are
 gathered (``gather=True``): then PML's ``DistributedLossWrapper`` / ``DistributedMinerWrapper``
@@ -12,8 +13,6 @@ flowing through the local part.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,41 +23,6 @@ from pytorch_metric_learning.utils.distributed import (
     DistributedMinerWrapper,
 )
 from torch import nn
-
-
-def build_loss(
-    factory: Callable[..., nn.Module] | nn.Module, num_classes: int, embedding_size: int
-) -> nn.Module:
-    """Call ``factory`` with whichever of ``num_classes`` / ``embedding_size`` it accepts."""
-    if isinstance(factory, nn.Module):
-        return factory
-    accepted = _named_parameters(getattr(factory, "func", factory))
-    given = {"num_classes": num_classes, "embedding_size": embedding_size}
-    return factory(**{k: v for k, v in given.items() if k in accepted})
-
-
-def _named_parameters(target: Callable[..., Any]) -> set[str]:
-    """Keyword arguments ``target`` takes, following ``*args, **kwargs`` up a class's bases:
-    PML's CosFaceLoss declares only ``margin, scale, **kwargs`` and passes ``num_classes`` and
-    ``embedding_size`` on to LargeMarginSoftmaxLoss."""
-    named = {inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY}
-    forwarding = {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
-    signatures = (
-        [
-            inspect.signature(vars(cls)["__init__"])
-            for cls in target.__mro__
-            if cls is not object and "__init__" in vars(cls)
-        ]
-        if isinstance(target, type)
-        else [inspect.signature(target)]
-    )
-    names: set[str] = set()
-    for signature in signatures:
-        params = signature.parameters.values()
-        names |= {p.name for p in params if p.kind in named}
-        if not any(p.kind in forwarding for p in params):
-            break
-    return names
 
 
 def check_gatherable(loss: nn.Module, miner: nn.Module | None) -> None:

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from retrieval.evaluation import evaluate_protocol
 from retrieval.models.embedder import Embedder
 from retrieval.training.layer_decay import layer_decay_groups
-from retrieval.training.losses import build_loss, check_gatherable, compute_loss
+from retrieval.training.losses import check_gatherable, compute_loss
 from retrieval.training.quiet import expect_eval_modules
 
 
@@ -24,13 +24,13 @@ class RetrievalModule(pl.LightningModule):
 
     Args:
         embedder: the Embedder being trained.
-        loss: a pytorch-metric-learning loss, or a partial constructor of one (``num_classes`` and
-            ``embedding_size`` are filled in when it accepts them).
+        loss: a pytorch-metric-learning loss (a proxy loss is built for the run's number of
+            training labels and embedding width: ``num_train_labels`` / ``embedding_size`` in
+            ``conf/train.yaml``, which ``train.py`` measures).
         miner: an optional pytorch-metric-learning miner.
         optimizer: partial constructor taking the parameter groups.
         scheduler: partial constructor taking ``(optimizer, total_steps=...)``; stepped every
             optimizer step.
-        num_classes: number of training labels.
         head_lr_multiplier: learning rate of pooling and head relative to the backbone's.
         loss_lr: learning rate of the loss's own parameters (proxies, class weights).
         frozen_backbone_epochs: epochs at the start during which only the head and the loss
@@ -53,9 +53,8 @@ class RetrievalModule(pl.LightningModule):
     def __init__(
         self,
         embedder: Embedder,
-        loss: Callable[..., nn.Module] | nn.Module,
+        loss: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
-        num_classes: int,
         miner: nn.Module | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         head_lr_multiplier: float = 10.0,
@@ -69,7 +68,7 @@ class RetrievalModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.model = embedder
-        self.loss = build_loss(loss, num_classes, embedder.embedding_dim)
+        self.loss = loss
         self.miner = miner
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
