@@ -19,10 +19,10 @@ from retrieval.evaluation.reports import (
     RED,
     GridLayout,
     choose_queries,
-    format_table,
     per_label_table,
     results_grid,
     save_png,
+    text_table,
     write_csv,
 )
 
@@ -218,12 +218,14 @@ def test_atomic_writes_keep_the_old_file_and_leave_no_temp_files(
     assert Image.open(png).getpixel((0, 0)) == GREEN
 
 
-def test_format_table_aligns_names_and_values():
-    text = format_table({"test/recall@1": 0.81234, "test/map@r": 0.5}, {"queries": 1200})
+def test_text_table_aligns_names_and_values():
+    rows = [["test/recall@1", 0.81234, None], ["test/map@r", 0.5, 0.25], ["queries", 1200, "12.5"]]
+    text = text_table(["metric", "value", "exact"], rows)
     lines = text.splitlines()
-    assert lines[0].split() == ["metric", "value"]
+    assert lines[0].split() == ["metric", "value", "exact"]
     assert "test/recall@1  0.8123" in text and "0.5000" in text
-    assert lines[-1].split() == ["queries", "1200"] and set(lines[-2]) == {"-", " "}
+    assert lines[1].split() == ["test/recall@1", "0.8123", "-"]
+    assert lines[-1].split() == ["queries", "1200", "12.5"]
     assert len({len(line) for line in lines}) == 1  # right-aligned values: all lines as wide
 
 

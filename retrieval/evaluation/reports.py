@@ -1,6 +1,6 @@
 """The visual and tabular parts of an evaluation report, as plain functions: ``results_grid``
 (queries beside their ranked results, framed green/red by label), ``per_label_table`` and
-``write_csv`` (labels worst first), ``format_table``, ``choose_queries``. Writes are atomic."""
+``write_csv`` (labels worst first), ``text_table``, ``choose_queries``. Writes are atomic."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from retrieval.data.images import DEFAULT_MAX_PIXELS, load_rgb
+from retrieval.data.images import DEFAULT_MAX_PIXELS, open_rgb
 from retrieval.infra.io import atomic_write
 
 GREEN, RED, BLUE, GREY = (0, 160, 60), (215, 40, 40), (40, 90, 200), (150, 150, 150)
@@ -70,7 +70,7 @@ def _thumbnail(path: object, size: int, max_pixels: int, font: _Font) -> Image.I
     try:
         if missing:
             raise ValueError("no result")
-        image = ImageOps.contain(load_rgb(str(path), max_pixels), (size, size))
+        image = ImageOps.contain(open_rgb(str(path), max_pixels), (size, size))
         cell.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
     except (OSError, ValueError):  # ImageLoadError is an OSError
         cell.paste(_PLACEHOLDER, (0, 0, size, size))
@@ -210,20 +210,28 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
         writer.writerows({key: _plain(value, 6) for key, value in row.items()} for row in rows)
 
 
-def format_table(metrics: Mapping[str, float], extra: Mapping[str, object] | None = None) -> str:
-    """An aligned two-column text table: names left, values right (floats with 4 decimals,
-    ints as ints); the ``extra`` rows (counts, settings) follow under a rule."""
-    sections = [
-        [(k, str(_plain(v, 4))) for k, v in part.items()] for part in (metrics, extra) if part
+def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]], decimals: int = 4) -> str:
+    """The one printed table: the first column left-aligned, the others right-aligned, each as
+    wide as its widest cell; floats with ``decimals`` decimals, ``None`` as ``-``, text as given
+    (so a caller formats a special cell itself).
+
+    >>> print(text_table(["metric", "value"], [["recall@1", 0.81234], ["queries", 1200]]))
+    metric     value
+    recall@1  0.8123
+    queries     1200
+    """
+    cells = [
+        [str(c) for c in header],
+        *([("-" if v is None else str(_plain(v, decimals))) for v in row] for row in rows),
     ]
-    pairs = [("metric", "value"), *(pair for section in sections for pair in section)]
-    left, right = (max(len(pair[i]) for pair in pairs) for i in (0, 1))
-    rule = f"{'-' * left}  {'-' * right}"
-    blocks = [
-        [f"{name:<{left}}  {value:>{right}}" for name, value in part]
-        for part in [pairs[:1], *sections]
-    ]
-    return f"\n{rule}\n".join("\n".join(block) for block in blocks)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            f"{cell:<{width}}" if i == 0 else f"{cell:>{width}}"
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in cells
+    )
 
 
 def choose_queries(

@@ -16,9 +16,10 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from retrieval.evaluation import evaluate_protocol
+from retrieval.evaluation.reports import text_table
 from retrieval.infra.allocator import keep_freed_memory
 from retrieval.infra.io import atomic_write
 from retrieval.infra.progress import progress_bar
@@ -48,7 +49,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         preprocessing=embedder.preprocessing, sampler=instantiate(cfg.sampler), seed=cfg.seed
     )
     datamodule.setup("fit")
-    module = instantiate(cfg.model, embedder=embedder, num_classes=datamodule.num_train_labels)
+    with open_dict(cfg):  # what proxy losses are sized by (conf/train.yaml)
+        cfg.num_train_labels = datamodule.num_train_labels
+        cfg.embedding_size = embedder.embedding_dim
+    module = instantiate(cfg.model, embedder=embedder)
     # Set afterwards: instantiate() would build the _target_ nodes inside the dict.
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = _instantiate_all(cfg.get("callbacks"))
@@ -139,18 +143,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 def _report(metrics: dict[str, Any], monitor: str, loggers: list[Any]) -> None:
     """Print the final table: every validation metric before and after training."""
 
-    def cell(value: float | None, name: str) -> str:
-        if value is None:
-            return f"{'-':>10}"
-        return f"{value:10.0f}" if name.endswith("queries") else f"{value:10.4f}"
+    def cell(value: float | None, name: str) -> float | str | None:
+        return f"{value:.0f}" if value is not None and name.endswith("queries") else value
 
     names = sorted(k.split("/", 1)[1] for k in metrics if k.startswith("val/"))
     stages = [("pretrained", "pretrained"), ("baseline", "untrained"), ("val", "trained")]
     shown = [(key, title) for key, title in stages if any(k.startswith(key + "/") for k in metrics)]
-    lines = [f"{'metric':<22}" + "".join(f"{title:>11}" for _, title in shown)]
-    for name in names:
-        cells = "".join(" " + cell(metrics.get(f"{key}/{name}"), name) for key, _ in shown)
-        lines.append(f"{'val/' + name:<22}{cells}")
+    rows = [
+        ["val/" + name, *(cell(metrics.get(f"{key}/{name}"), name) for key, _ in shown)]
+        for name in names
+    ]
+    lines = [text_table(["metric", *(title for _, title in shown)], rows)]
     if "pretrained/recall@1" in metrics:
         lines.append(
             "pretrained = the backbone as-is (average-pooled features, no head), as "
