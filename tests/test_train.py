@@ -223,7 +223,7 @@ def test_pretrained_baseline_equals_evaluate_and_training_starts_in_train_mode(
                 "data.image_size=64",
                 "data.num_workers=0",
                 "data.max_labels=8",
-                "use_cache=false",
+                "inference.use_cache=false",
                 "metrics=[recall,map@r,r_precision]",
                 "ks=[1,2,4,8]",
             ],

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -29,7 +30,12 @@ from retrieval.bundle.model_config import (
     check_model_config,
     quiet_tracing,
 )
-from retrieval.bundle.runtime import onnx_session, onnxruntime_module
+from retrieval.bundle.runtime import (
+    RuntimeModule,
+    load_runtime,
+    onnx_session,
+    onnxruntime_module,
+)
 from retrieval.infra.checks import positive_int
 from retrieval.models import Embedder
 
@@ -171,3 +177,26 @@ def export_model(
             session = onnx_session(stage(ONNX), ["CPUExecutionProvider"], threads=None)
             _agree("ONNX model", session.run(None, {"images": check.numpy()})[0], expected)
     return files
+
+
+def compiled_embedder(
+    embedder: Embedder,
+    model_config: Mapping[str, Any],
+    input_size: int,
+    kind: str,
+    device: str = "auto",
+    threads: int | None = None,
+) -> RuntimeModule:
+    """``embedder`` run by the ``kind`` runtime (``onnx``, ``openvino``, ``torchscript``,
+    ``eager``) exactly as a bundle's model is: exported by :func:`export_model` into a
+    temporary folder (every file checked against PyTorch), loaded by
+    :func:`~retrieval.bundle.runtime.load_runtime`, the folder then removed.
+
+    Raises:
+        BundleError: an exported file disagrees with the PyTorch model.
+        ValueError: an unknown ``kind`` or one this machine cannot run (named).
+    """
+    with tempfile.TemporaryDirectory(prefix="retrieval-runtime-") as folder:
+        export_model(embedder, folder, model_config, input_size)
+        runtime = load_runtime(folder, kind, threads=threads, device=device)
+    return RuntimeModule(runtime, embedder)

@@ -131,6 +131,24 @@ class Runtime:
         return out / np.maximum(norms, np.float32(1e-12))
 
 
+class RuntimeModule(nn.Module):
+    """A :class:`Runtime` behind a torch module's call, for code that embeds through one
+    (:func:`retrieval.models.extract.embed_loader`): ``(B, 3, S, S)`` tensor -> ``(B, D)``
+    float32 tensor on the CPU. ``source``, the PyTorch model the runtime was exported from, is
+    kept as a submodule so that a fingerprint of the weights still tells models apart; it is
+    never run."""
+
+    def __init__(self, runtime: Runtime, source: nn.Module) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.source = source
+        self.embedding_dim = runtime.embedding_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        batch = np.ascontiguousarray(images.detach().float().cpu().numpy())
+        return torch.from_numpy(self.runtime.embed(batch))
+
+
 def _torch_runner(module: nn.Module, device: str) -> Callable[[np.ndarray], np.ndarray]:
     def run(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

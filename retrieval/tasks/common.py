@@ -15,7 +15,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader, Dataset
 
 from retrieval.models import Embedder, Preprocessing
-from retrieval.models.extract import Embeddings, embed_loader, fingerprint, load_cached, save_cached
+from retrieval.models.extract import (
+    Embeddings,
+    embed_loader,
+    fingerprint,
+    load_cached,
+    save_cached,
+)
 from retrieval.tasks.config import CONF_DIR
 from retrieval.training.checkpoints import (
     TrainingCheckpoint,
@@ -63,6 +69,46 @@ def model_preprocessing(loaded: LoadedModel) -> Preprocessing:
     if loaded.checkpoint is None:
         return pre
     return pre.with_size(None, (loaded.checkpoint.run_config.get("data") or {}).get("resize_mode"))
+
+
+def model_config(loaded: LoadedModel, steps: dict[str, Any] | None = None) -> dict[str, Any]:
+    """How to rebuild the Embedder in plain Python (``model.json``), with its search-time
+    layers ``steps`` (``tta``, ``whiten_dim``) when set."""
+    config = OmegaConf.to_container(loaded.config, resolve=True)
+    assert isinstance(config, dict)
+    backbone = dict(config.pop("backbone"))
+    config.pop("_target_", None)
+    name, source = backbone.pop("name"), backbone.pop("source", "timm")
+    for key in ("_target_", "pretrained", "weights"):
+        backbone.pop(key, None)
+    return {
+        "backbone": {"name": name, "source": source, "kwargs": backbone},
+        # training-only settings do not change what the model computes
+        "embedder": {
+            **{k: v for k, v in config.items() if k not in ("freeze_bn", "channels_last")},
+            **{k: v for k, v in (steps or {}).items() if v is not None},
+        },
+    }
+
+
+def inference_embedder(
+    cfg: DictConfig, model: LoadedModel, input_size: int, device: torch.device
+) -> torch.nn.Module:
+    """What embeds images under ``cfg.inference``: the model itself (``runtime=eager``), or the
+    model exported and run by ONNX Runtime, OpenVINO or TorchScript as a bundle's model is
+    (checked against PyTorch on export), which computes in float32."""
+    kind = cfg.inference.runtime
+    if kind == "eager":
+        return model.embedder
+    if cfg.inference.precision not in ("auto", "fp32"):
+        raise ValueError(
+            f"inference.runtime={kind} computes in float32, but inference.precision="
+            f"{cfg.inference.precision}: use inference.precision=fp32 or inference.runtime=eager"
+        )
+    from retrieval.bundle.model_export import compiled_embedder
+
+    log.info("exporting the model for inference.runtime=%s", kind)
+    return compiled_embedder(model.embedder, model_config(model), input_size, kind, device.type)
 
 
 def data_config(cfg: DictConfig, ckpt: TrainingCheckpoint | None) -> DictConfig:
@@ -141,12 +187,19 @@ def embed_dataset(
     images the same way (``description``); returns them and the cache file (None: no cache).
     The size and modification time of every file in ``description["paths"]`` join the key, so
     an image rewritten under the same path (regenerated queries) is embedded again."""
+    run = cfg.inference
     files = [_file_stamp(path) for path in description.get("paths", [])]
     key = fingerprint(
         embedder,
-        {**description, "files": files, "precision": cfg.precision, "device": device.type},
+        {
+            **description,
+            "files": files,
+            "precision": run.precision,
+            "device": device.type,
+            "runtime": run.runtime,
+        },
     )
-    cache = Path(cfg.cache_dir) / f"{key[:32]}.npz" if cfg.use_cache else None
+    cache = Path(run.cache_dir) / f"{key[:32]}.npz" if run.use_cache else None
     embeddings = load_cached(cache, key) if cache is not None else None
     if embeddings is not None:
         log.info("embeddings read from the cache %s", cache)
@@ -154,7 +207,7 @@ def embed_dataset(
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
     )
-    embeddings = embed_loader(embedder, loader, device, cfg.precision)
+    embeddings = embed_loader(embedder, loader, device, run.precision)
     if cache is not None:
         save_cached(embeddings, cache, key)
     return embeddings, cache

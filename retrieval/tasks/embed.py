@@ -18,9 +18,9 @@ from retrieval.data.dataset import ImageDataset
 from retrieval.data.images import ImageLoadError, find_unreadable, images_in_folder
 from retrieval.data.manifest import ManifestRow, folder_labels, read_manifest
 from retrieval.data.transforms import eval_transform
-from retrieval.index.shards import ShardContent, ShardItem, ShardPlan, embed_shards, worker_identity
+from retrieval.index.shard_writer import ShardContent, ShardPlan, embed_shards, worker_identity
+from retrieval.index.shards import ShardItem
 from retrieval.infra.io import sha256_file
-from retrieval.models import Embedder
 from retrieval.models.backbone import Preprocessing
 from retrieval.models.extract import (
     embed_loader,
@@ -28,7 +28,13 @@ from retrieval.models.extract import (
     resolve_device,
     resolve_precision,
 )
-from retrieval.tasks.common import LoadedModel, describe_model, load_model, model_preprocessing
+from retrieval.tasks.common import (
+    LoadedModel,
+    describe_model,
+    inference_embedder,
+    load_model,
+    model_preprocessing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +72,9 @@ def _plan_items(cfg: DictConfig) -> tuple[list[ShardItem], str]:
 
 def _device(cfg: DictConfig) -> torch.device:
     """``device=auto`` on a machine with several GPUs: this worker's local rank picks one."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.inference.device)
     local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID"))
-    if cfg.device == "auto" and device.type == "cuda" and local is not None:
+    if cfg.inference.device == "auto" and device.type == "cuda" and local is not None:
         device = torch.device("cuda", int(local) % torch.cuda.device_count())
     return device
 
@@ -77,7 +83,7 @@ class _ShardEmbedder:
     """Embeds one shard's items: unreadable ones skipped (or an error when strict)."""
 
     def __init__(
-        self, cfg: DictConfig, embedder: Embedder, pre: Preprocessing, device: torch.device
+        self, cfg: DictConfig, embedder: torch.nn.Module, pre: Preprocessing, device: torch.device
     ) -> None:
         self.cfg, self.embedder, self.device = cfg, embedder, device
         self.transform = eval_transform(pre)
@@ -103,12 +109,16 @@ class _ShardEmbedder:
         rows = [ManifestRow(Path(i.uri), i.label or "", "gallery") for i in kept]
         loader = DataLoader(
             ImageDataset(rows, self.transform),
-            batch_size=int(self.cfg.batch_size),
+            batch_size=int(self.cfg.inference.batch_size),
             num_workers=int(self.cfg.num_workers),
             pin_memory=self.device.type == "cuda",
         )
         vectors = embed_loader(
-            self.embedder, loader, self.device, self.cfg.precision, description=f"shard {shard}"
+            self.embedder,
+            loader,
+            self.device,
+            self.cfg.inference.precision,
+            description=f"shard {shard}",
         ).vectors
         done = [ShardItem(i.uri, i.label, i.extra, sha256_file(i.uri)) for i in kept]
         return ShardContent(vectors, done, [(str(p), r) for p, r in reasons.items()])
@@ -128,20 +138,23 @@ def embed(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model = load_model(cfg)
     pre = preprocessing_of(cfg, model)
     device = _device(cfg)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.inference.precision, device)
     header = {
         "dim": int(model.embedder.embedding_dim),
         "model_fingerprint": model_fingerprint(model.embedder, pre),
         "preprocessing": pre.to_dict(),
         "source": source,
         "protocol": describe_model(model, pre.to_dict()),
-        "embedding": {"precision": precision, "device_type": device.type},
+        "embedding": {
+            "precision": precision,
+            "device_type": device.type,
+            "runtime": cfg.inference.runtime,
+        },
     }
     out = Path(cfg.out_dir)
     log.info("worker %d of %d: %d shards of %d images", rank, world, plan.num_shards, len(items))
-    done = embed_shards(
-        out, plan, header, _ShardEmbedder(cfg, model.embedder, pre, device), rank, world
-    )
+    runner = inference_embedder(cfg, model, pre.input_size, device)
+    done = embed_shards(out, plan, header, _ShardEmbedder(cfg, runner, pre, device), rank, world)
     summary = {
         "out_dir": str(out),
         "shards": plan.num_shards,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,29 +24,14 @@ from retrieval.tasks.common import (
     describe_model,
     embed_dataset,
     embed_rows,
+    inference_embedder,
     load_model,
     model_preprocessing,
 )
-from retrieval.tasks.evaluate_report import write_report
+from retrieval.tasks.evaluate_report import EvalInputs, write_report
 from retrieval.tasks.postprocess import fit_steps, ms_per_image, postprocess_config
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalInputs:
-    """What gets scored, with what the report needs to show it."""
-
-    result: RetrievalResult
-    query_labels: np.ndarray  # (nq,) label names of the whole query set
-    gallery_labels: np.ndarray  # (ng,)
-    query_paths: np.ndarray | None  # (nq,) image paths, when known
-    gallery_paths: np.ndarray | None
-    ks: list[int]
-    protocol: dict[str, Any] = field(default_factory=dict)
-    # with postprocess steps: one row per cumulative set of steps, "none" first (the result
-    # above is the last row's)
-    ablation: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _options(cfg: DictConfig, ks: list[int]) -> dict[str, Any]:
@@ -123,27 +107,29 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
     )
     dataset = datamodule.eval_set()
     paths = np.array([str(row.path) for row in dataset.rows])
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.inference.device)
+    steps = postprocess_config(cfg)
+    runner = inference_embedder(cfg, model, datamodule.preprocessing.input_size, device)
     preprocessing = datamodule.preprocessing.to_dict()
+    batch_size = int(cfg.inference.batch_size or datamodule.eval_batch_size)
     embeddings, cache = embed_dataset(
         cfg,
-        model.embedder,
+        runner,
         dataset,
         {"paths": paths.tolist(), "labels": [r.label for r in dataset.rows], "pre": preprocessing},
-        batch_size=int(cfg.batch_size or datamodule.eval_batch_size),
+        batch_size=batch_size,
         num_workers=datamodule.num_workers,
         device=device,
     )
     names = dataset.label_names[embeddings.labels]
     ks = list(cfg.ks or datamodule.eval_ks)
-    batch_size = int(cfg.batch_size or datamodule.eval_batch_size)
 
     def embed(embedder: Any, images: Any) -> Any:
+        embedder = runner if embedder is model.embedder else embedder
         return embed_rows(
             cfg, embedder, images, preprocessing, batch_size, datamodule.num_workers, device
         )
 
-    steps = postprocess_config(cfg)
     fitted = fit_steps(
         steps,
         model.embedder,
@@ -193,8 +179,12 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
         "gallery": len(g_rows),
         "embedding_cache": str(cache) if cache else None,
     }
-    precision = resolve_precision(cfg.precision, device)
-    protocol["evaluation_device"] = {"device": str(device), "precision": precision}
+    precision = resolve_precision(cfg.inference.precision, device)
+    protocol["evaluation_device"] = {
+        "device": str(device),
+        "precision": precision,
+        "runtime": cfg.inference.runtime,
+    }
     if steps:
         protocol["postprocess"] = {"steps": steps.to_dict(), "fitted_on": fitted.fitted_on}
     return EvalInputs(

@@ -4,42 +4,53 @@ table, and the same sent to the configured loggers (Weights & Biases, CSV)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
 
+from retrieval.evaluation import RetrievalResult
 from retrieval.evaluation.reports import (
     choose_queries,
     per_label_table,
     results_grid,
     save_png,
+    text_table,
     write_csv,
 )
 from retrieval.infra.io import atomic_write
 from retrieval.training.loggers import describe_wandb, finish_wandb
 
-if TYPE_CHECKING:
-    from retrieval.tasks.evaluate import EvalInputs
+
+@dataclass
+class EvalInputs:
+    """What gets scored, with what the report needs to show it."""
+
+    result: RetrievalResult
+    query_labels: np.ndarray  # (nq,) label names of the whole query set
+    gallery_labels: np.ndarray  # (ng,)
+    query_paths: np.ndarray | None  # (nq,) image paths, when known
+    gallery_paths: np.ndarray | None
+    ks: list[int]
+    protocol: dict[str, Any] = field(default_factory=dict)
+    # with postprocess steps: one row per cumulative set of steps, "none" first (the result
+    # above is the last row's)
+    ablation: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _table(metrics: dict[str, float], exact: dict[str, float] | None, index: dict[str, Any]) -> str:
     """Metrics one per line; with an approximate index, exact search beside it."""
-    head = f"{'metric':<20}{'value':>10}"
-    if exact is not None:
-        head = f"{'metric':<20}{index['factory'][:12]:>12}{'exact':>10}"
-    lines = [head]
-    for name, value in metrics.items():
-        line = f"{name:<20}{value:>10.4f}" if exact is None else f"{name:<20}{value:>12.4f}"
-        if exact is not None:
-            line += f"{exact.get(name, float('nan')):>10.4f}"
-        lines.append(line)
-    for name, value in index.items():
-        if name.startswith("knn_recall@"):
-            lines.append(f"{'index ' + name:<20}{value:>12.4f}")
-    lines.append(f"{'bytes per vector':<20}{index['bytes_per_vector']:>10.1f}")
-    return "\n".join(lines)
+    if exact is None:
+        header, rows = ["metric", "value"], [[name, value] for name, value in metrics.items()]
+    else:
+        header = ["metric", index["factory"][:12], "exact"]
+        rows = [[name, value, exact.get(name, float("nan"))] for name, value in metrics.items()]
+    pad = [""] * (len(header) - 2)
+    rows += [["index " + n, v, *pad] for n, v in index.items() if n.startswith("knn_recall@")]
+    rows.append(["bytes per vector", f"{index['bytes_per_vector']:.1f}", *pad])
+    return text_table(header, rows)
 
 
 def _ablation_table(rows: list[dict[str, Any]]) -> str:
@@ -47,14 +58,11 @@ def _ablation_table(rows: list[dict[str, Any]]) -> str:
     the extra milliseconds per query of each column."""
     names = [row["steps"] for row in rows]
     labels = [names[0]] + ["+" + n.rsplit("+", 1)[-1] for n in names[1:]]
-    width = max(10, *(len(label) + 2 for label in labels))
-    lines = [f"{'metric':<20}" + "".join(f"{label:>{width}}" for label in labels)]
-    for metric in rows[0]["metrics"]:
-        values = [row["metrics"].get(metric, float("nan")) for row in rows]
-        lines.append(f"{metric:<20}" + "".join(f"{v:>{width}.4f}" for v in values))
-    costs = [row["extra_ms_per_query"] for row in rows]
-    lines.append(f"{'extra ms / query':<20}" + "".join(f"{c:>{width}.3f}" for c in costs))
-    return "\n".join(lines)
+    lines = [
+        [m, *(row["metrics"].get(m, float("nan")) for row in rows)] for m in rows[0]["metrics"]
+    ]
+    lines.append(["extra ms / query", *(f"{row['extra_ms_per_query']:.3f}" for row in rows)])
+    return text_table(["metric", *labels], lines)
 
 
 def _picture(inputs: EvalInputs, cfg: DictConfig, path: Path) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from retrieval.bundle.format import read_manifest
 from retrieval.bundle.writer import GalleryItem, write_bundle_chunks
@@ -21,8 +21,8 @@ from retrieval.data.images import find_unreadable, images_in_folder, report_unre
 from retrieval.data.manifest import ManifestRow, folder_labels
 from retrieval.data.transforms import eval_transform
 from retrieval.evaluation import evaluate_protocol
-from retrieval.index.build import ShardSet, training_sample
-from retrieval.index.shards import ShardError
+from retrieval.index.build import training_sample
+from retrieval.index.shards import ShardError, ShardSet
 from retrieval.infra.io import sha256_file
 from retrieval.models.backbone import Preprocessing
 from retrieval.models.extract import model_fingerprint, resolve_device
@@ -32,32 +32,14 @@ from retrieval.tasks.common import (
     data_config,
     describe_model,
     embed_rows,
+    inference_embedder,
     load_model,
+    model_config,
     model_preprocessing,
 )
 from retrieval.tasks.postprocess import fit_steps, postprocess_config
 
 log = logging.getLogger(__name__)
-
-
-def _model_config(loaded: LoadedModel, steps: dict[str, Any] | None = None) -> dict[str, Any]:
-    """How to rebuild the Embedder in plain Python (``model.json``), with its search-time
-    layers ``steps`` (``tta``, ``whiten_dim``) when set."""
-    config = OmegaConf.to_container(loaded.config, resolve=True)
-    assert isinstance(config, dict)
-    backbone = dict(config.pop("backbone"))
-    config.pop("_target_", None)
-    name, source = backbone.pop("name"), backbone.pop("source", "timm")
-    for key in ("_target_", "pretrained", "weights"):
-        backbone.pop(key, None)
-    return {
-        "backbone": {"name": name, "source": source, "kwargs": backbone},
-        # training-only settings do not change what the model computes
-        "embedder": {
-            **{k: v for k, v in config.items() if k not in ("freeze_bn", "channels_last")},
-            **{k: v for k, v in (steps or {}).items() if v is not None},
-        },
-    }
 
 
 def _folder_gallery(cfg: DictConfig, transform: Any) -> ImageDataset:
@@ -140,7 +122,7 @@ def _metrics_data(
 def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Export per ``cfg``; returns ``({"bundle": path, metrics...}, objects)``."""
     model = load_model(cfg)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.inference.device)
     datamodule = instantiate(data_config(cfg, model.checkpoint), _partial_=True)(
         preprocessing=model_preprocessing(model), seed=cfg.seed, val_split=cfg.split
     )
@@ -155,12 +137,13 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "the query-time steps aqe and rerank"
         )
     from_shards = _shard_gallery(cfg, model, preprocessing) if cfg.get("shards") else None
-    batch_size = int(cfg.batch_size or datamodule.eval_batch_size)
+    batch_size = int(cfg.inference.batch_size or datamodule.eval_batch_size)
+    runner = inference_embedder(cfg, model, preprocessing.input_size, device)
 
     def embed_with(embedder: Any, dataset: ImageDataset) -> Any:
         return embed_rows(
             cfg,
-            embedder,
+            runner if embedder is model.embedder else embedder,
             dataset,
             preprocessing.to_dict(),
             batch_size,
@@ -241,7 +224,7 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     bundle = write_bundle_chunks(
         Path(cfg.bundle),
         exported,
-        _model_config(model, exported.search_steps()),
+        model_config(model, exported.search_steps()),
         preprocessing,
         gallery.chunks,
         gallery.dim,

@@ -27,9 +27,16 @@ def postprocess_config(cfg: DictConfig) -> Postprocess:
     """The ``postprocess`` node of a task config as :class:`Postprocess` (no steps: off)."""
     node = cfg.get("postprocess")
     try:
-        return Postprocess.from_dict(dict(node) if node is not None else None)
+        steps = Postprocess.from_dict(dict(node) if node is not None else None)
     except (TypeError, ValueError) as err:
         raise ValueError(f"postprocess: {err}") from err
+    runtime = cfg.get("inference", {}).get("runtime", "eager")
+    if steps.tta is not None and runtime != "eager":
+        raise ValueError(
+            f"postprocess.tta runs the PyTorch model, but inference.runtime={runtime}: "
+            "use inference.runtime=eager with tta"
+        )
+    return steps
 
 
 @dataclass
