@@ -8,11 +8,8 @@ code: the model runs through ONNX Runtime, TorchScript or a rebuilt PyTorch modu
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,76 +17,22 @@ import numpy as np
 from PIL import Image
 
 from retrieval.backends.base import SearchBackend
-from retrieval.bundle.format import (
-    BundleError,
-    read_json,
-    read_manifest,
-    stale_exports,
-    verify_files,
-)
-from retrieval.bundle.items import IndexedItems
+from retrieval.bundle.adding import add_files
+from retrieval.bundle.format import BundleError
+from retrieval.bundle.opening import bundle_problems, open_parts
+from retrieval.bundle.prefetch import chunks, prefetched
 from retrieval.bundle.preprocess import Preprocessor
-from retrieval.bundle.runtime import Runtime, load_runtime
-from retrieval.bundle.store import Item, ItemRecord
-from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageLoadError
+from retrieval.bundle.results import AddReport, Hit, row_hits
+from retrieval.bundle.runtime import Runtime
+from retrieval.bundle.store import Item
+from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageInput
 from retrieval.infra.checks import positive_int
 from retrieval.postprocess import Postprocess, Rerank, search_with_steps
 
-__all__ = ["AddReport", "Hit", "Retriever"]
+__all__ = ["Retriever"]
 
-#: An image given by path, by its encoded bytes, or already decoded.
-ImageSource = str | os.PathLike | bytes | Image.Image
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One search result: the item's id, its score (cosine similarity) and what it points to."""
-
-    id: int
-    score: float
-    uri: str
-    label: str | None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class AddReport:
-    """What :meth:`Retriever.add` did: ids of new items, duplicates of items already in the
-    bundle (``(path, existing id)``) and files that could not be read (``(path, reason)``)."""
-
-    added: list[int] = field(default_factory=list)
-    duplicates: list[tuple[str, int]] = field(default_factory=list)
-    unreadable: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _prefetched(chunks: Iterable[Any], load: Callable[[Any], Any]) -> Iterator[Any]:
-    """``load(chunk)`` of each chunk in order, the next one loaded in a thread while the
-    caller works on the current one: decoding (which releases the GIL) overlaps embedding.
-    An error of ``load`` is raised where its chunk would have been yielded."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval-load") as pool:
-        pending: Future[Any] | None = None
-        for chunk in chunks:
-            upcoming = pool.submit(load, chunk)
-            if pending is not None:
-                yield pending.result()
-            pending = upcoming
-        if pending is not None:
-            yield pending.result()
-
-
-@dataclass
-class _LoadedFiles:
-    """One batch of files read for :meth:`Retriever.add`."""
-
-    count: int
-    pixels: list[np.ndarray] = field(default_factory=list)
-    records: list[ItemRecord] = field(default_factory=list)
-    unreadable: list[tuple[str, str]] = field(default_factory=list)
+#: An image given by path, by its encoded bytes (or a binary file), or already decoded.
+ImageSource = ImageInput | Image.Image
 
 
 class Retriever:
@@ -157,32 +100,9 @@ class Retriever:
                 are ValueErrors naming the file.
         """
         folder = Path(bundle)
-        manifest = read_manifest(folder)
-        verify_files(folder, manifest)
-        pre_file = folder / "preprocessing.json"
-        pre_fields = read_json(pre_file, missing=f"{pre_file} does not exist")
-        try:
-            pre = Preprocessor.from_dict(pre_fields)
-        except ValueError as err:
-            raise BundleError(f"{pre_file}: {err}") from err
-        model = load_runtime(folder, kind=runtime, threads=threads, device=device)
-        if model.embedding_dim != manifest["embedding_dim"]:
-            raise BundleError(
-                f"{folder}: the model gives {model.embedding_dim}-d embeddings but the manifest "
-                f"says {manifest['embedding_dim']}"
-            )
-        if backend is None:
-            items: SearchBackend = IndexedItems.open(folder, read_only=read_only)
-        else:
-            from retrieval.backends import open_backend
-
-            items = open_backend(backend, int(manifest["embedding_dim"]), read_only=read_only)
-        if items.dim != manifest["embedding_dim"]:
-            items.close()
-            raise BundleError(
-                f"{folder}: the index holds {items.dim}-d vectors, not "
-                f"{manifest['embedding_dim']}-d"
-            )
+        manifest, pre, model, items = open_parts(
+            folder, runtime, threads, device, read_only, backend
+        )
         return cls(folder, manifest, pre, model, items, max_pixels)
 
     @property
@@ -214,7 +134,7 @@ class Retriever:
         if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):
             raise TypeError("pass a list of images, e.g. search([path]), not a single image")
         out = [np.empty((0, self.dim), np.float32)]
-        for batch in _prefetched(_chunks(list(images), batch_size), self._prepare_all):
+        for batch in prefetched(chunks(list(images), batch_size), self._prepare_all):
             out.append(self.runtime.embed(batch))
         return np.concatenate(out)
 
@@ -301,15 +221,7 @@ class Retriever:
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
         """The hits of one result row, without empty slots and without items removed since
         the index was searched (the index lock is released before the rows are read)."""
-        found = [int(i) for i in ids if i >= 0]
-        records = self.items.get(found)
-        hits = []
-        for score, item_id in zip(scores, ids, strict=True):
-            item = records.get(int(item_id))
-            if item is None or not item.active:
-                continue
-            hits.append(Hit(item.id, float(score), item.uri, item.label, dict(item.extra)))
-        return hits
+        return row_hits(scores, ids, self.items.get([int(i) for i in ids if i >= 0]))
 
     def add(
         self,
@@ -326,42 +238,17 @@ class Retriever:
             labels: one per path (None: unlabelled).
             progress: called with the number of files done after each batch.
         """
-        if labels is not None and len(labels) != len(paths):
-            raise ValueError(f"{len(labels)} labels for {len(paths)} paths")
-        self.items.check_writable()  # before any image is embedded
-        report = AddReport()
-        pairs = list(zip(paths, labels or [None] * len(paths), strict=True))
-        for loaded in _prefetched(_chunks(pairs, batch_size), self._load_files):
-            report.unreadable += loaded.unreadable
-            if loaded.records:
-                vectors = self.runtime.embed(np.stack(loaded.pixels))
-                dba = self.steps.dba
-                result = self.items.add(
-                    loaded.records, vectors, dba=None if dba is None else (dba.k, dba.alpha)
-                )
-                report.added += result.added
-                report.duplicates += [
-                    (loaded.records[pos].uri, existing) for pos, existing in result.duplicates
-                ]
-            if progress is not None:
-                progress(loaded.count)
-        return report
-
-    def _load_files(self, chunk: Sequence[tuple[Any, str | None]]) -> _LoadedFiles:
-        """Read, hash and preprocess one batch of ``(path, label)`` for :meth:`add`."""
-        loaded = _LoadedFiles(count=len(chunk))
-        for path, lab in chunk:
-            name = str(Path(path).resolve())
-            try:
-                ItemRecord(uri=name, label=lab)  # a path or label the store would refuse
-                data = Path(path).read_bytes()
-                loaded.pixels.append(self.preprocessor.prepare(data, self.max_pixels, name=name))
-            except (OSError, ImageLoadError, ValueError) as err:
-                loaded.unreadable.append((name, str(err)))
-                continue
-            digest = hashlib.sha256(data).hexdigest()
-            loaded.records.append(ItemRecord(uri=name, label=lab, content_sha256=digest))
-        return loaded
+        return add_files(
+            self.items,
+            self.runtime,
+            self.preprocessor,
+            self.max_pixels,
+            self.steps.dba,
+            paths,
+            labels,
+            batch_size,
+            progress,
+        )
 
     def item(self, item_id: int) -> Item:
         """The stored item ``item_id`` (uri, label, extra, vector). Raises KeyError for an id
@@ -379,19 +266,7 @@ class Retriever:
         """Problems found, ``[]`` when healthy: file checksums (and every file a bundle
         needs listed), every stored row, the index against the store, a sample of items
         found at their own place, and folders of interrupted exports beside the bundle."""
-        problems = []
-        try:
-            verify_files(self.folder, self.manifest)
-        except BundleError as err:
-            problems.append(str(err))
-        problems += self.items.verify()
-        stale = stale_exports(self.folder)
-        if stale:
-            problems.append(
-                f"folders left by an interrupted export beside {self.folder}: "
-                f"{[p.name for p in stale]}; the next export to it removes them, or delete them"
-            )
-        return problems
+        return bundle_problems(self.folder, self.manifest, self.items)
 
     def info(self) -> dict[str, Any]:
         """A summary: format, model, dim, index, item count, metrics."""

@@ -14,7 +14,8 @@ from typing import Any
 import anyio.to_thread
 import numpy as np
 
-from retrieval.bundle.retriever import Hit, Retriever
+from retrieval.bundle.results import Hit
+from retrieval.bundle.retriever import Retriever
 from retrieval.data.images import ImageLoadError, ImageTooLargeError, open_checked
 from retrieval.service.batching import MicroBatcher
 from retrieval.service.budget import SMALL_PIXELS, Deadline, Lane
