@@ -207,6 +207,37 @@ def test_resize_mode_is_in_the_protocol_and_the_cache_key(small_demo, tmp_path):
     assert not np.allclose(vectors["crop"], vectors["squash"], atol=1e-3)
 
 
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
+def test_an_exported_runtime_embeds_as_pytorch_does(small_demo, tmp_path, runtime):
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    data = ["data=manifest", f"data.manifest={small_demo}", "data.image_size=48"]
+    data += ["data.num_workers=0", "data.max_labels=4"]
+    vectors, protocols = {}, {}
+    for kind in ("eager", runtime):
+        out = f"paths.output_dir={tmp_path}/out-{kind}"
+        evaluate(compose_eval(tmp_path, *data, f"inference.runtime={kind}", out))
+        report = json.loads((tmp_path / f"out-{kind}" / "metrics.json").read_text())
+        protocols[kind] = report["protocol"]
+        with np.load(protocols[kind]["data"]["embedding_cache"]) as stored:
+            vectors[kind] = stored["vectors"]
+    assert protocols[runtime]["evaluation_device"]["runtime"] == runtime
+    # a cache entry of its own, and the same vectors to float32 rounding
+    assert (
+        protocols[runtime]["data"]["embedding_cache"]
+        != protocols["eager"]["data"]["embedding_cache"]
+    )
+    cosine = (vectors[runtime] * vectors["eager"]).sum(axis=1)
+    assert vectors[runtime].shape == vectors["eager"].shape and cosine.min() > 0.9999
+
+
+def test_an_exported_runtime_refuses_tta_and_half_precision(tmp_path):
+    with pytest.raises(ValueError, match="use inference.runtime=eager with tta"):
+        evaluate(compose_eval(tmp_path, "inference.runtime=onnx", "postprocess=[tta]"))
+    with pytest.raises(ValueError, match="inference.runtime=onnx computes in float32"):
+        evaluate(compose_eval(tmp_path, "inference.runtime=onnx", "inference.precision=bf16"))
+
+
 @pytest.mark.slow
 def test_checkpoint_scores_what_training_validation_logged(small_demo, tmp_path):
     run_cfg = fast_cfg(
