@@ -1,5 +1,5 @@
 """What the service does, apart from HTTP: embed uploads (batched and cached), search, add and
-remove items. :mod:`retrieval.service.app` maps requests onto it."""
+remove items. :mod:`retrieval.service.app` and its route modules map requests onto it."""
 
 from __future__ import annotations
 
