@@ -23,9 +23,9 @@ from PIL import Image, ImageEnhance
 from retrieval.bundle.writer import GalleryItem, write_bundle
 from retrieval.data.demo_render import render_demo_image
 from retrieval.data.images import open_rgb as load_rgb
+from retrieval.data.preprocessing import Preprocessing
 from retrieval.data.transforms import eval_transform
 from retrieval.models import Embedder, create_backbone
-from retrieval.models.backbone import Preprocessing
 
 INPUT_SIZE = 64
 NUM_LABELS, PER_LABEL = 10, 4

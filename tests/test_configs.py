@@ -13,7 +13,7 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-EVALUATE_ONLY = {"index", "postprocess"}
+EVALUATE_ONLY = {"index", "inference", "postprocess"}
 
 
 @pytest.mark.parametrize(
@@ -25,6 +25,8 @@ def test_every_option_composes(group, option, tmp_path):
         overrides.append(f"data.{'manifest' if option == 'manifest' else 'root'}={tmp_path}")
     if group == "experiment":
         overrides.append(f"data.root={tmp_path}")
+    if group == "loss":  # what train.py measures from the data and the model
+        overrides += ["num_train_labels=10", "embedding_size=16"]
     cfg = compose_train(overrides, tmp_path)
     assert cfg.monitor == "val/recall@1"
     node = cfg.get(group)
@@ -36,6 +38,25 @@ def test_every_option_composes(group, option, tmp_path):
         with open_dict(cfg):
             cfg.backbone.pretrained = option == "efficientnet_lite0"
         assert instantiate(cfg.backbone).num_features > 0
+
+
+@pytest.mark.parametrize("name", ["evaluate", "export", "embed"])
+def test_the_inference_group_is_shared_by_the_tasks_that_embed(name, tmp_path):
+    from retrieval.tasks.config import compose_config
+
+    overrides = [f"paths.output_dir={tmp_path}", "inference.runtime=onnx"]
+    cfg = compose_config(overrides + (["out_dir=x"] if name == "embed" else []), name=name)
+    assert set(cfg.inference) == {
+        "device",
+        "precision",
+        "batch_size",
+        "runtime",
+        "use_cache",
+        "cache_dir",
+    }
+    assert cfg.inference.runtime == "onnx" and cfg.inference.device == "auto"
+    assert cfg.inference.batch_size == (64 if name == "embed" else None)
+    assert all(key not in cfg for key in ("device", "precision", "batch_size", "use_cache"))
 
 
 @pytest.mark.parametrize("option", options("index"))

@@ -287,7 +287,7 @@ def test_a_checkpoint_keeps_the_resize_mode_it_was_trained_with(small_demo):
     from omegaconf import OmegaConf
 
     from retrieval.data.datamodule import RetrievalDataModule
-    from retrieval.models import Preprocessing
+    from retrieval.data.preprocessing import Preprocessing
     from retrieval.tasks.common import model_preprocessing
     from retrieval.tasks.embed import preprocessing_of
 

@@ -23,10 +23,10 @@ from retrieval.bundle.format import BundleError, export_lock, stale_exports, wri
 from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.model_export import export_model
 from retrieval.bundle.preprocess import Preprocessor
-from retrieval.bundle.store import ItemRecord
+from retrieval.bundle.records import ItemRecord
+from retrieval.data.preprocessing import Preprocessing
 from retrieval.infra.io import atomic_write, package_versions
 from retrieval.models import Embedder
-from retrieval.models.backbone import Preprocessing
 
 __all__ = [
     "GalleryItem",
@@ -133,7 +133,7 @@ def write_bundle_chunks(
     (``(items, vectors)`` with vectors (len(items), dim)), each stored (one SQLite
     transaction) and indexed before the next is read; one index snapshot at the end. A chunk
     ``(items, vectors, base_vectors)`` also stores the un-augmented vectors of a gallery
-    augmented by DBA (see :meth:`~retrieval.bundle.store.ItemStore.add`).
+    augmented by DBA (see :meth:`~retrieval.bundle.item_table.ItemTable.add`).
 
     Args:
         train_vectors: (m, dim) sample to train IVF / PQ indexes on (at most ``max_train``

@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from retrieval.data.dataset import ImageDataset
 from retrieval.data.images import DEFAULT_MAX_PIXELS, find_unreadable, report_unreadable
 from retrieval.data.manifest import ManifestRow, read_manifest, select_split
+from retrieval.data.preprocessing import Preprocessing
 from retrieval.data.sampler import InstanceBatchSampler, PKBatchSampler
 from retrieval.data.transforms import eval_transform, train_transform
-from retrieval.models.backbone import Preprocessing
 
 
 class RetrievalDataModule(pl.LightningDataModule):
@@ -24,7 +24,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         root: folder that relative manifest paths start from (default: the manifest's folder).
         preprocessing: the backbone's preprocessing; ``image_size`` overrides its input size and
             ``resize_mode`` its resize policy (``crop`` | ``squash`` | ``pad``, see
-            :class:`~retrieval.models.backbone.Preprocessing`; ``None`` keeps the backbone's).
+            :class:`~retrieval.data.preprocessing.Preprocessing`; ``None`` keeps the backbone's).
         sampler: builds the batch sampler from ``labels``, ``seed``, ``num_replicas``, ``rank``;
             ``None`` when the module only evaluates.
         max_labels: keep only the first N labels (sorted) of each split, for quick runs.

@@ -11,7 +11,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
 from retrieval.data.copy_edits import CopyEditAugment, load_overlays
-from retrieval.models.backbone import Preprocessing
+from retrieval.data.preprocessing import Preprocessing
 
 _INTERPOLATION = {
     "bilinear": T.InterpolationMode.BILINEAR,

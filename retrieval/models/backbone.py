@@ -7,59 +7,15 @@ A backbone maps images ``(B, 3, H, W)`` to a feature map ``(B, C, h, w)`` (CNNs)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from retrieval.data.preprocessing import Preprocessing
 from retrieval.infra import io
 from retrieval.models import weights as W
-
-RESIZE_MODES = ("crop", "squash", "pad")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images must be prepared for a backbone: read from its weights' config, never guessed.
-
-    ``input_size`` is the square side in pixels. ``resize_mode`` says how evaluation makes an
-    image that square: ``crop`` (the weights' own) resizes the short side to
-    ``input_size / crop_pct`` and crops the centre; ``squash`` resizes the whole image to
-    ``input_size`` x ``input_size`` without keeping its aspect ratio; ``pad`` resizes the long
-    side to ``input_size`` and pads the short one, centred, with the normalisation mean colour.
-    ``squash`` and ``pad`` cut nothing away, as copy detection needs (``crop_pct`` is unused).
-
-    Raises:
-        ValueError: ``resize_mode`` is not one of :data:`RESIZE_MODES`.
-    """
-
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
-    crop_pct: float = 0.875
-    resize_mode: str = "crop"
-
-    def __post_init__(self) -> None:
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(
-                f"preprocessing field 'resize_mode' must be one of {list(RESIZE_MODES)}, "
-                f"got {self.resize_mode!r}"
-            )
-
-    def with_size(self, input_size: int | None, resize_mode: str | None = None) -> Preprocessing:
-        """The same preprocessing at another input size and resize mode (``None`` keeps each)."""
-        changes: dict[str, Any] = {}
-        if input_size is not None:
-            changes["input_size"] = int(input_size)
-        if resize_mode is not None:
-            changes["resize_mode"] = str(resize_mode)
-        return replace(self, **changes) if changes else self
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Backbone(nn.Module):

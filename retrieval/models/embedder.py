@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from retrieval.models.backbone import Backbone, Preprocessing
+from retrieval.data.preprocessing import Preprocessing
+from retrieval.models.backbone import Backbone
 from retrieval.models.pooling import TokenPool, build_pooling, l2_normalize
 from retrieval.postprocess.config import TTA
 from retrieval.postprocess.tta import tta_embed
 
 if TYPE_CHECKING:
-    from retrieval.postprocess.steps import Whitening
+    from retrieval.postprocess.whitening import Whitening
 
 
 class Embedder(nn.Module):

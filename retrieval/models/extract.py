@@ -160,7 +160,7 @@ def fingerprint(model: nn.Module, description: Mapping[str, Any]) -> str:
 
 def model_fingerprint(embedder: nn.Module, preprocessing: Any) -> str:
     """What shards record and export checks: equal means the same weights and preprocessing
-    (a :class:`~retrieval.models.backbone.Preprocessing`)."""
+    (a :class:`~retrieval.data.preprocessing.Preprocessing`)."""
     return fingerprint(embedder, {"preprocessing": preprocessing.to_dict()})
 
 

@@ -14,7 +14,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader, Dataset
 
-from retrieval.models import Embedder, Preprocessing
+from retrieval.data.preprocessing import Preprocessing
+from retrieval.models import Embedder
 from retrieval.models.extract import (
     Embeddings,
     embed_loader,

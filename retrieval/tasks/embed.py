@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader
 from retrieval.data.dataset import ImageDataset
 from retrieval.data.images import ImageLoadError, find_unreadable, images_in_folder
 from retrieval.data.manifest import ManifestRow, folder_labels, read_manifest
+from retrieval.data.preprocessing import Preprocessing
 from retrieval.data.transforms import eval_transform
 from retrieval.index.shard_writer import ShardContent, ShardPlan, embed_shards, worker_identity
 from retrieval.index.shards import ShardItem
 from retrieval.infra.io import sha256_file
-from retrieval.models.backbone import Preprocessing
 from retrieval.models.extract import (
     embed_loader,
     model_fingerprint,

@@ -19,12 +19,12 @@ from retrieval.bundle.writer import GalleryItem, write_bundle_chunks
 from retrieval.data.dataset import ImageDataset
 from retrieval.data.images import find_unreadable, images_in_folder, report_unreadable
 from retrieval.data.manifest import ManifestRow, folder_labels
+from retrieval.data.preprocessing import Preprocessing
 from retrieval.data.transforms import eval_transform
 from retrieval.evaluation import evaluate_protocol
 from retrieval.index.build import training_sample
 from retrieval.index.shards import ShardError, ShardSet
 from retrieval.infra.io import sha256_file
-from retrieval.models.backbone import Preprocessing
 from retrieval.models.extract import model_fingerprint, resolve_device
 from retrieval.postprocess import database_augment, fit_whitening
 from retrieval.tasks.common import (

@@ -17,10 +17,11 @@ import pytest
 
 from retrieval.bundle import writer
 from retrieval.bundle.format import BundleError, read_manifest, write_manifest
+from retrieval.bundle.item_table import ItemTable
 from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.model_config import build_embedder, check_model_config
+from retrieval.bundle.records import ItemRecord, StoreError
 from retrieval.bundle.retriever import Retriever
-from retrieval.bundle.store import ItemRecord, ItemStore, StoreError
 from retrieval.cli import main
 
 DIM = 16
@@ -122,7 +123,7 @@ def test_store_check_rows_streams_in_chunks(tmp_path, rng):
         items.add(records(300), vectors)
     db = tmp_path / "b" / "items.sqlite"
     tamper(db, "UPDATE items SET vector = ? WHERE id = ?", (big_component(vectors[299]), 300))
-    with ItemStore.open(db) as store:
+    with ItemTable.open(db) as store:
         assert store.check_rows(chunk_size=7) == store.check_rows() != []
         assert any("300" in p for p in store.check_rows(chunk_size=7))
 
@@ -211,7 +212,7 @@ def stale_folder(parent: Path, name: str, age_s: float = 3600.0) -> Path:
 
 
 def write(target: Path, rng: np.random.Generator, overwrite: bool = False) -> Path:
-    from retrieval.models.backbone import Preprocessing
+    from retrieval.data.preprocessing import Preprocessing
 
     pre = Preprocessing(64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", 0.875)
     items = [writer.GalleryItem(f"{i}.jpg") for i in range(5)]

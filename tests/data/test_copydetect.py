@@ -14,8 +14,8 @@ from retrieval.data import converters
 from retrieval.data.copy_edits import EDIT_KINDS
 from retrieval.data.copydetect import prepare_copydetect
 from retrieval.data.manifest import ManifestError, read_manifest
+from retrieval.data.preprocessing import Preprocessing
 from retrieval.data.transforms import eval_transform
-from retrieval.models.backbone import Preprocessing
 
 
 def _photo(path: Path, seed: int, size: tuple[int, int] = (48, 40)) -> Path:

@@ -13,9 +13,9 @@ from torchvision import transforms as T
 
 from retrieval.data.copy_edits import CopyEditAugment
 from retrieval.data.datamodule import RetrievalDataModule
+from retrieval.data.preprocessing import Preprocessing
 from retrieval.data.sampler import InstanceBatchSampler
 from retrieval.data.transforms import train_transform
-from retrieval.models.backbone import Preprocessing
 
 PRE = Preprocessing(input_size=40, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 

@@ -9,9 +9,9 @@ import torch
 
 from retrieval.data.datamodule import RetrievalDataModule
 from retrieval.data.images import ImageLoadError
+from retrieval.data.preprocessing import Preprocessing
 from retrieval.data.sampler import PKBatchSampler
 from retrieval.evaluation import evaluate_protocol
-from retrieval.models.backbone import Preprocessing
 
 PRE = Preprocessing(input_size=224, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
