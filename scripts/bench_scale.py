@@ -1,5 +1,6 @@
 """Benchmark: building IVF-PQ indexes from embedding shards on disk, at 1,000,000 and
-10,000,000 vectors, with the chunked builder of ``retrieval.index.build``; then search QPS and
+10,000,000 vectors, chunk by chunk as ``export.py shards=`` builds them (``retrieval.index.build``:
+a training sample across the shards, then their rows in chunks); then search QPS and
 recall@10 against exact search, per nprobe. ``--part bundle``: the same shards streamed into
 a whole bundle (items.sqlite + index) by ``write_bundle_chunks``, as ``export.py shards=``.
 
@@ -144,9 +145,10 @@ def child_truth(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_build(a: argparse.Namespace) -> dict[str, Any]:
-    """The chunked build of ``retrieval.index.build.build_index``, timed per phase."""
+    """The chunked build (``training_sample``, ``train``, ``add`` per ``iter_chunks``), timed
+    per phase."""
     from retrieval.index import EmbeddingIndex
-    from retrieval.index.build import add_from_files, training_sample
+    from retrieval.index.build import iter_chunks, training_sample
 
     folder, files = Path(a.dir), _files(Path(a.dir))
     dim = np.load(files[0], mmap_mode="r").shape[1]
@@ -157,7 +159,8 @@ def child_build(a: argparse.Namespace) -> dict[str, Any]:
     index.train(sample, max_train=len(sample))
     del sample
     t2 = time.perf_counter()
-    add_from_files(index, files, a.chunk_rows)
+    for chunk in iter_chunks(files, a.chunk_rows):
+        index.add(chunk)
     t3 = time.perf_counter()
     index.save(folder / f"{a.factory}.faiss")
     return {
@@ -203,7 +206,8 @@ def child_bundle(a: argparse.Namespace) -> dict[str, Any]:
     from retrieval.bundle.writer import GalleryItem, write_bundle_chunks
     from retrieval.index import ShardSet
     from retrieval.index.build import training_sample
-    from retrieval.index.shards import PLAN_FILE, ShardContent, ShardItem, write_shard
+    from retrieval.index.shard_writer import ShardContent, write_shard
+    from retrieval.index.shards import PLAN_FILE, ShardItem
     from retrieval.models import Embedder, create_backbone
 
     folder, rows, rng = Path(a.dir), 100_000, np.random.default_rng(0)

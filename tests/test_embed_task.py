@@ -20,13 +20,8 @@ from retrieval.data.demo_render import render_demo_image
 from retrieval.data.images import open_rgb as load_rgb
 from retrieval.data.transforms import eval_transform
 from retrieval.index import ShardSet
-from retrieval.index.shards import (
-    ShardError,
-    is_finished,
-    shard_files,
-    shard_problem,
-    worker_identity,
-)
+from retrieval.index.shard_writer import worker_identity
+from retrieval.index.shards import ShardError, shard_files, shard_problem
 from retrieval.tasks.config import compose_config
 from retrieval.tasks.embed import embed
 
@@ -117,7 +112,8 @@ def test_a_rerun_after_a_failure_embeds_only_the_unfinished_shards(images, tmp_p
     monkeypatch.setattr(embed_task, "embed_loader", failing)
     with pytest.raises(RuntimeError, match="killed mid-way"), pytest.warns(UserWarning):
         embed(cfg)
-    assert is_finished(out, 0, 1280) and not any(is_finished(out, s, 1280) for s in (1, 2, 3))
+    assert shard_problem(out, 0, 1280) is None
+    assert not any(shard_problem(out, s, 1280) is None for s in (1, 2, 3))
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file left
     before = stats(out, [0])
 
@@ -143,7 +139,7 @@ def test_half_written_shards_never_look_finished(images, tmp_path, monkeypatch):
     ids1.unlink()  # killed between writing the .npy and its .ids.json
     (out / ".shard-00001.ids.json.abc.tmp").write_bytes(b"half")  # killed inside a write
     assert shard_problem(out, 0, 1280).startswith("damaged")
-    assert shard_problem(out, 1, 1280) == "not written" and is_finished(out, 2, 1280)
+    assert shard_problem(out, 1, 1280) == "not written" and shard_problem(out, 2, 1280) is None
     with pytest.raises(ShardError, match="2 of 3 shards are not finished"):
         ShardSet.open(out)
     counting = Counter()
@@ -219,7 +215,7 @@ def test_a_killed_process_resumes_without_recomputing_finished_shards(tmp_path, 
         time.sleep(0.005)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    finished = [s for s in range(21) if is_finished(out, s, 1280)]
+    finished = [s for s in range(21) if shard_problem(out, s, 1280) is None]
     assert finished and len(finished) < 21  # killed mid-way
     before = stats(out, finished)
 

@@ -1,12 +1,17 @@
 """The one wrapper of FAISS: the only package of ``retrieval`` that imports ``faiss``.
 
 - :class:`EmbeddingIndex`: inner-product index over L2-normalised float32 embeddings, built
-  from a FAISS factory string; search, add, remove, save / load with checksums, GPU placement.
+  from a FAISS factory string; search, add, remove, save / load with checksums, GPU placement
+  (:mod:`retrieval.index.placement`).
 - :func:`kmeans`: k-means cluster assignments of embeddings (for NMI).
 - :func:`knn_recall`: recall of an approximate index's neighbours against exact search.
-- :mod:`retrieval.index.build`: an index built from ``.npy`` shards larger than memory
-  (:func:`build_index`: trained on a sample drawn across them, filled chunk by chunk) and
-  :class:`ShardSet`, a finished folder of ``embed.py`` shards.
+- :mod:`retrieval.index.build`: ``.npy`` shards larger than memory read for an index: a
+  training sample drawn across them (:func:`~retrieval.index.build.training_sample`) and
+  their rows chunk by chunk (:func:`~retrieval.index.build.iter_chunks`).
+- :mod:`retrieval.index.shards`: the folder of ``embed.py`` shards, and :class:`ShardSet`,
+  a finished one; :mod:`retrieval.index.shard_writer` writes them.
+- :func:`sample_positions`: the rows of a training sample, the one draw every training
+  sample of the package uses.
 - :func:`exact_self_knn`: exact leave-one-out neighbours of a set of vectors at half the
   flops of a search (symmetric blocks), worth it where :func:`self_join_pays_off`;
   :func:`drop_self` removes each query's own id from ``k + 1`` search results.
@@ -15,19 +20,20 @@ faiss is imported lazily, so the rest of the package imports without it and a mi
 install fails with a clear ImportError only when an index is used.
 """
 
-from retrieval.index.build import ShardSet, build_index
+from retrieval.index._checks import sample_positions
 from retrieval.index.embedding_index import EmbeddingIndex
 from retrieval.index.kmeans import kmeans
 from retrieval.index.quality import knn_recall
 from retrieval.index.self_knn import drop_self, exact_self_knn, self_join_pays_off
+from retrieval.index.shards import ShardSet
 
 __all__ = [
     "EmbeddingIndex",
     "ShardSet",
-    "build_index",
     "drop_self",
     "exact_self_knn",
     "kmeans",
     "knn_recall",
+    "sample_positions",
     "self_join_pays_off",
 ]

@@ -9,44 +9,36 @@ A shards folder holds::
                              images skipped as unreadable, the row count and the .npy's sha256
 
 Shard ``i`` holds the readable items ``i * shard_size ... (i + 1) * shard_size - 1`` of the
-plan. Worker ``rank`` of ``world`` embeds shards ``rank, rank + world, ...``. Both files are
-written atomically (temp file, fsync, rename), the ``.npy`` first and the ``.ids.json`` last:
-the ``.ids.json`` is the commit point, so a kill leaves a shard either finished (its ``.npy``
-holds the recorded rows) or not, and a rerun embeds only the unfinished ones.
+plan. The ``.ids.json`` is a shard's commit point: a shard is finished when it exists and
+the ``.npy`` holds the rows it records (:func:`shard_problem`). Writing, by workers that
+resume after a kill, is :mod:`retrieval.index.shard_writer`; :class:`ShardSet` reads a
+finished folder.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import logging
-import os
-import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from retrieval.infra.checks import positive_int
-from retrieval.infra.io import atomic_write, sha256_file
+from retrieval.index.build import iter_chunks
+from retrieval.infra.io import sha256_file
 
 __all__ = [
     "PLAN_FILE",
-    "ShardContent",
     "ShardError",
     "ShardItem",
-    "ShardPlan",
-    "embed_shards",
-    "is_finished",
+    "ShardSet",
     "shard_files",
-    "worker_identity",
-    "write_shard",
+    "shard_problem",
 ]
 
-log = logging.getLogger(__name__)
+PathLike = str | Path
 
 PLAN_FILE = "shards.json"
 FORMAT, VERSION = "retrieval-shards", 1
@@ -69,82 +61,14 @@ class ShardItem:
     sha256: str | None = None
 
 
-@dataclass(frozen=True)
-class ShardContent:
-    """What embedding one shard gave: ``vectors`` (n, dim) float32 unit rows, ``items`` (n,)
-    in row order (with ``sha256``), ``skipped`` ``(uri, reason)`` of unreadable images."""
-
-    vectors: np.ndarray
-    items: list[ShardItem]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """The items to embed, cut into shards of ``shard_size``; every worker builds the same."""
-
-    items: Sequence[ShardItem]
-    shard_size: int
-
-    def __post_init__(self) -> None:
-        positive_int(self.shard_size, "shard_size")
-        if not self.items:
-            raise ValueError("the plan has no items to embed")
-
-    @property
-    def num_shards(self) -> int:
-        return -(-len(self.items) // self.shard_size)
-
-    def items_of(self, shard: int) -> list[ShardItem]:
-        """The plan's items of ``shard`` (before unreadable ones are skipped)."""
-        return list(self.items[shard * self.shard_size : (shard + 1) * self.shard_size])
-
-    def digest(self) -> str:
-        """sha256 hex of the item list (uri, label, extra), in order."""
-        digest = hashlib.sha256()
-        for item in self.items:
-            extra = json.dumps(dict(item.extra), sort_keys=True)
-            digest.update(f"{item.uri}\0{item.label}\0{extra}\n".encode())
-        return digest.hexdigest()
-
-    def assigned(self, rank: int, world: int) -> list[int]:
-        """The shards worker ``rank`` of ``world`` embeds: ``rank, rank + world, ...``."""
-        return list(range(rank, self.num_shards, world))
-
-
-def worker_identity(
-    rank: int | None = None, world: int | None = None, env: Mapping[str, str] | None = None
-) -> tuple[int, int]:
-    """``(rank, world)``: the arguments when given, else ``RANK`` / ``WORLD_SIZE`` (torchrun),
-    else ``SLURM_PROCID`` / ``SLURM_NTASKS``, else ``(0, 1)``.
-
-    Raises:
-        ValueError: only one of a pair is set, or not ``0 <= rank < world``.
-    """
-    env = os.environ if env is None else env
-    if rank is None and world is None:
-        for r, w in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-            if r in env or w in env:
-                if r not in env or w not in env:
-                    raise ValueError(f"{r} and {w} must be set together (found only one)")
-                rank, world = int(env[r]), int(env[w])
-                break
-        else:
-            rank, world = 0, 1
-    if rank is None or world is None:
-        raise ValueError("pass both rank and world_size, or neither (then read from the env)")
-    if not 0 <= rank < world:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world}")
-    return int(rank), int(world)
-
-
 def shard_files(folder: str | Path, shard: int) -> tuple[Path, Path]:
     """``(vectors .npy, items .ids.json)`` of ``shard`` in ``folder``."""
     stem = Path(folder) / f"shard-{shard:05d}"
     return stem.with_suffix(".npy"), stem.with_suffix(".ids.json")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; ShardError when it cannot be read or is no object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -161,7 +85,7 @@ def shard_problem(folder: str | Path, shard: int, dim: int) -> str | None:
     if not ids.is_file():
         return "not written"
     try:
-        rows = int(_read_json(ids)["count"])
+        rows = int(read_json_object(ids)["count"])
         array = np.load(npy, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"damaged ({err})"
@@ -170,106 +94,79 @@ def shard_problem(folder: str | Path, shard: int, dim: int) -> str | None:
     return None
 
 
-def is_finished(folder: str | Path, shard: int, dim: int) -> bool:
-    """Whether ``shard`` was fully written (see :func:`shard_problem`)."""
-    return shard_problem(folder, shard, dim) is None
+class ShardSet:
+    """A finished shards folder written by
+    :func:`retrieval.index.shard_writer.embed_shards`, read-only.
 
-
-def write_shard(folder: str | Path, shard: int, content: ShardContent, dim: int) -> None:
-    """Write ``content`` as ``shard``: the ``.npy`` atomically, then the ``.ids.json``.
-
-    Raises:
-        ValueError: vectors not (len(items), dim) finite float32 rows.
+    Raises (from :meth:`open`):
+        ShardError: not a shards folder, or some shards unfinished or damaged.
     """
-    x = np.ascontiguousarray(content.vectors, dtype=np.float32)
-    if x.shape != (len(content.items), dim) or not np.isfinite(x).all():
-        raise ValueError(f"shard {shard}: need ({len(content.items)}, {dim}) finite vectors")
-    npy, ids = shard_files(folder, shard)
-    with atomic_write(npy) as handle:
-        np.save(handle, x, allow_pickle=False)
-    record = {
-        "shard": shard,
-        "count": len(content.items),
-        "dim": dim,
-        "npy_sha256": sha256_file(npy),
-        "items": [asdict(item) for item in content.items],
-        "skipped": [{"uri": uri, "reason": why} for uri, why in content.skipped],
-    }
-    with atomic_write(ids, "w", encoding="utf-8") as handle:
-        json.dump(record, handle)
 
+    def __init__(self, folder: Path, header: dict[str, Any], counts: list[int]) -> None:
+        self.folder, self.header, self.counts = folder, header, counts
 
-def _claim_plan(folder: Path, header: dict[str, Any]) -> None:
-    """Write ``shards.json`` if absent (never replacing one), else check it is this plan's."""
-    path = folder / PLAN_FILE
-    header = json.loads(json.dumps(header))  # tuples -> lists, as read back
-    if not path.exists():
-        tmp = folder / f".{PLAN_FILE}.{uuid.uuid4().hex}.new"
+    @classmethod
+    def open(cls, folder: PathLike) -> ShardSet:
+        root = Path(folder)
         try:
-            with atomic_write(tmp, "w") as handle:
-                json.dump(header, handle, indent=2)
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)  # never replaces the plan of a worker that was quicker
-        finally:
-            tmp.unlink(missing_ok=True)
-    found = _read_json(path)
-    differ = [k for k in (*IDENTITY, "preprocessing") if found.get(k) != header.get(k)]
-    if found.get("format") != FORMAT or differ:
-        raise ShardError(
-            f"{path} describes other shards (differs in {differ or ['format']}): another image "
-            "list, shard_size or model wrote this folder; use a new out_dir, or rerun with the "
-            "same images, shard_size, model and preprocessing to resume"
-        )
+            header = json.loads((root / PLAN_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ShardError(f"{root} is not a shards folder ({PLAN_FILE}: {err})") from err
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise ShardError(f"{root / PLAN_FILE} is not a {FORMAT} plan")
+        dim = int(header["dim"])
+        problems = {s: shard_problem(root, s, dim) for s in range(int(header["num_shards"]))}
+        bad = {s: p for s, p in problems.items() if p is not None}
+        if bad:
+            listed = "; ".join(f"shard {s}: {p}" for s, p in list(bad.items())[:5])
+            raise ShardError(
+                f"{root}: {len(bad)} of {len(problems)} shards are not finished ({listed}); "
+                f"run python embed.py out_dir={root} (same images, model and shard_size, every "
+                "worker) again to finish them"
+            )
+        counts = [int(json.loads(shard_files(root, s)[1].read_text())["count"]) for s in problems]
+        return cls(root, header, counts)
 
+    @property
+    def dim(self) -> int:
+        return int(self.header["dim"])
 
-def embed_shards(
-    folder: str | Path,
-    plan: ShardPlan,
-    header: dict[str, Any],
-    embed: Callable[[int, list[ShardItem]], ShardContent],
-    rank: int = 0,
-    world: int = 1,
-) -> dict[str, list[int]]:
-    """Embed this worker's unfinished shards of ``plan`` into ``folder``.
+    @property
+    def count(self) -> int:
+        """Vectors in all shards (the plan's items less the unreadable ones)."""
+        return sum(self.counts)
 
-    Args:
-        header: what ``shards.json`` records besides the plan: ``dim`` (int),
-            ``model_fingerprint``, ``preprocessing`` and descriptive fields.
-        embed: ``(shard, items) -> ShardContent`` for one shard's plan items.
-        rank, world: this worker's share (see :meth:`ShardPlan.assigned`).
+    @property
+    def files(self) -> list[Path]:
+        """The shards' ``.npy`` files, in shard order."""
+        return [shard_files(self.folder, s)[0] for s in range(len(self.counts))]
 
-    Returns:
-        ``{"embedded": [...], "kept": [...]}``: shards written now, shards already finished.
+    def _record(self, shard: int) -> dict[str, Any]:
+        return dict(json.loads(shard_files(self.folder, shard)[1].read_text(encoding="utf-8")))
 
-    Raises:
-        ShardError: ``folder`` holds shards of another plan or model.
-    """
-    root = Path(folder)
-    root.mkdir(parents=True, exist_ok=True)
-    full = {
-        "format": FORMAT,
-        "version": VERSION,
-        **header,
-        "items": len(plan.items),
-        "shard_size": int(plan.shard_size),
-        "num_shards": plan.num_shards,
-        "items_sha256": plan.digest(),
-        "normalized": True,
-        "dtype": "float32",
-    }
-    _claim_plan(root, full)
-    dim = int(header["dim"])
-    done: dict[str, list[int]] = {"embedded": [], "kept": []}
-    for shard in plan.assigned(rank, world):
-        problem = shard_problem(root, shard, dim)
-        if problem is None:
-            done["kept"].append(shard)
-            continue
-        if problem != "not written":
-            log.warning("shard %d is %s: embedding it again", shard, problem)
-        for name in shard_files(root, shard):  # temp files of a run killed mid-write
-            for stale in root.glob(f".{name.name}.*.tmp"):
-                stale.unlink(missing_ok=True)
-        write_shard(root, shard, embed(shard, plan.items_of(shard)), dim)
-        done["embedded"].append(shard)
-    return done
+    def items(self, shard: int) -> list[ShardItem]:
+        """The items of ``shard``, in row order."""
+        return [ShardItem(**row) for row in self._record(shard)["items"]]
+
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(uri, reason)`` of every image skipped as unreadable."""
+        records = (self._record(s) for s in range(len(self.counts)))
+        return [(row["uri"], row["reason"]) for r in records for row in r["skipped"]]
+
+    def verify(self) -> None:
+        """Check every ``.npy`` against the sha256 its ``.ids.json`` recorded (reads them all).
+
+        Raises:
+            ShardError: a file changed since it was written.
+        """
+        for shard, path in enumerate(self.files):
+            if sha256_file(path) != self._record(shard)["npy_sha256"]:
+                raise ShardError(f"{path} changed since it was written: embed that shard again")
+
+    def iter_chunks(
+        self, chunk_rows: int = 100_000
+    ) -> Iterator[tuple[list[ShardItem], np.ndarray]]:
+        """``(items, vectors)`` of consecutive rows across shards, ``chunk_rows`` at a time."""
+        items = chain.from_iterable(self.items(s) for s in range(len(self.counts)))
+        for vectors in iter_chunks(self.files, chunk_rows):
+            yield list(islice(items, vectors.shape[0])), vectors

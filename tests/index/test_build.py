@@ -1,4 +1,4 @@
-"""Chunked index building from .npy shards equals a one-shot build; multi-GPU sharding."""
+"""An index built from .npy shards chunk by chunk equals a one-shot build; multi-GPU sharding."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from retrieval.index import EmbeddingIndex, ShardSet, build_index, knn_recall
-from retrieval.index._checks import sample_positions
+from retrieval.index import EmbeddingIndex, ShardSet, knn_recall, sample_positions
 from retrieval.index._faiss import gpu_available, import_faiss
-from retrieval.index.build import add_from_files, iter_chunks, training_sample, vector_counts
+from retrieval.index.build import iter_chunks, training_sample, vector_counts
 from retrieval.index.shards import ShardError
 from tests.index.synthetic import brute_force, clustered, unit
 from tests.index.test_gpu import _FakeGpuFaiss
@@ -31,6 +30,29 @@ def shards(tmp_path: Path) -> tuple[list[Path], np.ndarray, np.ndarray]:
         files.append(tmp_path / f"shard-{i:05d}.npy")
         np.save(files[-1], part)
     return files, np.concatenate(parts), xq
+
+
+def build(
+    files: list[Path],
+    factory: str = "Flat",
+    search_params: str = "",
+    max_train: int = 100_000,
+    seed: int = 0,
+    chunk_rows: int = 100_000,
+) -> EmbeddingIndex:
+    """An index of every row of ``files`` as export.py builds one from shards: trained on
+    ``training_sample`` when it needs training, then filled by ``iter_chunks``."""
+    index = EmbeddingIndex(32, factory, use_gpu=False, search_params=search_params)
+    if not index.is_trained:
+        sample = training_sample(files, max_train, seed)
+        index.train(sample, max_train=sample.shape[0], seed=seed)
+    add_chunks(index, files, chunk_rows)
+    return index
+
+
+def add_chunks(index: EmbeddingIndex, files: list[Path], chunk_rows: int) -> None:
+    for chunk in iter_chunks(files, chunk_rows):
+        index.add(chunk)
 
 
 def test_chunks_span_files_in_order(shards):
@@ -53,7 +75,7 @@ def test_training_sample_is_the_one_shot_sample(shards):
 
 def test_flat_chunked_build_is_identical_to_one_shot(shards):
     files, xb, xq = shards
-    chunked = build_index(files, "Flat", chunk_rows=333)
+    chunked = build(files, "Flat", chunk_rows=333)
     once = EmbeddingIndex(32, "Flat", use_gpu=False)
     once.add(xb)
     assert chunked.ntotal == once.ntotal == len(xb)
@@ -71,7 +93,7 @@ def test_ivf_pq_chunked_add_with_the_same_trained_index_is_identical(shards, tmp
     trained.save(tmp_path / "trained.faiss")
     load = lambda: EmbeddingIndex.load(tmp_path / "trained.faiss", use_gpu=False)  # noqa: E731
     chunked, once = load(), load()
-    add_from_files(chunked, files, chunk_rows=256)
+    add_chunks(chunked, files, chunk_rows=256)
     once.add(xb)
     d1, i1 = chunked.search(xq, 10)
     d2, i2 = once.search(xq, 10)
@@ -80,27 +102,23 @@ def test_ivf_pq_chunked_add_with_the_same_trained_index_is_identical(shards, tmp
     assert knn_recall(i1, brute_force(xq, xb, 10)[1]) > 0.5  # a real index, not noise
 
 
-def test_build_index_trains_on_the_sample_a_one_shot_add_would_use(shards):
+def test_a_chunked_build_trains_on_the_sample_a_one_shot_add_would_use(shards):
     files, xb, xq = shards
-    chunked = build_index(files, "IVF16,Flat", "nprobe=16", max_train=1000, seed=0, chunk_rows=400)
+    chunked = build(files, "IVF16,Flat", "nprobe=16", max_train=1000, seed=0, chunk_rows=400)
     once = EmbeddingIndex(32, "IVF16,Flat", use_gpu=False, search_params="nprobe=16")
     once.train(xb, max_train=1000, seed=0)
     once.add(xb)
     np.testing.assert_array_equal(chunked.search(xq, 10)[1], once.search(xq, 10)[1])
 
 
-def test_bad_files_and_untrained_indexes_are_refused(shards, tmp_path):
+def test_bad_files_are_refused(shards, tmp_path):
     files, _, _ = shards
     np.save(tmp_path / "f64.npy", np.zeros((3, 32)))
     np.save(tmp_path / "d16.npy", np.zeros((3, 16), np.float32))
     with pytest.raises(ValueError, match="f64.npy: need a 2-D float32"):
-        build_index([*files, tmp_path / "f64.npy"])
+        vector_counts([*files, tmp_path / "f64.npy"])
     with pytest.raises(ValueError, match="different dimensions"):
-        build_index([*files, tmp_path / "d16.npy"])
-    with pytest.raises(ValueError, match="no vectors"):
-        build_index([files[1]])
-    with pytest.raises(ValueError, match="train the 'IVF16,Flat' index first"):
-        add_from_files(EmbeddingIndex(32, "IVF16,Flat", use_gpu=False), files)
+        vector_counts([*files, tmp_path / "d16.npy"])
 
 
 def test_shard_set_refuses_unfinished_folders(tmp_path):
@@ -167,7 +185,7 @@ def test_real_gpus_shard_a_built_index(shards, tmp_path):
         pytest.skip("needs faiss with at least 2 GPUs")
     files, xb, xq = shards
     for factory, params in (("Flat", ""), ("IVF16,Flat", "nprobe=16")):
-        sha = build_index(files, factory, params).save(tmp_path / "i.faiss")
+        sha = build(files, factory, params).save(tmp_path / "i.faiss")
         gpus = EmbeddingIndex.load(tmp_path / "i.faiss", sha256=sha, search_params=params)
         assert gpus.on_gpu and isinstance(gpus._gpu_resources, list)
         cpu = EmbeddingIndex.load(tmp_path / "i.faiss", use_gpu=False, search_params=params)
