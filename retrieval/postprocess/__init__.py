@@ -1,6 +1,7 @@
 """The search-time stage: test-time augmentation, whitening, database-side augmentation,
-α-query expansion and k-reciprocal re-ranking, as pure functions (:mod:`.steps`,
-:mod:`.tta`, :mod:`.query`) chosen by one config (:class:`Postprocess`).
+α-query expansion and k-reciprocal re-ranking, as pure functions (:mod:`.tta`,
+:mod:`.whitening`, :mod:`.steps`, :mod:`.rerank`, run around a search by :mod:`.query`) chosen
+by one config (:class:`Postprocess`).
 
 Where each runs: TTA and whitening are layers of the model (so every runtime of an exported
 bundle computes them, parity-checked at export); DBA rewrites the gallery's vectors (a bundle
@@ -10,15 +11,10 @@ evaluation and in :class:`~retrieval.bundle.retriever.Retriever` alike.
 
 from retrieval.postprocess.config import AQE, DBA, STEPS, TTA, Postprocess, Rerank, Whiten
 from retrieval.postprocess.query import search_with_steps
-from retrieval.postprocess.steps import (
-    Whitening,
-    alpha_query_expansion,
-    database_augment,
-    dba_vectors_for,
-    fit_whitening,
-    k_reciprocal_rerank,
-)
+from retrieval.postprocess.rerank import k_reciprocal_rerank
+from retrieval.postprocess.steps import alpha_query_expansion, database_augment, dba_vectors_for
 from retrieval.postprocess.tta import tta_embed
+from retrieval.postprocess.whitening import Whitening, fit_whitening
 
 __all__ = [
     "AQE",

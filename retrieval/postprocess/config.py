@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from retrieval.infra.checks import positive_int
 
@@ -56,7 +56,7 @@ class TTA:
 @dataclass(frozen=True)
 class Whiten:
     """Whitening fitted on ``fit_on`` (``train``: the training split, labels available;
-    ``gallery``: the searched vectors, unlabelled), see :func:`~.steps.fit_whitening`."""
+    ``gallery``: the searched vectors, unlabelled), see :func:`~.whitening.fit_whitening`."""
 
     method: str = "pca"
     dim: int | None = None
@@ -82,27 +82,30 @@ class Whiten:
 
 
 @dataclass(frozen=True)
-class DBA:
-    """Database-side augmentation over ``k`` vectors (the item and its k - 1 neighbours)."""
+class _Neighbours:
+    """A vector mixed with ``k`` neighbours' vectors weighted ``max(score, 0) ** alpha``."""
 
+    _step: ClassVar[str]
     k: int = 3
     alpha: float = 3.0
 
     def __post_init__(self) -> None:
-        _positive_int(self.k, "dba.k")
-        _number(self.alpha, "dba.alpha", 0.0)
+        _positive_int(self.k, f"{self._step}.k")
+        _number(self.alpha, f"{self._step}.alpha", 0.0)
 
 
 @dataclass(frozen=True)
-class AQE:
+class DBA(_Neighbours):
+    """Database-side augmentation over ``k`` vectors (the item and its k - 1 neighbours)."""
+
+    _step: ClassVar[str] = "dba"
+
+
+@dataclass(frozen=True)
+class AQE(_Neighbours):
     """α-query expansion with a query's first ``k`` results."""
 
-    k: int = 3
-    alpha: float = 3.0
-
-    def __post_init__(self) -> None:
-        _positive_int(self.k, "aqe.k")
-        _number(self.alpha, "aqe.alpha", 0.0)
+    _step: ClassVar[str] = "aqe"
 
 
 @dataclass(frozen=True)

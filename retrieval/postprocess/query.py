@@ -18,7 +18,8 @@ from collections.abc import Callable
 import numpy as np
 
 from retrieval.postprocess.config import AQE, Rerank
-from retrieval.postprocess.steps import alpha_query_expansion, k_reciprocal_rerank
+from retrieval.postprocess.rerank import k_reciprocal_rerank
+from retrieval.postprocess.steps import alpha_query_expansion
 
 __all__ = ["SearchFn", "VectorsFn", "expand_queries", "rerank_results", "search_with_steps"]
 
@@ -85,7 +86,7 @@ def search_with_steps(
 
     With re-ranking, the first ``max(k, rerank.top_n)`` results are re-ordered and the first
     ``k`` of them returned, scored by the re-ranking (see
-    :func:`~retrieval.postprocess.steps.k_reciprocal_rerank`).
+    :func:`~retrieval.postprocess.rerank.k_reciprocal_rerank`).
 
     Returns ``(scores, ids, final_queries)``: (nq, <=k) each, and the query vectors as last
     searched (expanded by αQE, or as given).
