@@ -31,7 +31,7 @@ from retrieval.data.rgb import to_rgb
 from retrieval.infra.checks import is_int, positive_int
 
 if TYPE_CHECKING:
-    from retrieval.models.backbone import Preprocessing
+    from retrieval.data.preprocessing import Preprocessing
 
 __all__ = ["Preprocessor"]
 
