@@ -1,0 +1,126 @@
+"""``retrieval index`` (grow a bundle from a folder), ``retrieval info`` (describe it) and
+``retrieval verify`` (check its files, item store and index)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from retrieval.bundle.format import BundleError
+from retrieval.cli.common import EXIT_PROBLEMS, bundle_command, load
+from retrieval.data.images import images_in_folder
+from retrieval.data.manifest import folder_labels
+
+
+def _index(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    root = Path(args.folder)
+    paths = images_in_folder(root)
+    labels = folder_labels(paths, root, args.labels)
+    with load(args) as retriever, tqdm(total=len(paths), unit="img", disable=args.quiet) as bar:
+        report = retriever.add(paths, labels, batch_size=args.batch_size, progress=bar.update)
+        total = len(retriever)
+    print(
+        f"added {len(report.added)}, already present {len(report.duplicates)}, "
+        f"unreadable {len(report.unreadable)}; the bundle holds {total} items"
+    )
+    for path, reason in report.unreadable[:10]:
+        print(f"  skipped {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _settings(value: Any) -> str:
+    """``{"k": 3, "alpha": 3.0}`` -> ``k=3, alpha=3.0``; ``{}`` / None -> ``none``."""
+    if not value:
+        return "none"
+    if isinstance(value, dict):
+        return ", ".join(
+            f"{key}({_settings(v)})" if isinstance(v, dict) else f"{key}={v}"
+            for key, v in value.items()
+        )
+    return str(value)
+
+
+def _info_lines(info: dict[str, Any]) -> list[str]:
+    """``retrieval info`` as aligned ``name  value`` lines."""
+    index = info.get("index") or {}
+    lines = [
+        ("bundle", info["bundle"]),
+        ("created", info.get("created") or "unknown"),
+        ("format version", info["format_version"]),
+        ("backbone", info.get("backbone") or "unknown"),
+        ("embedding", f"{info['embedding_dim']}-d, {info['metric']}"),
+        ("index", index.get("factory", "?")),
+        ("search params", index.get("search_params") or "none"),
+        ("items", info["items"]),
+        ("runtime", info["runtime"]),
+        ("search steps", _settings(info.get("postprocess"))),
+    ]
+    out = [f"{name:<16}{value}" for name, value in lines]
+    metrics = info.get("metrics") or {}
+    if metrics:
+        out.append(f"{'metrics':<16}{info.get('metrics_note') or 'measured at export'}")
+        out += [f"  {name:<22}{number:.4f}" for name, number in metrics.items()]
+    return out
+
+
+def _info(args: argparse.Namespace) -> int:
+    with load(args, read_only=True) as retriever:
+        info = retriever.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print("\n".join(_info_lines(info)))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from retrieval.bundle.format import read_manifest, verify_files
+
+    manifest = read_manifest(Path(args.bundle))  # not a bundle: an error (exit 2)
+    try:  # a missing or altered file: a problem found (exit 1)
+        verify_files(Path(args.bundle), manifest)
+    except BundleError as err:
+        print(f"problem: {err}")
+        print("1 problem(s) found; the bundle cannot be loaded until the file is restored")
+        return EXIT_PROBLEMS
+    with load(args) as retriever:
+        problems = retriever.verify()
+    for problem in problems:
+        print(f"problem: {problem}")
+    print("bundle OK" if not problems else f"{len(problems)} problem(s) found")
+    return EXIT_PROBLEMS if problems else 0
+
+
+def add_index(sub: Any) -> None:
+    """``retrieval index BUNDLE DIR [--labels folder|none] [--batch-size N] [--quiet]``."""
+    p = bundle_command(sub, "index", "add every image under a folder (recursively) to the bundle")
+    p.add_argument("folder")
+    p.add_argument(
+        "--labels",
+        choices=("folder", "none"),
+        default="none",
+        help="folder: label each image by its folder under FOLDER",
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_index)
+
+
+def add_info(sub: Any) -> None:
+    """``retrieval info BUNDLE [--json]``."""
+    p = bundle_command(sub, "info", "describe the bundle: model, index, items, metrics")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_info)
+
+
+def add_verify(sub: Any) -> None:
+    """``retrieval verify BUNDLE``: exit 1 on problems."""
+    p = bundle_command(
+        sub, "verify", "check checksums, the item store and the index; exit 1 on problems"
+    )
+    p.set_defaults(run=_verify)

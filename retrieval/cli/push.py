@@ -1,0 +1,42 @@
+"""``retrieval push BUNDLE TARGET``: the bundle's items and vectors uploaded to a Milvus
+collection (see :func:`retrieval.backends.milvus.push_bundle`)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from retrieval.cli.common import EXIT_CODES
+
+
+def _push(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from retrieval.backends import parse_backend
+    from retrieval.backends.milvus import push_bundle
+
+    spec = parse_backend(args.target)
+    with tqdm(unit="item", disable=args.quiet) as bar:
+        report = push_bundle(args.bundle, spec, batch_size=args.batch_size, progress=bar.update)
+    print(
+        f"pushed {report.pushed}, already there {report.present}, deleted {report.deleted}; "
+        f"{spec.where} holds {report.total} items ({report.index['index_type']} index)"
+    )
+    return 0
+
+
+def add_push(sub: Any) -> None:
+    """``retrieval push BUNDLE milvus://HOST:PORT/COLLECTION | milvus-lite:PATH[#COLLECTION]``."""
+    p = sub.add_parser(
+        "push",
+        help="upload the bundle's items and vectors to a Milvus collection (resumable)",
+        description="Upload the bundle's items and vectors, with their ids, labels and extra "
+        "fields, to a Milvus collection (created with an HNSW or IVF index sized to the "
+        "bundle). Run it again after a crash: items already there are skipped.",
+        epilog=EXIT_CODES,
+    )
+    p.add_argument("bundle", help="bundle folder written by export.py")
+    p.add_argument("target", help="milvus://HOST:PORT/COLLECTION or milvus-lite:PATH[#COLLECTION]")
+    p.add_argument("--batch-size", type=int, default=1000, help="items per request")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_push)

@@ -1,0 +1,109 @@
+"""``retrieval serve``: the HTTP search service and its page over a bundle (searched in the
+bundle itself or in a Milvus collection filled by ``retrieval push``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from retrieval.cli.common import bundle_command, load
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from retrieval.backends import parse_backend
+
+    if args.backend:
+        parse_backend(args.backend)  # a malformed spec fails before the model loads
+
+    from retrieval.service import ServiceSettings, create_app
+    from retrieval.service.budget import return_freed_images_to_the_os
+
+    return_freed_images_to_the_os()
+
+    settings = ServiceSettings(
+        token=ServiceSettings.token_from(args.token),
+        max_body_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=args.max_pixels,
+        max_k=args.max_k,
+        request_timeout_s=args.timeout,
+        batch_size=args.batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        uploads_dir=Path(args.uploads) if args.uploads else None,
+        cors_origins=tuple(args.cors_origin),
+        decode_slots=args.decode_slots,
+        decode_queue=args.decode_queue,
+        decode_memory_mb=args.decode_memory_mb,
+        max_requests=args.max_requests,
+    )
+    retriever = load(args, max_pixels=args.max_pixels, backend=args.backend)
+    try:
+        app = create_app(retriever, settings)
+        if args.backend:
+            print(f"searching {args.backend} ({retriever.items.describe()['index_type']})")
+        writes = "enabled (bearer token)" if settings.token else "disabled (no --token)"
+        large = app.state.service.large
+        print(
+            f"serving {args.bundle}: {len(retriever)} items, {retriever.runtime.kind} runtime, "
+            f"writes {writes}, {large.slots} large decode(s) at a time + {large.queue} "
+            f"waiting, at most {settings.max_requests} uploads in flight\n"
+            f"  page  http://{args.host}:{args.port}/\n"
+            f"  API   http://{args.host}:{args.port}/docs",
+            flush=True,
+        )
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        retriever.close()
+    return 0
+
+
+def add_serve(sub: Any) -> None:
+    """``retrieval serve BUNDLE [--host H] [--port P] [--token T] [--backend SPEC] ...``."""
+    p = bundle_command(sub, "serve", "answer searches over HTTP and serve the search page")
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="search a Milvus collection filled by 'retrieval push' instead of the bundle's "
+        "own index: milvus://HOST:PORT/COLLECTION or milvus-lite:PATH[#COLLECTION]",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--token",
+        default=None,
+        help="bearer token that enables POST /items and DELETE /items/{id} "
+        "(or set RETRIEVAL_TOKEN); without one, writes are disabled",
+    )
+    p.add_argument("--max-upload-mb", type=float, default=16.0, help="largest request body")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image (w x h)")
+    p.add_argument("--max-k", type=int, default=100, help="most results per search")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds before a request gets 504")
+    p.add_argument("--batch-size", type=int, default=16, help="most queries embedded together")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="wait for a batch to fill")
+    p.add_argument("--uploads", default=None, help="folder for added images (BUNDLE/uploads)")
+    p.add_argument(
+        "--decode-slots",
+        type=int,
+        default=None,
+        help="most large-image decodes at a time (default: min(cores, decode memory / "
+        "(8 bytes x max pixels)))",
+    )
+    p.add_argument(
+        "--decode-queue", type=int, default=8, help="large decodes waiting; more get 503"
+    )
+    p.add_argument(
+        "--decode-memory-mb",
+        type=float,
+        default=None,
+        help="memory large decodes may hold together (default 1/8 of RAM, at most 2048)",
+    )
+    p.add_argument(
+        "--max-requests", type=int, default=32, help="uploads in the server at once; more get 503"
+    )
+    p.add_argument(
+        "--cors-origin", action="append", default=[], help="web origin allowed to call the API"
+    )
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info"))
+    p.set_defaults(run=_serve)
