@@ -89,8 +89,9 @@ def summary(name: str, took: np.ndarray, ids: np.ndarray, truth: np.ndarray) -> 
 def child(n: int, d: int, nq: int, faiss: list[str], warmup: int) -> dict[str, Any]:
     from retrieval.backends import parse_backend
     from retrieval.backends.milvus import MilvusBackend, push_store
+    from retrieval.bundle.item_table import ItemTable
     from retrieval.bundle.items import IndexedItems
-    from retrieval.bundle.store import ItemRecord, ItemStore
+    from retrieval.bundle.records import ItemRecord
 
     xb, xq = make_vectors(n, d, nq)
     truth = exact_top_k(xb, xq, K)
@@ -98,7 +99,7 @@ def child(n: int, d: int, nq: int, faiss: list[str], warmup: int) -> dict[str, A
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         root = Path(tmp)
         start = time.perf_counter()
-        store = ItemStore.create(root / "items.sqlite", d)
+        store = ItemTable.create(root / "items.sqlite", d)
         for lo in range(0, n, 10_000):
             hi = min(n, lo + 10_000)
             records = [

@@ -145,7 +145,7 @@ def index_images(
     """Open, preprocess, embed and add ``paths`` in batches of BATCH to a new IndexedItems in
     ``folder``; return the seconds of each stage and the vectors."""
     from retrieval.bundle.items import IndexedItems
-    from retrieval.bundle.store import ItemRecord
+    from retrieval.bundle.records import ItemRecord
     from retrieval.data.images import open_rgb
 
     seconds = {"decode": 0.0, "model": 0.0, "index": 0.0}

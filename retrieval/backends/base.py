@@ -8,8 +8,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from retrieval.bundle.items import AddResult
-from retrieval.bundle.store import Item, ItemRecord
+from retrieval.bundle.additions import AddResult
+from retrieval.bundle.records import Item, ItemRecord
 
 __all__ = ["BackendError", "SearchBackend"]
 

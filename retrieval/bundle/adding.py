@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrieval.bundle.prefetch import chunks, prefetched
+from retrieval.bundle.records import ItemRecord
 from retrieval.bundle.results import AddReport
-from retrieval.bundle.store import ItemRecord
 from retrieval.data.images import ImageLoadError
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from retrieval.bundle.store import Item
+    from retrieval.bundle.records import Item
 
 __all__ = ["AddReport", "Hit", "row_hits"]
 

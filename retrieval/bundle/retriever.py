@@ -22,9 +22,9 @@ from retrieval.bundle.format import BundleError
 from retrieval.bundle.opening import bundle_problems, open_parts
 from retrieval.bundle.prefetch import chunks, prefetched
 from retrieval.bundle.preprocess import Preprocessor
+from retrieval.bundle.records import Item
 from retrieval.bundle.results import AddReport, Hit, row_hits
 from retrieval.bundle.runtime import Runtime
-from retrieval.bundle.store import Item
 from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageInput
 from retrieval.infra.checks import positive_int
 from retrieval.postprocess import Postprocess, Rerank, search_with_steps

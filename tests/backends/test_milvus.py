@@ -323,7 +323,7 @@ def test_push_keeps_extra_fields_labels_and_hashes(
 ) -> None:
     from retrieval.backends import SearchBackend
     from retrieval.bundle.items import IndexedItems
-    from retrieval.bundle.store import ItemRecord
+    from retrieval.bundle.records import ItemRecord
 
     extra = {"sku": "A-1", "sizes": [38, 39], "note": 'quote " and \\ backslash'}
     with IndexedItems.open(bundle_copy) as items:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from retrieval.bundle.items import IndexedItems
+from retrieval.bundle.records import ItemRecord
 from retrieval.bundle.retriever import Retriever
-from retrieval.bundle.store import ItemRecord
 from retrieval.postprocess import AQE, Rerank, search_with_steps
 
 DIM = 32

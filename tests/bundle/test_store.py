@@ -1,4 +1,4 @@
-"""ItemStore and IndexedItems: durability, replay after snapshots, clear errors, concurrency."""
+"""ItemTable and IndexedItems: durability, replay after snapshots, clear errors, concurrency."""
 
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.bundle.items import AddResult, IndexedItems, IndexStateError
-from retrieval.bundle.store import ItemRecord, ItemStore, StoreError
+from retrieval.bundle.additions import AddResult
+from retrieval.bundle.item_table import ItemTable
+from retrieval.bundle.items import IndexedItems
+from retrieval.bundle.records import ItemRecord, StoreError
+from retrieval.bundle.snapshot import IndexStateError
 
 DIM = 16
 REPO = Path(__file__).resolve().parents[2]
@@ -71,7 +74,7 @@ KILLED_CHILD = """
 import os, signal, sys
 import numpy as np
 from retrieval.bundle.items import IndexedItems
-from retrieval.bundle.store import ItemRecord
+from retrieval.bundle.records import ItemRecord
 items = IndexedItems.open(sys.argv[1], snapshot_every=None)
 rng = np.random.default_rng(1)
 for batch in range(4):
@@ -239,28 +242,28 @@ def test_bad_store_files_give_clear_errors(tmp_path):
     with pytest.raises(StoreError, match=r"junk/items.sqlite is not an SQLite database"):
         IndexedItems.open(junk.parent)
     with pytest.raises(FileNotFoundError, match="no item store"):
-        ItemStore.open(tmp_path / "missing.sqlite")
+        ItemTable.open(tmp_path / "missing.sqlite")
     other = tmp_path / "other.sqlite"
     sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
     with pytest.raises(StoreError, match="other.sqlite is an SQLite database but not an item"):
-        ItemStore.open(other)
+        ItemTable.open(other)
 
 
 @pytest.mark.parametrize(
     ("version", "message"), [(2, "newer than this software"), (0, "re-export")]
 )
 def test_other_schema_version_is_refused(tmp_path, version, message):
-    ItemStore.create(tmp_path / "items.sqlite", DIM).close()
+    ItemTable.create(tmp_path / "items.sqlite", DIM).close()
     with sqlite3.connect(tmp_path / "items.sqlite") as conn:
         conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
     conn.close()
     with pytest.raises(StoreError, match=rf"items.sqlite has schema version {version}.*{message}"):
-        ItemStore.open(tmp_path / "items.sqlite")
+        ItemTable.open(tmp_path / "items.sqlite")
 
 
 def test_damaged_database_pages_fail_the_integrity_check(tmp_path, rng):
     path = tmp_path / "items.sqlite"
-    with ItemStore.create(path, DIM) as store:
+    with ItemTable.create(path, DIM) as store:
         store.add(records(400), unit(rng, 400))
     with sqlite3.connect(path) as conn:  # fold the WAL into the file
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -271,11 +274,11 @@ def test_damaged_database_pages_fail_the_integrity_check(tmp_path, rng):
     data[3 * page : 3 * page + 200] = bytes(range(200))  # garble a b-tree page header
     path.write_bytes(bytes(data))
     with pytest.raises(StoreError, match=r"items.sqlite (failed its integrity check|is damaged)"):
-        ItemStore.open(path)
+        ItemTable.open(path)
 
 
 def test_store_rejects_bad_input_without_writing(tmp_path, rng):
-    with ItemStore.create(tmp_path / "items.sqlite", DIM) as store:
+    with ItemTable.create(tmp_path / "items.sqlite", DIM) as store:
         with pytest.raises(ValueError, match="L2-normalised"):
             store.add(records(2), 2 * unit(rng, 2))
         with pytest.raises(ValueError, match=r"shape \(2, 16\)"):
@@ -286,12 +289,12 @@ def test_store_rejects_bad_input_without_writing(tmp_path, rng):
     with pytest.raises(ValueError, match="not JSON"):
         ItemRecord("a.jpg", extra={"x": object()})
     with pytest.raises(FileExistsError):
-        ItemStore.create(tmp_path / "items.sqlite", DIM)
+        ItemTable.create(tmp_path / "items.sqlite", DIM)
 
 
 def test_iter_active_yields_chunks_in_id_order(tmp_path, rng):
     x = unit(rng, 30)
-    with ItemStore.create(tmp_path / "items.sqlite", DIM) as store:
+    with ItemTable.create(tmp_path / "items.sqlite", DIM) as store:
         ids = store.add(records(30), x)
         store.remove(ids[::4])
         chunks = list(store.iter_active(chunk_size=7))
@@ -396,8 +399,7 @@ def test_readers_open_beside_the_writer_and_never_write(tmp_path, rng):
 def test_a_reader_loads_the_recorded_pending_snapshot_of_a_killed_writer(tmp_path, rng):
     """A writer killed between recording a snapshot and renaming its file: the reader loads
     the pending file it recorded (it cannot finish the rename); the next writer does."""
-    from retrieval.bundle.items import INDEX_FILE, PENDING_FILE
-    from retrieval.bundle.store import Snapshot
+    from retrieval.bundle.snapshot import INDEX_FILE, PENDING_FILE, Snapshot
 
     folder = tmp_path / "b"
     with IndexedItems.create(folder, DIM) as writer:

@@ -27,8 +27,9 @@ from retrieval.backends.milvus.collection import (
 from retrieval.backends.milvus.engine import open_client, release
 from retrieval.backends.milvus.search import ranked_search
 from retrieval.backends.spec import BackendSpec
-from retrieval.bundle.items import AddResult
-from retrieval.bundle.store import Item, ItemRecord, check_vectors
+from retrieval.bundle.additions import AddResult, plan_add
+from retrieval.bundle.item_checks import check_vectors
+from retrieval.bundle.records import Item, ItemRecord
 
 __all__ = ["MilvusBackend"]
 
@@ -114,33 +115,16 @@ class MilvusBackend:
             raise TypeError("records must be ItemRecord instances")
         x = check_vectors(vectors, self._dim, len(records))
         with self._write:
-            shas = sorted({r.content_sha256 for r in records if r.content_sha256})
-            existing = self._ids_by_sha256(shas)
-            ids = [0] * len(records)
-            first_of: dict[str, int] = {}
-            fresh, repeated = [], []
-            for i, record in enumerate(records):
-                sha = record.content_sha256
-                if sha is not None and (sha in existing or sha in first_of):
-                    ids[i] = existing.get(sha, 0)
-                    repeated.append(i)
-                    continue
-                if sha is not None:
-                    first_of[sha] = i
-                fresh.append(i)
-            new_ids = self._new_ids(len(fresh))
+            plan = plan_add(records, self._ids_by_sha256)
+            new_ids = self._new_ids(len(plan.fresh))
             now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
             rows = [
                 row_of(new_id, records[i], x[i], now)
-                for i, new_id in zip(fresh, new_ids, strict=True)
+                for i, new_id in zip(plan.fresh, new_ids, strict=True)
             ]
             for chunk in chunks(rows):
                 self._client.insert(self.spec.collection, list(chunk))
-            for i, new_id in zip(fresh, new_ids, strict=True):
-                ids[i] = new_id
-            for i in repeated:
-                ids[i] = ids[i] or ids[first_of[str(records[i].content_sha256)]]
-        return AddResult(ids, new_ids, [(i, ids[i]) for i in repeated])
+        return plan.result(new_ids)
 
     def _new_ids(self, count: int) -> list[int]:
         """``count`` consecutive ids no item has (see :mod:`retrieval.backends.milvus`)."""

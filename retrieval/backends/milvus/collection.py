@@ -13,7 +13,7 @@ import numpy as np
 
 from retrieval.backends.base import BackendError
 from retrieval.backends.spec import BackendSpec
-from retrieval.bundle.store import Item, ItemRecord
+from retrieval.bundle.records import Item, ItemRecord
 
 __all__ = [
     "BATCH",

@@ -11,7 +11,8 @@ from retrieval.backends.base import BackendError
 from retrieval.backends.milvus.backend import MilvusBackend
 from retrieval.backends.milvus.collection import BATCH, choose_index, chunks, row_of
 from retrieval.backends.spec import BackendSpec
-from retrieval.bundle.store import ItemRecord, ItemStore
+from retrieval.bundle.item_table import ItemTable
+from retrieval.bundle.records import ItemRecord
 
 __all__ = ["PushReport", "push_bundle", "push_store"]
 
@@ -43,11 +44,11 @@ def push_bundle(
     (ids above the bundle's) are left alone.
     """
     from retrieval.bundle.format import read_manifest
-    from retrieval.bundle.items import STORE_FILE
+    from retrieval.bundle.item_folder import STORE_FILE
 
     folder = Path(bundle)
     dim = int(read_manifest(folder)["embedding_dim"])
-    store = ItemStore.open(folder / STORE_FILE)
+    store = ItemTable.open(folder / STORE_FILE)
     try:
         if store.dim != dim:
             raise BackendError(
@@ -59,7 +60,7 @@ def push_bundle(
 
 
 def push_store(
-    store: ItemStore,
+    store: ItemTable,
     spec: BackendSpec,
     batch_size: int = BATCH,
     progress: Callable[[int], None] | None = None,
