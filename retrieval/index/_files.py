@@ -8,7 +8,6 @@ checked against the sha256 recorded when it was written before faiss parses it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -16,17 +15,12 @@ from typing import Any
 
 from retrieval.infra.io import fsync_dir, sha256_file
 
-_CHUNK = 1 << 20
-
 
 def _hash_and_sync(path: Path) -> str:
     """sha256 hex of the file at ``path``, after flushing it to disk with fsync."""
-    digest = hashlib.sha256()
     with open(path, "r+b") as f:
         os.fsync(f.fileno())
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def write_atomically(faiss: Any, cpu_index: Any, path: str | os.PathLike[str]) -> str:
