@@ -64,6 +64,35 @@ class ItemQueries:
     def _ids(self, sql: str, params: Sequence[Any] = ()) -> np.ndarray:
         return np.array([r[0] for r in self._fetch(sql, params)], dtype=np.int64)
 
+    def _states(self, ids: Sequence[int]) -> dict[int, int | None]:
+        """removed_seq of each known id among ``ids``."""
+        found: dict[int, int | None] = {}
+        for start in range(0, len(ids), BATCH):
+            chunk = ids[start : start + BATCH]
+            marks = ",".join("?" * len(chunk))
+            rows = self._conn.execute(
+                f"SELECT id, removed_seq FROM items WHERE id IN ({marks})", chunk
+            ).fetchall()
+            found.update(rows)
+        return found
+
+    def _chunks(self, sql: str, size: int) -> Iterator[list[Any]]:
+        """The rows of ``sql`` (``id > ? ... ORDER BY id LIMIT ?``, id first), chunk by chunk."""
+        last = 0
+        while True:
+            rows = self._fetch(sql, (last, size))
+            if not rows:
+                return
+            yield rows
+            last = int(rows[-1][0])
+
+    def _has_base_vectors(self) -> bool:
+        return bool(
+            self._fetch(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'base_vectors'"
+            )
+        )
+
     @property
     def active_count(self) -> int:
         """Number of items not removed."""

@@ -17,7 +17,7 @@ import logging
 import operator
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -178,18 +178,6 @@ class ItemTable(ItemQueries):
                 raise
         return ids
 
-    def _states(self, ids: Sequence[int]) -> dict[int, int | None]:
-        """removed_seq of each known id among ``ids``."""
-        found: dict[int, int | None] = {}
-        for start in range(0, len(ids), schema.BATCH):
-            chunk = ids[start : start + schema.BATCH]
-            marks = ",".join("?" * len(chunk))
-            rows = self._conn.execute(
-                f"SELECT id, removed_seq FROM items WHERE id IN ({marks})", chunk
-            ).fetchall()
-            found.update(rows)
-        return found
-
     def remove(self, ids: Sequence[int]) -> list[int]:
         """Mark items removed (one new removal sequence number), on disk before returning.
 
@@ -280,23 +268,6 @@ class ItemTable(ItemQueries):
             for rows in self._chunks(sql, chunk_size):
                 blob_problems("base_vectors", rows, self._dim, bad)
         return [f"{self._path} {what}: {listed(ids)}" for what, ids in bad.items()]
-
-    def _chunks(self, sql: str, size: int) -> Iterator[list[Any]]:
-        """The rows of ``sql`` (``id > ? ... ORDER BY id LIMIT ?``, id first), chunk by chunk."""
-        last = 0
-        while True:
-            rows = self._fetch(sql, (last, size))
-            if not rows:
-                return
-            yield rows
-            last = int(rows[-1][0])
-
-    def _has_base_vectors(self) -> bool:
-        return bool(
-            self._fetch(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'base_vectors'"
-            )
-        )
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
