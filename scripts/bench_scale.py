@@ -202,13 +202,13 @@ def child_bundle(a: argparse.Namespace) -> dict[str, Any]:
     """Shards in embed.py's format (100k rows each, random unit vectors, fake image items),
     streamed into a bundle with a 128-d (random) EfficientNet-Lite0 model, then loaded by
     Retriever: each of 5 stored vectors must find its own item."""
-    from retrieval.bundle.retriever import Retriever
     from retrieval.bundle.writer import GalleryItem, write_bundle_chunks
     from retrieval.index import ShardSet
     from retrieval.index.build import training_sample
     from retrieval.index.shard_writer import ShardContent, write_shard
     from retrieval.index.shards import PLAN_FILE, ShardItem
     from retrieval.models import Embedder, create_backbone
+    from retrieval.search import Retriever
 
     folder, rows, rng = Path(a.dir), 100_000, np.random.default_rng(0)
     shards = folder / "shards"

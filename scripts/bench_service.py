@@ -64,9 +64,9 @@ def jpeg(seed: int, index: int, size: int) -> bytes:
 def build_bundle(folder: Path, items: int, real: int, size: int) -> None:
     import torch
 
-    from retrieval.bundle.retriever import Retriever
     from retrieval.bundle.writer import GalleryItem, write_bundle
     from retrieval.models import Embedder, create_backbone
+    from retrieval.search import Retriever
 
     torch.manual_seed(0)
     embedder = Embedder(create_backbone("tf_efficientnet_lite0", pretrained=True)).eval()

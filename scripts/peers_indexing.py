@@ -157,7 +157,7 @@ class Ways:
     """The ways to index the folder; each call returns the (n, dim) vectors it indexed."""
 
     def __init__(self, bundle: Path, paths: list[Path], batch_size: int, work: Path) -> None:
-        from retrieval.bundle.retriever import Retriever
+        from retrieval.search import Retriever
 
         self.bundle, self.paths, self.batch, self.work = bundle, paths, batch_size, work
         with Retriever.load(bundle, read_only=True) as r:
@@ -174,7 +174,7 @@ class Ways:
         return copy
 
     def ours(self, runtime: str) -> Callable[[], Callable[[], np.ndarray]]:
-        from retrieval.bundle.retriever import Retriever
+        from retrieval.search import Retriever
 
         def prepare() -> Callable[[], np.ndarray]:
             retriever = Retriever.load(self._fresh_bundle(), runtime=runtime)

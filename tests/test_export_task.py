@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from retrieval.bundle.format import BundleError, read_manifest, verify_files
-from retrieval.bundle.retriever import Retriever
+from retrieval.search import Retriever
 from retrieval.tasks.config import compose_config
 from retrieval.tasks.export import export
 

@@ -14,7 +14,6 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from retrieval.bundle.format import read_manifest
-from retrieval.bundle.retriever import Retriever
 from retrieval.bundle.runtime import load_runtime
 from retrieval.evaluation import evaluate_embeddings
 from retrieval.postprocess import (
@@ -25,6 +24,7 @@ from retrieval.postprocess import (
     dba_vectors_for,
     search_with_steps,
 )
+from retrieval.search import Retriever
 from retrieval.service import ServiceSettings, create_app
 from retrieval.tasks.config import compose_config
 from retrieval.tasks.evaluate import evaluate

@@ -34,7 +34,7 @@ def listed_groups(text: str) -> set[str]:
 def test_export_help_lists_its_groups_only() -> None:
     text = help_of("export.py", "index=hnsw")
     assert text.startswith("python export.py [ckpt_path=")  # its usage, from conf/export.yaml
-    assert listed_groups(text) == {"backbone", "data", "index", "paths", "postprocess"}
+    assert listed_groups(text) == {"backbone", "data", "index", "inference", "paths", "postprocess"}
     assert "index: flat, hnsw, ivf_flat, ivf_pq" in text
     assert "factory: HNSW32" in text  # the config as composed with the overrides given
     assert not TRAINING_ONLY & listed_groups(text)
@@ -44,8 +44,8 @@ def test_export_help_lists_its_groups_only() -> None:
     ("task", "has", "lacks"),
     [
         ("train", TRAINING_ONLY | {"experiment", "debug", "hparams_search"}, {"index"}),
-        ("evaluate", {"index", "postprocess", "logger", "data"}, TRAINING_ONLY),
-        ("embed", {"backbone", "paths"}, TRAINING_ONLY | {"index"}),
+        ("evaluate", {"index", "inference", "postprocess", "logger", "data"}, TRAINING_ONLY),
+        ("embed", {"backbone", "inference", "paths"}, TRAINING_ONLY | {"index"}),
     ],
 )
 def test_each_task_reads_its_own_groups(task: str, has: set[str], lacks: set[str]) -> None:

@@ -40,7 +40,9 @@ class SearchBackend(Protocol):
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, ids)`` of the ``k`` best active items of each query row (with ``label``
         only), best first, equal scores by ascending id: (n, k') float32 inner products and
-        int64 ids, ``k' <= k``; -1 ids where fewer were found."""
+        int64 ids, ``k' <= k``; -1 ids where fewer were found. ``vectors`` (n, dim) unit rows
+        and ``k >= 1`` are checked by the caller (:meth:`Retriever.search
+        <retrieval.search.retriever.Retriever.search>`), not again here."""
 
     def add(
         self,

@@ -121,8 +121,6 @@ class IndexedReads:
             than k' neighbours.
         """
         xq = np.asarray(vectors)
-        if xq.ndim != 2 or xq.shape[1] != self.dim:
-            raise ValueError(f"vectors must have shape (n, {self.dim}), got {xq.shape}")
         if label is not None:
             return search_label(xq, int(k), label, self._store, self.ntotal, self._view)
         with self._view() as (index, ids):

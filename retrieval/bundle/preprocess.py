@@ -27,6 +27,7 @@ from PIL import Image
 from retrieval.bundle import decode
 from retrieval.bundle.decode import FILTERS
 from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageInput
+from retrieval.data.preprocessing import RESIZE_MODES
 from retrieval.data.rgb import to_rgb
 from retrieval.infra.checks import is_int, positive_int
 
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 __all__ = ["Preprocessor"]
 
 COLOR_MODES = ("RGB",)
-RESIZE_MODES = ("crop", "squash", "pad")  # as retrieval.models.backbone.RESIZE_MODES
 OPTIONAL = {"color_mode": "RGB", "resize_mode": "crop"}  # absent from older bundles
 
 

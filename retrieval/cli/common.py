@@ -41,6 +41,6 @@ def bundle_command(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
 
 def load(args: argparse.Namespace, **options: Any) -> Any:
     """The Retriever of ``args.bundle`` with the command's runtime and threads."""
-    from retrieval.bundle.retriever import Retriever  # heavy imports only once a command runs
+    from retrieval.search.retriever import Retriever  # heavy imports only once a command runs
 
     return Retriever.load(args.bundle, runtime=args.runtime, threads=args.threads, **options)

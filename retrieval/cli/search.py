@@ -71,7 +71,7 @@ def _search(args: argparse.Namespace) -> int:
 
 def _score(args: argparse.Namespace) -> int:
     from retrieval.data.manifest import ManifestError, read_manifest, select_split
-    from retrieval.evaluation.bundle_score import score_bundle
+    from retrieval.search.score import score_bundle
 
     try:
         rows = select_split(read_manifest(args.manifest, args.root, check_files=False), args.split)

@@ -6,7 +6,7 @@ by one config (:class:`Postprocess`).
 Where each runs: TTA and whitening are layers of the model (so every runtime of an exported
 bundle computes them, parity-checked at export); DBA rewrites the gallery's vectors (a bundle
 stores them, and applies it to items added later); αQE and re-ranking run around a search, in
-evaluation and in :class:`~retrieval.bundle.retriever.Retriever` alike.
+evaluation and in :class:`~retrieval.search.retriever.Retriever` alike.
 """
 
 from retrieval.postprocess.config import AQE, DBA, STEPS, TTA, Postprocess, Rerank, Whiten

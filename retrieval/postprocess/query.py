@@ -2,7 +2,7 @@
 
 :func:`search_with_steps` needs two functions of the caller's search backend, so evaluation
 (an in-memory index over the evaluated gallery) and
-:class:`~retrieval.bundle.retriever.Retriever` (a bundle's index and item store)
+:class:`~retrieval.search.retriever.Retriever` (a bundle's index and item store)
 run the very same steps:
 
 - ``search(x, k) -> (scores, ids)``: the ``k`` best ids of each row of ``x``, best first,

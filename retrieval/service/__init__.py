@@ -1,5 +1,5 @@
 """The HTTP search service and its web page, built on
-:class:`retrieval.bundle.retriever.Retriever` only.
+:class:`retrieval.search.retriever.Retriever` only.
 
 retrieval serve BUNDLE [--host 127.0.0.1] [--port 8000] [--token SECRET]
 """

@@ -20,8 +20,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from retrieval.bundle.retriever import Retriever
 from retrieval.data.images import ImageLoadError
+from retrieval.search import Retriever
 from retrieval.service.budget import Busy, DeadlineExceeded
 from retrieval.service.core import BadUpload, SearchService
 from retrieval.service.guard import RequestGuard

@@ -14,9 +14,9 @@ from typing import Any
 import anyio.to_thread
 import numpy as np
 
-from retrieval.bundle.results import Hit
-from retrieval.bundle.retriever import Retriever
 from retrieval.data.images import ImageLoadError, ImageTooLargeError, open_checked
+from retrieval.search import Retriever
+from retrieval.search.results import Hit
 from retrieval.service.batching import MicroBatcher
 from retrieval.service.budget import SMALL_PIXELS, Deadline, Lane
 from retrieval.service.cache import ExpiringCache

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Request, UploadFile
 
-from retrieval.bundle.results import Hit
+from retrieval.search.results import Hit
 from retrieval.service.api import (
     SEARCH_ERRORS,
     LabelFilter,

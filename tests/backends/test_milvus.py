@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from retrieval.backends import BackendError, parse_backend
-from retrieval.bundle.retriever import Retriever
+from retrieval.search import Retriever
 from tests.bundle_fixtures import Gallery, new_images
 from tests.service.conftest import AUTH, TOKEN, make_client
 

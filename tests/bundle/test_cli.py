@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.bundle.retriever import Retriever
 from retrieval.cli import main
+from retrieval.search import Retriever
 from tests.bundle_fixtures import Gallery, negate_stored_vector, new_images
 
 SUBCOMMANDS = ["search", "index", "info", "verify"]

@@ -21,8 +21,8 @@ from retrieval.bundle.item_table import ItemTable
 from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.model_config import build_embedder, check_model_config
 from retrieval.bundle.records import ItemRecord, StoreError
-from retrieval.bundle.retriever import Retriever
 from retrieval.cli import main
+from retrieval.search import Retriever
 
 DIM = 16
 

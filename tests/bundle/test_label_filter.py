@@ -13,8 +13,8 @@ import pytest
 
 from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.records import ItemRecord
-from retrieval.bundle.retriever import Retriever
 from retrieval.postprocess import AQE, Rerank, search_with_steps
+from retrieval.search import Retriever
 
 DIM = 32
 N = 20_000

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from retrieval.bundle.format import FORMAT_VERSION, BundleError
-from retrieval.bundle.retriever import Retriever
 from retrieval.data.images import ImageLoadError
 from retrieval.data.images import open_rgb as load_rgb
+from retrieval.search import Retriever
 from tests.bundle_fixtures import (
     OPENVINO,
     Gallery,
@@ -220,7 +220,7 @@ def test_an_add_acknowledged_before_a_kill_survives(bundle_copy: Path, tmp_path:
     (image,) = new_images(tmp_path / "new", 1)
     code = (
         "import os, signal, sys\n"
-        "from retrieval.bundle.retriever import Retriever\n"
+        "from retrieval.search.retriever import Retriever\n"
         "r = Retriever.load(sys.argv[1])\n"
         "report = r.add([sys.argv[2]])\n"
         "assert len(report.added) == 1, report\n"
@@ -502,7 +502,7 @@ def test_info_describes_the_bundle(retriever: Retriever) -> None:
 
 def test_importing_search_and_cli_pulls_no_training_stack() -> None:
     code = (
-        "import sys, retrieval.bundle.retriever, retrieval.cli\n"
+        "import sys, retrieval.search.retriever, retrieval.cli\n"
         "banned = {'hydra', 'omegaconf', 'lightning', 'pytorch_lightning', 'lightning_fabric'}\n"
         "found = sorted(m for m in sys.modules if m.split('.')[0] in banned)\n"
         "assert not found, found\n"

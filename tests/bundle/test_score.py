@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.bundle.retriever import Retriever
 from retrieval.cli import main
 from retrieval.data.manifest import ManifestRow, write_manifest
 from retrieval.evaluation.ap import micro_average_precision
-from retrieval.evaluation.bundle_score import bundle_label_counts, score_bundle
 from retrieval.evaluation.metrics import recall_at_k
+from retrieval.search import Retriever
+from retrieval.search.score import bundle_label_counts, score_bundle
 from tests.bundle_fixtures import Gallery, new_images, transformed_copy
 
 K = 5

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from retrieval.bundle.retriever import Retriever
+from retrieval.search import Retriever
 from retrieval.service import ServiceSettings, create_app
 
 TOKEN = "s3cret-token-for-tests"

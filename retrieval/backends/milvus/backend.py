@@ -89,8 +89,6 @@ class MilvusBackend:
     ) -> tuple[np.ndarray, np.ndarray]:
         """See :meth:`SearchBackend.search`; ``k`` is capped at 16,384 (Milvus's limit)."""
         xq = np.ascontiguousarray(vectors, dtype=np.float32)
-        if xq.ndim != 2 or xq.shape[1] != self._dim:
-            raise ValueError(f"vectors must have shape (n, {self._dim}), got {xq.shape}")
         where = "" if label is None else f"label == {quote(label)}"
         return ranked_search(self._client, self.spec.collection, self._index, xq, k, where)
 

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.bundle.prefetch import chunks, prefetched
 from retrieval.bundle.records import ItemRecord
-from retrieval.bundle.results import AddReport
 from retrieval.data.images import ImageLoadError
+from retrieval.search.prefetch import chunks, prefetched
+from retrieval.search.results import AddReport
 
 if TYPE_CHECKING:
     from retrieval.backends.base import SearchBackend
@@ -70,7 +70,7 @@ def add_files(
     progress: Callable[[int], None] | None = None,
 ) -> AddReport:
     """Embed and add image files to ``items`` (see :meth:`Retriever.add
-    <retrieval.bundle.retriever.Retriever.add>`): preprocessed by ``preprocessor`` under
+    <retrieval.search.retriever.Retriever.add>`): preprocessed by ``preprocessor`` under
     ``max_pixels``, embedded by ``runtime``, augmented with ``dba`` when given."""
     if labels is not None and len(labels) != len(paths):
         raise ValueError(f"{len(labels)} labels for {len(paths)} paths")

@@ -1,4 +1,4 @@
-"""What a :class:`~retrieval.bundle.retriever.Retriever` answers: the hits of a search and the
+"""What a :class:`~retrieval.search.retriever.Retriever` answers: the hits of a search and the
 report of an add."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def row_hits(scores: np.ndarray, ids: np.ndarray, records: Mapping[int, Item]) -
 
 @dataclass
 class AddReport:
-    """What :meth:`Retriever.add <retrieval.bundle.retriever.Retriever.add>` did: ids of new
+    """What :meth:`Retriever.add <retrieval.search.retriever.Retriever.add>` did: ids of new
     items, duplicates of items already in the bundle (``(path, existing id)``) and files that
     could not be read (``(path, reason)``)."""
 

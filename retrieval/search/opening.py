@@ -1,4 +1,4 @@
-"""A bundle folder's parts for :class:`~retrieval.bundle.retriever.Retriever`, checked as they
+"""A bundle folder's parts for :class:`~retrieval.search.retriever.Retriever`, checked as they
 are opened (format version, checksums, preprocessing fields, embedding widths), and the
 problems a whole-bundle check finds."""
 
@@ -31,7 +31,7 @@ def open_parts(
     backend: str | None,
 ) -> tuple[dict[str, Any], Preprocessor, Runtime, SearchBackend]:
     """``(manifest, preprocessor, model, items)`` of the bundle at ``folder``, opened as
-    :meth:`Retriever.load <retrieval.bundle.retriever.Retriever.load>` describes (its
+    :meth:`Retriever.load <retrieval.search.retriever.Retriever.load>` describes (its
     arguments and errors)."""
     manifest = read_manifest(folder)
     verify_files(folder, manifest)
@@ -62,7 +62,7 @@ def open_parts(
 
 
 def bundle_problems(folder: Path, manifest: dict[str, Any], items: SearchBackend) -> list[str]:
-    """What :meth:`Retriever.verify <retrieval.bundle.retriever.Retriever.verify>` reports:
+    """What :meth:`Retriever.verify <retrieval.search.retriever.Retriever.verify>` reports:
     the files against ``manifest``, ``items``' own check, and folders of interrupted exports
     beside ``folder``; ``[]`` when healthy."""
     problems = []

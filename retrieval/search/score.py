@@ -1,5 +1,5 @@
 """Score an exported bundle the way a user searches it: every query image goes through
-:meth:`retrieval.bundle.retriever.Retriever.search` (the bundle's own preprocessing, runtime
+:meth:`retrieval.search.retriever.Retriever.search` (the bundle's own preprocessing, runtime
 and index), and the hits' labels, stored with the bundle's items at export, decide what is relevant.
 
 The metric functions are those of :mod:`retrieval.evaluation.metrics` and
@@ -24,7 +24,7 @@ from retrieval.evaluation.metrics import recall_at_k
 from retrieval.infra.checks import positive_int
 
 if TYPE_CHECKING:
-    from retrieval.bundle.retriever import Retriever
+    from retrieval.search import Retriever
 
 __all__ = ["bundle_label_counts", "score_bundle"]
 

@@ -17,17 +17,17 @@ import numpy as np
 from PIL import Image
 
 from retrieval.backends.base import SearchBackend
-from retrieval.bundle.adding import add_files
 from retrieval.bundle.format import BundleError
-from retrieval.bundle.opening import bundle_problems, open_parts
-from retrieval.bundle.prefetch import chunks, prefetched
 from retrieval.bundle.preprocess import Preprocessor
 from retrieval.bundle.records import Item
-from retrieval.bundle.results import AddReport, Hit, row_hits
 from retrieval.bundle.runtime import Runtime
 from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageInput
-from retrieval.infra.checks import positive_int
+from retrieval.infra.checks import positive_int, vectors
 from retrieval.postprocess import Postprocess, Rerank, search_with_steps
+from retrieval.search.adding import add_files
+from retrieval.search.opening import bundle_problems, open_parts
+from retrieval.search.prefetch import chunks, prefetched
+from retrieval.search.results import AddReport, Hit, row_hits
 
 __all__ = ["Retriever"]
 
@@ -146,12 +146,7 @@ class Retriever:
     ) -> np.ndarray:
         if isinstance(queries, np.ndarray) and queries.dtype.kind == "f":
             x = queries.reshape(1, -1) if queries.ndim == 1 else queries
-            if x.ndim != 2 or x.shape[1] != self.dim:
-                raise ValueError(
-                    f"query vectors must have shape (n, {self.dim}), got {queries.shape}"
-                )
-            if not np.isfinite(x).all():
-                raise ValueError("query vectors contain NaN or infinite values")
+            x = vectors(x, "query vectors", dim=self.dim)
             norms = np.linalg.norm(x, axis=1, keepdims=True)
             if (norms == 0).any():
                 raise ValueError("query vectors contain a zero vector")
