@@ -18,6 +18,7 @@ by chunk; no query x gallery matrix is ever held.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -167,7 +168,7 @@ def evaluate_embeddings(
     if steps is not None and steps.rerank is not None:
         k_needed = max(k_needed, steps.rerank.top_n)
     k_needed = min(k_needed, ng - 1 if loo else ng)
-    options = {"steps": steps, "queries_stored": queries_stored}
+    options: dict[str, Any] = {"steps": steps, "queries_stored": queries_stored}
 
     scores, ids, index, final_queries = search_gallery(
         xq[scored], xg, self_ids, k_needed, factory, search_params, chunk_size, **options

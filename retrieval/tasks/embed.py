@@ -83,9 +83,14 @@ class _ShardEmbedder:
     """Embeds one shard's items: unreadable ones skipped (or an error when strict)."""
 
     def __init__(
-        self, cfg: DictConfig, embedder: torch.nn.Module, pre: Preprocessing, device: torch.device
+        self,
+        cfg: DictConfig,
+        embedder: torch.nn.Module,
+        dim: int,
+        pre: Preprocessing,
+        device: torch.device,
     ) -> None:
-        self.cfg, self.embedder, self.device = cfg, embedder, device
+        self.cfg, self.embedder, self.dim, self.device = cfg, embedder, dim, device
         self.transform = eval_transform(pre)
 
     def __call__(self, shard: int, items: list[ShardItem]) -> ShardContent:
@@ -104,7 +109,7 @@ class _ShardEmbedder:
             )
         kept = [item for item, p in zip(items, paths, strict=True) if p not in reasons]
         if not kept:
-            empty = np.empty((0, self.embedder.embedding_dim), np.float32)
+            empty = np.empty((0, self.dim), np.float32)
             return ShardContent(empty, [], [(str(p), r) for p, r in reasons.items()])
         rows = [ManifestRow(Path(i.uri), i.label or "", "gallery") for i in kept]
         loader = DataLoader(
@@ -154,7 +159,8 @@ def embed(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     out = Path(cfg.out_dir)
     log.info("worker %d of %d: %d shards of %d images", rank, world, plan.num_shards, len(items))
     runner = inference_embedder(cfg, model, pre.input_size, device)
-    done = embed_shards(out, plan, header, _ShardEmbedder(cfg, runner, pre, device), rank, world)
+    shard_embedder = _ShardEmbedder(cfg, runner, int(model.embedder.embedding_dim), pre, device)
+    done = embed_shards(out, plan, header, shard_embedder, rank, world)
     summary = {
         "out_dir": str(out),
         "shards": plan.num_shards,
