@@ -117,7 +117,7 @@ def export_bundle(gallery: Path, out: Path) -> Path:
         sys.executable,
         str(ROOT / "export.py"),
         f"gallery={gallery}",
-        "gallery_labels=none",
+        "labels=none",
         f"bundle={bundle}",
         "data=demo",
         f"data.image_size={IMAGE_SIZE}",
