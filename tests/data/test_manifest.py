@@ -185,3 +185,13 @@ def test_select_split(tmp_path: Path) -> None:
     assert "train (2 rows)" in message and "test (1 rows)" in message
     with pytest.raises(ManifestError, match="unknown split 'dev'"):
         select_split(rows, "dev")
+
+
+def test_folder_labels_name_each_image_by_its_folder_under_the_root(tmp_path: Path) -> None:
+    from retrieval.data.manifest import folder_labels
+
+    paths = [tmp_path / "cat" / "1.jpg", tmp_path / "cat" / "tabby" / "2.jpg", tmp_path / "3.jpg"]
+    assert folder_labels(paths, tmp_path, "folder") == ["cat", "cat/tabby", None]
+    assert folder_labels(paths, tmp_path, "none") == [None, None, None]
+    with pytest.raises(ValueError, match="labels must be 'folder' or 'none', got 'folders'"):
+        folder_labels(paths, tmp_path, "folders")
