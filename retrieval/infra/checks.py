@@ -72,7 +72,8 @@ def vectors(
     ):
         kind = "hold real numbers" if integers else "be a 2-D float (floating-point) array"
         raise ValueError(f"{name} must {kind}, got dtype {arr.dtype}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore"):  # a value too large for float32 is reported below
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or infinite values (as float32)")
     return arr
