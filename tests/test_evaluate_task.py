@@ -208,7 +208,7 @@ def test_resize_mode_is_in_the_protocol_and_the_cache_key(small_demo, tmp_path):
 
 
 @pytest.mark.parametrize("runtime", ["onnx", "openvino"])
-def test_an_exported_runtime_embeds_as_pytorch_does(small_demo, tmp_path, runtime):
+def test_an_exported_runtime_embeds_as_pytorch_does(small_demo, tmp_path, runtime, monkeypatch):
     if runtime == "openvino":
         pytest.importorskip("openvino")
     data = ["data=manifest", f"data.manifest={small_demo}", "data.image_size=48"]
@@ -229,6 +229,18 @@ def test_an_exported_runtime_embeds_as_pytorch_does(small_demo, tmp_path, runtim
     )
     cosine = (vectors[runtime] * vectors["eager"]).sum(axis=1)
     assert vectors[runtime].shape == vectors["eager"].shape and cosine.min() > 0.9999
+
+    # scored again from the cache: nothing is exported
+    import retrieval.bundle.model_export as model_export
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the cache should have been used, not an exported model")
+
+    monkeypatch.setattr(model_export, "export_model", no_export)
+    out = f"paths.output_dir={tmp_path}/again"
+    evaluate(compose_eval(tmp_path, *data, f"inference.runtime={runtime}", out))
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())["protocol"]
+    assert again["data"]["embedding_cache"] == protocols[runtime]["data"]["embedding_cache"]
 
 
 def test_an_exported_runtime_refuses_tta_and_half_precision(tmp_path):
@@ -379,3 +391,13 @@ def test_postprocess_ablation_goes_to_weights_and_biases(tmp_path, monkeypatch):
     (ablation,) = [t for t in tables if t["columns"][0] == "steps"]
     assert [row[0] for row in ablation["data"]] == ["none", "whiten", "whiten+aqe"]
     assert ablation["columns"][-1] == "extra_ms_per_query"
+
+
+def test_the_precision_recorded_is_the_one_computed_in(tmp_path):
+    from retrieval.tasks.common import inference_precision
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    eager = compose_eval(tmp_path)
+    assert inference_precision(eager, cuda) == "bf16" and inference_precision(eager, cpu) == "fp32"
+    # an exported runtime computes in float32 whatever auto would pick for the device
+    assert inference_precision(compose_eval(tmp_path, "inference.runtime=onnx"), cuda) == "fp32"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import tempfile
 import uuid
@@ -31,6 +32,7 @@ from retrieval.bundle.model_config import (
     quiet_tracing,
 )
 from retrieval.bundle.runtime import (
+    Runtime,
     RuntimeModule,
     load_runtime,
     onnx_session,
@@ -38,6 +40,8 @@ from retrieval.bundle.runtime import (
 )
 from retrieval.infra.checks import positive_int
 from retrieval.models import Embedder
+
+log = logging.getLogger(__name__)
 
 
 class _Images(nn.Module):
@@ -188,15 +192,19 @@ def compiled_embedder(
     threads: int | None = None,
 ) -> RuntimeModule:
     """``embedder`` run by the ``kind`` runtime (``onnx``, ``openvino``, ``torchscript``,
-    ``eager``) exactly as a bundle's model is: exported by :func:`export_model` into a
-    temporary folder (every file checked against PyTorch), loaded by
-    :func:`~retrieval.bundle.runtime.load_runtime`, the folder then removed.
+    ``eager``) exactly as a bundle's model is: on the module's first call, exported by
+    :func:`export_model` into a temporary folder (every file checked against PyTorch), loaded
+    by :func:`~retrieval.bundle.runtime.load_runtime`, the folder then removed.
 
-    Raises:
+    Raises (on the first call):
         BundleError: an exported file disagrees with the PyTorch model.
         ValueError: an unknown ``kind`` or one this machine cannot run (named).
     """
-    with tempfile.TemporaryDirectory(prefix="retrieval-runtime-") as folder:
-        export_model(embedder, folder, model_config, input_size)
-        runtime = load_runtime(folder, kind, threads=threads, device=device)
-    return RuntimeModule(runtime, embedder)
+
+    def load() -> Runtime:
+        log.info("exporting the model for the %s runtime", kind)
+        with tempfile.TemporaryDirectory(prefix="retrieval-runtime-") as folder:
+            export_model(embedder, folder, model_config, input_size)
+            return load_runtime(folder, kind, threads=threads, device=device)
+
+    return RuntimeModule(load, embedder, embedder.embedding_dim)

@@ -134,15 +134,25 @@ class Runtime:
 class RuntimeModule(nn.Module):
     """A :class:`Runtime` behind a torch module's call, for code that embeds through one
     (:func:`retrieval.models.extract.embed_loader`): ``(B, 3, S, S)`` tensor -> ``(B, D)``
-    float32 tensor on the CPU. ``source``, the PyTorch model the runtime was exported from, is
-    kept as a submodule so that a fingerprint of the weights still tells models apart; it is
-    never run."""
+    float32 tensor on the CPU.
 
-    def __init__(self, runtime: Runtime, source: nn.Module) -> None:
+    ``load`` makes the runtime on the first call, so a caller whose embeddings all come from
+    a cache never exports or loads anything. ``source``, the PyTorch model the runtime is
+    exported from, is kept as a submodule so that a fingerprint of the weights still tells
+    models apart; it is never run."""
+
+    def __init__(self, load: Callable[[], Runtime], source: nn.Module, embedding_dim: int) -> None:
         super().__init__()
-        self.runtime = runtime
+        self._load = load
+        self._runtime: Runtime | None = None
         self.source = source
-        self.embedding_dim = runtime.embedding_dim
+        self.embedding_dim = embedding_dim
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            self._runtime = self._load()
+        return self._runtime
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         batch = np.ascontiguousarray(images.detach().float().cpu().numpy())

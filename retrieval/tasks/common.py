@@ -21,6 +21,7 @@ from retrieval.models.extract import (
     embed_loader,
     fingerprint,
     load_cached,
+    resolve_precision,
     save_cached,
 )
 from retrieval.tasks.config import CONF_DIR
@@ -108,8 +109,15 @@ def inference_embedder(
         )
     from retrieval.bundle.model_export import compiled_embedder
 
-    log.info("exporting the model for inference.runtime=%s", kind)
     return compiled_embedder(model.embedder, model_config(model), input_size, kind, device.type)
+
+
+def inference_precision(cfg: DictConfig, device: torch.device) -> str:
+    """The precision models compute in under ``cfg.inference``: ``fp32`` for an exported
+    runtime, else ``inference.precision`` resolved for ``device`` (``auto``: bf16 on CUDA)."""
+    if cfg.inference.runtime != "eager":
+        return "fp32"
+    return resolve_precision(cfg.inference.precision, device)
 
 
 def data_config(cfg: DictConfig, ckpt: TrainingCheckpoint | None) -> DictConfig:
@@ -189,13 +197,14 @@ def embed_dataset(
     The size and modification time of every file in ``description["paths"]`` join the key, so
     an image rewritten under the same path (regenerated queries) is embedded again."""
     run = cfg.inference
+    precision = inference_precision(cfg, device)
     files = [_file_stamp(path) for path in description.get("paths", [])]
     key = fingerprint(
         embedder,
         {
             **description,
             "files": files,
-            "precision": run.precision,
+            "precision": precision,
             "device": device.type,
             "runtime": run.runtime,
         },
@@ -208,7 +217,7 @@ def embed_dataset(
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
     )
-    embeddings = embed_loader(embedder, loader, device, run.precision)
+    embeddings = embed_loader(embedder, loader, device, precision)
     if cache is not None:
         save_cached(embeddings, cache, key)
     return embeddings, cache

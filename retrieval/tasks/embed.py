@@ -26,12 +26,12 @@ from retrieval.models.extract import (
     embed_loader,
     model_fingerprint,
     resolve_device,
-    resolve_precision,
 )
 from retrieval.tasks.common import (
     LoadedModel,
     describe_model,
     inference_embedder,
+    inference_precision,
     load_model,
     model_preprocessing,
 )
@@ -122,7 +122,7 @@ class _ShardEmbedder:
             self.embedder,
             loader,
             self.device,
-            self.cfg.inference.precision,
+            inference_precision(self.cfg, self.device),
             description=f"shard {shard}",
         ).vectors
         done = [ShardItem(i.uri, i.label, i.extra, sha256_file(i.uri)) for i in kept]
@@ -143,7 +143,7 @@ def embed(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model = load_model(cfg)
     pre = preprocessing_of(cfg, model)
     device = _device(cfg)
-    precision = resolve_precision(cfg.inference.precision, device)
+    precision = inference_precision(cfg, device)
     header = {
         "dim": int(model.embedder.embedding_dim),
         "model_fingerprint": model_fingerprint(model.embedder, pre),

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from retrieval.evaluation import RetrievalResult, evaluate_embeddings, evaluate_protocol
 from retrieval.evaluation.npz import read_embeddings_npz, write_embeddings_npz
 from retrieval.infra.io import package_versions, sha256_file
-from retrieval.models.extract import resolve_device, resolve_precision
+from retrieval.models.extract import resolve_device
 from retrieval.postprocess import Postprocess
 from retrieval.tasks.common import (
     data_config,
@@ -25,6 +25,7 @@ from retrieval.tasks.common import (
     embed_dataset,
     embed_rows,
     inference_embedder,
+    inference_precision,
     load_model,
     model_preprocessing,
 )
@@ -179,7 +180,7 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
         "gallery": len(g_rows),
         "embedding_cache": str(cache) if cache else None,
     }
-    precision = resolve_precision(cfg.inference.precision, device)
+    precision = inference_precision(cfg, device)
     protocol["evaluation_device"] = {
         "device": str(device),
         "precision": precision,
