@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from retrieval.postprocess.steps import top_k_by_score
+
 if TYPE_CHECKING:
     from retrieval.bundle.item_table import ItemTable
     from retrieval.index import EmbeddingIndex
@@ -26,18 +28,8 @@ View = Callable[[], AbstractContextManager[tuple["EmbeddingIndex", np.ndarray]]]
 def top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best of each row of ``scores`` (nq, m) over the increasing ``ids`` (m,),
     equal scores by ascending id: (nq, min(k, m)) scores and ids."""
-    k = min(k, ids.size)
-    out_scores = np.empty((scores.shape[0], k), np.float32)
-    out_ids = np.empty((scores.shape[0], k), np.int64)
-    for row, values in enumerate(scores):
-        if k < values.size:  # every score equal to the k-th stays a candidate
-            kth = np.partition(values, values.size - k)[values.size - k]
-            candidates = np.flatnonzero(values >= kth)
-        else:
-            candidates = np.arange(values.size)
-        order = candidates[np.lexsort((candidates, -values[candidates]))[:k]]
-        out_scores[row], out_ids[row] = values[order], ids[order]
-    return out_scores, out_ids
+    columns = top_k_by_score(scores, k)  # ascending column is ascending id here
+    return np.take_along_axis(scores, columns, axis=1), ids[columns]
 
 
 def _empty(nq: int) -> tuple[np.ndarray, np.ndarray]:
