@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from retrieval.evaluation import evaluate_protocol
 from retrieval.evaluation.reports import text_table
 from retrieval.infra.allocator import keep_freed_memory
+from retrieval.infra.hardware import training_precision
 from retrieval.infra.io import atomic_write
 from retrieval.infra.progress import progress_bar
 from retrieval.models import Embedder
@@ -49,9 +51,13 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         preprocessing=embedder.preprocessing, sampler=instantiate(cfg.sampler), seed=cfg.seed
     )
     datamodule.setup("fit")
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     with open_dict(cfg):  # what proxy losses are sized by (conf/train.yaml)
         cfg.num_train_labels = datamodule.num_train_labels
         cfg.embedding_size = embedder.embedding_dim
+        # bf16 where the CPU computes it natively, else float32 (said once), as recorded
+        cfg.trainer.precision = training_precision(cfg.trainer.get("precision", "32-true"), on_cpu)
     module = instantiate(cfg.model, embedder=embedder)
     # Set afterwards: instantiate() would build the _target_ nodes inside the dict.
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
