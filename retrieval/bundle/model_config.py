@@ -6,6 +6,7 @@ Files written by :func:`export_model`::
     model.safetensors   the Embedder's state dict (contiguous float32 CPU tensors)
     model.ts            TorchScript (traced, eval mode, float32 CPU)
     model.onnx          ONNX: "images" (batch, 3, S, S) float32 -> "embeddings" (batch, D)
+                        (height and width dynamic when ``any_size``)
 
 ``model.json`` (checked by :func:`check_model_config`; unknown keys are errors)::
 
@@ -13,7 +14,8 @@ Files written by :func:`export_model`::
      "embedder": {"embedding_dim": 512, "pooling": "gem", "head_bn": false},
      "input_size": 224, "output_dim": 512}
 
-``backbone``: ``name`` and ``source`` ("timm" | "torchvision", default "timm") and ``kwargs``
+``backbone``: ``name`` and ``source`` ("timm" | "torchvision" | "torchscript", default "timm";
+a TorchScript backbone is not rebuilt, its bundle runs model.ts or model.onnx) and ``kwargs``
 (JSON object, default {}) of :func:`retrieval.models.create_backbone` (weights never loaded),
 limited to the JSON scalars of :data:`BACKBONE_KWARGS`: a bundle is data, and a keyword such as
 timm's ``checkpoint_path`` or ``pretrained_cfg_overlay`` would make loading it read any file;
@@ -21,7 +23,9 @@ timm's ``checkpoint_path`` or ``pretrained_cfg_overlay`` would make loading it r
 and ``pooling`` required, ``head_bn`` default false, and the search-time layers ``tta``
 (``{"scales": [...], "flip": bool}`` or null) and ``whiten_dim`` (int or null, weights in the
 safetensors file) default null; ``input_size`` (S) and ``output_dim`` (D) are filled in by the
-export. Every runtime returns L2-normalised float32 rows.
+export, and ``any_size`` (default false) when the model takes images of any height and width
+whose short side is S (``resize_mode=short``; the ONNX file's spatial axes are then dynamic).
+Every runtime returns L2-normalised float32 rows.
 """
 
 from __future__ import annotations
@@ -118,7 +122,11 @@ _OPTIONAL = object()
 _OMITTED = object()  # absent means null, and stays absent
 _RULES: dict[str, tuple[Callable[[Any], bool], str, Any]] = {  # field: (check, rule, default)
     "backbone.name": (lambda v: isinstance(v, str) and v != "", "a backbone name", _REQUIRED),
-    "backbone.source": (lambda v: v in ("timm", "torchvision"), "'timm' or 'torchvision'", "timm"),
+    "backbone.source": (
+        lambda v: v in ("timm", "torchvision", "torchscript"),
+        "'timm', 'torchvision' or 'torchscript'",
+        "timm",
+    ),
     "backbone.kwargs": (lambda v: isinstance(v, Mapping), "a JSON object", {}),
     "embedder.embedding_dim": (
         lambda v: v is None or _is_positive_int(v),
@@ -135,6 +143,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, Any]] = {  # field: (check, 
     ),
     "input_size": (_is_positive_int, "a positive integer", _OPTIONAL),
     "output_dim": (_is_positive_int, "a positive integer", _OPTIONAL),
+    "any_size": (lambda v: isinstance(v, bool), "true or false", _OMITTED),
 }
 
 
@@ -200,6 +209,12 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
 def _embedder_from_config(config: dict[str, Any]) -> Embedder:
     backbone = config["backbone"]
     name, kwargs = backbone["name"], backbone["kwargs"]
+    if backbone["source"] == "torchscript":
+        raise BundleError(
+            f"backbone '{name}' is a TorchScript file, which model.json does not rebuild (a "
+            "bundle names no file to load): run its model.ts or model.onnx (runtime "
+            "torchscript or onnx)"
+        )
     try:
         net = create_backbone(name, pretrained=False, source=backbone["source"], **kwargs)
     except TypeError as err:  # the library's constructor refused a keyword

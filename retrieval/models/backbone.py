@@ -28,6 +28,7 @@ class Backbone(nn.Module):
         preprocessing: Preprocessing,
         name: str,
         num_prefix_tokens: int = 0,
+        pooled: bool = False,
     ) -> None:
         super().__init__()
         self.net = net
@@ -35,9 +36,14 @@ class Backbone(nn.Module):
         self.preprocessing = preprocessing
         self.name = name
         self.num_prefix_tokens = num_prefix_tokens
+        #: the net gives (B, C) vectors itself (a TorchScript descriptor such as SSCD's)
+        self.pooled = pooled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, C, h, w) feature map, or (B, N, C) tokens."""
+        """(B, 3, H, W) -> (B, C, h, w) feature map, (B, N, C) tokens, or (B, C) vectors
+        when ``pooled``."""
+        if self.pooled:
+            return self.net(x)
         features = getattr(self.net, "forward_features", self.net)
         return features(x)
 
@@ -49,7 +55,10 @@ def create_backbone(
     source: str = "timm",
     **model_kwargs: Any,
 ) -> Backbone:
-    """Build backbone ``name`` from ``source`` ("timm" or "torchvision").
+    """Build backbone ``name`` from ``source`` ("timm", "torchvision" or "torchscript": a
+    TorchScript file that gives vectors itself, see
+    :func:`retrieval.models.torchscript.torchscript_backbone`, whose keywords
+    ``model_kwargs`` then are).
 
     ``pretrained=True`` loads ImageNet weights (see :mod:`retrieval.models.weights` for where
     they come from) or fails with a message naming the fix; ``weights`` is an explicit file that
@@ -61,7 +70,13 @@ def create_backbone(
         return _timm_backbone(name, pretrained, weights, model_kwargs)
     if source == "torchvision":
         return _torchvision_backbone(name, pretrained, weights, model_kwargs)
-    raise ValueError(f"backbone.source must be 'timm' or 'torchvision', got '{source}'")
+    if source == "torchscript":
+        from retrieval.models.torchscript import torchscript_backbone
+
+        return torchscript_backbone(name, weights, **model_kwargs)
+    raise ValueError(
+        f"backbone.source must be 'timm', 'torchvision' or 'torchscript', got '{source}'"
+    )
 
 
 def _timm_backbone(

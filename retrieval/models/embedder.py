@@ -15,12 +15,49 @@ from torch import nn
 
 from retrieval.data.preprocessing import Preprocessing
 from retrieval.models.backbone import Backbone
-from retrieval.models.pooling import TokenPool, build_pooling, l2_normalize
+from retrieval.models.pooling import Pooled, TokenPool, build_pooling, l2_normalize
 from retrieval.postprocess.config import TTA
 from retrieval.postprocess.tta import tta_embed
 
 if TYPE_CHECKING:
     from retrieval.postprocess.whitening import Whitening
+
+
+def frozen_stage_names(backbone: Backbone, stages: int) -> set[str]:
+    """Names (in ``backbone``) of the modules that hold the parameters of its stem and first
+    ``stages`` stages, by timm's coarse parameter groups (``net.group_matcher(coarse=True)``:
+    group 0 the stem, group i the i-th stage); empty for ``stages == 0``.
+
+    Raises:
+        ValueError: ``stages`` negative, not below the backbone's number of groups (the last
+            stage must train), or a backbone without timm's group matcher (torchvision).
+    """
+    if not isinstance(stages, int) or isinstance(stages, bool) or stages < 0:
+        raise ValueError(f"model.embedder.frozen_stages must be an integer >= 0, got {stages!r}")
+    if stages == 0:
+        return set()
+    matcher = getattr(backbone.net, "group_matcher", None)
+    if matcher is None:
+        raise ValueError(
+            f"model.embedder.frozen_stages={stages} needs a timm backbone (its parameter "
+            f"groups name the stages); {backbone.name} has none: set frozen_stages=0"
+        )
+    from timm.models import group_parameters
+
+    groups = group_parameters(backbone.net, matcher(coarse=True))
+    ordered = sorted(groups)
+    if stages > len(ordered) - 2:
+        raise ValueError(
+            f"model.embedder.frozen_stages={stages} would freeze all of {backbone.name}'s "
+            f"{len(ordered) - 1} stages; use at most {len(ordered) - 2}"
+        )
+    params = [name for group in ordered[: stages + 1] for name in groups[group]]
+    return {"net." + name.rsplit(".", 1)[0] for name in params}
+
+
+def _inside(name: str, modules: set[str]) -> bool:
+    """Whether module ``name`` is one of ``modules`` or inside one of them."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
 
 
 class Embedder(nn.Module):
@@ -30,10 +67,15 @@ class Embedder(nn.Module):
         backbone: feature extractor (see :func:`retrieval.models.create_backbone`).
         embedding_dim: output size of the linear head; ``None`` keeps the backbone's features
             (no head).
-        pooling: ``avg`` | ``gem`` | ``max`` | ``avgmax``; transformers also take ``token``.
+        pooling: ``avg`` | ``gem`` | ``max`` | ``avgmax``; transformers also take ``token``; not
+            used by a backbone that gives vectors itself (``backbone.pooled``, TorchScript).
         head_bn: BatchNorm1d after the linear head.
         freeze_bn: keep every BatchNorm of the backbone in eval mode with frozen affine
             parameters while training (small batches, fine-grained data).
+        frozen_stages: the stem and this many of the backbone's first stages (timm's coarse
+            parameter groups: EfficientNet blocks, ResNet layers, ConvNeXt stages, ViT blocks)
+            do not train: no gradients, no backward pass through them, their norms in eval
+            mode. 0 trains the whole backbone; training-only (the exported model is the same).
         channels_last: run the backbone in channels-last memory format (faster convolutions).
         tta: search-time test-time augmentation, ``{"scales": [...], "flip": bool}`` (see
             :class:`retrieval.postprocess.TTA`); ``None``: one view. Never used in training.
@@ -48,6 +90,7 @@ class Embedder(nn.Module):
         pooling: str = "gem",
         head_bn: bool = False,
         freeze_bn: bool = False,
+        frozen_stages: int = 0,
         channels_last: bool = True,
         tta: Mapping[str, Any] | None = None,
         whiten_dim: int | None = None,
@@ -55,9 +98,11 @@ class Embedder(nn.Module):
         super().__init__()
         self.backbone = backbone
         tokens = backbone.num_prefix_tokens > 0 or pooling == "token"
-        self.pool = (
+        self.pool: nn.Module = (
             TokenPool(pooling, backbone.num_prefix_tokens) if tokens else build_pooling(pooling)
         )
+        if backbone.pooled:  # it gives vectors: ``pooling`` does not apply
+            self.pool = Pooled()
         features = backbone.num_features
         layers: list[nn.Module] = []
         if embedding_dim is not None:
@@ -74,13 +119,17 @@ class Embedder(nn.Module):
             self.whiten = nn.Linear(self.embedding_dim, int(whiten_dim))
             self.embedding_dim = int(whiten_dim)
         self.freeze_bn = freeze_bn
+        self.frozen_stages = frozen_stages
         self.channels_last = channels_last
-        if freeze_bn:
-            for module in self._backbone_norms():
+        self._frozen_names = frozen_stage_names(backbone, frozen_stages)
+        for name, module in self.backbone.named_modules():
+            if name in self._frozen_names:
                 module.requires_grad_(False)
-                # now, not only in train(): Lightning does not call train() at fit start, so
-                # norms left in train mode would re-estimate their statistics all along
-                module.eval()
+        for module in self._backbone_norms():
+            module.requires_grad_(False)
+            # now, not only in train(): Lightning does not call train() at fit start, so
+            # norms left in train mode would re-estimate their statistics all along
+            module.eval()
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
@@ -89,19 +138,24 @@ class Embedder(nn.Module):
         return self.backbone.preprocessing
 
     def _backbone_norms(self) -> list[nn.Module]:
+        """The backbone's BatchNorm layers kept in eval mode: all of them with ``freeze_bn``,
+        else those inside the frozen stages."""
         norms = nn.modules.batchnorm._BatchNorm
-        return [m for m in self.backbone.modules() if isinstance(m, norms)]
+        frozen = self._frozen_names
+        return [
+            m
+            for name, m in self.backbone.named_modules()
+            if isinstance(m, norms) and (self.freeze_bn or _inside(name, frozen))
+        ]
 
     def frozen_modules(self) -> list[nn.Module]:
-        """The modules kept in eval mode while training: the backbone's norm layers and their
-        children when ``freeze_bn``, else none."""
-        if not self.freeze_bn:
-            return []
+        """The modules kept in eval mode while training: the frozen norm layers and their
+        children."""
         return [m for norm in self._backbone_norms() for m in norm.modules()]
 
     def train(self, mode: bool = True) -> Embedder:
         super().train(mode)
-        if mode and self.freeze_bn:
+        if mode:
             for module in self._backbone_norms():
                 module.eval()
         return self

@@ -41,6 +41,13 @@ class AvgMaxPool(nn.Module):
         return x.mean(dim=(-2, -1)) + x.amax(dim=(-2, -1))
 
 
+class Pooled(nn.Module):
+    """No pooling: the backbone gives ``(B, C)`` vectors itself (a TorchScript descriptor)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 POOLINGS = {"avg": AvgPool, "gem": GeM, "max": MaxPool, "avgmax": AvgMaxPool}
 
 
