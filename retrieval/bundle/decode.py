@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from retrieval.data.images import (
+    SWAPS_AXES,
     ImageInput,
     ImageLoadError,
     decode_rgb,
@@ -36,8 +37,6 @@ FILTERS = {
 #: :func:`prepare` first reduces an image by an integer factor when it stays at least this
 #: many times larger than its resized size (as ``Image.resize(reducing_gap=...)``)
 REDUCING_GAP = 3.0
-_SWAPS_AXES = {Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270}
-_SWAPS_AXES |= {Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE}
 Box = tuple[float, float, float, float]
 
 
@@ -102,7 +101,7 @@ def _decode_reduced(
     """``(reduced RGB image, resized size, region of the image in it)`` for an image worth
     reducing (decoded and closed), else None (``image`` left as it is)."""
     method = orientation(image)
-    swap = method in _SWAPS_AXES
+    swap = method in SWAPS_AXES
     width, height = image.size
     size = pre.resized_size(*((height, width) if swap else (width, height)))
     target = (size[1], size[0]) if swap else size  # in the stored orientation

@@ -78,18 +78,25 @@ def _staged(folder: Path) -> Iterator[Callable[[str], Path]]:
             tmp.unlink(missing_ok=True)
 
 
-def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, exporter: str) -> None:
-    """ONNX file "images" (batch, 3, S, S) -> "embeddings" (batch, D), weights inside."""
+def _export_onnx(
+    module: nn.Module, example: torch.Tensor, path: Path, exporter: str, any_size: bool
+) -> None:
+    """ONNX file "images" (batch, 3, S, S) -> "embeddings" (batch, D), weights inside; the
+    batch is a dynamic axis, and so are height and width with ``any_size`` (images that keep
+    their aspect, ``resize_mode=short``)."""
     common: dict[str, Any] = {
         "input_names": ["images"],
         "output_names": ["embeddings"],
         "opset_version": ONNX_OPSET[exporter],
     }
     if exporter == "legacy":
-        axes = {"images": {0: "batch"}, "embeddings": {0: "batch"}}
+        sides = {2: "height", 3: "width"} if any_size else {}
+        axes = {"images": {0: "batch", **sides}, "embeddings": {0: "batch"}}
         torch.onnx.export(module, (example,), str(path), dynamic_axes=axes, dynamo=False, **common)
     else:
-        shapes = {"images": {0: torch.export.Dim("batch")}}
+        dim = torch.export.Dim
+        free = {2: dim("height", min=16, max=8192), 3: dim("width", min=16, max=8192)}
+        shapes = {"images": {0: dim("batch"), **(free if any_size else {})}}
         torch.onnx.export(
             module,
             (example,),
@@ -118,6 +125,7 @@ def export_model(
     model_config: Mapping[str, Any],
     input_size: int,
     onnx_exporter: str = "legacy",
+    any_size: bool = False,
 ) -> dict[str, str]:
     """Write the embedder's four model files into the existing ``folder``; return
     ``{role: file name}`` for roles ``model_config``, ``weights``, ``torchscript``, ``onnx``.
@@ -128,7 +136,9 @@ def export_model(
     ``dynamo`` (torch.export-based, opset 18, ~10x slower). Before anything is written, the
     rebuilt eager model, the TorchScript file and (when onnxruntime is installed) the ONNX
     file are run on a batch of 3 and must agree with the PyTorch model (row cosine >=
-    MIN_COSINE); all files then replace their previous versions at once.
+    MIN_COSINE); all files then replace their previous versions at once. ``any_size``: the
+    model takes images of any height and width (ONNX with dynamic spatial axes), checked on a
+    3:2 input too, as a ``short`` resize mode needs.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -141,7 +151,8 @@ def export_model(
             f"onnx_exporter must be one of {sorted(ONNX_OPSET)}, got {onnx_exporter!r}"
         )
     config = check_model_config(model_config)
-    for key, value in (("input_size", input_size), ("output_dim", embedder.embedding_dim)):
+    filled = [("input_size", input_size), ("output_dim", embedder.embedding_dim)]
+    for key, value in filled + ([("any_size", True)] if any_size else []):
         if config.setdefault(key, value) != value:
             raise BundleError(f"model config field '{key}' is {config[key]}, the export {value}")
     try:
@@ -157,8 +168,11 @@ def export_model(
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(2, 3, input_size, input_size, generator=generator)
     check = torch.randn(3, 3, input_size, input_size, generator=generator)
+    # with any_size, a 3:2 image too (one that kept its aspect: dynamic spatial axes)
+    wide = torch.randn(1, 3, input_size, input_size * 3 // 2, generator=generator)
     with torch.no_grad():
         expected = module(check).numpy()
+        expected_wide = module(wide).numpy() if any_size else None
 
     from safetensors.torch import save_file
 
@@ -171,15 +185,25 @@ def export_model(
     with _staged(root) as stage, quiet_tracing(), torch.no_grad():
         stage(MODEL_CONFIG).write_text(text, encoding="utf-8")
         save_file(state, str(stage(WEIGHTS)), metadata={"format": "pt"})
-        rebuilt = build_embedder(config, stage(WEIGHTS))
-        _agree("weights with model.json", rebuilt(check).numpy(), expected)
+        if config["backbone"]["source"] != "torchscript":  # model.json cannot rebuild that
+            rebuilt = build_embedder(config, stage(WEIGHTS))
+            _agree("weights with model.json", rebuilt(check).numpy(), expected)
         traced = torch.jit.trace(traceable, example, check_inputs=[(check,)])
         torch.jit.save(traced, str(stage(TORCHSCRIPT)))
-        _agree("TorchScript", torch.jit.load(str(stage(TORCHSCRIPT)))(check).numpy(), expected)
-        _export_onnx(traceable, example, stage(ONNX), onnx_exporter)
+        script = torch.jit.load(str(stage(TORCHSCRIPT)))
+        _agree("TorchScript", script(check).numpy(), expected)
+        if any_size:
+            _agree("TorchScript (3:2 input)", script(wide).numpy(), expected_wide)  # type: ignore[arg-type]
+        # the legacy exporter traces again: from the traced module, as a module holding a
+        # TorchScript backbone cannot be traced twice
+        source = traced if onnx_exporter == "legacy" else traceable
+        _export_onnx(source, example, stage(ONNX), onnx_exporter, any_size)
         if onnxruntime_module() is not None:
             session = onnx_session(stage(ONNX), ["CPUExecutionProvider"], threads=None)
             _agree("ONNX model", session.run(None, {"images": check.numpy()})[0], expected)
+            if any_size:
+                got = session.run(None, {"images": wide.numpy()})[0]
+                _agree("ONNX model (3:2 input)", got, expected_wide)  # type: ignore[arg-type]
     return files
 
 
@@ -190,11 +214,13 @@ def compiled_embedder(
     kind: str,
     device: str = "auto",
     threads: int | None = None,
+    any_size: bool = False,
 ) -> RuntimeModule:
     """``embedder`` run by the ``kind`` runtime (``onnx``, ``openvino``, ``torchscript``,
     ``eager``) exactly as a bundle's model is: on the module's first call, exported by
     :func:`export_model` into a temporary folder (every file checked against PyTorch), loaded
-    by :func:`~retrieval.bundle.runtime.load_runtime`, the folder then removed.
+    by :func:`~retrieval.bundle.runtime.load_runtime`, the folder then removed. ``any_size``:
+    exported for inputs of any height and width (``resize_mode=short``).
 
     Raises (on the first call):
         BundleError: an exported file disagrees with the PyTorch model.
@@ -204,7 +230,7 @@ def compiled_embedder(
     def load() -> Runtime:
         log.info("exporting the model for the %s runtime", kind)
         with tempfile.TemporaryDirectory(prefix="retrieval-runtime-") as folder:
-            export_model(embedder, folder, model_config, input_size)
+            export_model(embedder, folder, model_config, input_size, any_size=any_size)
             return load_runtime(folder, kind, threads=threads, device=device)
 
     return RuntimeModule(load, embedder, embedder.embedding_dim)

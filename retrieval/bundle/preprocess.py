@@ -7,8 +7,10 @@
 rounded half to even, as torchvision does); ``"squash"`` resizes the whole image to that square;
 ``"pad"`` resizes the long side to ``input_size`` (the short side to
 ``int(input_size * short / long)``, at least 1) and, after normalising, pads the short side with
-zeros (the mean colour), centred. Pixels are scaled to [0, 1] and normalised with ``mean`` and
-``std`` in float32.
+zeros (the mean colour), centred; ``"short"`` resizes the short side to ``input_size`` and keeps
+the aspect up to 2:1 (:func:`~retrieval.data.preprocessing.short_side_size`), so its output is
+``(3, h, w)`` with ``min(h, w) == input_size``. Pixels are scaled to [0, 1] and normalised
+with ``mean`` and ``std`` in float32.
 :meth:`Preprocessor.prepare` decodes a file or encoded bytes straight to that input
 (:mod:`retrieval.bundle.decode`); :func:`retrieval.data.images.open_rgb` opens one as an RGB
 image with the same checks (pixel limit from the header before decoding, EXIF orientation).
@@ -27,7 +29,7 @@ from PIL import Image
 from retrieval.bundle import decode
 from retrieval.bundle.decode import FILTERS
 from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageInput
-from retrieval.data.preprocessing import RESIZE_MODES
+from retrieval.data.preprocessing import RESIZE_MODES, short_side_size
 from retrieval.data.rgb import to_rgb
 from retrieval.infra.checks import is_int, positive_int
 
@@ -135,6 +137,8 @@ class Preprocessor:
         side = self.input_size
         if self.resize_mode == "squash":
             return side, side
+        if self.resize_mode == "short":
+            return short_side_size(width, height, side)
         if self.resize_mode == "pad":
             if width >= height:
                 return side, max(1, int(side * height / width))
@@ -146,14 +150,16 @@ class Preprocessor:
     def __call__(self, image: Image.Image) -> np.ndarray:
         """``image`` (any mode; non-RGB is converted like
         :func:`~retrieval.data.images.open_rgb` does) -> ``(3, input_size, input_size)``
-        float32."""
+        float32 (``short``: ``(3, h, w)``, see :meth:`resized_size`)."""
         if not isinstance(image, Image.Image):
             raise TypeError(f"Preprocessor takes a PIL image, got {type(image).__name__}")
         rgb = image if image.mode == "RGB" else to_rgb(image)
         return decode.model_input(self, rgb, self.resized_size(*rgb.size))
 
     def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """``B`` images -> ``(B, 3, input_size, input_size)`` float32; ``B`` may be 0."""
+        """``B`` images -> ``(B, 3, input_size, input_size)`` float32; ``B`` may be 0. Under
+        ``short`` the images must come out in one shape (ValueError otherwise):
+        :meth:`Runtime.embed_many <retrieval.bundle.runtime.Runtime.embed_many>` embeds a mix."""
         if len(images) == 0:
             return np.zeros((0, 3, self.input_size, self.input_size), dtype=np.float32)
         return np.stack([self(image) for image in images])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,7 @@ class Runtime:
         self.device = device
         self.embedding_dim: int = config["output_dim"]
         self.input_size: int = config["input_size"]
+        self.any_size = bool(config.get("any_size", False))
         self._run = run
 
     def __repr__(self) -> str:
@@ -102,23 +103,20 @@ class Runtime:
         )
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        """``(B, 3, S, S)`` float32 (see :class:`~retrieval.bundle.preprocess.Preprocessor`)
-        -> ``(B, D)`` float32 rows of unit L2 norm; ``B`` may be 0.
+        """``(B, 3, H, W)`` float32 (see :class:`~retrieval.bundle.preprocess.Preprocessor`)
+        -> ``(B, D)`` float32 rows of unit L2 norm; ``B`` may be 0. ``H`` and ``W`` are the
+        model's ``S`` x ``S`` input, except for a model exported for any size
+        (``resize_mode=short``), whose short side is ``S``.
 
         Raises TypeError for a non-array or non-float32 batch, ValueError for a wrong shape.
         """
-        side = self.input_size
         if not isinstance(batch, np.ndarray):
             raise TypeError(f"embed takes a numpy array, got {type(batch).__name__}")
         if batch.dtype != np.float32:
             raise TypeError(
                 f"embed takes float32 images, got {batch.dtype}: use .astype(np.float32)"
             )
-        if batch.ndim != 4 or batch.shape[1:] != (3, side, side):
-            raise ValueError(
-                f"embed takes images of shape (B, 3, {side}, {side}), got {batch.shape}; "
-                "prepare them with the bundle's Preprocessor"
-            )
+        self._check_shape(batch.shape)
         if len(batch) == 0:
             return np.zeros((0, self.embedding_dim), dtype=np.float32)
         out = np.asarray(self._run(np.ascontiguousarray(batch)), dtype=np.float32)
@@ -129,6 +127,32 @@ class Runtime:
             )
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norms, np.float32(1e-12))
+
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        side = self.input_size
+        if self.any_size:
+            fits = len(shape) == 4 and shape[1] == 3 and min(shape[2:]) == side
+            want = f"(B, 3, H, W) with min(H, W) = {side}"
+        else:
+            fits = len(shape) == 4 and shape[1:] == (3, side, side)
+            want = f"(B, 3, {side}, {side})"
+        if not fits:
+            raise ValueError(
+                f"embed takes images of shape {want}, got {shape}; prepare them with the "
+                "bundle's Preprocessor"
+            )
+
+    def embed_many(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """``len(images)`` prepared images, each ``(3, H, W)`` -> ``(len(images), D)`` rows in
+        that order: images of one shape are embedded in one call, as :meth:`embed`
+        (``resize_mode=short`` gives images of several shapes)."""
+        out = np.zeros((len(images), self.embedding_dim), dtype=np.float32)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for position, image in enumerate(images):
+            groups.setdefault(tuple(np.shape(image)), []).append(position)
+        for members in groups.values():
+            out[members] = self.embed(np.stack([images[i] for i in members]))
+        return out
 
 
 class RuntimeModule(nn.Module):

@@ -28,10 +28,10 @@ def _embed_queries(
         except (ImageLoadError, OSError) as err:
             unreadable.append((image, str(err)))
         if len(batch) == batch_size:
-            vectors.append(retriever.embed_pixels(np.stack(batch)))
+            vectors.append(retriever.embed_pixels(batch))
             batch = []
     if batch:
-        vectors.append(retriever.embed_pixels(np.stack(batch)))
+        vectors.append(retriever.embed_pixels(batch))
     return readable, np.concatenate(vectors), unreadable
 
 

@@ -39,6 +39,15 @@ _TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+#: transpositions that swap width and height
+SWAPS_AXES = frozenset(
+    {
+        Image.Transpose.ROTATE_90,
+        Image.Transpose.ROTATE_270,
+        Image.Transpose.TRANSPOSE,
+        Image.Transpose.TRANSVERSE,
+    }
+)
 
 
 class ImageLoadError(OSError):
@@ -143,6 +152,16 @@ def orientation(image: Image.Image) -> Image.Transpose | None:
     applies it), or None. Reads the header only, except for formats that keep EXIF after the
     pixel data."""
     return _TRANSPOSE.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+
+
+def displayed_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` of the image at ``path`` as :func:`open_rgb` returns it (EXIF
+    orientation applied), read from the header. Raises ImageLoadError as :func:`open_checked`."""
+    with open_checked(Path(path), max_pixels) as image:
+        width, height = image.size
+        if orientation(image) in SWAPS_AXES:
+            return height, width
+        return width, height
 
 
 def decode_rgb(image: Image.Image, label: str) -> Image.Image:

@@ -6,7 +6,21 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-RESIZE_MODES = ("crop", "squash", "pad")
+RESIZE_MODES = ("crop", "squash", "pad", "short")
+#: ``short`` keeps an image's aspect up to this ratio of its long side to its short side;
+#: a longer side is squashed to it (bounds the pixels a panorama or a strip costs)
+MAX_ASPECT = 2.0
+
+
+def short_side_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """``(width, height)`` of an image resized by ``resize_mode=short``: the short side becomes
+    ``side``, the long side keeps the aspect (rounded, at least ``side``) up to
+    ``MAX_ASPECT * side``. A square image gives ``(side, side)``; 400 x 300 at 224 gives
+    299 x 224; 1000 x 100 gives 448 x 224."""
+    longest = int(MAX_ASPECT * side)
+    if width >= height:
+        return min(longest, max(side, round(side * width / max(height, 1)))), side
+    return side, min(longest, max(side, round(side * height / max(width, 1))))
 
 
 @dataclass(frozen=True)
@@ -17,8 +31,11 @@ class Preprocessing:
     image that square: ``crop`` (the weights' own) resizes the short side to
     ``input_size / crop_pct`` and crops the centre; ``squash`` resizes the whole image to
     ``input_size`` x ``input_size`` without keeping its aspect ratio; ``pad`` resizes the long
-    side to ``input_size`` and pads the short one, centred, with the normalisation mean colour.
-    ``squash`` and ``pad`` cut nothing away, as copy detection needs (``crop_pct`` is unused).
+    side to ``input_size`` and pads the short one, centred, with the normalisation mean colour;
+    ``short`` resizes the short side to ``input_size`` and keeps the aspect (up to
+    :data:`MAX_ASPECT`, see :func:`short_side_size`), so inputs differ in shape and a model
+    must take any size (CNNs). ``squash``, ``pad`` and ``short`` cut nothing away, as copy
+    detection needs (``crop_pct`` is unused).
 
     Raises:
         ValueError: ``resize_mode`` is not one of :data:`RESIZE_MODES`.

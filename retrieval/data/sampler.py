@@ -203,3 +203,39 @@ class InstanceBatchSampler(_EpochBatches):
                 order = rng.permutation(self.num_images)
             if step % self.num_replicas == self.rank:
                 yield [int(i) for i in order[start : start + self.p] for _ in range(self.k)]
+
+
+class ShapeBatchSampler(Sampler[list[int]]):
+    """Evaluation batches whose images all have one shape, for a transform whose output shape
+    depends on the image (``resize_mode=short`` keeps the aspect): a batch must be one tensor.
+
+    Indices are grouped by ``shapes[i]``; each group is cut into batches of at most
+    ``batch_size`` in ascending index order, and the batches are yielded by their first index,
+    so a set of images in few shapes comes in nearly dataset order. Every index of
+    ``indices`` (default: all) is yielded exactly once; results keep each item's ``index``,
+    so callers put them back in order.
+    """
+
+    def __init__(
+        self,
+        shapes: Sequence[object],
+        batch_size: int,
+        indices: Sequence[int] | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        groups: dict[object, list[int]] = {}
+        for i in range(len(shapes)) if indices is None else indices:
+            groups.setdefault(shapes[i], []).append(int(i))
+        batches = [
+            members[start : start + batch_size]
+            for members in groups.values()
+            for start in range(0, len(members), batch_size)
+        ]
+        self.batches = sorted(batches, key=lambda batch: batch[0])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

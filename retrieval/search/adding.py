@@ -81,7 +81,7 @@ def add_files(
     for loaded in prefetched(chunks(pairs, batch_size), load):
         report.unreadable += loaded.unreadable
         if loaded.records:
-            vectors = runtime.embed(np.stack(loaded.pixels))
+            vectors = runtime.embed_many(loaded.pixels)
             result = items.add(
                 loaded.records, vectors, dba=None if dba is None else (dba.k, dba.alpha)
             )

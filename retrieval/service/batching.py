@@ -26,7 +26,8 @@ Pending = tuple[np.ndarray, "asyncio.Future[np.ndarray]", float]
 
 
 class MicroBatcher:
-    """Batches calls of ``embed_fn``: ``(B, ...)`` float32 -> ``(B, dim)``.
+    """Batches calls of ``embed_fn``: ``B`` prepared images (each ``(3, H, W)`` float32, shapes
+    may differ) -> ``(B, dim)``.
 
     Args:
         embed_fn: the model; called from one worker thread, one batch at a time.
@@ -37,7 +38,7 @@ class MicroBatcher:
 
     def __init__(
         self,
-        embed_fn: Callable[[np.ndarray], np.ndarray],
+        embed_fn: Callable[[list[np.ndarray]], np.ndarray],
         max_batch: int = 16,
         max_wait_s: float = 0.002,
         on_batch: Callable[[int], None] | None = None,
@@ -81,8 +82,8 @@ class MicroBatcher:
             if not live:
                 continue
             try:
-                stacked = np.stack([x for x, _ in live])
-                vectors = await loop.run_in_executor(self._executor, self.embed_fn, stacked)
+                images = [x for x, _ in live]
+                vectors = await loop.run_in_executor(self._executor, self.embed_fn, images)
             except Exception as err:  # the model's failure belongs to every waiting request
                 for _, future in live:
                     if not future.done():

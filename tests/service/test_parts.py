@@ -25,11 +25,11 @@ class SlowModel:
     def __init__(self, delay: float = 0.05) -> None:
         self.delay, self.calls, self.threads = delay, [], set()
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: list[np.ndarray]) -> np.ndarray:
         self.calls.append(len(batch))
         self.threads.add(threading.get_ident())
         time.sleep(self.delay)
-        return batch * 2.0
+        return np.stack(batch) * 2.0
 
 
 def test_concurrent_queries_share_model_calls_and_get_their_own_rows() -> None:
@@ -149,11 +149,11 @@ def test_default_decode_slots_come_from_cores_and_memory() -> None:
 def test_a_model_failure_reaches_every_query_of_its_batch_and_the_next_batch_works() -> None:
     calls = []
 
-    def flaky(batch: np.ndarray) -> np.ndarray:
+    def flaky(batch: list[np.ndarray]) -> np.ndarray:
         calls.append(len(batch))
         if len(calls) == 1:
             raise RuntimeError("model broke")
-        return batch
+        return np.stack(batch)
 
     batcher = MicroBatcher(flaky, max_batch=4, max_wait_s=0.01)
 
