@@ -8,6 +8,8 @@ A bundle is a folder::
     preprocessing.json   resize / crop / mean / std / colour mode
     items.sqlite         one row per vector: id, image path or URI, label, extra fields
     index.faiss          FAISS index snapshot (its checksum is recorded in items.sqlite)
+    score_norm_background.npy   only with postprocess score_norm: the (n, dim) float32
+                         vectors queries are compared with (checksummed like the model)
 
 Files that never change after export are checksummed here; ``items.sqlite`` and
 ``index.faiss`` change with every add / remove and carry their own integrity checks. Every
@@ -32,6 +34,7 @@ from typing import Any
 from retrieval.infra.io import atomic_write, sha256_file
 
 __all__ = [
+    "BACKGROUND",
     "BundleBusyError",
     "ReadOnlyError",
     "FORMAT_NAME",
@@ -53,6 +56,8 @@ MUTABLE = ("items.sqlite", "index.faiss")
 #: files every bundle has and its manifest checksums (the model's four, its preprocessing)
 CHECKSUMMED = ("model.json", "model.safetensors", "model.ts", "model.onnx", "preprocessing.json")
 REQUIRED_FILES = (*CHECKSUMMED, *MUTABLE)
+#: the score-normalisation background (``postprocess.score_norm``), checksummed when present
+BACKGROUND = "score_norm_background.npy"
 #: an export folder younger than this may belong to an export that has not locked it yet
 STALE_AFTER_S = 60.0
 _REQUIRED = ("format", "format_version", "embedding_dim", "metric", "index", "files")

@@ -19,7 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.bundle.format import BundleError, export_lock, stale_exports, write_manifest
+from retrieval.bundle.format import (
+    BACKGROUND,
+    BundleError,
+    export_lock,
+    stale_exports,
+    write_manifest,
+)
 from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.model_export import export_model
 from retrieval.bundle.preprocess import Preprocessor
@@ -128,6 +134,7 @@ def write_bundle_chunks(
     search_params: str = "",
     description: dict[str, Any] | None = None,
     overwrite: bool = False,
+    background: np.ndarray | None = None,
 ) -> Path:
     """:func:`write_bundle` for galleries larger than memory: the items arrive in ``chunks``
     (``(items, vectors)`` with vectors (len(items), dim)), each stored (one SQLite
@@ -138,6 +145,8 @@ def write_bundle_chunks(
     Args:
         train_vectors: (m, dim) sample to train IVF / PQ indexes on (at most ``max_train``
             of its rows are used); unused by indexes that need no training.
+        background: (n, dim) vectors of ``postprocess.score_norm``, in the searched space
+            (after the model's whitening), stored as ``score_norm_background.npy``.
 
     Raises:
         as :func:`write_bundle`; ValueError also for a chunk whose lengths disagree.
@@ -165,6 +174,7 @@ def write_bundle_chunks(
             factory,
             search_params,
             description,
+            background,
         )
     return output
 
@@ -182,14 +192,21 @@ def _write_into(
     factory: str,
     search_params: str,
     description: dict[str, Any] | None,
+    background: np.ndarray | None,
 ) -> None:
     """The body of :func:`write_bundle_chunks`: fill ``tmp``, then put it at ``output``."""
     try:
         pre = Preprocessor.from_preprocessing(preprocessing)
-        files = list(export_model(embedder, tmp, model_config, pre.input_size).values())
+        any_size = pre.resize_mode == "short"
+        files = list(
+            export_model(embedder, tmp, model_config, pre.input_size, any_size=any_size).values()
+        )
         with atomic_write(tmp / "preprocessing.json", "w", encoding="utf-8") as handle:
             json.dump(pre.to_dict(), handle, indent=2)
         files.append("preprocessing.json")
+        if background is not None:
+            np.save(tmp / BACKGROUND, np.ascontiguousarray(background, dtype=np.float32))
+            files.append(BACKGROUND)
         state = IndexedItems.create(
             tmp,
             dim,

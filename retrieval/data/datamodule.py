@@ -8,7 +8,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, DistributedSampler
 
-from retrieval.data.dataset import ImageDataset
+from retrieval.data.copy_edits import load_overlays
+from retrieval.data.dataset import EditedCopies, ImageDataset, eval_loader
 from retrieval.data.images import DEFAULT_MAX_PIXELS, find_unreadable, report_unreadable
 from retrieval.data.manifest import ManifestRow, read_manifest, select_split
 from retrieval.data.preprocessing import Preprocessing
@@ -157,11 +158,18 @@ class RetrievalDataModule(pl.LightningDataModule):
         assert self.val_set is not None
         return self.val_set
 
-    def split_eval_set(self, split: str) -> ImageDataset:
+    def split_eval_set(self, split: str, edited: bool = False) -> ImageDataset:
         """Any split with the evaluation transform (no augmentation): what search-time steps
-        such as whitening are fitted on (``split="train"``)."""
+        such as whitening are fitted on (``split="train"``). ``edited``: each image after
+        seeded copy edits (:class:`~retrieval.data.dataset.EditedCopies`, with this data's
+        overlay images), the other half of the pairs ``whiten.method=edits`` learns from."""
         rows = self._rows(read_manifest(self.manifest, self.root), split)
-        return ImageDataset(rows, eval_transform(self.preprocessing), self.max_pixels)
+        transform = eval_transform(self.preprocessing)
+        if not edited:
+            return ImageDataset(rows, transform, self.max_pixels)
+        overlays = load_overlays(self.overlay_dir) if self.overlay_dir is not None else []
+        side = 2 * self.preprocessing.input_size
+        return EditedCopies(rows, transform, side, seed=self.seed, overlays=overlays)
 
     def val_dataloader(self) -> DataLoader:
         """The evaluation split in order; under distributed training each rank loads its shard.
@@ -172,13 +180,13 @@ class RetrievalDataModule(pl.LightningDataModule):
         module gathers the shards and drops the padding (see ``RetrievalModule._gather``)."""
         rank, world = self._rank()
         dataset = self.eval_set()
-        sampler: DistributedSampler[int] | None = None
+        indices = None
         if world > 1:
-            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(
+            indices = list(DistributedSampler(dataset, world, rank, shuffle=False))
+        return eval_loader(
             dataset,
-            batch_size=self.eval_batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            self.eval_batch_size,
+            self.num_workers,
+            indices=indices,
+            persistent_workers=True,
         )

@@ -78,6 +78,7 @@ def evaluate_embeddings(
     seed: int = 0,
     postprocess: Postprocess | None = None,
     whitening: Whitening | None = None,
+    background: np.ndarray | None = None,
 ) -> RetrievalResult:
     """Evaluate retrieval of ``query`` in ``gallery`` (or leave-one-out within ``query``).
 
@@ -120,6 +121,10 @@ def evaluate_embeddings(
             ``max(K, top_n)`` results are re-ordered and ``map`` counts the positions there.
         whitening: a whitening fitted beforehand (on the training split); required when
             ``postprocess.whiten.fit_on`` is ``train``, otherwise it is fitted on the gallery.
+        background: (nb, dim) embeddings of the training split that
+            ``postprocess.score_norm`` compares queries with (whitened here like the queries);
+            required with that step. It changes the scores only: ``micro_ap`` and the kept
+            neighbour scores.
 
     Raises:
         ValueError: non-2-D, non-float, empty or non-finite embeddings; zero vectors;
@@ -148,7 +153,9 @@ def evaluate_embeddings(
     steps = postprocess if postprocess else None
     queries_stored = True
     if steps is not None:
-        vq, vg, whitening = apply_vector_steps(xq, None if loo else xg, steps, whitening)
+        vq, vg, whitening, background = apply_vector_steps(
+            xq, None if loo else xg, steps, whitening, background
+        )
         if loo:
             queries_stored = vg is None
             xq, xg = vq, (vq if vg is None else vg)
@@ -168,7 +175,11 @@ def evaluate_embeddings(
     if steps is not None and steps.rerank is not None:
         k_needed = max(k_needed, steps.rerank.top_n)
     k_needed = min(k_needed, ng - 1 if loo else ng)
-    options: dict[str, Any] = {"steps": steps, "queries_stored": queries_stored}
+    options: dict[str, Any] = {
+        "steps": steps,
+        "queries_stored": queries_stored,
+        "background": background,
+    }
 
     scores, ids, index, final_queries = search_gallery(
         xq[scored], xg, self_ids, k_needed, factory, search_params, chunk_size, **options

@@ -74,9 +74,11 @@ def search_gallery(
     chunk_size: int,
     steps: Postprocess | None = None,
     queries_stored: bool = True,
+    background: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, EmbeddingIndex, np.ndarray]:
     """``(scores, ids, index, final queries)``: ``k`` results of ``xq`` in ``xg`` (without
-    self), through the query-time steps (αQE, re-ranking) of ``steps`` when given."""
+    self), through the query-time steps (αQE, re-ranking, score normalisation against
+    ``background``, in the searched space) of ``steps`` when given."""
     index = EmbeddingIndex(xg.shape[1], factory=factory, search_params=search_params)
     index.add(xg)
 
@@ -86,11 +88,18 @@ def search_gallery(
         stored = queries_stored and x is xq
         return search_excluding_self(index, x, self_ids, want, chunk_size, stored)
 
-    if steps is None or (steps.aqe is None and steps.rerank is None):
+    if steps is None or (steps.aqe is None and steps.rerank is None and not steps.score_norm):
         scores, ids = search(xq, k)
         return scores, ids, index, xq
     scores, ids, final = search_with_steps(
-        xq, k, search, lambda found: xg[found], aqe=steps.aqe, rerank=steps.rerank
+        xq,
+        k,
+        search,
+        lambda found: xg[found],
+        aqe=steps.aqe,
+        rerank=steps.rerank,
+        score_norm=steps.score_norm,
+        background=background,
     )
     return scores, ids, index, final
 
@@ -100,10 +109,12 @@ def apply_vector_steps(
     xg: np.ndarray | None,
     steps: Postprocess,
     whitening: Whitening | None,
-) -> tuple[np.ndarray, np.ndarray | None, Whitening | None]:
+    background: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, Whitening | None, np.ndarray | None]:
     """Whitening of queries and gallery, then DBA of the gallery (``xg=None``: leave-one-out,
-    the queries are the gallery). Returns ``(queries, gallery or None, whitening used)``;
-    in leave-one-out with DBA the gallery comes back augmented and the queries not.
+    the queries are the gallery). Returns ``(queries, gallery or None, whitening used,
+    background whitened too or None)``; in leave-one-out with DBA the gallery comes back
+    augmented and the queries not.
 
     Raises:
         ValueError: whitening to fit on the training split but none given.
@@ -123,6 +134,7 @@ def apply_vector_steps(
             )
         xq = whitening.apply(xq)
         xg = None if xg is None else whitening.apply(xg)
+        background = None if background is None else whitening.apply(background)
     if steps.dba is not None:
         xg = database_augment(xq if xg is None else xg, steps.dba.k, steps.dba.alpha)
-    return xq, xg, whitening
+    return xq, xg, whitening, background

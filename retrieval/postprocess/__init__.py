@@ -1,17 +1,32 @@
 """The search-time stage: test-time augmentation, whitening, database-side augmentation,
-α-query expansion and k-reciprocal re-ranking, as pure functions (:mod:`.tta`,
-:mod:`.whitening`, :mod:`.steps`, :mod:`.rerank`, run around a search by :mod:`.query`) chosen
-by one config (:class:`Postprocess`).
+α-query expansion, k-reciprocal re-ranking and score normalisation, as pure functions
+(:mod:`.tta`, :mod:`.whitening`, :mod:`.steps`, :mod:`.rerank`, :mod:`.score_norm`, run around
+a search by :mod:`.query`) chosen by one config (:class:`Postprocess`).
 
 Where each runs: TTA and whitening are layers of the model (so every runtime of an exported
 bundle computes them, parity-checked at export); DBA rewrites the gallery's vectors (a bundle
-stores them, and applies it to items added later); αQE and re-ranking run around a search, in
-evaluation and in :class:`~retrieval.search.retriever.Retriever` alike.
+stores them, and applies it to items added later); αQE, re-ranking and score normalisation run
+around a search, in evaluation and in :class:`~retrieval.search.retriever.Retriever` alike
+(a bundle stores the background vectors the last one compares queries with).
 """
 
-from retrieval.postprocess.config import AQE, DBA, STEPS, TTA, Postprocess, Rerank, Whiten
+from retrieval.postprocess.config import (
+    AQE,
+    DBA,
+    STEPS,
+    TTA,
+    Postprocess,
+    Rerank,
+    ScoreNorm,
+    Whiten,
+)
 from retrieval.postprocess.query import search_with_steps
 from retrieval.postprocess.rerank import k_reciprocal_rerank
+from retrieval.postprocess.score_norm import (
+    background_similarity,
+    normalize_scores,
+    sample_background,
+)
 from retrieval.postprocess.steps import alpha_query_expansion, database_augment, dba_vectors_for
 from retrieval.postprocess.tta import tta_embed
 from retrieval.postprocess.whitening import Whitening, fit_whitening
@@ -23,13 +38,17 @@ __all__ = [
     "TTA",
     "Postprocess",
     "Rerank",
+    "ScoreNorm",
     "Whiten",
     "Whitening",
     "alpha_query_expansion",
+    "background_similarity",
     "database_augment",
     "dba_vectors_for",
     "fit_whitening",
     "k_reciprocal_rerank",
+    "normalize_scores",
+    "sample_background",
     "search_with_steps",
     "tta_embed",
 ]

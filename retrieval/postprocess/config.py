@@ -14,10 +14,10 @@ from typing import Any, ClassVar
 
 from retrieval.infra.checks import positive_int
 
-__all__ = ["STEPS", "AQE", "DBA", "Postprocess", "Rerank", "TTA", "Whiten"]
+__all__ = ["STEPS", "AQE", "DBA", "Postprocess", "Rerank", "ScoreNorm", "TTA", "Whiten"]
 
 #: The steps in the order they apply.
-STEPS = ("tta", "whiten", "dba", "aqe", "rerank")
+STEPS = ("tta", "whiten", "dba", "aqe", "rerank", "score_norm")
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -56,7 +56,11 @@ class TTA:
 @dataclass(frozen=True)
 class Whiten:
     """Whitening fitted on ``fit_on`` (``train``: the training split, labels available;
-    ``gallery``: the searched vectors, unlabelled), see :func:`~.whitening.fit_whitening`."""
+    ``gallery``: the searched vectors, unlabelled), see :func:`~.whitening.fit_whitening`.
+    ``method``: ``pca``; ``learned`` from the training split's matching pairs (its labels);
+    ``edits``: learned from pairs of each training image and a seeded edited copy of it
+    (:mod:`retrieval.data.copy_edits`), which needs no labels: the directions that edits move
+    are damped, as copy detection wants."""
 
     method: str = "pca"
     dim: int | None = None
@@ -64,9 +68,10 @@ class Whiten:
     fit_on: str = "train"
 
     def __post_init__(self) -> None:
-        if self.method not in ("pca", "learned"):
+        if self.method not in ("pca", "learned", "edits"):
             raise ValueError(
-                f"postprocess.whiten.method must be 'pca' or 'learned', got {self.method!r}"
+                "postprocess.whiten.method must be 'pca', 'learned' or 'edits', got "
+                f"{self.method!r}"
             )
         if self.dim is not None:
             _positive_int(self.dim, "whiten.dim")
@@ -75,9 +80,10 @@ class Whiten:
             raise ValueError(
                 f"postprocess.whiten.fit_on must be 'train' or 'gallery', got {self.fit_on!r}"
             )
-        if self.method == "learned" and self.fit_on != "train":
+        if self.method != "pca" and self.fit_on != "train":
             raise ValueError(
-                "postprocess.whiten.method=learned needs labels: use whiten.fit_on=train"
+                f"postprocess.whiten.method={self.method} is fitted on the training split: "
+                "use whiten.fit_on=train"
             )
 
 
@@ -123,7 +129,30 @@ class Rerank:
         _number(self.lambda_value, "rerank.lambda_value", 0.0, 1.0)
 
 
-_TYPES = {"tta": TTA, "whiten": Whiten, "dba": DBA, "aqe": AQE, "rerank": Rerank}
+@dataclass(frozen=True)
+class ScoreNorm:
+    """Score normalisation (SSCD): every score of a query minus ``beta`` times the query's
+    similarity to its ``k``-th nearest neighbour among ``background`` vectors of the training
+    split (a seeded sample), which a bundle stores; see :mod:`.score_norm`."""
+
+    k: int = 1
+    beta: float = 1.0
+    background: int = 20_000
+
+    def __post_init__(self) -> None:
+        _positive_int(self.k, "score_norm.k")
+        _number(self.beta, "score_norm.beta", 0.0, 10.0)
+        _positive_int(self.background, "score_norm.background")
+
+
+_TYPES = {
+    "tta": TTA,
+    "whiten": Whiten,
+    "dba": DBA,
+    "aqe": AQE,
+    "rerank": Rerank,
+    "score_norm": ScoreNorm,
+}
 
 
 @dataclass(frozen=True)
@@ -135,6 +164,7 @@ class Postprocess:
     dba: DBA | None = None
     aqe: AQE | None = None
     rerank: Rerank | None = None
+    score_norm: ScoreNorm | None = None
 
     @classmethod
     def from_dict(cls, node: Mapping[str, Any] | None) -> Postprocess:

@@ -1,4 +1,5 @@
-"""Query-time steps around any search: α-query expansion, then k-reciprocal re-ranking.
+"""Query-time steps around any search: α-query expansion, then k-reciprocal re-ranking, then
+score normalisation.
 
 :func:`search_with_steps` needs two functions of the caller's search backend, so evaluation
 (an in-memory index over the evaluated gallery) and
@@ -17,8 +18,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from retrieval.postprocess.config import AQE, Rerank
+from retrieval.postprocess.config import AQE, Rerank, ScoreNorm
 from retrieval.postprocess.rerank import k_reciprocal_rerank
+from retrieval.postprocess.score_norm import normalize_scores
 from retrieval.postprocess.steps import alpha_query_expansion
 
 __all__ = ["SearchFn", "VectorsFn", "expand_queries", "rerank_results", "search_with_steps"]
@@ -81,12 +83,20 @@ def search_with_steps(
     vectors: VectorsFn,
     aqe: AQE | None = None,
     rerank: Rerank | None = None,
+    score_norm: ScoreNorm | None = None,
+    background: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Search ``k`` results per query with αQE and re-ranking when given.
+    """Search ``k`` results per query with αQE, re-ranking and score normalisation when given.
 
     With re-ranking, the first ``max(k, rerank.top_n)`` results are re-ordered and the first
     ``k`` of them returned, scored by the re-ranking (see
-    :func:`~retrieval.postprocess.rerank.k_reciprocal_rerank`).
+    :func:`~retrieval.postprocess.rerank.k_reciprocal_rerank`). With ``score_norm`` each
+    query's scores then drop by its similarity to the ``background`` vectors (searched space,
+    (nb, d)) as :func:`~retrieval.postprocess.score_norm.normalize_scores` says; the order of
+    its results stays.
+
+    Raises:
+        ValueError: ``score_norm`` without a ``background``.
 
     Returns ``(scores, ids, final_queries)``: (nq, <=k) each, and the query vectors as last
     searched (expanded by αQE, or as given).
@@ -98,4 +108,9 @@ def search_with_steps(
     scores, ids = search(x, want)
     if rerank is not None:
         scores, ids = rerank_results(x, scores, ids, vectors, rerank)
-    return scores[:, :k], ids[:, :k], x
+    scores, ids = scores[:, :k], ids[:, :k]
+    if score_norm is not None:
+        if background is None:
+            raise ValueError("postprocess.score_norm needs its background vectors")
+        scores = normalize_scores(scores, x, background, score_norm)
+    return scores, ids, x

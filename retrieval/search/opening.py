@@ -7,8 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from retrieval.backends.base import SearchBackend
 from retrieval.bundle.format import (
+    BACKGROUND,
     BundleError,
     read_json,
     read_manifest,
@@ -18,8 +21,9 @@ from retrieval.bundle.format import (
 from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.preprocess import Preprocessor
 from retrieval.bundle.runtime import Runtime, load_runtime
+from retrieval.postprocess import Postprocess
 
-__all__ = ["bundle_problems", "open_parts"]
+__all__ = ["bundle_problems", "load_background", "open_parts"]
 
 
 def open_parts(
@@ -59,6 +63,37 @@ def open_parts(
             f"{folder}: the index holds {items.dim}-d vectors, not {manifest['embedding_dim']}-d"
         )
     return manifest, pre, model, items
+
+
+def load_background(
+    folder: Path, manifest: dict[str, Any], steps: Postprocess, dim: int
+) -> np.ndarray | None:
+    """The score-normalisation background of the bundle, ``(n, dim)`` float32, when its steps
+    include ``score_norm`` (else None). The file is one the manifest checksums (checked when
+    the bundle was opened), read without unpickling.
+
+    Raises:
+        BundleError: the step is on but the file is not listed, or not an (n, dim) float32
+            array.
+    """
+    if steps.score_norm is None:
+        return None
+    path = folder / BACKGROUND
+    if BACKGROUND not in manifest.get("files", {}):
+        raise BundleError(
+            f"{folder}/manifest.json asks for score_norm but lists no {BACKGROUND}: re-export "
+            "the bundle"
+        )
+    try:
+        background = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{path} cannot be read ({err}): re-export the bundle") from None
+    if background.dtype != np.float32 or background.ndim != 2 or background.shape[1] != dim:
+        raise BundleError(
+            f"{path} holds {background.dtype} {background.shape}, not (n, {dim}) float32 "
+            "vectors: re-export the bundle"
+        )
+    return background
 
 
 def bundle_problems(folder: Path, manifest: dict[str, Any], items: SearchBackend) -> list[str]:

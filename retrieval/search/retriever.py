@@ -25,7 +25,7 @@ from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageInput
 from retrieval.infra.checks import positive_int, vectors
 from retrieval.postprocess import Postprocess, Rerank, search_with_steps
 from retrieval.search.adding import add_files
-from retrieval.search.opening import bundle_problems, open_parts
+from retrieval.search.opening import bundle_problems, load_background, open_parts
 from retrieval.search.prefetch import chunks, prefetched
 from retrieval.search.results import AddReport, Hit, row_hits
 
@@ -62,8 +62,10 @@ class Retriever:
         except ValueError as err:
             raise BundleError(f"{folder}/manifest.json: {err}") from err
         #: the bundle's search-time steps; TTA and whitening live in its model, DBA in its
-        #: stored vectors, αQE and re-ranking run in :meth:`search`
+        #: stored vectors, αQE, re-ranking and score normalisation run in :meth:`search`
         self.steps = steps
+        #: the vectors score normalisation compares queries with (None without that step)
+        self.background = load_background(folder, manifest, steps, self.dim)
 
     @classmethod
     def load(
@@ -114,19 +116,21 @@ class Retriever:
 
     def prepare(self, image: ImageSource, max_pixels: int | None = None) -> np.ndarray:
         """One image (path, encoded bytes or PIL image) decoded and preprocessed into the
-        model's input: (3, size, size) float32. ``max_pixels`` lowers the bundle's pixel limit
-        for this call. Files and bytes go through :meth:`Preprocessor.prepare` (a large JPEG
-        decoded at a reduced scale), as the service's uploads do, so an image gives the same
-        vector whether it is indexed, searched here or uploaded. Raises ImageLoadError
+        model's input: (3, size, size) float32 (``resize_mode=short``: short side ``size``).
+        ``max_pixels`` lowers the bundle's pixel limit for this call. Files and bytes go
+        through :meth:`Preprocessor.prepare` (a large JPEG decoded at a reduced scale), as the
+        service's uploads do, so an image gives the same vector whether it is indexed,
+        searched here or uploaded. Raises ImageLoadError
         (ImageTooLargeError over the pixel limit) naming the image."""
         if isinstance(image, Image.Image):  # converted to RGB (alpha onto white) as files are
             return self.preprocessor(image)
         limit = self.max_pixels if max_pixels is None else min(max_pixels, self.max_pixels)
         return self.preprocessor.prepare(image, limit)
 
-    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Embeddings of preprocessed images ``(B, 3, size, size)``: (B, dim) float32 unit rows."""
-        return self.runtime.embed(pixels)
+    def embed_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """Embeddings of preprocessed images (each as :meth:`prepare` returns it, shapes may
+        differ under ``resize_mode=short``): (B, dim) float32 unit rows, in order."""
+        return self.runtime.embed_many(pixels)
 
     def embed(self, images: Sequence[ImageSource], batch_size: int = 32) -> np.ndarray:
         """Embeddings of ``images`` (paths, encoded bytes or PIL images): (n, dim) float32,
@@ -135,11 +139,11 @@ class Retriever:
             raise TypeError("pass a list of images, e.g. search([path]), not a single image")
         out = [np.empty((0, self.dim), np.float32)]
         for batch in prefetched(chunks(list(images), batch_size), self._prepare_all):
-            out.append(self.runtime.embed(batch))
+            out.append(self.runtime.embed_many(batch))
         return np.concatenate(out)
 
-    def _prepare_all(self, images: Sequence[ImageSource]) -> np.ndarray:
-        return np.stack([self.prepare(image) for image in images])
+    def _prepare_all(self, images: Sequence[ImageSource]) -> list[np.ndarray]:
+        return [self.prepare(image) for image in images]
 
     def _as_queries(
         self, queries: np.ndarray | Sequence[ImageSource], batch_size: int
@@ -200,8 +204,9 @@ class Retriever:
         self, x: np.ndarray, k: int, reranking: Rerank | None, label: str | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, ids)`` of the bundle's search among the items with ``label`` (all when
-        None), with its αQE and ``reranking`` (both within the label's items)."""
-        if self.steps.aqe is None and reranking is None:
+        None), with its αQE and ``reranking`` (both within the label's items) and its score
+        normalisation."""
+        if self.steps.aqe is None and reranking is None and self.steps.score_norm is None:
             return self.items.search(x, k, label=label)
         scores, ids, _ = search_with_steps(
             x,
@@ -210,6 +215,8 @@ class Retriever:
             lambda found: self.items.vectors(found.tolist()),
             aqe=self.steps.aqe,
             rerank=reranking,
+            score_norm=self.steps.score_norm,
+            background=self.background,
         )
         return scores, ids
 

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from retrieval.data.dataset import eval_loader
 from retrieval.data.preprocessing import Preprocessing
 from retrieval.models import Embedder
 from retrieval.models.extract import (
@@ -73,6 +74,20 @@ def model_preprocessing(loaded: LoadedModel) -> Preprocessing:
     return pre.with_size(None, (loaded.checkpoint.run_config.get("data") or {}).get("resize_mode"))
 
 
+def bundle_input(cfg: DictConfig, loaded: LoadedModel) -> dict[str, Any]:
+    """How export.py and embed.py see an image: the data module's ``image_size`` and
+    ``resize_mode``, ``cfg.image_size`` / ``cfg.resize_mode`` when set; else a checkpoint's
+    own (its training data's; nothing to override), and for a backbone as-is its own input
+    size with the whole image squashed to it (not a data config's training size, nor a centre
+    crop that cuts away borders and overlays)."""
+    size, mode = cfg.get("image_size"), cfg.get("resize_mode")
+    if loaded.checkpoint is None:
+        size = size or loaded.embedder.preprocessing.input_size
+        mode = mode or "squash"
+    chosen = {"image_size": size, "resize_mode": mode}
+    return {key: value for key, value in chosen.items() if value is not None}
+
+
 def model_config(loaded: LoadedModel, steps: dict[str, Any] | None = None) -> dict[str, Any]:
     """How to rebuild the Embedder in plain Python (``model.json``), with its search-time
     layers ``steps`` (``tta``, ``whiten_dim``) when set."""
@@ -83,6 +98,8 @@ def model_config(loaded: LoadedModel, steps: dict[str, Any] | None = None) -> di
     name, source = backbone.pop("name"), backbone.pop("source", "timm")
     for key in ("_target_", "pretrained", "weights"):
         backbone.pop(key, None)
+    if source == "torchscript":  # a file, not rebuilt from model.json (no URL in a bundle)
+        backbone = {}
     return {
         "backbone": {"name": name, "source": source, "kwargs": backbone},
         # training-only settings do not change what the model computes
@@ -94,7 +111,7 @@ def model_config(loaded: LoadedModel, steps: dict[str, Any] | None = None) -> di
 
 
 def inference_embedder(
-    cfg: DictConfig, model: LoadedModel, input_size: int, device: torch.device
+    cfg: DictConfig, model: LoadedModel, preprocessing: Preprocessing, device: torch.device
 ) -> torch.nn.Module:
     """What embeds images under ``cfg.inference``: the model itself (``runtime=eager``), or the
     model exported and run by ONNX Runtime, OpenVINO or TorchScript as a bundle's model is
@@ -109,7 +126,14 @@ def inference_embedder(
         )
     from retrieval.bundle.model_export import compiled_embedder
 
-    return compiled_embedder(model.embedder, model_config(model), input_size, kind, device.type)
+    return compiled_embedder(
+        model.embedder,
+        model_config(model),
+        preprocessing.input_size,
+        kind,
+        device.type,
+        any_size=preprocessing.resize_mode == "short",
+    )
 
 
 def inference_precision(cfg: DictConfig, device: torch.device) -> str:
@@ -214,9 +238,7 @@ def embed_dataset(
     if embeddings is not None:
         log.info("embeddings read from the cache %s", cache)
         return embeddings, cache
-    loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
-    )
+    loader = eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda")
     embeddings = embed_loader(embedder, loader, device, precision)
     if cache is not None:
         save_cached(embeddings, cache, key)

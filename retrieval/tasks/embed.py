@@ -12,9 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
-from retrieval.data.dataset import ImageDataset
+from retrieval.data.dataset import ImageDataset, eval_loader
 from retrieval.data.images import ImageLoadError, find_unreadable, images_in_folder
 from retrieval.data.manifest import ManifestRow, folder_labels, read_manifest
 from retrieval.data.preprocessing import Preprocessing
@@ -29,6 +28,7 @@ from retrieval.models.extract import (
 )
 from retrieval.tasks.common import (
     LoadedModel,
+    bundle_input,
     describe_model,
     inference_embedder,
     inference_precision,
@@ -42,13 +42,14 @@ __all__ = ["embed", "model_fingerprint"]
 
 
 def preprocessing_of(cfg: DictConfig, model: LoadedModel) -> Preprocessing:
-    """The backbone's preprocessing at ``image_size``, else at the checkpoint's training
-    data's ``image_size`` (as export and evaluate use it), else the backbone's own; at
-    ``resize_mode``, else the checkpoint's (see :func:`model_preprocessing`)."""
-    size = cfg.get("image_size")
+    """The preprocessing export.py gives the same model (:func:`bundle_input`): ``image_size``
+    and ``resize_mode`` when set, else the checkpoint's training data's (see
+    :func:`model_preprocessing`), else the backbone's own size, squashed."""
+    chosen = bundle_input(cfg, model)
+    size = chosen.get("image_size")
     if size is None and model.checkpoint is not None:
         size = (model.checkpoint.run_config.get("data") or {}).get("image_size")
-    return model_preprocessing(model).with_size(size, cfg.get("resize_mode"))
+    return model_preprocessing(model).with_size(size, chosen.get("resize_mode"))
 
 
 def _plan_items(cfg: DictConfig) -> tuple[list[ShardItem], str]:
@@ -112,10 +113,10 @@ class _ShardEmbedder:
             empty = np.empty((0, self.dim), np.float32)
             return ShardContent(empty, [], [(str(p), r) for p, r in reasons.items()])
         rows = [ManifestRow(Path(i.uri), i.label or "", "gallery") for i in kept]
-        loader = DataLoader(
+        loader = eval_loader(
             ImageDataset(rows, self.transform),
-            batch_size=int(self.cfg.inference.batch_size),
-            num_workers=int(self.cfg.num_workers),
+            int(self.cfg.inference.batch_size),
+            int(self.cfg.num_workers),
             pin_memory=self.device.type == "cuda",
         )
         vectors = embed_loader(
@@ -158,7 +159,7 @@ def embed(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     }
     out = Path(cfg.out_dir)
     log.info("worker %d of %d: %d shards of %d images", rank, world, plan.num_shards, len(items))
-    runner = inference_embedder(cfg, model, pre.input_size, device)
+    runner = inference_embedder(cfg, model, pre, device)
     shard_embedder = _ShardEmbedder(cfg, runner, int(model.embedder.embedding_dim), pre, device)
     done = embed_shards(out, plan, header, shard_embedder, rank, world)
     summary = {

@@ -63,6 +63,11 @@ def _from_npz(cfg: DictConfig) -> EvalInputs:
             f"postprocess.whiten.fit_on=train needs the training split, but embeddings={path} "
             "hold only the evaluated one: use postprocess.whiten.fit_on=gallery"
         )
+    if steps.score_norm is not None:
+        raise ValueError(
+            f"postprocess.score_norm compares queries with the training split, but "
+            f"embeddings={path} hold only the evaluated one: drop score_norm"
+        )
 
     def score(chosen: Postprocess) -> RetrievalResult:
         try:
@@ -110,7 +115,7 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
     paths = np.array([str(row.path) for row in dataset.rows])
     device = resolve_device(cfg.inference.device)
     steps = postprocess_config(cfg)
-    runner = inference_embedder(cfg, model, datamodule.preprocessing.input_size, device)
+    runner = inference_embedder(cfg, model, datamodule.preprocessing, device)
     preprocessing = datamodule.preprocessing.to_dict()
     batch_size = int(cfg.inference.batch_size or datamodule.eval_batch_size)
     embeddings, cache = embed_dataset(
@@ -134,7 +139,7 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
     fitted = fit_steps(
         steps,
         model.embedder,
-        lambda: datamodule.split_eval_set(datamodule.splits[0]),
+        lambda edited: datamodule.split_eval_set(datamodule.splits[0], edited),
         embed,
     )
     stepped = embed(fitted.embedder, dataset) if steps.tta else embeddings
@@ -155,6 +160,7 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
             **_options(cfg, ks),
             postprocess=chosen,
             whitening=fitted.whitening if chosen.whiten else None,
+            background=fitted.background if chosen.score_norm else None,
         )
         return result
 

@@ -26,9 +26,10 @@ from retrieval.index.build import training_sample
 from retrieval.index.shards import ShardError, ShardSet
 from retrieval.infra.io import sha256_file
 from retrieval.models.extract import model_fingerprint, resolve_device
-from retrieval.postprocess import database_augment, fit_whitening
+from retrieval.postprocess import Whitening, database_augment, fit_whitening
 from retrieval.tasks.common import (
     LoadedModel,
+    bundle_input,
     data_config,
     describe_model,
     embed_rows,
@@ -69,8 +70,9 @@ class _Gallery:
         return list(self.chunks[0][0]) if isinstance(self.chunks, list) else None
 
 
-def _shard_gallery(cfg: DictConfig, model: LoadedModel, preprocessing: Preprocessing) -> _Gallery:
-    """The gallery embedded by ``embed.py`` into ``cfg.shards``, streamed from disk.
+def _open_shards(cfg: DictConfig, model: LoadedModel, preprocessing: Preprocessing) -> ShardSet:
+    """The shards ``embed.py`` wrote into ``cfg.shards``, checked to be finished, unchanged
+    and embedded by this model and preprocessing.
 
     Raises:
         ShardError: unfinished or changed shards, or shards of another model / preprocessing.
@@ -85,8 +87,18 @@ def _shard_gallery(cfg: DictConfig, model: LoadedModel, preprocessing: Preproces
             "with, or embed again"
         )
     shards.verify()
+    return shards
+
+
+def _shard_gallery(cfg: DictConfig, shards: ShardSet, whitening: Whitening | None) -> _Gallery:
+    """The gallery of ``shards``, streamed from disk, each chunk whitened by ``whitening``
+    when given (a linear map of the very vectors the model gives)."""
+
+    def mapped(vectors: np.ndarray) -> np.ndarray:
+        return vectors if whitening is None else whitening.apply(vectors)
+
     chunks = (
-        ([GalleryItem(i.uri, i.label, dict(i.extra), i.sha256) for i in items], vectors)
+        ([GalleryItem(i.uri, i.label, dict(i.extra), i.sha256) for i in items], mapped(vectors))
         for items, vectors in shards.iter_chunks(int(cfg.chunk_rows))
     )
     description = {
@@ -94,8 +106,9 @@ def _shard_gallery(cfg: DictConfig, model: LoadedModel, preprocessing: Preproces
         "shards": str(Path(cfg.shards).resolve()),
         "skipped_unreadable": len(shards.skipped()),
     }
-    train = training_sample(shards.files, int(cfg.max_train))
-    return _Gallery(chunks, train, shards.dim, description)
+    train = mapped(training_sample(shards.files, int(cfg.max_train)))
+    dim = shards.dim if whitening is None else whitening.dim_out
+    return _Gallery(chunks, train, dim, description)
 
 
 def _metrics_data(
@@ -124,21 +137,26 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model = load_model(cfg)
     device = resolve_device(cfg.inference.device)
     datamodule = instantiate(data_config(cfg, model.checkpoint), _partial_=True)(
-        preprocessing=model_preprocessing(model), seed=cfg.seed, val_split=cfg.split
+        preprocessing=model_preprocessing(model),
+        seed=cfg.seed,
+        val_split=cfg.split,
+        **bundle_input(cfg, model),
     )
     preprocessing = datamodule.preprocessing
     if cfg.get("gallery") and cfg.get("shards"):
         raise ValueError("pass gallery=DIR or shards=DIR, not both")
     steps = postprocess_config(cfg)
-    if cfg.get("shards") and (steps.tta or steps.whiten or steps.dba):
+    gallery_fit = steps.whiten is not None and steps.whiten.fit_on == "gallery"
+    if cfg.get("shards") and (steps.tta or steps.dba or gallery_fit):
         raise ValueError(
-            f"postprocess steps {steps.steps} change the gallery's vectors, but shards={cfg.shards}"
-            " were embedded without them: export from the images (drop shards=), or keep only "
-            "the query-time steps aqe and rerank"
+            f"postprocess steps {steps.steps} change the gallery's vectors in ways shards="
+            f"{cfg.shards}, embedded without them, cannot follow (tta, dba, whitening fitted on "
+            "the gallery): export from the images (drop shards=), or keep a whitening fitted on "
+            "the training split and the query-time steps"
         )
-    from_shards = _shard_gallery(cfg, model, preprocessing) if cfg.get("shards") else None
+    shards = _open_shards(cfg, model, preprocessing) if cfg.get("shards") else None
     batch_size = int(cfg.inference.batch_size or datamodule.eval_batch_size)
-    runner = inference_embedder(cfg, model, preprocessing.input_size, device)
+    runner = inference_embedder(cfg, model, preprocessing, device)
 
     def embed_with(embedder: Any, dataset: ImageDataset) -> Any:
         return embed_rows(
@@ -154,12 +172,14 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     fitted = fit_steps(
         steps,
         model.embedder,
-        lambda: datamodule.split_eval_set(datamodule.splits[0]),
+        lambda edited: datamodule.split_eval_set(datamodule.splits[0], edited),
         embed_with,
     )
 
     def embed(dataset: ImageDataset) -> Any:
         return embed_with(fitted.embedder, dataset)
+
+    from_shards = None if shards is None else _shard_gallery(cfg, shards, fitted.whitening)
 
     split = datamodule.eval_set()
     split_embeddings = embed(split)
@@ -174,6 +194,7 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         metrics=list(cfg.metrics),
         postprocess=steps,
         whitening=fitted.whitening,
+        background=fitted.background,
     )
     if from_shards is not None:
         gallery = from_shards
@@ -212,6 +233,9 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     protocol["data"] = {"dataset": str(datamodule.manifest), "split": cfg.split}
     metrics = {f"{cfg.split}/{k}": v for k, v in result.metrics.items()}
     exported = model.embedder.with_search_steps(steps.tta, fitted.whitening)
+    background = fitted.background
+    if background is not None and fitted.whitening is not None:
+        background = fitted.whitening.apply(background)  # the bundle's searched space
     measured_on = _metrics_data(cfg, str(datamodule.manifest), len(split), gallery.description)
     description: dict[str, Any] = {
         "metrics": metrics,
@@ -234,6 +258,7 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         search_params=cfg.index.search_params or "",
         description=description,
         overwrite=bool(cfg.overwrite),
+        background=background,
     )
     count = read_manifest(bundle)["items"]
     lines = [f"bundle: {bundle}", f"items: {count}, dim {gallery.dim}"]

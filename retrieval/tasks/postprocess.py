@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from retrieval.data.dataset import ImageDataset
 from retrieval.models import Embedder
 from retrieval.models.extract import Embeddings
-from retrieval.postprocess import Postprocess, Whitening, fit_whitening
+from retrieval.postprocess import Postprocess, Whiten, Whitening, fit_whitening, sample_background
 
 log = logging.getLogger(__name__)
 
@@ -44,38 +44,63 @@ class FittedSteps:
     """The steps with what they were fitted on: ``embedder`` embeds with the TTA of
     ``steps`` (it is the task's embedder when there is none), ``whitening`` is fitted when
     ``steps.whiten`` is on and its ``fit_on`` is ``train`` (fitting on the gallery happens
-    where the gallery is known)."""
+    where the gallery is known), ``background`` holds the training split's vectors (a
+    sample, before whitening) that ``steps.score_norm`` compares queries with."""
 
     steps: Postprocess
     embedder: Embedder
     whitening: Whitening | None
     fitted_on: dict[str, Any]
+    background: np.ndarray | None = None
 
 
 def fit_steps(
     steps: Postprocess,
     embedder: Embedder,
-    train_set: Callable[[], ImageDataset],
+    train_set: Callable[[bool], ImageDataset],
     embed: EmbedFn,
 ) -> FittedSteps:
-    """Prepare ``steps`` for ``embedder``: its TTA copy, and the whitening fitted on the
-    embeddings (with that TTA) of ``train_set()`` when ``whiten.fit_on`` is ``train``."""
+    """Prepare ``steps`` for ``embedder``: its TTA copy, the whitening fitted on the
+    embeddings (with that TTA) of ``train_set(False)`` when ``whiten.fit_on`` is ``train``
+    (``method=edits``: with those of ``train_set(True)``, the same images edited, as pairs),
+    and the score-normalisation background drawn from them."""
     tta_embedder = embedder.with_search_steps(tta=steps.tta) if steps.tta else embedder
-    whitening, fitted_on = None, {}
-    if steps.whiten is not None and steps.whiten.fit_on == "train":
-        dataset = train_set()
-        vectors = embed(tta_embedder, dataset)
-        labels = np.array([row.label for row in dataset.rows])
-        whitening = fit_whitening(
-            vectors.vectors,
-            dim=steps.whiten.dim,
-            shrinkage=steps.whiten.shrinkage,
-            labels=labels,
-            method=steps.whiten.method,
+    whiten = steps.whiten if steps.whiten is not None and steps.whiten.fit_on == "train" else None
+    if whiten is None and steps.score_norm is None:
+        return FittedSteps(steps, tta_embedder, None, {})
+    dataset = train_set(False)
+    vectors = embed(tta_embedder, dataset).vectors
+    fitted_on: dict[str, Any] = {}
+    whitening = None
+    if whiten is not None:
+        whitening = _fit_whitening(
+            whiten, vectors, dataset, lambda: embed(tta_embedder, train_set(True)).vectors
         )
-        fitted_on = {"whiten": {"split": "train", "images": len(labels)}}
-        log.info("whitening (%s) fitted on %d training images", steps.whiten.method, len(labels))
-    return FittedSteps(steps, tta_embedder, whitening, fitted_on)
+        fitted_on["whiten"] = {"split": "train", "images": len(vectors), "method": whiten.method}
+    background = None
+    if steps.score_norm is not None:
+        background = sample_background(vectors, steps.score_norm)
+        fitted_on["score_norm"] = {"split": "train", "background": len(background)}
+    return FittedSteps(steps, tta_embedder, whitening, fitted_on, background)
+
+
+def _fit_whitening(
+    whiten: Whiten, vectors: np.ndarray, dataset: ImageDataset, edited: Callable[[], np.ndarray]
+) -> Whitening:
+    """``whiten`` fitted on the training split's ``vectors``: PCA, learned from its labels'
+    pairs, or (``edits``) learned from each image paired with its edited copy (``edited()``
+    embeds those), every image its own label."""
+    labels = np.array([row.label for row in dataset.rows])
+    method = whiten.method
+    if method == "edits":
+        vectors = np.concatenate([vectors, edited()])
+        labels = np.concatenate([np.arange(len(labels))] * 2)
+        method = "learned"
+    whitening = fit_whitening(
+        vectors, dim=whiten.dim, shrinkage=whiten.shrinkage, labels=labels, method=method
+    )
+    log.info("whitening (%s) fitted on %d training images", whiten.method, len(dataset))
+    return whitening
 
 
 def ms_per_image(
