@@ -24,15 +24,22 @@ def yaml_text(name: str) -> str:
     return Path(CONF / "backbone" / f"{name}.yaml").read_text()
 
 
-def build(name: str):
+def build(name: str, tmp_path: Path | None = None):
+    """The backbone of ``conf/backbone/<name>.yaml`` with random weights; a TorchScript
+    backbone (its file is its weights) from a small TorchScript file written in ``tmp_path``."""
     node = OmegaConf.load(CONF / "backbone" / f"{name}.yaml")
     node.pretrained = False
+    if node.get("source") == "torchscript":
+        from tests.models.test_torchscript_backbone import _script
+
+        assert tmp_path is not None, f"{name} is a TorchScript file: pass tmp_path"
+        node.weights = str(_script(tmp_path / f"{name}.pt", node.expected_dim))
     return instantiate(node)
 
 
 @pytest.mark.parametrize("name", BACKBONES)
-def test_every_backbone_embeds_at_its_input_size(name):
-    backbone = build(name)
+def test_every_backbone_embeds_at_its_input_size(name, tmp_path):
+    backbone = build(name, tmp_path)
     transformer = backbone.num_prefix_tokens > 0
     # the pooling each config recommends: the class token for ViTs, GeM for CNNs
     pooling = "token" if transformer else "gem"

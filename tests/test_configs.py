@@ -37,6 +37,10 @@ def test_every_option_composes(group, option, tmp_path):
     if group == "backbone":
         with open_dict(cfg):
             cfg.backbone.pretrained = option == "efficientnet_lite0"
+            if cfg.backbone.get("source") == "torchscript":  # its file is its weights
+                from tests.models.test_torchscript_backbone import _script
+
+                cfg.backbone.weights = str(_script(tmp_path / "descriptor.pt"))
         assert instantiate(cfg.backbone).num_features > 0
 
 
@@ -81,15 +85,23 @@ def test_every_postprocess_option_composes_into_its_step(name, tmp_path):
     from retrieval.postprocess import STEPS, Postprocess
     from retrieval.tasks.config import compose_config
 
-    assert sorted(options("postprocess")) == sorted(STEPS)
+    # one option per step, named after it, and presets of a step under their own names
+    presets = {"whiten_edits": ("whiten", "edits")}
+    assert sorted(set(options("postprocess")) - set(presets)) == sorted(STEPS)
     for option in options("postprocess"):
         cfg = compose_config([f"postprocess=[{option}]", f"paths.output_dir={tmp_path}"], name=name)
-        assert Postprocess.from_dict(dict(cfg.postprocess)).steps == [option]
-    cfg = compose_config(
-        ["postprocess=[rerank,tta,whiten,dba,aqe]", f"paths.output_dir={tmp_path}"], name=name
-    )
+        chosen = Postprocess.from_dict(dict(cfg.postprocess))
+        step, method = presets.get(option, (option, None))
+        assert chosen.steps == [step]
+        assert method is None or getattr(chosen, step).method == method
+    every = ",".join(reversed(STEPS))  # listed in any order, they run in STEPS' order
+    cfg = compose_config([f"postprocess=[{every}]", f"paths.output_dir={tmp_path}"], name=name)
     assert Postprocess.from_dict(dict(cfg.postprocess)).steps == list(STEPS)
-    assert compose_config([f"paths.output_dir={tmp_path}"], name=name).get("postprocess") is None
+    default = compose_config([f"paths.output_dir={tmp_path}"], name=name).get("postprocess")
+    if name == "export":  # the default bundle whitens with edited copies (conf/export.yaml)
+        assert Postprocess.from_dict(dict(default)).whiten.method == "edits"
+    else:
+        assert default is None
 
 
 def test_monitor_is_interpolated_everywhere(tmp_path):

@@ -96,7 +96,8 @@ def test_shards_hold_the_models_embeddings_in_item_order(images, tmp_path):
     assert all(i.sha256 and len(i.sha256) == 64 for i in items)
     vectors = np.concatenate([np.load(f) for f in shards.files])
     model = objects["model"].embedder.eval()
-    transform = eval_transform(model.preprocessing.with_size(64))
+    # a backbone as-is sees the whole image squashed (tasks.common.bundle_input)
+    transform = eval_transform(model.preprocessing.with_size(64, "squash"))
     with torch.inference_mode():
         expected = model(torch.stack([transform(load_rgb(p)) for p in paths])).numpy()
     np.testing.assert_allclose(vectors, expected, atol=1e-5)

@@ -25,6 +25,7 @@ def compose_export(tmp_path: Path, manifest: Path, *overrides: str):
             f"data.manifest={manifest}",
             "data.image_size=64",
             "data.num_workers=0",
+            "image_size=64",  # a backbone as-is is exported at its own 224 px otherwise
             *overrides,
         ],
         name="export",
@@ -120,7 +121,7 @@ def test_export_of_a_checkpoint_matches_its_evaluation(small_demo, tmp_path):
     )
     train(run)
     ckpt = Path(run.paths.output_dir) / "checkpoints" / "last.ckpt"
-    metrics, _ = export(compose_export(tmp_path, small_demo, f"ckpt_path={ckpt}"))
+    metrics, _ = export(compose_export(tmp_path, small_demo, f"ckpt_path={ckpt}", "postprocess=[]"))
     evaluated, _ = evaluate(compose_eval(tmp_path / "eval", f"ckpt_path={ckpt}"))
     assert metrics["test/recall@1"] == pytest.approx(evaluated["test/recall@1"], abs=1e-9)
     manifest = read_manifest(metrics["bundle"])
@@ -152,16 +153,17 @@ def test_export_from_shards_searches_like_the_models_own_embeddings(small_demo, 
         )
     # a different preprocessing than the shards were embedded with is refused before any work
     with pytest.raises(ShardError, match="another model or preprocessing"):
-        export(compose_export(tmp_path, small_demo, f"shards={shards}", "data.image_size=96"))
+        export(compose_export(tmp_path, small_demo, f"shards={shards}", "image_size=96"))
 
-    metrics, _ = export(compose_export(tmp_path, small_demo, f"shards={shards}", "chunk_rows=4"))
+    unwhitened = ("chunk_rows=4", "postprocess=[]")
+    metrics, _ = export(compose_export(tmp_path, small_demo, f"shards={shards}", *unwhitened))
     manifest = read_manifest(metrics["bundle"])
     assert manifest["items"] == 12 and manifest["gallery"]["shards"] == str(shards.resolve())
     assert manifest["gallery"]["skipped_unreadable"] == 1
     assert "test/recall@1" in manifest["metrics"]
 
     model = objects["model"].embedder.eval()
-    transform = eval_transform(model.preprocessing.with_size(64))
+    transform = eval_transform(model.preprocessing.with_size(64, "squash"))
     with torch.inference_mode():
         own = model(torch.stack([transform(load_rgb(p)) for p in paths])).numpy()
     _, expected = brute_force(own, own, 3)
@@ -179,7 +181,7 @@ def test_a_squash_bundle_embeds_the_whole_image_like_the_pytorch_model(small_dem
 
     from retrieval.data.transforms import eval_transform
 
-    overrides = ("data.resize_mode=squash", "data.max_labels=4")
+    overrides = ("resize_mode=squash", "data.max_labels=4", "postprocess=[]")
     metrics, objects = export(compose_export(tmp_path, small_demo, *overrides))
     bundle = Path(metrics["bundle"])
     stored = json.loads((bundle / "preprocessing.json").read_text())
@@ -200,3 +202,35 @@ def test_a_squash_bundle_embeds_the_whole_image_like_the_pytorch_model(small_dem
         np.testing.assert_allclose(retriever.embed([wide])[0], own["squash"], atol=1e-5)
     with Retriever.load(bundle, runtime="onnx") as retriever:
         assert float(np.dot(retriever.embed([wide])[0], own["squash"])) > 0.9999
+
+
+def test_the_default_export_sees_the_whole_image_at_the_backbones_size_and_whitens(
+    small_demo, tmp_path
+):
+    """No options: GeM, the backbone's own 224 px (not data.image_size), squashed, and the
+    whitening learned from edited copies of the training split (a layer of the model)."""
+    cfg = compose_config(
+        [
+            f"paths.data_dir={tmp_path}/data",
+            f"paths.output_dir={tmp_path}/out",
+            "data=manifest",
+            f"data.manifest={small_demo}",
+            "data.image_size=64",
+            "data.max_labels=3",
+            "data.num_workers=0",
+        ],
+        name="export",
+    )
+    metrics, objects = export(cfg)
+    bundle = Path(metrics["bundle"])
+    stored = json.loads((bundle / "preprocessing.json").read_text())
+    assert (stored["input_size"], stored["resize_mode"]) == (224, "squash")
+    model = json.loads((bundle / "model.json").read_text())
+    assert model["embedder"]["pooling"] == "gem" and model["embedder"]["whiten_dim"] == 1280
+    fitted = read_manifest(bundle)["postprocess"]["fitted_on"]["whiten"]
+    assert fitted["method"] == "edits" and fitted["images"] == 3 * 12
+    first = sorted((small_demo.parent / "images").rglob("*.jpg"))[0]
+    with Retriever.load(bundle, runtime="onnx") as onnx, Retriever.load(
+        bundle, runtime="eager", read_only=True
+    ) as eager:
+        assert float(np.dot(onnx.embed([first])[0], eager.embed([first])[0])) > 0.9999

@@ -46,8 +46,10 @@ def compose(name: str, tmp_path: Path, manifest: Path, *overrides: str):
             "data=manifest",
             f"data.manifest={manifest}",
             "data.image_size=64",
+            "data.resize_mode=squash",  # as export sees a backbone as-is: the whole image
             "data.num_workers=0",
-            *(["logger=csv"] if name == "evaluate" else []),
+            # evaluate.py pools as export.py does (conf/export.yaml: gem)
+            *(["logger=csv", "embedder.pooling=gem"] if name == "evaluate" else ["image_size=64"]),
             *overrides,
         ],
         name=name,
@@ -86,7 +88,7 @@ def test_evaluate_reports_each_step_added_and_the_final_metrics(stepped):
     report = json.loads((tmp / "out-evaluate" / "metrics.json").read_text())
     assert report["postprocess_ablation"] == json.loads(json.dumps(rows))
     fitted = report["protocol"]["postprocess"]["fitted_on"]["whiten"]
-    assert fitted == {"split": "train", "images": 360}
+    assert fitted == {"split": "train", "images": 360, "method": "pca"}
 
 
 def test_evaluate_none_column_is_the_plain_evaluation(stepped, small_demo):

@@ -55,7 +55,8 @@ MIN_COSINE = 0.9999  # exported outputs vs PyTorch, per row
 _REQUIRED = object()
 _QUIET = (
     r".*(torch\.jit\.\w+` is deprecated|legacy TorchScript-based ONNX|feature will be removed"
-    r"|Converting a tensor to a Python integer)"  # TTA reads the fixed input side
+    r"|Converting a tensor to a Python integer"  # TTA reads the fixed input side
+    r"|no signature found for <torch.ScriptMethod)"  # ONNX from a traced module
 )
 
 

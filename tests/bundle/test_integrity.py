@@ -190,7 +190,9 @@ def test_a_manifest_that_omits_a_required_file_is_refused(bundle_copy: Path):
 # ---------------------------------------------------------------- stale export folders
 
 
-def fake_export_model(embedder: Any, folder: Path, config: Any, size: int) -> dict[str, str]:
+def fake_export_model(
+    embedder: Any, folder: Path, config: Any, size: int, any_size: bool = False
+) -> dict[str, str]:
     names = {
         "model_config": "model.json",
         "weights": "model.safetensors",
