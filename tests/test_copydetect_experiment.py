@@ -33,8 +33,9 @@ def test_copydetect_experiment_composes_to_instance_training(tmp_path):
     assert cfg.data.augment == "copydetect" and cfg.data.root == f"{tmp_path}/photos"
     assert cfg.miner is None
     assert cfg.model.embedder.pooling == "gem" and cfg.model.embedder.embedding_dim == 512
-    sampler = instantiate(cfg.sampler)(labels=range(40), seed=0, num_replicas=1, rank=0)
-    assert isinstance(sampler, InstanceBatchSampler) and (sampler.p, sampler.k) == (32, 2)
+    sampler = instantiate(cfg.sampler)(labels=range(80), seed=0, num_replicas=1, rank=0)
+    assert isinstance(sampler, InstanceBatchSampler) and (sampler.p, sampler.k) == (64, 2)
+    assert cfg.data.anchor_view is True and cfg.model.embedder.frozen_stages == 5
     loss = instantiate(cfg.loss)
     assert isinstance(loss, NTXentLoss) and loss.temperature == pytest.approx(0.1)
     # an experiment's top-level keys win over train.yaml's own defaults
@@ -57,8 +58,9 @@ def test_copydetect_experiment_builds_and_loads_instance_batches(tmp_path):
     ]
     objects = build(compose_train(overrides, tmp_path))
     datamodule = objects["datamodule"]
-    steps = datamodule.train_set.transform.transforms
-    assert any(isinstance(step, CopyEditAugment) for step in steps)
+    anchor, edited = datamodule.train_set.view_transforms  # a plain view, an edited one
+    assert not any(isinstance(step, CopyEditAugment) for step in anchor.transforms)
+    assert any(isinstance(step, CopyEditAugment) for step in edited.transforms)
     assert datamodule.num_train_labels == len(datamodule.train_set)  # every image its own label
     random.seed(0)
     batch = next(iter(datamodule.train_dataloader()))
@@ -72,5 +74,5 @@ def test_copydetect_experiment_with_too_few_images_names_the_fix(tmp_path):
 
     _photos(tmp_path / "photos", 22)  # 20 training images after the held-out originals
     overrides = ["experiment=copydetect", f"data.root={tmp_path}/photos", "logger=csv"]
-    with pytest.raises(ValueError, match="sampler.images_per_batch=32"):
+    with pytest.raises(ValueError, match="sampler.images_per_batch=64 .* has 20"):
         build(compose_train([*overrides, "data.num_workers=0"], tmp_path))

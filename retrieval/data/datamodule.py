@@ -14,7 +14,7 @@ from retrieval.data.images import DEFAULT_MAX_PIXELS, find_unreadable, report_un
 from retrieval.data.manifest import ManifestRow, read_manifest, select_split
 from retrieval.data.preprocessing import Preprocessing
 from retrieval.data.sampler import InstanceBatchSampler, PKBatchSampler
-from retrieval.data.transforms import eval_transform, train_transform
+from retrieval.data.transforms import anchor_transform, eval_transform, train_transform
 
 
 class RetrievalDataModule(pl.LightningDataModule):
@@ -34,6 +34,11 @@ class RetrievalDataModule(pl.LightningDataModule):
         augment: training augmentation, ``standard`` or ``copydetect`` (copy-detection edits
             before the crop, see :func:`~retrieval.data.transforms.train_transform`);
             ``train_scale`` ``None`` takes that augmentation's crop scale.
+        num_edits, edit_p: ``copydetect``: how many edits a view gets (fewest, most) and how
+            often.
+        anchor_view: instance training (``sampler=instance``) with the first view of each
+            image plain (:func:`~retrieval.data.transforms.anchor_transform`: a light crop of
+            the whole image) and the others edited, as a copy is searched among originals.
         overlay_dir: folder of RGBA images the ``copydetect`` emoji edit pastes (default: it
             draws shapes).
     """
@@ -60,6 +65,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         eval_ks: Sequence[int] = (1, 2, 4, 8),
         augment: str = "standard",
         overlay_dir: str | Path | None = None,
+        num_edits: Sequence[int] = (1, 3),
+        edit_p: float = 0.9,
+        anchor_view: bool = False,
     ) -> None:
         super().__init__()
         self.manifest = Path(manifest)
@@ -74,6 +82,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.train_scale = tuple(train_scale) if train_scale is not None else None
         self.hflip, self.color_jitter = hflip, color_jitter
         self.augment, self.overlay_dir = augment, overlay_dir
+        self.num_edits, self.edit_p = tuple(num_edits), float(edit_p)
+        self.anchor_view = anchor_view
         self.max_labels = max_labels
         self.seed = seed
         self.eval_ks = tuple(eval_ks)
@@ -94,18 +104,18 @@ class RetrievalDataModule(pl.LightningDataModule):
             )
         if training:
             train_rows = self._rows(rows, self.splits[0])
-            self.train_set = ImageDataset(
-                train_rows,
-                train_transform(
-                    self.preprocessing,
-                    self.train_scale,
-                    self.hflip,
-                    self.color_jitter,
-                    augment=self.augment,
-                    overlay_dir=self.overlay_dir,
-                ),
-                self.max_pixels,
+            augment = train_transform(
+                self.preprocessing,
+                self.train_scale,
+                self.hflip,
+                self.color_jitter,
+                augment=self.augment,
+                overlay_dir=self.overlay_dir,
+                num_edits=self.num_edits,
+                edit_p=self.edit_p,
             )
+            views = [anchor_transform(self.preprocessing), augment] if self.anchor_view else []
+            self.train_set = ImageDataset(train_rows, augment, self.max_pixels, views)
             self._sampler(rank=0, num_replicas=1)  # fail now on a batch shape the data cannot fill
 
     def _rows(self, rows: list[ManifestRow], split: str) -> list[ManifestRow]:
@@ -130,8 +140,21 @@ class RetrievalDataModule(pl.LightningDataModule):
         assert self.train_set is not None
         if self.sampler_factory is None:
             raise ValueError("this data module has no sampler: pass sampler= to train with it")
+        kind = getattr(self.sampler_factory, "func", self.sampler_factory)
+        if self.anchor_view and not (
+            isinstance(kind, type) and issubclass(kind, InstanceBatchSampler)
+        ):
+            raise ValueError(
+                "data.anchor_view=true gives the views of one image different transforms: it "
+                "needs sampler=instance"
+            )
+        numbered = {"numbered_views": True} if self.anchor_view else {}
         return self.sampler_factory(
-            labels=self.train_set.labels, seed=self.seed, num_replicas=num_replicas, rank=rank
+            labels=self.train_set.labels,
+            seed=self.seed,
+            num_replicas=num_replicas,
+            rank=rank,
+            **numbered,
         )
 
     def _loaded(self) -> tuple[ImageDataset, ImageDataset]:

@@ -17,7 +17,9 @@ from retrieval.data.sampler import ShapeBatchSampler
 
 class ImageDataset(Dataset):
     """Items ``{"image": (3, H, W) float tensor, "label": int, "index": int, "is_query": bool,
-    "is_gallery": bool}``.
+    "is_gallery": bool}``. With ``view_transforms``, item ``(index, view)`` is the image
+    through the view's own transform (the first view of an instance batch plain, the others
+    edited: :class:`~retrieval.data.sampler.InstanceBatchSampler` ``numbered_views``).
 
     ``label`` is the position of the row's label in ``label_names`` (sorted, contiguous from 0),
     which is what classification-style losses (proxies) need. ``index`` is the row's position in
@@ -30,19 +32,27 @@ class ImageDataset(Dataset):
         rows: Sequence[ManifestRow],
         transform: Callable[[Any], torch.Tensor],
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        view_transforms: Sequence[Callable[[Any], torch.Tensor]] = (),
     ) -> None:
         self.rows = list(rows)
         self.transform = transform
         self.max_pixels = max_pixels
+        self.view_transforms = list(view_transforms)
         self.label_names, inverse = np.unique([r.label for r in self.rows], return_inverse=True)
         self.labels = inverse.astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        """Item ``index``, or ``(index, view)``: the image through ``view_transforms[view]``
+        (the last one for higher views), as instance batches with numbered views ask."""
+        index, view = item if isinstance(item, tuple) else (item, None)
+        transform = self.transform
+        if view is not None and self.view_transforms:
+            transform = self.view_transforms[min(view, len(self.view_transforms) - 1)]
         image = open_rgb(self.rows[index].path, self.max_pixels)
-        return {**self._item(index), "image": self.transform(image)}
+        return {**self._item(index), "image": transform(image)}
 
     def _item(self, index: int) -> dict[str, Any]:
         """Everything of item ``index`` but its image."""

@@ -166,6 +166,9 @@ class InstanceBatchSampler(_EpochBatches):
         images_per_batch: P, distinct images per batch (at most N).
         views_per_image: K >= 2, views of each image in a batch.
         batches_per_epoch: global batches per epoch; default ``N // P``.
+        numbered_views: yield ``(index, view)`` pairs, view 0 .. K-1, instead of the index K
+            times, for a dataset that gives each view its own transform
+            (:class:`~retrieval.data.dataset.ImageDataset` ``view_transforms``).
     """
 
     def __init__(
@@ -177,7 +180,9 @@ class InstanceBatchSampler(_EpochBatches):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        numbered_views: bool = False,
     ) -> None:
+        self.numbered_views = numbered_views
         if images_per_batch < 2 or views_per_image < 2:
             raise ValueError(
                 "sampler needs images_per_batch >= 2 and views_per_image >= 2 "
@@ -202,7 +207,11 @@ class InstanceBatchSampler(_EpochBatches):
             if start == 0:
                 order = rng.permutation(self.num_images)
             if step % self.num_replicas == self.rank:
-                yield [int(i) for i in order[start : start + self.p] for _ in range(self.k)]
+                chosen = [int(i) for i in order[start : start + self.p]]
+                if self.numbered_views:
+                    yield [(i, v) for i in chosen for v in range(self.k)]  # type: ignore[misc]
+                else:
+                    yield [i for i in chosen for _ in range(self.k)]
 
 
 class ShapeBatchSampler(Sampler[list[int]]):

@@ -120,6 +120,18 @@ class _ShrinkTo:
         return shrunk
 
 
+def anchor_transform(pre: Preprocessing) -> T.Compose:
+    """The plain view of an image in instance training with an anchor view: the whole image
+    but for a light random crop (70-100% of the area, aspect 3:4 to 4:3), as the originals a
+    copy is searched among look; then the backbone's normalisation."""
+    crop = T.RandomResizedCrop(
+        pre.input_size, scale=(0.7, 1.0), ratio=(0.75, 4 / 3), interpolation=_interpolation(pre)
+    )
+    return T.Compose(
+        [_ShrinkTo(2 * pre.input_size), crop, T.ToTensor(), T.Normalize(pre.mean, pre.std)]
+    )
+
+
 AUGMENTS = ("standard", "copydetect")
 _DEFAULT_SCALE = {"standard": (0.25, 1.0), "copydetect": (0.3, 1.0)}
 
@@ -131,6 +143,8 @@ def train_transform(
     color_jitter: float = 0.0,
     augment: str = "standard",
     overlay_dir: str | Path | None = None,
+    num_edits: Sequence[int] = (1, 3),
+    edit_p: float = 0.9,
 ) -> T.Compose:
     """Random resized crop to ``input_size`` (area fraction in ``scale``), optional horizontal
     flip and colour jitter, then the backbone's normalisation.
@@ -140,8 +154,9 @@ def train_transform(
     overlays are cropped with the picture, and uses a gentler crop. ``scale`` defaults to
     (0.25, 1.0) for ``standard`` and (0.3, 1.0) for ``copydetect``. ``overlay_dir`` (copydetect
     only) is a folder of RGBA images (emoji PNGs) pasted by the ``emoji`` edit; without it the
-    edit draws shapes. Raises ValueError for another ``augment``, or ``overlay_dir`` with
-    ``standard``.
+    edit draws shapes; ``num_edits``: how many edits a view gets (fewest, most), with
+    probability ``edit_p`` (else none). Raises
+    ValueError for another ``augment``, or ``overlay_dir`` with ``standard``.
     """
     if augment not in AUGMENTS:
         raise ValueError(f"augment={augment!r} is not one of {', '.join(AUGMENTS)}")
@@ -155,7 +170,10 @@ def train_transform(
         overlays = load_overlays(overlay_dir) if overlay_dir is not None else None
         # edits drawn on a copy at twice the input size, not on a full-size photo: the same
         # picture for the model, at a fraction of the cost of blurring and encoding megapixels
-        steps += [_ShrinkTo(2 * pre.input_size), CopyEditAugment(overlays)]
+        steps += [
+            _ShrinkTo(2 * pre.input_size),
+            CopyEditAugment(overlays, (num_edits[0], num_edits[1]), edit_p),
+        ]
     area = tuple(scale) if scale is not None else _DEFAULT_SCALE[augment]
     steps.append(T.RandomResizedCrop(pre.input_size, scale=area, interpolation=_interpolation(pre)))
     if hflip:

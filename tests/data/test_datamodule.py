@@ -146,3 +146,24 @@ def test_data_configs_pass_resize_mode_to_the_module(small_demo, tmp_path):
     )
     dm = instantiate(cfg.data, _partial_=True)(preprocessing=PRE)
     assert dm.preprocessing.resize_mode == "pad" and dm.preprocessing.input_size == 224
+
+
+def test_anchor_view_gives_the_first_view_plain_and_needs_instance_batches(small_demo):
+    from retrieval.data.copy_edits import CopyEditAugment
+    from retrieval.data.sampler import InstanceBatchSampler
+
+    sampler = partial(InstanceBatchSampler, images_per_batch=4, views_per_image=3)
+    dm = RetrievalDataModule(
+        small_demo, PRE, sampler, image_size=48, num_workers=0, augment="copydetect",
+        anchor_view=True, num_edits=(2, 2), edit_p=1.0,
+    )  # fmt: skip
+    dm.setup()
+    anchor, edited = dm.train_set.view_transforms
+    assert not any(isinstance(step, CopyEditAugment) for step in anchor.transforms)
+    edits = [s for s in edited.transforms if isinstance(s, CopyEditAugment)]
+    assert len(edits) == 1 and edits[0].num_edits == (2, 2) and edits[0].p == 1.0
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (12, 3, 48, 48)
+    assert batch["label"][::3].tolist() == batch["label"][1::3].tolist()
+    with pytest.raises(ValueError, match="anchor_view=true .* needs sampler=instance"):
+        datamodule(small_demo, anchor_view=True).setup()

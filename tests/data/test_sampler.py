@@ -154,3 +154,14 @@ def test_instance_fewer_images_than_p_fails_before_training():
         InstanceBatchSampler(IMAGES, views_per_image=1)
     with pytest.raises(ValueError, match="rank 2"):
         InstanceBatchSampler(IMAGES, num_replicas=2, rank=2)
+
+
+def test_instance_numbered_views_give_each_view_its_number_over_the_same_images():
+    plain = batches(InstanceBatchSampler(IMAGES, images_per_batch=6, views_per_image=3, seed=4))
+    numbered = batches(
+        InstanceBatchSampler(
+            IMAGES, images_per_batch=6, views_per_image=3, seed=4, numbered_views=True
+        )
+    )
+    assert [[i for i, _ in batch] for batch in numbered] == plain
+    assert all([v for _, v in batch] == [0, 1, 2] * 6 for batch in numbered)
