@@ -69,3 +69,35 @@ def test_score_through_the_bundle_equals_evaluate(tmp_path: Path) -> None:
         raw = float(retriever.items.vectors([hit.id])[0] @ vector[0])
     assert hit.score == pytest.approx(raw - nearest, abs=1e-5)
     assert np.isfinite(hit.score)
+
+
+def test_edited_copies_are_embedded_not_read_back_as_the_plain_images(tmp_path: Path) -> None:
+    """The embedding cache keys an edited copy of a split apart from the split itself: the
+    (image, edited copy) pairs that whiten_edits learns from must differ."""
+    import torch
+
+    from retrieval.data.dataset import EditedCopies, ImageDataset
+    from retrieval.data.manifest import ManifestRow
+    from retrieval.data.transforms import eval_transform
+    from retrieval.models import Embedder, create_backbone
+    from retrieval.tasks.common import embed_rows
+
+    root = _benchmark(tmp_path / "bench", originals=4, distractors=4)
+    paths = sorted((root / "distractors").glob("*.jpg"))
+    rows = [ManifestRow(path=p, label=p.stem, split="train") for p in paths]
+    embedder = Embedder(create_backbone("test_convnext", pretrained=False), None, "gem").eval()
+    transform = eval_transform(embedder.preprocessing.with_size(32, "squash"))
+    cfg = compose_config(
+        [f"paths.output_dir={tmp_path}/out", f"inference.cache_dir={tmp_path}/cache"],
+        name="evaluate",
+    )
+
+    def vectors(dataset: ImageDataset) -> np.ndarray:
+        args = (embedder.preprocessing.to_dict(), 4, 0, torch.device("cpu"))
+        return embed_rows(cfg, embedder, dataset, *args).vectors
+
+    plain = vectors(ImageDataset(rows, transform))
+    edited = vectors(EditedCopies(rows, transform, max_side=64, seed=0))
+    assert not np.allclose(plain, edited, atol=1e-4)
+    np.testing.assert_array_equal(vectors(EditedCopies(rows, transform, 64, seed=0)), edited)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2

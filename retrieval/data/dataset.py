@@ -87,6 +87,17 @@ class EditedCopies(ImageDataset):
         self.max_side, self.edits, self.seed = max_side, edits, seed
         self.overlays = list(overlays)
 
+    @property
+    def edit_description(self) -> dict[str, Any]:
+        """What the edits depend on besides the rows: an embedding cache's key must hold it,
+        or the edited copies would be read back as the plain images' embeddings."""
+        return {
+            "edits": list(self.edits),
+            "seed": self.seed,
+            "max_side": self.max_side,
+            "overlays": len(self.overlays),
+        }
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         from retrieval.data.copy_edits import SINGLE_KINDS, apply_edit
 

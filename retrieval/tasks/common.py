@@ -88,6 +88,10 @@ def bundle_input(cfg: DictConfig, loaded: LoadedModel) -> dict[str, Any]:
     return {key: value for key, value in chosen.items() if value is not None}
 
 
+# Embedder settings that change how it trains, not what it computes: not in model.json.
+_TRAINING_ONLY = ("freeze_bn", "channels_last", "frozen_stages")
+
+
 def model_config(loaded: LoadedModel, steps: dict[str, Any] | None = None) -> dict[str, Any]:
     """How to rebuild the Embedder in plain Python (``model.json``), with its search-time
     layers ``steps`` (``tta``, ``whiten_dim``) when set."""
@@ -104,7 +108,7 @@ def model_config(loaded: LoadedModel, steps: dict[str, Any] | None = None) -> di
         "backbone": {"name": name, "source": source, "kwargs": backbone},
         # training-only settings do not change what the model computes
         "embedder": {
-            **{k: v for k, v in config.items() if k not in ("freeze_bn", "channels_last")},
+            **{k: v for k, v in config.items() if k not in _TRAINING_ONLY},
             **{k: v for k, v in (steps or {}).items() if v is not None},
         },
     }
@@ -262,4 +266,7 @@ def embed_rows(
         "labels": [r.label for r in rows],
         "pre": preprocessing,
     }
+    edited = getattr(dataset, "edit_description", None)  # EditedCopies: not the plain images
+    if edited is not None:
+        description["edited"] = edited
     return embed_dataset(cfg, embedder, dataset, description, batch_size, num_workers, device)[0]

@@ -227,7 +227,10 @@ def test_export_refuses_a_config_that_does_not_rebuild_the_model(tmp_path: Path)
         ({"backbone": None}, r"'backbone' must be a JSON object, got None"),
         ({"embedder": "gem"}, r"'embedder' must be a JSON object"),
         ({"backbone": {"source": "timm"}}, r"'backbone.name' must be a backbone name, got nothing"),
-        ({"backbone": {"name": "x", "source": "keras"}}, r"'backbone.source' must be 'timm', 'torchvision' or"),
+        (
+            {"backbone": {"name": "x", "source": "keras"}},
+            r"'backbone.source' must be 'timm', 'torchvision' or",
+        ),
         ({"backbone": {"name": "x", "kwargs": [1]}}, r"'backbone.kwargs' must be a JSON object"),
         (
             {"backbone": {"name": "x", "weights": "a.pt"}},

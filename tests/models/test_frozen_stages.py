@@ -24,7 +24,9 @@ def test_the_stem_and_first_stages_are_frozen_and_the_rest_trains() -> None:
     convs = [p for m in trainable for n, p in m.named_parameters() if "conv" in n]
     assert convs and all(p.requires_grad for p in convs)
     embedder.train()
-    norms_in_frozen = [m for m in frozen for m in m.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    norms_in_frozen = [
+        m for m in frozen for m in m.modules() if isinstance(m, torch.nn.BatchNorm2d)
+    ]
     assert norms_in_frozen and not any(m.training for m in norms_in_frozen)
     loss = embedder(torch.randn(2, 3, 64, 64)).sum()
     loss.backward()
