@@ -3,7 +3,8 @@
 Our Lightning training vs a plain PyTorch loop doing the same steps on the same batches from the
 same weights; the training DataLoader vs raw PIL decoding (and ``open_rgb``) of the same files.
 The first ``--warmup-steps`` of each run are not timed; runs alternate ``--repeats`` times.
-Usage: ``python scripts/bench_train.py [--quick] [--output bench.md] [hydra.key=value ...]``.
+Usage: ``python scripts/bench_train.py [--quick] [--output bench.md] [hydra.key=value ...]``;
+``--recipe experiment=copydetect``: that recipe's step against the whole network in float32.
 """
 
 from __future__ import annotations
@@ -90,18 +91,24 @@ def run_lightning(cfg: DictConfig, pristine: RetrievalModule, data: Any, args: A
     return watch
 
 
-def run_plain(pristine: RetrievalModule, data: Any, args: Args, device: torch.device) -> Stopwatch:
-    """The same steps in plain PyTorch; the optimizer and schedule are built as
-    ``RetrievalModule.configure_optimizers`` builds them (same factories, groups and rates)."""
-    module = copy.deepcopy(pristine).to(device).train()
-    model, loss_fn, miner = module.model, module.loss, module.miner
+def _optimizer(module: RetrievalModule) -> torch.optim.Optimizer:
+    """The optimizer ``RetrievalModule.configure_optimizers`` builds (same groups and rates)."""
+    model, loss_fn = module.model, module.loss
     base_lr = float(module.optimizer_factory.keywords["lr"])  # type: ignore[attr-defined]
     groups = [
         {"params": model.backbone_parameters(), "lr": base_lr},
         {"params": model.head_parameters(), "lr": base_lr * module.head_lr_multiplier},
         {"params": [p for p in loss_fn.parameters() if p.requires_grad], "lr": module.loss_lr},
     ]
-    optimizer = module.optimizer_factory([g for g in groups if g["params"]])
+    return module.optimizer_factory([g for g in groups if g["params"]])
+
+
+def run_plain(pristine: RetrievalModule, data: Any, args: Args, device: torch.device) -> Stopwatch:
+    """The same steps in plain PyTorch; the optimizer and schedule are built as
+    ``RetrievalModule.configure_optimizers`` builds them (same factories, groups and rates)."""
+    module = copy.deepcopy(pristine).to(device).train()
+    model, loss_fn, miner = module.model, module.loss, module.miner
+    optimizer = _optimizer(module)
     factory = module.scheduler_factory
     scheduler = factory(optimizer, total_steps=args.steps) if factory is not None else None
     loader = data.train_dataloader()
@@ -116,6 +123,66 @@ def run_plain(pristine: RetrievalModule, data: Any, args: Args, device: torch.de
             scheduler.step()
         watch.tick(step, batch["index"].tolist())
     return watch
+
+
+def run_fixed_batch(
+    pristine: RetrievalModule, batch: dict[str, Any], bf16: bool, args: Args
+) -> tuple[Stopwatch, float]:
+    """``args.steps`` optimizer steps on one batch (the model's compute alone, no data
+    loading), in bf16 autocast as Lightning's ``bf16-mixed`` or in float32; and the loss of
+    the first step, before any update."""
+    module = copy.deepcopy(pristine).train()
+    model, loss_fn, miner = module.model, module.loss, module.miner
+    optimizer = _optimizer(module)
+    images, labels = batch["image"], batch["label"]
+    watch, first = Stopwatch(args), float("nan")
+    for step in range(1, args.steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            embeddings = model(images)
+        loss = compute_loss(loss_fn, miner, embeddings.float(), labels)
+        loss.backward()
+        optimizer.step()
+        first = float(loss.detach()) if step == 1 else first
+        watch.tick(step, batch["index"].tolist())
+    return watch, first
+
+
+def recipe_rows(cfg: DictConfig, args: Args) -> list[str]:
+    """The recipe's training step (its frozen stages, bf16 where the CPU has it) against
+    today's path (the whole network in float32), same model, same batch, same start: images/s
+    and the loss of the first step, which must agree within bf16's tolerance."""
+    plain = copy.deepcopy(cfg)
+    plain.model.embedder.frozen_stages, plain.trainer.precision = 0, "32-true"
+    recipe = build(cfg)  # the precision it trains in: bf16-mixed falls back without bf16
+    today: RetrievalModule = build(plain)["module"]
+    ours: RetrievalModule = recipe["module"]
+    today.model.load_state_dict(ours.model.state_dict())  # the same start
+    batch = next(iter(recipe["datamodule"].train_dataloader()))
+    bf16 = str(cfg.trainer.precision).startswith("bf16")
+    name = (
+        f"recipe step (frozen_stages={cfg.model.embedder.frozen_stages}, {cfg.trainer.precision})"
+    )
+    reference = "whole network, 32-true"
+    speeds: dict[str, list[float]] = {name: [], reference: []}
+    losses = {}
+    for _ in range(args.repeats):
+        for label, module, half in ((name, ours, bf16), (reference, today, False)):
+            gc.collect()
+            watch, losses[label] = run_fixed_batch(module, batch, half, args)
+            speeds[label].append(watch.speed)
+            print(f"  {label}: {watch.speed:.1f} img/s, first loss {losses[label]:.4f}", flush=True)
+    gap = abs(losses[name] - losses[reference]) / abs(losses[reference])
+    agree = "agree" if gap <= 0.02 else "DISAGREE"
+    lines = table(speeds, {name: reference, reference: reference})
+    return [
+        *lines,
+        "",
+        f"First-step loss on the fixed batch: recipe {losses[name]:.4f}, "
+        f"whole network {losses[reference]:.4f} (relative gap {gap:.4f}: {agree} within "
+        f"bf16's 2%); batch {len(batch['index'])} images at "
+        f"{tuple(batch['image'].shape[-2:])}, data loading not timed.",
+    ]
 
 
 def run_loader(data: RetrievalDataModule, args: Args) -> Stopwatch:
@@ -143,6 +210,7 @@ def raw_pil(path: Path) -> None:
 
 def describe(cfg: DictConfig, args: Args, device: torch.device) -> list[str]:
     cuda = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    sampler = cfg.sampler  # P x K labels (pk) or images x views (instance)
     return [
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores "
@@ -150,7 +218,8 @@ def describe(cfg: DictConfig, args: Args, device: torch.device) -> list[str]:
         f"- python {platform.python_version()}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), lightning {pl.__version__}, device {device}{cuda}",
         f"- settings: backbone={cfg.backbone.name}, image_size={cfg.data.image_size or 'default'}, "
-        f"P={cfg.sampler.labels_per_batch} x K={cfg.sampler.samples_per_label}, "
+        f"P={sampler.get('labels_per_batch', sampler.get('images_per_batch'))} x "
+        f"K={sampler.get('samples_per_label', sampler.get('views_per_image'))}, "
         f"num_workers={cfg.data.num_workers}, precision={cfg.trainer.precision}, "
         f"steps={args.steps} (first {args.warmup_steps} not timed), repeats={args.repeats}",
         f"- data: {cfg.data.root}; extra overrides: {args.overrides or 'none'}",
@@ -178,6 +247,12 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=REPO / "data")
     parser.add_argument("--output", type=Path, help="markdown file to append the results to")
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 steps, 1 repeat")
+    parser.add_argument(
+        "--recipe",
+        action="store_true",
+        help="the config's training step (frozen stages, precision) against the whole network "
+        "in float32 on one fixed batch, e.g. --recipe experiment=copydetect",
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (key=value)")
     args = parser.parse_args()
     if args.quick:
@@ -193,6 +268,8 @@ def main() -> None:
     options["data.num_workers"] = args.num_workers
     overrides += [f"{key}={value}" for key, value in options.items() if value is not None]
     cfg = compose_config(overrides + args.overrides)
+    if args.recipe:
+        return write_recipe(cfg, args)
     if cfg.trainer.precision != "32-true":
         raise SystemExit("the plain loop runs in float32: use trainer.precision=32-true")
     objects = build(cfg)  # reads the data and builds the module exactly as train.py does
@@ -231,6 +308,16 @@ def main() -> None:
     if args.output is not None:
         with open(args.output, "a", encoding="utf-8") as f:
             f.write("\n## bench_train\n\n" + "\n".join([*header, "", *lines]) + "\n")
+
+
+def write_recipe(cfg: DictConfig, args: Args) -> None:
+    header = describe(cfg, args, torch.device("cpu"))
+    print("\n".join(header), flush=True)
+    lines = recipe_rows(cfg, args)
+    print("\n" + "\n".join(lines), flush=True)
+    if args.output is not None:
+        with open(args.output, "a", encoding="utf-8") as f:
+            f.write("\n## bench_train --recipe\n\n" + "\n".join([*header, "", *lines]) + "\n")
 
 
 if __name__ == "__main__":
