@@ -1,17 +1,17 @@
-"""A short instance-training run (each image its own label, two copy-edited views of each image
-per batch, NT-Xent) on generated images beats the untrained model on held-out copies.
+"""A short instance-training run on generated images beats the untrained model on held-out
+copies of every edit kind.
 
-The whole training path runs: manifest -> RetrievalDataModule(augment="copydetect") ->
-InstanceBatchSampler -> RetrievalModule with pytorch-metric-learning's NTXentLoss -> Lightning
--> validation through ``evaluate_protocol`` (val/recall@1). Training images (A) and held-out
-images (B) are disjoint; the gallery holds the B originals and A as distractors, the queries
-are seeded ``apply_edit`` copies of B.
+The recipe's whole training path runs: manifest -> RetrievalDataModule(augment="copydetect",
+anchor_view=True) -> InstanceBatchSampler with numbered views -> RetrievalModule (Lite0 with
+its ImageNet weights, stem and stages 0-4 frozen, a new GeM + 128-d head) with
+pytorch-metric-learning's NTXentLoss -> Lightning. Training images (A) and held-out images (B)
+are disjoint; the gallery holds the B originals and A as distractors, the queries are one
+seeded ``apply_edit`` copy of each B original per edit kind (every kind of ``EDIT_KINDS``).
 
-80 steps from random weights at 64 px learn the geometric invariances first: random
-convolutional features already match recompressed, blurred, rescaled or lightly overlaid
-copies (nothing moves), but not mirrored or rotated ones (their layout changes), which is
-what the views' flips, mirror and rotation edits teach. The queries are mirrored and rotated
-copies, so the margin measures that learning and not the noise of the other kinds.
+Each kind is scored by µAP over its own queries (DISC2021: their first 10 results ranked
+together by score). A kind the untrained model already solves (µAP >= CEILING: mirrored copies,
+which GeM over ImageNet features matches as they are) must stay solved; every other kind must
+gain MARGIN.
 """
 
 from __future__ import annotations
@@ -29,16 +29,18 @@ import torch
 from PIL import Image, ImageDraw
 from pytorch_metric_learning.losses import NTXentLoss
 
-from retrieval.data.copy_edits import apply_edit
+from retrieval.data.copy_edits import EDIT_KINDS, apply_edit
 from retrieval.data.datamodule import RetrievalDataModule
 from retrieval.data.sampler import InstanceBatchSampler
+from retrieval.evaluation.ap import micro_average_precision
 from retrieval.models import Embedder, create_backbone
 from retrieval.training.module import RetrievalModule
 from retrieval.training.schedules import warmup_cosine
 
-TRAIN_IMAGES, HELD_OUT, SIDE, STEPS = 48, 48, 96, 80
-QUERY_KINDS = ("mirror", "rotate")
-MARGIN = 0.1  # seeds 0-7 gave margins of 0.115-0.26 (seed 0: 0.22)
+TRAIN_IMAGES, HELD_OUT, SIDE, STEPS = 48, 48, 96, 150
+QUERY_KINDS = EDIT_KINDS
+CEILING = 0.95
+MARGIN = 0.05  # seed 0: the smallest gain 0.09 (emoji), most 0.15-0.4; seed 1: 0.02-0.42
 
 
 def _colour(rng: random.Random) -> tuple[int, int, int]:
@@ -93,25 +95,48 @@ def write_copy_manifest(folder: Path, seed: int) -> Path:
     return manifest
 
 
-def recall_before_and_after(folder: Path, seed: int) -> tuple[float, float]:
-    """val/recall@1 of the untrained model and after STEPS instance-training steps."""
+def micro_ap_by_kind(module: RetrievalModule, datamodule: RetrievalDataModule) -> dict:
+    """µAP@10 of each edit kind's queries against the whole gallery."""
+    module.eval()
+    with torch.inference_mode():
+        vectors = torch.cat([module(b["image"]) for b in datamodule.val_dataloader()]).numpy()
+    rows = datamodule.val_set.rows
+    gallery = [i for i, r in enumerate(rows) if r.is_gallery]
+    gallery_labels = np.array([rows[i].label for i in gallery])
+    out = {}
+    for kind in QUERY_KINDS:
+        queries = [i for i, r in enumerate(rows) if r.is_query and r.path.stem.endswith(kind)]
+        scores = vectors[queries] @ vectors[gallery].T
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+        relevant = gallery_labels[top] == np.array([rows[q].label for q in queries])[:, None]
+        ranked = np.take_along_axis(scores, top, axis=1)
+        out[kind] = micro_average_precision(ranked, relevant, len(queries))
+    return out
+
+
+def before_and_after(folder: Path, seed: int) -> tuple[dict, dict]:
+    """µAP@10 by edit kind of the untrained model and after STEPS instance-training steps."""
     pl.seed_everything(seed, workers=True)
     manifest = write_copy_manifest(folder, seed)
-    embedder = Embedder(create_backbone("test_convnext", pretrained=False), 128, "gem")
+    backbone = create_backbone("tf_efficientnet_lite0")  # the installed ImageNet weights
+    embedder = Embedder(backbone, 128, "gem", frozen_stages=5)
     sampler = partial(InstanceBatchSampler, images_per_batch=16, views_per_image=2)
     datamodule = RetrievalDataModule(
         manifest,
         embedder.preprocessing,
         sampler,
-        image_size=64,
+        image_size=SIDE,
         num_workers=0,
         augment="copydetect",
+        anchor_view=True,
+        num_edits=(1, 3),
+        edit_p=1.0,
         seed=seed,
     )
     module = RetrievalModule(
         embedder,
         NTXentLoss(temperature=0.1),
-        partial(torch.optim.AdamW, lr=1e-2),
+        partial(torch.optim.AdamW, lr=1e-3),
         scheduler=partial(warmup_cosine, warmup_fraction=0.1),
         head_lr_multiplier=1.0,
         eval_ks=(1,),
@@ -124,19 +149,24 @@ def recall_before_and_after(folder: Path, seed: int) -> tuple[float, float]:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        check_val_every_n_epoch=10**6,  # scored by the validate calls only
+        limit_val_batches=0,  # scored by micro_ap_by_kind only
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
     )
+    datamodule.setup("fit")
+    before = micro_ap_by_kind(module, datamodule)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's hints about workers and logging
-        before = trainer.validate(module, datamodule, verbose=False)[0]["val/recall@1"]
         trainer.fit(module, datamodule)
-        after = trainer.validate(module, datamodule, verbose=False)[0]["val/recall@1"]
-    return before, after
+    return before, micro_ap_by_kind(module, datamodule)
 
 
-@pytest.mark.slow
-def test_instance_training_beats_the_untrained_model_on_held_out_copies(tmp_path):
-    before, after = recall_before_and_after(tmp_path, seed=0)
-    assert after >= before + MARGIN, (before, after)
+@pytest.mark.slow  # ~45 s on 2 cores
+def test_instance_training_beats_the_untrained_model_on_every_edit_kind(tmp_path):
+    before, after = before_and_after(tmp_path, seed=0)
+    for kind in QUERY_KINDS:
+        if before[kind] >= CEILING:
+            assert after[kind] >= CEILING, (kind, before[kind], after[kind])
+        else:
+            assert after[kind] >= before[kind] + MARGIN, (kind, before[kind], after[kind])
+    assert any(before[kind] < CEILING for kind in QUERY_KINDS)  # not all at the ceiling
