@@ -54,6 +54,11 @@ class ImageDataset(Dataset):
         image = open_rgb(self.rows[index].path, self.max_pixels)
         return {**self._item(index), "image": transform(image)}
 
+    def cache_description(self) -> dict[str, Any]:
+        """What its embeddings depend on besides the model and preprocessing, for an embedding
+        cache's key: the rows' paths and labels."""
+        return {"paths": [str(r.path) for r in self.rows], "labels": [r.label for r in self.rows]}
+
     def _item(self, index: int) -> dict[str, Any]:
         """Everything of item ``index`` but its image."""
         row = self.rows[index]
@@ -87,16 +92,16 @@ class EditedCopies(ImageDataset):
         self.max_side, self.edits, self.seed = max_side, edits, seed
         self.overlays = list(overlays)
 
-    @property
-    def edit_description(self) -> dict[str, Any]:
-        """What the edits depend on besides the rows: an embedding cache's key must hold it,
-        or the edited copies would be read back as the plain images' embeddings."""
-        return {
+    def cache_description(self) -> dict[str, Any]:
+        """The rows and what the edits depend on: the edited copies must not be read back as
+        the plain images' embeddings."""
+        edited = {
             "edits": list(self.edits),
             "seed": self.seed,
             "max_side": self.max_side,
             "overlays": len(self.overlays),
         }
+        return {**super().cache_description(), "edited": edited}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         from retrieval.data.copy_edits import SINGLE_KINDS, apply_edit

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from retrieval.data.preprocessing import Preprocessing
@@ -39,8 +40,6 @@ __all__ = [
     "torchscript_backbone",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: where downloaded TorchScript files are kept (``RETRIEVAL_CACHE`` overrides the folder)
 CACHE = Path(os.environ.get("RETRIEVAL_CACHE", Path.home() / ".cache" / "retrieval"))
@@ -160,8 +159,8 @@ def torchscript_backbone(
     expected_dim: int | None = None,
     input_size: int = 224,
     resize_mode: str = "short",
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
     interpolation: str = "bilinear",
 ) -> Backbone:
     """A :class:`~retrieval.models.backbone.Backbone` around the TorchScript file ``weights``

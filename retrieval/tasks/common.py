@@ -259,14 +259,6 @@ def embed_rows(
     device: torch.device,
 ) -> Embeddings:
     """:func:`embed_dataset` of an :class:`~retrieval.data.dataset.ImageDataset`, its cache
-    key described by the dataset's rows (paths, labels) and ``preprocessing``."""
-    rows = dataset.rows
-    description = {
-        "paths": [str(r.path) for r in rows],
-        "labels": [r.label for r in rows],
-        "pre": preprocessing,
-    }
-    edited = getattr(dataset, "edit_description", None)  # EditedCopies: not the plain images
-    if edited is not None:
-        description["edited"] = edited
+    key described by the dataset itself (``cache_description``) and ``preprocessing``."""
+    description = {**dataset.cache_description(), "pre": preprocessing}
     return embed_dataset(cfg, embedder, dataset, description, batch_size, num_workers, device)[0]
