@@ -19,7 +19,8 @@ class ImageDataset(Dataset):
     """Items ``{"image": (3, H, W) float tensor, "label": int, "index": int, "is_query": bool,
     "is_gallery": bool}``. With ``view_transforms``, item ``(index, view)`` is the image
     through the view's own transform (the first view of an instance batch plain, the others
-    edited: :class:`~retrieval.data.sampler.InstanceBatchSampler` ``numbered_views``).
+    edited: :class:`~retrieval.data.sampler.InstanceBatchSampler` ``numbered_views``), and the
+    item has a ``view`` key.
 
     ``label`` is the position of the row's label in ``label_names`` (sorted, contiguous from 0),
     which is what classification-style losses (proxies) need. ``index`` is the row's position in
@@ -52,7 +53,8 @@ class ImageDataset(Dataset):
         if view is not None and self.view_transforms:
             transform = self.view_transforms[min(view, len(self.view_transforms) - 1)]
         image = open_rgb(self.rows[index].path, self.max_pixels)
-        return {**self._item(index), "image": transform(image)}
+        numbered = {} if view is None else {"view": view}
+        return {**self._item(index), **numbered, "image": transform(image)}
 
     def cache_description(self) -> dict[str, Any]:
         """What its embeddings depend on besides the model and preprocessing, for an embedding

@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from pytorch_metric_learning.losses import NTXentLoss
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -16,6 +17,7 @@ from retrieval.evaluation import evaluate_protocol
 from retrieval.models.embedder import Embedder
 from retrieval.training.layer_decay import layer_decay_groups
 from retrieval.training.losses import check_gatherable, compute_loss
+from retrieval.training.mixing import InstanceMix, soft_ntxent
 from retrieval.training.quiet import expect_eval_modules
 
 
@@ -43,6 +45,9 @@ class RetrievalModule(pl.LightningModule):
         eval_ks: the k of recall@k reported by validation.
         eval_metrics: metric families validation reports (see
             :func:`retrieval.evaluation.evaluate_embeddings`).
+        mix: mixup / CutMix of instances (:class:`~retrieval.training.mixing.InstanceMix`),
+            trained with :func:`~retrieval.training.mixing.soft_ntxent` at the temperature of
+            ``loss``, which must then be pytorch-metric-learning's ``NTXentLoss``.
         gather_embeddings: under distributed training, compute the loss and the miner over the
             embeddings and labels of every rank (the global batch) instead of this rank's batch
             alone; only for parameter-free PML losses (see
@@ -64,6 +69,7 @@ class RetrievalModule(pl.LightningModule):
         eval_ks: Sequence[int] = (1, 2, 4, 8),
         eval_metrics: Sequence[str] = ("recall", "map@r", "r_precision"),
         gather_embeddings: bool = False,
+        mix: InstanceMix | None = None,
         run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -81,6 +87,9 @@ class RetrievalModule(pl.LightningModule):
         self.gather_embeddings = gather_embeddings
         if gather_embeddings:
             check_gatherable(self.loss, miner)  # fail before training, not at its first step
+        self.mix = mix
+        if mix is not None:
+            _check_mixable(loss, miner, gather_embeddings)
         self.run_config = run_config or {}
         self._outputs: list[dict[str, torch.Tensor]] = []
 
@@ -115,10 +124,16 @@ class RetrievalModule(pl.LightningModule):
             self.model.backbone.eval()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        embeddings = self.model(batch["image"], backbone_grad=not self.backbone_frozen)
-        loss = compute_loss(
-            self.loss, self.miner, embeddings, batch["label"], gather=self.gather_embeddings
-        )
+        images, shares = batch["image"], None
+        if self.mix is not None:
+            images, shares = self.mix(images, batch.get("view"))
+        embeddings = self.model(images, backbone_grad=not self.backbone_frozen)
+        if shares is not None:
+            loss = soft_ntxent(embeddings, batch["label"], shares, self.loss.temperature)
+        else:
+            loss = compute_loss(
+                self.loss, self.miner, embeddings, batch["label"], gather=self.gather_embeddings
+            )
         # a gathered loss comes back multiplied by the world size (see compute_loss)
         scale = self.trainer.world_size if self.gather_embeddings else 1
         self.log("train/loss", loss.detach() / scale, prog_bar=True, batch_size=len(embeddings))
@@ -254,3 +269,18 @@ def unique_by_index(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """
     _, first = np.unique(arrays["index"], return_index=True)
     return {k: v[first] for k, v in arrays.items()}
+
+
+def _check_mixable(loss: nn.Module, miner: nn.Module | None, gather: bool) -> None:
+    """Raise ``ValueError`` unless mixup / CutMix of instances can train with this loss: mixed
+    views need soft targets, which :func:`soft_ntxent` gives NT-Xent only."""
+    if not isinstance(loss, NTXentLoss):
+        raise ValueError(
+            f"model.mix trains with a soft-target NT-Xent and needs loss=ntxent, got "
+            f"{type(loss).__name__}; set model.mix=null or loss=ntxent"
+        )
+    if miner is not None or gather:
+        raise ValueError(
+            "model.mix scores every pair of the batch: it needs miner=none and "
+            "model.gather_embeddings=false"
+        )
