@@ -183,7 +183,7 @@ class RuntimeModule(nn.Module):
         return torch.from_numpy(self.runtime.embed(batch))
 
 
-def _torch_runner(module: nn.Module, device: str) -> Callable[[np.ndarray], np.ndarray]:
+def torch_runner(module: nn.Module, device: str) -> Callable[[np.ndarray], np.ndarray]:
     def run(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return module(torch.from_numpy(batch).to(device)).float().cpu().numpy()
@@ -237,7 +237,7 @@ def load_runtime(
                 model = torch.jit.load(str(path), map_location=target).eval()
         except Exception as err:  # torch raises RuntimeError and others for bad archives
             raise _unreadable(path, "loaded by torch.jit.load", err, _first_line(err)) from None
-    return Runtime(kind, target, config, _torch_runner(model, target))
+    return Runtime(kind, target, config, torch_runner(model, target))
 
 
 def _onnx_runtime(path: Path, config: dict[str, Any], threads: int | None, device: str) -> Runtime:

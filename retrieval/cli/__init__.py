@@ -7,6 +7,7 @@ retrieval verify BUNDLE
 retrieval score BUNDLE MANIFEST [--split test] [-k 10] [--json]
 retrieval serve BUNDLE [--host 127.0.0.1] [--port 8000] [--token SECRET] [--backend SPEC]
 retrieval push BUNDLE milvus://HOST:PORT/COLLECTION | milvus-lite:PATH[#COLLECTION]
+retrieval duplicates FOLDER|BUNDLE [--json] [--keep largest] [--protect DIR] [--move-to DIR]
 
 search, info and score open the bundle read-only, so they run beside the one process that
 holds it for writing (serve, index). Unreadable images are skipped and listed on stderr by
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 from retrieval.bundle.format import BundleBusyError, BundleError, ReadOnlyError
 from retrieval.cli.bundle import add_index, add_info, add_verify
 from retrieval.cli.common import EXIT_CODES, EXIT_ERROR, EXIT_INTERRUPTED, version
+from retrieval.cli.duplicates import add_duplicates
 from retrieval.cli.push import add_push
 from retrieval.cli.search import add_score, add_search
 from retrieval.cli.serve import add_serve
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"retrieval {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_search, add_index, add_info, add_verify, add_score, add_push, add_serve):
+    commands = (add_search, add_index, add_info, add_verify, add_score, add_push, add_serve)
+    for add in (*commands, add_duplicates):
         add(sub)
     return parser
 

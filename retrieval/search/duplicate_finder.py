@@ -1,0 +1,446 @@
+"""Finding the duplicates of a folder or a bundle (:func:`find_duplicates`, behind
+``retrieval duplicates``): the images described and embedded, a threshold chosen, the groups
+formed by :func:`~retrieval.search.duplicates.group_duplicates`.
+
+A folder's images are described once (size, date, pixel size, sha256:
+:class:`~retrieval.search.duplicates.FileFacts`) and embedded with a bundle's model or the
+default pretrained one (:func:`default_model`), kept in a cache keyed by the file's path,
+size and mtime, so that a second scan of an unchanged folder embeds nothing.
+
+Thresholds come from a calibration table (:func:`~retrieval.search.duplicates.calibrate`):
+the bundle manifest's ``duplicates`` entry, or for the default model the table shipped with
+the package (``default_duplicates.json``, written by ``scripts/calibrate_duplicates.py``).
+
+The cache is one SQLite file per model (``<cache dir>/<model key>.sqlite``); a file whose size
+or mtime changed is embedded again and its row replaced. Rows are written after each batch
+in one transaction: an interrupted scan keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from retrieval.bundle.preprocess import Preprocessor
+from retrieval.bundle.runtime import Runtime
+from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, images_in_folder, open_rgb
+from retrieval.search.duplicates import (
+    DuplicateGroup,
+    FileFacts,
+    group_duplicates,
+    threshold_for,
+)
+from retrieval.search.prefetch import chunks, prefetched
+
+__all__ = [
+    "EmbeddingCache",
+    "FolderScan",
+    "exif_date",
+    "DuplicateReport",
+    "default_model",
+    "find_duplicates",
+    "protect_files",
+    "same_pixels",
+    "scan_files",
+]
+
+_EXIF_IFD, _DATE_ORIGINAL = 0x8769, 36867
+
+
+def exif_date(image: Image.Image) -> float | None:
+    """The EXIF ``DateTimeOriginal`` of an opened image as epoch seconds (read as UTC), or
+    None when it has none or it does not parse."""
+    try:
+        text = image.getexif().get_ifd(_EXIF_IFD).get(_DATE_ORIGINAL)
+        if not isinstance(text, str):
+            return None
+        when = datetime.strptime(text.strip("\x00 ")[:19], "%Y:%m:%d %H:%M:%S")
+    except (ValueError, TypeError, OSError, AttributeError):
+        return None
+    return when.replace(tzinfo=timezone.utc).timestamp()
+
+
+def same_pixels(a: str | Path, b: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
+    """Whether two image files decode to the same RGB pixels (EXIF orientation applied);
+    False when either cannot be read."""
+    try:
+        first, second = open_rgb(a, max_pixels), open_rgb(b, max_pixels)
+    except ImageLoadError:
+        return False
+    return first.size == second.size and first.tobytes() == second.tobytes()
+
+
+class EmbeddingCache:
+    """Embeddings and facts of files, keyed by resolved path, size and mtime (ns), in the
+    SQLite file ``path``. A context manager; ``close()`` commits."""
+
+    def __init__(self, path: str | Path, dim: int) -> None:
+        self.path, self.dim = Path(path), int(dim)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # read by the prefetching thread, written by the caller's: one connection, one lock
+        self._db = sqlite3.connect(self.path, check_same_thread=False)
+        self._lock = threading.Lock()
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, "
+            "mtime_ns INTEGER, sha256 TEXT, width INTEGER, height INTEGER, date REAL, "
+            "vector BLOB)"
+        )
+
+    def get(self, path: str, size: int, mtime_ns: int) -> tuple[FileFacts, np.ndarray] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT sha256, width, height, date, vector FROM files "
+                "WHERE path = ? AND size = ? AND mtime_ns = ?",
+                (path, size, mtime_ns),
+            ).fetchone()
+        if row is None or len(row[4]) != 4 * self.dim:
+            return None
+        facts = FileFacts(path, size, row[1], row[2], row[3], row[0])
+        return facts, np.frombuffer(row[4], dtype=np.float32).copy()
+
+    def put(self, rows: Sequence[tuple[FileFacts, int, np.ndarray]]) -> None:
+        """Store ``(facts, mtime_ns, vector)`` rows in one transaction."""
+        with self._lock, self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        f.path,
+                        f.bytes,
+                        mtime,
+                        f.sha256,
+                        f.width,
+                        f.height,
+                        f.date,
+                        np.asarray(v, np.float32).tobytes(),
+                    )
+                    for f, mtime, v in rows
+                ],
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> EmbeddingCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class FolderScan:
+    """What :func:`scan_files` found: ``facts`` and ``vectors`` (n, dim) of the readable
+    files in the order given, ``unreadable`` ``(path, reason)`` and how many were embedded
+    now rather than read from the cache."""
+
+    facts: list[FileFacts]
+    vectors: np.ndarray
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    embedded: int = 0
+
+
+@dataclass
+class _Loaded:
+    count: int
+    done: list[tuple[int, FileFacts, np.ndarray]] = field(default_factory=list)
+    todo: list[tuple[int, FileFacts, int, np.ndarray]] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _load(
+    batch: Sequence[tuple[int, Path]],
+    preprocessor: Preprocessor,
+    cache: EmbeddingCache | None,
+    max_pixels: int,
+) -> _Loaded:
+    """Facts of one batch, with the cached vectors found and the others' model inputs."""
+    loaded = _Loaded(len(batch))
+    for position, path in batch:
+        name = str(path)
+        try:
+            stat = path.stat()
+            hit = cache.get(name, stat.st_size, stat.st_mtime_ns) if cache else None
+            if hit is not None:
+                loaded.done.append((position, *hit))
+                continue
+            data = path.read_bytes()
+            pixels = preprocessor.prepare(data, max_pixels, name=name)
+            with Image.open(path) as image:
+                width, height, date = image.width, image.height, exif_date(image)
+        except (OSError, ImageLoadError, ValueError) as err:
+            loaded.unreadable.append((name, str(err)))
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        when = date if date is not None else stat.st_mtime
+        facts = FileFacts(name, len(data), width, height, when, digest)
+        loaded.todo.append((position, facts, stat.st_mtime_ns, pixels))
+    return loaded
+
+
+def scan_files(
+    paths: Sequence[str | Path],
+    preprocessor: Preprocessor,
+    runtime: Runtime,
+    cache: EmbeddingCache | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    batch_size: int = 32,
+    progress: Callable[[int], Any] | None = None,
+) -> FolderScan:
+    """Facts and embeddings of image files (resolved paths), from ``cache`` where a file's
+    size and mtime are unchanged, else read, hashed and embedded (and stored in ``cache``).
+    Files that cannot be read are listed in ``unreadable`` and left out."""
+    resolved = [(i, Path(p).resolve()) for i, p in enumerate(paths)]
+    found: dict[int, tuple[FileFacts, np.ndarray]] = {}
+    unreadable: list[tuple[str, str]] = []
+    embedded = 0
+    load = partial(_load, preprocessor=preprocessor, cache=cache, max_pixels=max_pixels)
+    for loaded in prefetched(chunks(resolved, batch_size), load):
+        unreadable += loaded.unreadable
+        found.update({pos: (facts, vec) for pos, facts, vec in loaded.done})
+        if loaded.todo:
+            vectors = runtime.embed_many([pixels for *_, pixels in loaded.todo])
+            rows = [(f, m, v) for (_, f, m, _), v in zip(loaded.todo, vectors, strict=True)]
+            if cache is not None:
+                cache.put(rows)
+            for (position, facts, _, _), vector in zip(loaded.todo, vectors, strict=True):
+                found[position] = (facts, vector)
+            embedded += len(loaded.todo)
+        if progress is not None:
+            progress(loaded.count)
+    order = sorted(found)
+    vectors = np.zeros((len(order), runtime.embedding_dim), dtype=np.float32)
+    for row, position in enumerate(order):
+        vectors[row] = found[position][1]
+    return FolderScan([found[i][0] for i in order], vectors, unreadable, embedded)
+
+
+def protect_files(facts: Sequence[FileFacts], folders: Sequence[Path]) -> list[FileFacts]:
+    """``facts`` with ``protected`` set on the files under any of ``folders`` (resolved)."""
+    roots = [Path(f).resolve() for f in folders]
+    return [replace(f, protected=any(Path(f.path).is_relative_to(r) for r in roots)) for f in facts]
+
+
+#: The calibration of the default model shipped with the package.
+DEFAULT_CALIBRATION = Path(__file__).with_name("default_duplicates.json")
+#: The default cache folder (one SQLite file per model).
+DEFAULT_CACHE = Path("~/.cache/retrieval/duplicates").expanduser()
+
+
+@dataclass
+class DuplicateReport:
+    """What :func:`find_duplicates` found: the threshold used and where it came from, the
+    groups, and the files that could not be read."""
+
+    threshold: float
+    threshold_source: str
+    groups: list[DuplicateGroup]
+    unreadable: list[tuple[str, str]]
+    files: int
+    embedded: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold,
+            "groups": [g.to_list() for g in self.groups],
+            "unreadable": [{"path": p, "reason": r} for p, r in self.unreadable],
+        }
+
+
+def default_model(threads: int | None = None) -> tuple[Preprocessor, Runtime, str]:
+    """``(preprocessor, runtime, cache key)`` of the default pretrained model: what
+    ``python export.py`` exports with no options (EfficientNet-Lite0 with its ImageNet
+    weights, GeM pooling, no head, the whole image squashed to 224), run eagerly on the CPU,
+    without the bundle's whitening (which is learned from a dataset)."""
+    import torch
+
+    from retrieval.bundle.runtime import torch_runner
+    from retrieval.models import Embedder, create_backbone
+
+    if threads:
+        torch.set_num_threads(threads)
+    embedder = Embedder(create_backbone("tf_efficientnet_lite0"), None, "gem").eval()
+    pre = embedder.preprocessing.with_size(None, "squash")
+    config = {"output_dim": embedder.embedding_dim, "input_size": pre.input_size}
+    runtime = Runtime("eager", "cpu", config, torch_runner(embedder, "cpu"))
+    return Preprocessor.from_preprocessing(pre), runtime, "default-lite0-gem-squash224-v1"
+
+
+def read_calibration(path: Path) -> dict[str, Any]:
+    """A calibration (``{"threshold", "precision", "table", ...}``) from a JSON file."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read the duplicate calibration ({err})") from err
+    if not isinstance(data, dict) or "threshold" not in data or "table" not in data:
+        raise ValueError(f"{path}: not a duplicate calibration (needs threshold and table)")
+    return data
+
+
+def choose_threshold(
+    calibration: dict[str, Any] | None,
+    threshold: float | None,
+    precision: float | None,
+    where: str,
+) -> tuple[float, str]:
+    """``(threshold, how it was chosen)``: ``threshold`` itself when given, else the
+    calibrated one for ``precision``, else the calibration's default."""
+    if threshold is not None:
+        if not -1.0 <= threshold <= 1.0:
+            raise ValueError(f"--threshold {threshold} is not a cosine similarity in [-1, 1]")
+        return float(threshold), "given"
+    if calibration is None:
+        raise ValueError(
+            f"{where} has no calibrated duplicate threshold: pass --threshold (a cosine "
+            "similarity, e.g. 0.8)"
+        )
+    on = calibration.get("calibrated_on", "calibration data")
+    if precision is not None:
+        chosen = threshold_for(calibration["table"], precision)
+        return chosen, f"pair precision {precision} on {on}"
+    return float(calibration["threshold"]), (
+        f"default: pair precision {calibration.get('precision', '?')} on {on}"
+    )
+
+
+def find_duplicates(
+    target: str | Path,
+    model: str | Path | None = None,
+    threshold: float | None = None,
+    precision: float | None = None,
+    keep: str = "largest",
+    protect: Sequence[str | Path] = (),
+    k: int = 32,
+    cache: str | Path | None = DEFAULT_CACHE,
+    runtime: str = "auto",
+    threads: int | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> DuplicateReport:
+    """The duplicate groups of ``target``: a folder of images (embedded with the bundle
+    ``model``, or the :func:`default_model`) or a bundle (its items). ``threshold`` (cosine)
+    or ``precision`` (calibrated pair precision) choose the threshold, else the calibrated
+    default; ``protect``: folders under the target whose files are always kept; ``cache``:
+    the embedding cache folder (None: no cache). Raises ValueError naming a bad argument."""
+    target = Path(target)
+    if (target / "manifest.json").is_file():
+        if model is not None:
+            raise ValueError("a bundle target is grouped with its own model: drop --model")
+        return _bundle_duplicates(target, threshold, precision, keep, protect, k)
+    if not target.is_dir():
+        raise ValueError(f"{target} is neither a folder nor a bundle")
+    root = target.resolve()
+    folders = _protected_folders(protect, root)
+    paths = images_in_folder(root)
+    if threshold is not None:  # a bad value fails before any model loads
+        choose_threshold(None, threshold, None, "")
+    if model is not None:
+        pre, run, key, calibration = _bundle_model(Path(model), runtime, threads)
+    else:
+        pre, run, key = default_model(threads)
+        calibration = read_calibration(DEFAULT_CALIBRATION)
+    chosen, source = choose_threshold(
+        calibration, threshold, precision, str(model or "the default model")
+    )
+    store = (
+        None if cache is None else EmbeddingCache(Path(cache) / f"{key}.sqlite", run.embedding_dim)
+    )
+    try:
+        scan = scan_files(paths, pre, run, store, progress=progress)
+    finally:
+        if store is not None:
+            store.close()
+    facts = protect_files(scan.facts, folders)
+    groups = group_duplicates(scan.vectors, facts, chosen, keep, k, _pixels_checker(facts))
+    return DuplicateReport(chosen, source, groups, scan.unreadable, len(facts), scan.embedded)
+
+
+def _protected_folders(protect: Sequence[str | Path], root: Path) -> list[Path]:
+    folders = []
+    for folder in protect:
+        resolved = Path(folder).resolve()
+        if not (resolved == root or resolved.is_relative_to(root)):
+            raise ValueError(f"--protect {folder} is not inside the target folder {root}")
+        if not resolved.is_dir():
+            raise ValueError(f"--protect {folder} is not a folder")
+        folders.append(resolved)
+    return folders
+
+
+def _pixels_checker(facts: Sequence[FileFacts]) -> Callable[[int, int], bool]:
+    def check(i: int, j: int) -> bool:
+        return same_pixels(facts[i].path, facts[j].path)
+
+    return check
+
+
+def _bundle_model(
+    folder: Path, runtime: str, threads: int | None
+) -> tuple[Preprocessor, Runtime, str, dict[str, Any] | None]:
+    """A bundle's preprocessor and model (for embedding a folder), its cache key (the
+    checksums of its model files) and its calibration, if it has one."""
+    from retrieval.bundle.format import read_json, read_manifest, verify_files
+    from retrieval.bundle.runtime import load_runtime
+
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest)
+    pre_file = folder / "preprocessing.json"
+    pre = Preprocessor.from_dict(read_json(pre_file, missing=f"{pre_file} does not exist"))
+    run = load_runtime(folder, kind=runtime, threads=threads)
+    files = manifest.get("files", {})
+    model_files = sorted(f"{n}={d}" for n, d in files.items() if n.startswith(("model.", "pre")))
+    key = "bundle-" + hashlib.sha256("\n".join(model_files).encode()).hexdigest()[:24]
+    return pre, run, key, manifest.get("duplicates")
+
+
+def _bundle_duplicates(
+    folder: Path,
+    threshold: float | None,
+    precision: float | None,
+    keep: str,
+    protect: Sequence[str | Path],
+    k: int,
+) -> DuplicateReport:
+    """The duplicate groups of a bundle's active items (their stored vectors; sizes and dates
+    read from their files where those still exist)."""
+    from retrieval.bundle.format import read_manifest
+    from retrieval.bundle.items import IndexedItems
+
+    calibration = read_manifest(folder).get("duplicates")
+    chosen, source = choose_threshold(calibration, threshold, precision, str(folder))
+    items = IndexedItems.open(folder, read_only=True)
+    try:
+        ids = items.store.active_ids()
+        records = items.store.get(ids.tolist())
+    finally:
+        items.close()
+    folders = [Path(f).resolve() for f in protect]
+    facts = protect_files([_item_facts(r.uri, r.content_sha256) for r in records], folders)
+    vectors = np.stack([r.vector for r in records]) if records else np.zeros((0, 1), np.float32)
+    groups = group_duplicates(vectors, facts, chosen, keep, k, _pixels_checker(facts))
+    return DuplicateReport(chosen, source, groups, [], len(facts))
+
+
+def _item_facts(uri: str, sha256: str | None) -> FileFacts:
+    """What the file of a bundle item tells, as far as it still exists."""
+    path = Path(uri)
+    try:
+        stat = path.stat()
+        with Image.open(path) as image:
+            width, height, date = image.width, image.height, exif_date(image)
+    except (OSError, ValueError):
+        return FileFacts(uri, sha256=sha256)
+    when = date if date is not None else stat.st_mtime
+    return FileFacts(uri, stat.st_size, width, height, when, sha256)
