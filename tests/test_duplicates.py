@@ -337,3 +337,33 @@ def test_exif_date_is_read() -> None:
     buffer.seek(0)
     assert exif_date(Image.open(buffer)) == 981173106.0
     assert exif_date(Image.new("RGB", (4, 4))) is None
+
+
+def test_calibration_on_edited_copies_of_a_train_split(gallery, bundle_copy: Path) -> None:  # noqa: ANN001
+    """A bundle's calibration from a manifest's train split: every threshold scored, the
+    default the lowest reaching the precision asked, stored without touching the checksums."""
+    from retrieval.bundle.format import read_json, read_manifest, update_manifest, verify_files
+    from retrieval.bundle.preprocess import Preprocessor
+    from retrieval.bundle.runtime import load_runtime
+    from retrieval.search.duplicate_finder import calibrate_on_copies
+
+    pre = Preprocessor.from_dict(read_json(bundle_copy / "preprocessing.json", "missing"))
+    manifest = gallery.root / "manifest.csv"
+    calibration = calibrate_on_copies(
+        pre,
+        load_runtime(bundle_copy),
+        manifest,
+        originals=4,
+        copies=2,
+        distractors=6,
+        precision=0.5,
+    )
+    table = calibration["table"]
+    assert [r["threshold"] for r in table] == sorted(r["threshold"] for r in table)
+    assert len(table) == 70 and all(0 <= r["recall"] <= 1 for r in table)
+    fits = [r["threshold"] for r in table if r["precision"] >= 0.5]
+    assert calibration["threshold"] == (min(fits) if fits else calibration["threshold"])
+    assert "train split: 4 photos x 2 edited copies among 6 others" in calibration["calibrated_on"]
+    update_manifest(bundle_copy, duplicates=calibration)
+    verify_files(bundle_copy, read_manifest(bundle_copy))
+    assert read_manifest(bundle_copy)["duplicates"]["threshold"] == calibration["threshold"]

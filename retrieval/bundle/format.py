@@ -92,6 +92,20 @@ def write_manifest(folder: str | Path, fields: dict[str, Any], files: list[str])
     return path
 
 
+def update_manifest(folder: str | Path, **fields: Any) -> Path:
+    """Set ``fields`` in a bundle's ``manifest.json`` (atomic), keeping every other field and
+    the recorded checksums as they are (nothing is re-hashed: a file changed since the export
+    still fails :func:`verify_files`)."""
+    root = Path(folder)
+    manifest = read_manifest(root)
+    manifest.update(fields)
+    files = manifest.pop("files")
+    with atomic_write(root / MANIFEST, "w", encoding="utf-8") as handle:
+        json.dump({**manifest, "files": files}, handle, indent=2, sort_keys=False, default=str)
+        handle.write("\n")
+    return root / MANIFEST
+
+
 def read_json(path: Path, missing: str) -> Any:
     """The JSON value in one of a bundle's files. Raises BundleError: the message ``missing``
     when there is no such file, or one naming the file when it is not valid UTF-8 JSON."""

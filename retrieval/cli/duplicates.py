@@ -1,6 +1,6 @@
 """``retrieval duplicates``: group the exact and near copies of a folder or a bundle, show them
-(text, ``--json``, ``--csv``), and move the copies not kept out of the folder with a journal
-that ``--undo`` replays backwards. Nothing is ever deleted."""
+(text, ``--json``, ``--csv``, ``--html``), and move the copies not kept out of the folder with
+a journal that ``--undo`` replays backwards. Nothing is ever deleted."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def _text(report: Any, out: Any) -> None:
     freed = sum(g.freed_bytes for g in groups)
     for number, group in enumerate(groups, start=1):
         print(f"group {number} ({group.kind}, frees {_size(group.freed_bytes)})", file=out)
-        for m in group.members:
-            tag = "keep" if m.keep else m.to_dict()["kind"]
+        for m, shown in zip(group.members, group.to_list(), strict=True):
+            tag = "keep" if m.keep else shown["kind"]
             print(f"  {tag:<5} {m.score:6.3f}  {m.path}", file=out)
     print(
         f"{len(groups)} group(s) ({exact} exact, {len(groups) - exact} near) among "
@@ -114,6 +114,11 @@ def _run(args: argparse.Namespace) -> int:
         _text(report, sys.stdout)
     if args.csv:
         _write_csv(report, Path(args.csv))
+    if args.html:
+        from retrieval.search.duplicate_page import write_page
+
+        page = write_page(report.groups, args.html, report.threshold)
+        print(f"page: {page}", file=sys.stderr)
     return _move(report, args) if args.move_to else 0
 
 
@@ -147,6 +152,7 @@ def add_duplicates(sub: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--csv", metavar="FILE", help="also write the groups to a CSV file")
+    p.add_argument("--html", metavar="DIR", help="also write a page of the groups with thumbnails")
     p.add_argument(
         "--move-to",
         metavar="DIR",

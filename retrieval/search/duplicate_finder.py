@@ -37,6 +37,7 @@ from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, images_in_
 from retrieval.search.duplicates import (
     DuplicateGroup,
     FileFacts,
+    calibrate,
     group_duplicates,
     threshold_for,
 )
@@ -234,6 +235,8 @@ def protect_files(facts: Sequence[FileFacts], folders: Sequence[Path]) -> list[F
 
 #: The calibration of the default model shipped with the package.
 DEFAULT_CALIBRATION = Path(__file__).with_name("default_duplicates.json")
+#: The pair precision the default threshold is chosen for.
+DEFAULT_PRECISION = 0.98
 #: The default cache folder (one SQLite file per model).
 DEFAULT_CACHE = Path("~/.cache/retrieval/duplicates").expanduser()
 
@@ -249,6 +252,8 @@ class DuplicateReport:
     unreadable: list[tuple[str, str]]
     files: int
     embedded: int = 0
+    #: a bundle's item id of each row (members' ``row``); empty for a folder
+    ids: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -304,8 +309,8 @@ def choose_threshold(
         return float(threshold), "given"
     if calibration is None:
         raise ValueError(
-            f"{where} has no calibrated duplicate threshold: pass --threshold (a cosine "
-            "similarity, e.g. 0.8)"
+            f"{where} has no calibrated duplicate threshold: give one (a cosine similarity, "
+            "e.g. 0.8: --threshold, or threshold= of GET /duplicates)"
         )
     on = calibration.get("calibrated_on", "calibration data")
     if precision is not None:
@@ -338,7 +343,7 @@ def find_duplicates(
     if (target / "manifest.json").is_file():
         if model is not None:
             raise ValueError("a bundle target is grouped with its own model: drop --model")
-        return _bundle_duplicates(target, threshold, precision, keep, protect, k)
+        return _bundle_duplicates(target, threshold, precision, keep, protect, k, progress)
     if not target.is_dir():
         raise ValueError(f"{target} is neither a folder nor a bundle")
     root = target.resolve()
@@ -412,25 +417,52 @@ def _bundle_duplicates(
     keep: str,
     protect: Sequence[str | Path],
     k: int,
+    progress: Callable[[int], Any] | None = None,
 ) -> DuplicateReport:
-    """The duplicate groups of a bundle's active items (their stored vectors; sizes and dates
-    read from their files where those still exist)."""
+    """The duplicate groups of a bundle's active items, the bundle opened read-only."""
     from retrieval.bundle.format import read_manifest
     from retrieval.bundle.items import IndexedItems
 
     calibration = read_manifest(folder).get("duplicates")
-    chosen, source = choose_threshold(calibration, threshold, precision, str(folder))
+    chosen = choose_threshold(calibration, threshold, precision, str(folder))
     items = IndexedItems.open(folder, read_only=True)
     try:
-        ids = items.store.active_ids()
-        records = items.store.get(ids.tolist())
+        return item_duplicates(items, chosen, keep, protect, k, progress)
     finally:
         items.close()
+
+
+def item_duplicates(
+    items: Any,
+    threshold: tuple[float, str],
+    keep: str = "largest",
+    protect: Sequence[str | Path] = (),
+    k: int = 32,
+    progress: Callable[[int], Any] | None = None,
+) -> DuplicateReport:
+    """The duplicate groups of the active items of a bundle's item store (``IndexedItems``),
+    from their stored vectors, sizes and dates read from their files where those still exist;
+    ``threshold``: ``(value, how it was chosen)`` from :func:`choose_threshold`. The report's
+    ``ids`` give each row's item id (a member's ``row``)."""
+    from retrieval.bundle.items import IndexedItems
+
+    if not isinstance(items, IndexedItems):
+        raise ValueError(
+            "duplicates are grouped from the bundle's own item store: load the bundle without "
+            f"a search backend (this one searches {items.describe()['kind']})"
+        )
+    ids = items.store.active_ids()
+    records = [items.store.get(ids[i : i + 10_000].tolist()) for i in range(0, len(ids), 10_000)]
+    flat = [r for chunk in records for r in chunk]
     folders = [Path(f).resolve() for f in protect]
-    facts = protect_files([_item_facts(r.uri, r.content_sha256) for r in records], folders)
-    vectors = np.stack([r.vector for r in records]) if records else np.zeros((0, 1), np.float32)
-    groups = group_duplicates(vectors, facts, chosen, keep, k, _pixels_checker(facts))
-    return DuplicateReport(chosen, source, groups, [], len(facts))
+    facts = protect_files([_item_facts(r.uri, r.content_sha256) for r in flat], folders)
+    dim = int(items.dim)
+    vectors = np.stack([r.vector for r in flat]) if flat else np.zeros((0, dim), np.float32)
+    pixels = _pixels_checker(facts)
+    groups = group_duplicates(vectors, facts, threshold[0], keep, k, pixels, progress)
+    report = DuplicateReport(threshold[0], threshold[1], groups, [], len(facts))
+    report.ids = [int(r.id) for r in flat]
+    return report
 
 
 def _item_facts(uri: str, sha256: str | None) -> FileFacts:
@@ -444,3 +476,69 @@ def _item_facts(uri: str, sha256: str | None) -> FileFacts:
         return FileFacts(uri, sha256=sha256)
     when = date if date is not None else stat.st_mtime
     return FileFacts(uri, stat.st_size, width, height, when, sha256)
+
+
+def calibrate_on_copies(
+    preprocessor: Preprocessor,
+    runtime: Runtime,
+    manifest: str | Path,
+    split: str = "train",
+    originals: int = 300,
+    copies: int = 3,
+    distractors: int = 2000,
+    seed: int = 0,
+    precision: float = DEFAULT_PRECISION,
+    progress: Callable[[int], Any] | None = None,
+) -> dict[str, Any]:
+    """A duplicate calibration from a manifest's ``split`` (the training photos of
+    ``data=copydetect``, never its test photos or their copies): ``originals`` photos each
+    with ``copies`` seeded edited copies (1-3 copy edits each), among ``distractors`` other
+    photos, grouped at every threshold of :func:`~retrieval.search.duplicates.calibrate`.
+    The default threshold is the lowest that reaches pair ``precision`` (else the most
+    precise one). Returns ``{"threshold", "precision", "recall", "calibrated_on", "table"}``."""
+    import random
+
+    from retrieval.data.copy_edits import SINGLE_KINDS, apply_edit
+    from retrieval.data.manifest import read_manifest, select_split
+
+    rows = select_split(read_manifest(Path(manifest)), split, str(manifest))
+    picked = random.Random(seed).sample(range(len(rows)), min(len(rows), originals + distractors))
+    images, labels = [], []
+    side = 2 * preprocessor.input_size
+    for number, row_index in enumerate(picked):
+        image = open_rgb(rows[row_index].path)
+        image.thumbnail((side, side))
+        images.append(preprocessor(image))
+        labels.append(number)
+        for copy in range(copies if number < originals else 0):
+            rng = random.Random(f"{seed}:{row_index}:{copy}")
+            edited = image
+            for kind in rng.sample(SINGLE_KINDS, rng.randint(1, 3)):
+                edited = apply_edit(edited, kind, rng)
+            images.append(preprocessor(edited))
+            labels.append(number)
+        if progress is not None:
+            progress(1)
+    vectors = np.concatenate(
+        [runtime.embed_many(images[i : i + 64]) for i in range(0, len(images), 64)]
+    )
+    table = calibrate(vectors, labels)
+    fits = [r for r in table if r["precision"] >= precision]
+    chosen = (
+        min(fits, key=lambda r: r["threshold"])
+        if fits
+        else max(table, key=lambda r: (r["precision"], -r["threshold"]))
+    )
+    where = (
+        f"{Path(manifest).parent.name} {split} split: {min(originals, len(picked))} photos x "
+        f"{copies} edited copies among {max(0, len(picked) - originals)} others"
+    )
+    return {
+        "threshold": chosen["threshold"],
+        "precision": round(chosen["precision"], 4),
+        "recall": round(chosen["recall"], 4),
+        "calibrated_on": where,
+        "table": [
+            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in table
+        ],
+    }

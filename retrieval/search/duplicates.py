@@ -116,6 +116,7 @@ class DuplicateGroup:
 
     @property
     def kind(self) -> str:
+        """``exact`` when every member is an exact copy of the keeper, else ``near``."""
         return "exact" if all(m.kind != "near" for m in self.members) else "near"
 
     @property
@@ -124,7 +125,12 @@ class DuplicateGroup:
         return sum(m.bytes or 0 for m in self.members if not m.keep)
 
     def to_list(self) -> list[dict[str, Any]]:
-        return [m.to_dict() for m in self.members]
+        """The members as dicts; the keeper's ``kind`` is ``exact`` when the group holds an
+        exact copy of it, else ``near``."""
+        out = [m.to_dict() for m in self.members]
+        if out and not any(m.kind == "exact" for m in self.members):
+            out[0]["kind"] = "near"
+        return out
 
 
 def keep_ranks(facts: Sequence[FileFacts], keep: str = "largest") -> np.ndarray:

@@ -25,6 +25,7 @@ from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageInput
 from retrieval.infra.checks import positive_int, vectors
 from retrieval.postprocess import Postprocess, Rerank, search_with_steps
 from retrieval.search.adding import add_files
+from retrieval.search.duplicate_finder import DuplicateReport, choose_threshold, item_duplicates
 from retrieval.search.opening import bundle_problems, load_background, open_parts
 from retrieval.search.prefetch import chunks, prefetched
 from retrieval.search.results import AddReport, Hit, row_hits
@@ -263,6 +264,26 @@ class Retriever:
     def remove(self, ids: Sequence[int]) -> list[int]:
         """Remove items by id (durable when this returns); unknown ids raise KeyError."""
         return self.items.remove([int(i) for i in ids])
+
+    def duplicates(
+        self,
+        threshold: float | None = None,
+        precision: float | None = None,
+        keep: str = "largest",
+        protect: Sequence[str | os.PathLike[str]] = (),
+        k: int = 32,
+    ) -> DuplicateReport:
+        """The groups of exact and near copies among the bundle's items, the copy to keep
+        first (:mod:`retrieval.search.duplicates`). ``threshold`` (cosine similarity) or
+        ``precision`` (a pair precision of the bundle's calibration) choose the threshold,
+        else the calibrated default; ``keep``: ``largest`` | ``oldest`` | ``newest`` |
+        ``path``; ``protect``: folders whose files are always kept. The report's ``ids`` map
+        each member's ``row`` to its item id. Raises ValueError for a bundle without a
+        calibration and no ``threshold``, or a bad argument."""
+        chosen = choose_threshold(
+            self.manifest.get("duplicates"), threshold, precision, str(self.folder)
+        )
+        return item_duplicates(self.items, chosen, keep, protect, k)
 
     def verify(self) -> list[str]:
         """Problems found, ``[]`` when healthy: file checksums (and every file a bundle

@@ -16,6 +16,7 @@ import numpy as np
 
 from retrieval.data.images import ImageLoadError, ImageTooLargeError, open_checked
 from retrieval.search import Retriever
+from retrieval.search.duplicate_finder import DuplicateReport
 from retrieval.search.results import Hit
 from retrieval.service.batching import MicroBatcher
 from retrieval.service.budget import SMALL_PIXELS, Deadline, Lane
@@ -41,6 +42,8 @@ class AddOutcome:
     added: list[dict[str, Any]] = field(default_factory=list)
     duplicates: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    #: per added item, the items already in the bundle above the duplicate threshold
+    near: list[dict[str, Any]] = field(default_factory=list)
 
 
 def check_image_bytes(data: bytes, name: str) -> str:
@@ -72,6 +75,9 @@ class SearchService:
         self.thumbnails = Thumbnails(retriever.folder, settings.thumbnail_px, settings.max_pixels)
         self.uploads = UploadFolder(settings.uploads_dir or retriever.folder / "uploads")
         self._write_lock = threading.Lock()
+        self._writes = 0  # adds and removals so far: what a cached grouping was computed at
+        self._groups_lock = threading.Lock()
+        self._groups: dict[tuple[float | None, str], tuple[int, DuplicateReport]] = {}
         #: decodes of images over SMALL_PIXELS (memory-bound) and of the rest (CPU-bound)
         self.large = Lane("large", settings.large_decode_slots(), settings.decode_queue)
         self.small = Lane("small", settings.small_decode_slots(), settings.max_requests)
@@ -192,9 +198,11 @@ class SearchService:
                         self.uploads.discard(str(path))
                 raise
             by_path = {str(p.resolve()): (name, created) for name, p, created, _ in stored}
+            self._writes += 1
             for item_id in report.added:
                 item = self.retriever.item(item_id)
                 outcome.added.append({"id": item_id, "name": by_path[item.uri][0]})
+                outcome.near += self._near_copies(item_id, item.vector, by_path[item.uri][0])
             for uri, existing in report.duplicates:
                 name, created = by_path[uri]
                 outcome.duplicates.append({"id": existing, "name": name})
@@ -213,7 +221,44 @@ class SearchService:
         with self._write_lock:
             item = self.retriever.item(item_id)
             self.retriever.remove([item_id])
+            self._writes += 1
             self.uploads.discard(item.uri)  # only a file the service stored itself
+
+    # duplicates ----------------------------------------------------------------------------
+    @property
+    def duplicate_threshold(self) -> float | None:
+        """The bundle's calibrated near-duplicate threshold (None without a calibration)."""
+        calibration = self.retriever.manifest.get("duplicates") or {}
+        value = calibration.get("threshold")
+        return None if value is None else float(value)
+
+    def _near_copies(self, item_id: int, vector: np.ndarray, name: str) -> list[dict[str, Any]]:
+        """The items above the duplicate threshold of a just-added item (none without one)."""
+        threshold = self.duplicate_threshold
+        if threshold is None:
+            return []
+        hits = self.retriever.search(vector[None, :], 11, rerank=False)[0]
+        similar = [
+            {"id": h.id, "name": Path(h.uri).name, "score": round(h.score, 6)}
+            for h in hits
+            if h.id != item_id and h.score >= threshold
+        ]
+        return [{"id": item_id, "name": name, "similar": similar[:10]}] if similar else []
+
+    def duplicates(self, threshold: float | None, keep: str) -> DuplicateReport:
+        """The bundle's duplicate groups (:meth:`Retriever.duplicates`), computed once per
+        state of the items and setting: one grouping runs at a time, later requests read it."""
+        key = (threshold, keep)
+        with self._groups_lock:
+            cached = self._groups.get(key)
+            if cached is not None and cached[0] == self._writes:
+                return cached[1]
+            writes = self._writes
+            report = self.retriever.duplicates(threshold=threshold, keep=keep)
+            if len(self._groups) >= 8:
+                self._groups.clear()
+            self._groups[key] = (writes, report)
+            return report
 
 
 @contextlib.contextmanager

@@ -71,6 +71,9 @@ def add_write_routes(app: FastAPI, service: SearchService) -> None:
             "duplicates": outcome.duplicates,
             "rejected": outcome.rejected,
             "items": len(retriever),
+            # already in the bundle above its duplicate threshold (null: no calibration)
+            "duplicate_threshold": service.duplicate_threshold,
+            "near_duplicates": outcome.near,
         }
         if status == 422:
             body["detail"] = "no image was added: " + "; ".join(

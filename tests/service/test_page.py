@@ -159,3 +159,77 @@ def test_search_page_end_to_end(bundle_copy: Path, gallery: Gallery, tmp_path: P
         stats = httpx.get(f"{base}/stats").json()["routes"]
         assert not [r for r, entry in stats.items() if "404" in entry["by_status"]], stats
     assert not problems, problems
+
+
+def test_duplicates_page(gallery: Gallery, bundle_template: Path, tmp_path: Path) -> None:
+    """``retrieval duplicates --html``: every group's thumbnails load, the keeper is marked
+    and comes first, the largest saving first; a screenshot is kept for eyes."""
+    from playwright.sync_api import sync_playwright
+
+    from retrieval.cli import main
+    from tests.bundle_fixtures import transformed_copy
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, path in enumerate(gallery.paths[:12:3]):
+        (folder / f"p{i}.jpg").write_bytes(path.read_bytes())
+        (folder / f"p{i}-edit.jpg").write_bytes(transformed_copy(path))
+    (folder / "p0-copy.jpg").write_bytes((folder / "p0.jpg").read_bytes())
+    page_dir = tmp_path / "page"
+    args = ["duplicates", str(folder), "--model", str(bundle_template), "--threshold", "0.9"]
+    assert main([*args, "--no-cache", "--quiet", "--html", str(page_dir)]) == 0
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        problems: list[str] = []
+        page.on("pageerror", lambda err: problems.append(str(err)))
+        page.goto((page_dir / "index.html").as_uri())
+        sections = page.locator("section")
+        assert sections.count() >= 3
+        for i in range(sections.count()):
+            figures = sections.nth(i).locator("figure")
+            assert figures.count() >= 2
+            assert "keep" in (figures.first.get_attribute("class") or "")
+            assert figures.nth(1).locator(".badge").inner_text() in ("exact", "near")
+        loaded = page.evaluate(
+            "[...document.images].every((img) => img.complete && img.naturalWidth > 0)"
+        )
+        assert loaded and not problems
+        page.screenshot(path=str(tmp_path / "duplicates.png"), full_page=True)
+        browser.close()
+    shot = Image.open(tmp_path / "duplicates.png")
+    assert shot.width >= 1000 and shot.height > 400
+
+
+def test_duplicates_view(bundle_copy: Path, tmp_path: Path) -> None:
+    """ "Find duplicates" shows GET /duplicates' groups, the copy to keep first and marked,
+    every thumbnail loaded; a search afterwards replaces them."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from retrieval.bundle.format import update_manifest
+
+    table = [{"threshold": 0.8, "precision": 0.99, "recall": 0.9, "pairs": 1}]
+    update_manifest(bundle_copy, duplicates={"threshold": 0.8, "table": table})
+    with serve(bundle_copy) as base, sync_playwright() as playwright:
+        expected = httpx.get(f"{base}/duplicates", params={"limit": 20}, timeout=60).json()
+        assert expected["total"] >= 1
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        problems: list[str] = []
+        page.on("pageerror", lambda err: problems.append(str(err)))
+        page.goto(base)
+        page.click("#duplicates")
+        groups = page.locator("#groups .group")
+        expect(groups).to_have_count(len(expected["groups"]))
+        expect(page.locator("#status")).to_contain_text(f"{expected['total']} groups")
+        for i, group in enumerate(expected["groups"]):
+            cards = groups.nth(i).locator(".copy")
+            expect(cards).to_have_count(len(group))
+            assert cards.first.get_attribute("data-id") == str(group[0]["id"])
+            assert "keep" in (cards.first.get_attribute("class") or "")
+        page.wait_for_function(
+            "[...document.querySelectorAll('#groups img')].every(i => i.complete && i.naturalWidth)"
+        )
+        page.screenshot(path=str(tmp_path / "duplicates-view.png"), full_page=True)
+        assert not problems
+        browser.close()

@@ -1,13 +1,16 @@
 // The search page: pick or drop a photo, POST it to /search, show the results; clicking a
 // result's picture searches with that item (GET /items/{id}/similar, the item itself left
 // out), its "full image" link opens /items/{id}/image, and "More results" asks for the next
-// page of the same ranking (offset) up to the server's max_k. No external assets.
+// page of the same ranking (offset) up to the server's max_k. "Find duplicates" lists the
+// groups of exact and near copies (GET /duplicates), the copy to keep first, page by page.
+// No external assets.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 let limits = { max_body_bytes: Infinity, max_k: 100 };
 // The search on screen: fetch(offset, k) gives its next page; shown counts the results.
 let current = null;
+let groupsNext = null; // the offset of the next page of duplicate groups, or null
 
 function showMessage(text) {
   $("message").textContent = text;
@@ -118,8 +121,78 @@ async function fetchPage(search, offset, k) {
   }
 }
 
+function hideGroups() {
+  $("groups").hidden = true;
+  $("groups").replaceChildren();
+  $("more-groups").hidden = true;
+  groupsNext = null;
+}
+
+function copyCard(copy) {
+  const box = document.createElement("div");
+  box.className = `copy ${copy.keep ? "keep" : ""} ${copy.kind}`;
+  box.dataset.id = copy.id;
+  const img = document.createElement("img");
+  img.src = copy.thumbnail;
+  img.alt = copy.name;
+  img.loading = "lazy";
+  const head = document.createElement("p");
+  const badge = document.createElement("span");
+  badge.className = "badge";
+  badge.textContent = copy.keep ? "keep" : copy.kind;
+  head.append(badge, ` ${copy.score.toFixed(3)}`);
+  const name = document.createElement("p");
+  name.textContent = copy.name;
+  name.title = copy.name;
+  const size = document.createElement("p");
+  const kb = copy.bytes === null ? "?" : `${Math.round(copy.bytes / 1000)} KB`;
+  size.textContent = `${copy.width ?? "?"}×${copy.height ?? "?"} · ${kb}`;
+  box.append(img, head, name, size);
+  return box;
+}
+
+function groupBox(group, number) {
+  const box = document.createElement("section");
+  box.className = "group";
+  const title = document.createElement("h2");
+  const exact = group.every((c) => c.kind === "exact");
+  title.textContent = `Group ${number} · ${exact ? "exact" : "near"} · ${group.length} copies`;
+  const members = document.createElement("div");
+  members.className = "members";
+  members.append(...group.map(copyCard));
+  box.append(title, members);
+  return box;
+}
+
+async function showDuplicates(offset) {
+  showMessage("");
+  if (offset === 0) {
+    clearResults();
+    clearQuery();
+    hideGroups();
+  }
+  $("status").textContent = "Grouping duplicates…";
+  let body;
+  try {
+    const response = await fetch(`/duplicates?offset=${offset}&limit=20`);
+    if (!response.ok) { $("status").textContent = ""; showMessage(await errorText(response)); return; }
+    body = await response.json();
+  } catch (err) {
+    $("status").textContent = "";
+    showMessage(`The server cannot be reached (${err.message}).`);
+    return;
+  }
+  $("groups").hidden = false;
+  $("groups").append(...body.groups.map((g, i) => groupBox(g, offset + i + 1)));
+  groupsNext = body.next_offset;
+  $("more-groups").hidden = groupsNext === null;
+  const at = `at similarity ${body.threshold.toFixed(3)}`;
+  $("status").textContent = body.total ? `${body.total} groups of copies ${at}` : `No duplicates ${at}`;
+}
+
 async function start(search) {
   showMessage("");
+  hideGroups();
   current = search;
   $("more").hidden = true;
   $("status").textContent = "Searching…";
@@ -189,6 +262,8 @@ function setUp() {
   const zone = $("drop-zone");
   $("file-input").addEventListener("change", (e) => searchFile(e.target.files[0]));
   $("more").addEventListener("click", more);
+  $("duplicates").addEventListener("click", () => showDuplicates(0));
+  $("more-groups").addEventListener("click", () => { if (groupsNext !== null) showDuplicates(groupsNext); });
   zone.addEventListener("keydown", (e) => {
     if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file-input").click(); }
   });
