@@ -37,6 +37,8 @@ from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, images_in_
 from retrieval.search.duplicates import (
     DuplicateGroup,
     FileFacts,
+    Normalisation,
+    background_floor,
     calibrate,
     group_duplicates,
     threshold_for,
@@ -295,18 +297,33 @@ def read_calibration(path: Path) -> dict[str, Any]:
     return data
 
 
+@dataclass(frozen=True)
+class Threshold:
+    """The threshold a grouping uses: its ``value``, how it was chosen (``source``) and the
+    :class:`~retrieval.search.duplicates.Normalisation` its scores are under (None: cosine)."""
+
+    value: float
+    source: str
+    norm: Normalisation | None = None
+
+
 def choose_threshold(
     calibration: dict[str, Any] | None,
     threshold: float | None,
     precision: float | None,
     where: str,
-) -> tuple[float, str]:
-    """``(threshold, how it was chosen)``: ``threshold`` itself when given, else the
-    calibrated one for ``precision``, else the calibration's default."""
+) -> Threshold:
+    """``threshold`` itself when given, else the calibrated one for ``precision``, else the
+    calibration's default; scores normalised as the calibration was (cosine without one)."""
+    norm = None
+    if calibration is not None and calibration.get("normalisation"):
+        fields = calibration["normalisation"]
+        norm = Normalisation(int(fields["k"]), float(fields["floor"]))
     if threshold is not None:
         if not -1.0 <= threshold <= 1.0:
-            raise ValueError(f"--threshold {threshold} is not a cosine similarity in [-1, 1]")
-        return float(threshold), "given"
+            raise ValueError(f"--threshold {threshold} is not a similarity in [-1, 1]")
+        scale = "normalised similarity" if norm else "cosine similarity"
+        return Threshold(float(threshold), f"given, {scale}", norm)
     if calibration is None:
         raise ValueError(
             f"{where} has no calibrated duplicate threshold: give one (a cosine similarity, "
@@ -315,9 +332,10 @@ def choose_threshold(
     on = calibration.get("calibrated_on", "calibration data")
     if precision is not None:
         chosen = threshold_for(calibration["table"], precision)
-        return chosen, f"pair precision {precision} on {on}"
-    return float(calibration["threshold"]), (
-        f"default: pair precision {calibration.get('precision', '?')} on {on}"
+        return Threshold(chosen, f"pair precision {precision} on {on}", norm)
+    share = calibration.get("precision", "?")
+    return Threshold(
+        float(calibration["threshold"]), f"default: pair precision {share} on {on}", norm
     )
 
 
@@ -356,9 +374,7 @@ def find_duplicates(
     else:
         pre, run, key = default_model(threads)
         calibration = read_calibration(DEFAULT_CALIBRATION)
-    chosen, source = choose_threshold(
-        calibration, threshold, precision, str(model or "the default model")
-    )
+    chosen = choose_threshold(calibration, threshold, precision, str(model or "the default model"))
     store = (
         None if cache is None else EmbeddingCache(Path(cache) / f"{key}.sqlite", run.embedding_dim)
     )
@@ -368,8 +384,12 @@ def find_duplicates(
         if store is not None:
             store.close()
     facts = protect_files(scan.facts, folders)
-    groups = group_duplicates(scan.vectors, facts, chosen, keep, k, _pixels_checker(facts))
-    return DuplicateReport(chosen, source, groups, scan.unreadable, len(facts), scan.embedded)
+    groups = group_duplicates(
+        scan.vectors, facts, chosen.value, keep, k, _pixels_checker(facts), norm=chosen.norm
+    )
+    return DuplicateReport(
+        chosen.value, chosen.source, groups, scan.unreadable, len(facts), scan.embedded
+    )
 
 
 def _protected_folders(protect: Sequence[str | Path], root: Path) -> list[Path]:
@@ -434,7 +454,7 @@ def _bundle_duplicates(
 
 def item_duplicates(
     items: Any,
-    threshold: tuple[float, str],
+    threshold: Threshold,
     keep: str = "largest",
     protect: Sequence[str | Path] = (),
     k: int = 32,
@@ -442,7 +462,7 @@ def item_duplicates(
 ) -> DuplicateReport:
     """The duplicate groups of the active items of a bundle's item store (``IndexedItems``),
     from their stored vectors, sizes and dates read from their files where those still exist;
-    ``threshold``: ``(value, how it was chosen)`` from :func:`choose_threshold`. The report's
+    ``threshold``: from :func:`choose_threshold`. The report's
     ``ids`` give each row's item id (a member's ``row``)."""
     from retrieval.bundle.items import IndexedItems
 
@@ -459,8 +479,10 @@ def item_duplicates(
     dim = int(items.dim)
     vectors = np.stack([r.vector for r in flat]) if flat else np.zeros((0, dim), np.float32)
     pixels = _pixels_checker(facts)
-    groups = group_duplicates(vectors, facts, threshold[0], keep, k, pixels, progress)
-    report = DuplicateReport(threshold[0], threshold[1], groups, [], len(facts))
+    groups = group_duplicates(
+        vectors, facts, threshold.value, keep, k, pixels, progress, norm=threshold.norm
+    )
+    report = DuplicateReport(threshold.value, threshold.source, groups, [], len(facts))
     report.ids = [int(r.id) for r in flat]
     return report
 
@@ -522,7 +544,9 @@ def calibrate_on_copies(
     vectors = np.concatenate(
         [runtime.embed_many(images[i : i + 64]) for i in range(0, len(images), 64)]
     )
-    table = calibrate(vectors, labels)
+    norm_k = min(20, len(vectors) - 1)
+    norm = Normalisation(norm_k, background_floor(vectors, norm_k))
+    table = calibrate(vectors, labels, norm=norm)
     fits = [r for r in table if r["precision"] >= precision]
     chosen = (
         min(fits, key=lambda r: r["threshold"])
@@ -538,6 +562,7 @@ def calibrate_on_copies(
         "precision": round(chosen["precision"], 4),
         "recall": round(chosen["recall"], 4),
         "calibrated_on": where,
+        "normalisation": norm.to_dict(),
         "table": [
             {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in table
         ],

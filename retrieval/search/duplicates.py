@@ -43,6 +43,8 @@ __all__ = [
     "group_duplicates",
     "keep_ranks",
     "Graph",
+    "Normalisation",
+    "background_floor",
     "calibrate",
     "neighbour_graph",
     "pair_counts",
@@ -162,21 +164,51 @@ def keep_ranks(facts: Sequence[FileFacts], keep: str = "largest") -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Normalisation:
+    """Local score normalisation, against hubs and dense families of look-alikes (as SSCD's
+    score normalisation and CSLS): a pair's score is its cosine similarity minus the mean of
+    the two images' *background similarities*, an image's similarity to its ``k``-th most
+    similar other image, never below ``floor`` (``floor`` itself where the collection has
+    ``k`` or fewer other images). An image in a crowd of look-alikes (one emoji in five skin
+    tones, frames of one scene) then needs more to count as a copy than an isolated photo and
+    its edited copy; an unrelated pair sits near or below 0."""
+
+    k: int = 20
+    floor: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {"k": self.k, "floor": round(self.floor, 6)}
+
+
+@dataclass(frozen=True)
 class Graph:
     """A symmetric similarity graph over ``n`` rows as sorted edge lists: ``src``, ``dst``
-    (int64, both directions of every edge, sorted by ``(src, dst)``) and ``score``."""
+    (int64, both directions of every edge, sorted by ``(src, dst)``), ``score`` (normalised
+    when ``background`` is given) and ``raw`` (cosine); ``background``: each row's background
+    similarity under a :class:`Normalisation` (None: scores are cosine similarities)."""
 
     n: int
     src: np.ndarray
     dst: np.ndarray
     score: np.ndarray
+    raw: np.ndarray
+    background: np.ndarray | None = None
 
     def at_least(self, threshold: float) -> Graph:
-        """The edges whose score reaches ``threshold``."""
-        keep = self.score >= threshold
-        return (
-            self if keep.all() else Graph(self.n, self.src[keep], self.dst[keep], self.score[keep])
-        )
+        """The edges whose score reaches ``threshold``, and those close enough to be exact
+        copies (:data:`SAME_PIXELS_SCORE`)."""
+        keep = (self.score >= threshold) | (self.raw >= SAME_PIXELS_SCORE)
+        if keep.all():
+            return self
+        cut = (self.src[keep], self.dst[keep], self.score[keep], self.raw[keep])
+        return Graph(self.n, *cut, self.background)
+
+    def pair_scores(self, vectors: np.ndarray, rows: np.ndarray, other: int) -> np.ndarray:
+        """The (normalised) scores of ``rows`` with row ``other``, from ``vectors``."""
+        scores = vectors[rows] @ vectors[other]
+        if self.background is not None:
+            scores = scores - (self.background[rows] + self.background[other]) / 2
+        return scores
 
 
 def neighbour_graph(
@@ -185,30 +217,42 @@ def neighbour_graph(
     k: int = 32,
     chunk_size: int = 4096,
     progress: Callable[[int], Any] | None = None,
+    norm: Normalisation | None = None,
 ) -> Graph:
     """The edges from each row of ``vectors`` (unit float32) to the other rows among its
-    ``k`` nearest whose similarity reaches ``threshold``, made symmetric. Exact search,
-    ``chunk_size`` queries at a time (``progress(rows done)`` after each); memory
-    ``O(n * k)``, never ``O(n * n)``."""
+    ``k`` nearest whose (normalised, with ``norm``) score reaches ``threshold``, or whose
+    cosine reaches :data:`SAME_PIXELS_SCORE`, made symmetric. Exact search, ``chunk_size``
+    queries at a time (``progress(rows done)`` after each); memory ``O(n * k)``, never
+    ``O(n * n)``."""
     positive_int(k, "k")
     n = len(vectors)
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    want = min(max(k, norm.k if norm else 1), n - 1)
+    scores = np.zeros((n, max(want, 0)), np.float32)
+    ids = np.full((n, max(want, 0)), -1, np.int64)
     if n >= 2:
         index = EmbeddingIndex(vectors.shape[1], "Flat", use_gpu=False)
         index.add(vectors)
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             rows = np.arange(start, stop)
-            scores, ids = drop_self(*index.search(vectors[start:stop], min(k, n - 1) + 1), rows)
-            hit = (scores >= threshold) & (ids >= 0)
-            parts.append((np.broadcast_to(rows[:, None], ids.shape)[hit], ids[hit], scores[hit]))
+            found = index.search(vectors[start:stop], want + 1)
+            scores[start:stop], ids[start:stop] = drop_self(*found, rows)
             if progress is not None:
                 progress(stop - start)
-    src = np.concatenate([np.zeros(0, np.int64)] + [p[0] for p in parts] + [p[1] for p in parts])
-    dst = np.concatenate([np.zeros(0, np.int64)] + [p[1] for p in parts] + [p[0] for p in parts])
-    score = np.concatenate([np.zeros(0, np.float32)] + [p[2] for p in parts] * 2)
+    background = None
+    normalised = scores
+    if norm is not None:
+        background = np.full(n, norm.floor, np.float32)
+        if want >= norm.k:
+            background = np.maximum(background, scores[:, norm.k - 1])
+        normalised = scores - (background[:, None] + background[np.maximum(ids, 0)]) / 2
+    hit = ((normalised >= threshold) | (scores >= SAME_PIXELS_SCORE)) & (ids >= 0)
+    hit[:, k:] = False  # the columns beyond k only measured the background
+    rows = np.broadcast_to(np.arange(n)[:, None], ids.shape)[hit]
+    src, dst = np.concatenate([rows, ids[hit]]), np.concatenate([ids[hit], rows])
+    both = (np.concatenate([normalised[hit]] * 2), np.concatenate([scores[hit]] * 2))
     keys, first = np.unique(src * max(n, 1) + dst, return_index=True)
-    return Graph(n, keys // max(n, 1), keys % max(n, 1), score[first].astype(np.float32))
+    return Graph(n, keys // max(n, 1), keys % max(n, 1), both[0][first], both[1][first], background)
 
 
 def _exact_sets(
@@ -235,7 +279,7 @@ def _exact_sets(
         if f.sha256 is not None:
             union(first.setdefault(f.sha256, i), i)
     if same_pixels is not None:
-        close = (graph.score >= SAME_PIXELS_SCORE) & (graph.src < graph.dst)
+        close = (graph.raw >= SAME_PIXELS_SCORE) & (graph.src < graph.dst)
         for i, j in zip(graph.src[close].tolist(), graph.dst[close].tolist(), strict=True):
             if root(i) != root(j) and same_pixels(i, j):
                 union(i, j)
@@ -251,20 +295,24 @@ def group_duplicates(
     same_pixels: Callable[[int, int], bool] | None = None,
     progress: Callable[[int], Any] | None = None,
     graph: Graph | None = None,
+    norm: Normalisation | None = None,
 ) -> list[DuplicateGroup]:
     """The duplicate groups of ``n`` images (see the module's description).
 
     Args:
         vectors: (n, d) unit float32 embeddings, row ``i`` of ``facts[i]``.
         facts: what is known of each image (paths, sizes, dates, hashes, protection).
-        threshold: cosine similarity in [-1, 1] from which two images are near copies.
+        threshold: the score in [-1, 1] from which two images are near copies: a cosine
+            similarity, or with ``norm`` a normalised one.
         keep: a :data:`KEEP_RULES` policy.
         k: neighbours looked at per image.
         same_pixels: ``(i, j) -> bool``, whether two images decode to the same pixels; None:
             exact copies are files with the same bytes only.
         progress: called with the number of images searched after each chunk.
         graph: a :func:`neighbour_graph` of ``vectors`` built at this threshold or a lower
-            one (its edges below ``threshold`` are ignored); None: built here.
+            one and with the same ``norm`` (its edges below ``threshold`` are ignored); None:
+            built here.
+        norm: score the pairs with this :class:`Normalisation`; None: cosine similarity.
 
     Returns:
         Groups of two or more images, the largest space freed first (then by the keeper's
@@ -275,16 +323,15 @@ def group_duplicates(
     if vectors.ndim != 2 or len(vectors) != len(facts):
         raise ValueError(f"need one vector per file: {vectors.shape} for {len(facts)} files")
     if not -1.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold {threshold} is not a cosine similarity in [-1, 1]")
+        raise ValueError(f"threshold {threshold} is not a similarity in [-1, 1]")
     ranks = keep_ranks(facts, keep)
-    low = min(threshold, SAME_PIXELS_SCORE)
     if graph is None:
-        graph = neighbour_graph(vectors, low, k, progress=progress)
-    graph = graph.at_least(low)
+        graph = neighbour_graph(vectors, threshold, k, progress=progress, norm=norm)
+    graph = graph.at_least(threshold)
     exact = _exact_sets(facts, graph, same_pixels)
     nodes = _node_members(exact, ranks)
     near = _near_groups(vectors, graph, exact, nodes, ranks, threshold)
-    groups = [_group(vectors, facts, exact, nodes, g) for g in near]
+    groups = [_group(vectors, graph, facts, exact, nodes, g) for g in near]
     groups = [g for g in groups if len(g.members) > 1]
     return sorted(groups, key=lambda g: (-g.freed_bytes, g.members[0].row))
 
@@ -303,17 +350,36 @@ def pair_counts(groups: Sequence[DuplicateGroup], labels: Sequence[Any]) -> tupl
     return pairs, correct
 
 
+def background_floor(vectors: np.ndarray, k: int = 20) -> float:
+    """The median over ``vectors`` of each one's similarity to its ``k``-th most similar other
+    row: the ``floor`` of a :class:`Normalisation` calibrated on them."""
+    n = len(vectors)
+    if n <= k:
+        raise ValueError(f"{n} vectors: a background floor needs more than k={k}")
+    index = EmbeddingIndex(vectors.shape[1], "Flat", use_gpu=False)
+    index.add(vectors)
+    kth = [
+        drop_self(*index.search(vectors[i : i + 4096], k + 1), np.arange(i, min(i + 4096, n)))[0]
+        for i in range(0, n, 4096)
+    ]
+    return float(np.median(np.concatenate(kth)[:, k - 1]))
+
+
 def calibrate(
     vectors: np.ndarray,
     labels: Sequence[Any],
     thresholds: Sequence[float] | None = None,
     k: int = 32,
+    norm: Normalisation | None = None,
 ) -> list[dict[str, float]]:
-    """Pair precision and recall of :func:`group_duplicates` at each threshold, on images whose
-    ``labels`` say which are copies of one another (every other pair is a different image):
-    ``[{"threshold", "precision", "recall", "pairs"}]`` in ascending threshold. Precision is 1
-    where no pair is grouped. Default thresholds: 0.30 to 0.99 in steps of 0.01."""
-    grid = thresholds if thresholds is not None else [round(0.3 + 0.01 * i, 2) for i in range(70)]
+    """Pair precision and recall of :func:`group_duplicates` (with ``norm``) at each threshold,
+    on images whose ``labels`` say which are copies of one another (every other pair is a
+    different image): ``[{"threshold", "precision", "recall", "pairs"}]`` in ascending
+    threshold. Precision is 1 where no pair is grouped. Default thresholds: -0.30 to 0.99 in
+    steps of 0.01."""
+    grid = sorted(
+        thresholds if thresholds is not None else [round(-0.3 + 0.01 * i, 2) for i in range(130)]
+    )
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     labels = list(labels)
     facts = [FileFacts(str(i)) for i in range(len(vectors))]
@@ -321,9 +387,9 @@ def calibrate(
     for label in labels:
         sizes[label] = sizes.get(label, 0) + 1
     true_pairs = sum(c * (c - 1) // 2 for c in sizes.values())
-    graph = neighbour_graph(vectors, min(grid), k)
+    graph = neighbour_graph(vectors, grid[0], k, norm=norm)
     table = []
-    for threshold in sorted(grid):
+    for threshold in grid:
         groups = group_duplicates(vectors, facts, threshold, keep="path", graph=graph)
         pairs, correct = pair_counts(groups, labels)
         table.append(
@@ -334,6 +400,8 @@ def calibrate(
                 "pairs": pairs,
             }
         )
+        if not pairs:  # higher thresholds group nothing either
+            break
     return table
 
 
@@ -377,7 +445,7 @@ def _near_groups(
     same_reps = (graph.src == rep[a]) & (graph.dst == rep[b])
     score = graph.score.copy()
     for e in np.flatnonzero(~same_reps & (a != b)):  # an edge of an exact set's other copy
-        score[e] = vectors[rep[a[e]]] @ vectors[rep[b[e]]]
+        score[e] = graph.pair_scores(vectors, rep[a[e]][None], int(rep[b[e]]))[0]
     keep = (a != b) & (score >= threshold)
     links = neighbour_lists(len(keys), a[keep], b[keep])
     order = sorted(range(len(keys)), key=lambda i: (-len(links[i]), i))
@@ -388,7 +456,7 @@ def _near_groups(
             continue
         candidates = np.array([centre, *[j for j in links[centre] if not assigned[j]]])
         keeper = int(candidates[np.argmin(ranks[rep[candidates]])])
-        close = vectors[rep[candidates]] @ vectors[rep[keeper]] >= threshold
+        close = graph.pair_scores(vectors, rep[candidates], int(rep[keeper])) >= threshold
         members = candidates[close | (candidates == keeper)]
         assigned[members] = True
         groups.append([int(keys[keeper])] + [int(keys[m]) for m in members if m != keeper])
@@ -405,6 +473,7 @@ def neighbour_lists(n: int, src: np.ndarray, dst: np.ndarray) -> list[list[int]]
 
 def _group(
     vectors: np.ndarray,
+    graph: Graph,
     facts: Sequence[FileFacts],
     exact: np.ndarray,
     nodes: dict[int, list[int]],
@@ -418,7 +487,7 @@ def _group(
             f = facts[row]
             same = exact[row] == exact[keeper]
             kind = "keeper" if row == keeper else "exact" if same else "near"
-            score = 1.0 if same else float(vectors[row] @ vectors[keeper])
+            score = 1.0 if same else float(graph.pair_scores(vectors, np.array([row]), keeper)[0])
             keep = row == keeper or f.protected
             members.append(Member(row, f.path, kind, score, keep, f.width, f.height, f.bytes))
     first, rest = members[0], members[1:]

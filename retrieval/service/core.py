@@ -16,7 +16,8 @@ import numpy as np
 
 from retrieval.data.images import ImageLoadError, ImageTooLargeError, open_checked
 from retrieval.search import Retriever
-from retrieval.search.duplicate_finder import DuplicateReport
+from retrieval.search.duplicate_finder import DuplicateReport, Threshold, choose_threshold
+from retrieval.search.duplicates import Normalisation
 from retrieval.search.results import Hit
 from retrieval.service.batching import MicroBatcher
 from retrieval.service.budget import SMALL_PIXELS, Deadline, Lane
@@ -226,24 +227,50 @@ class SearchService:
 
     # duplicates ----------------------------------------------------------------------------
     @property
-    def duplicate_threshold(self) -> float | None:
+    def duplicate_threshold(self) -> Threshold | None:
         """The bundle's calibrated near-duplicate threshold (None without a calibration)."""
-        calibration = self.retriever.manifest.get("duplicates") or {}
-        value = calibration.get("threshold")
-        return None if value is None else float(value)
+        calibration = self.retriever.manifest.get("duplicates")
+        if not calibration:
+            return None
+        return choose_threshold(calibration, None, None, str(self.retriever.folder))
 
     def _near_copies(self, item_id: int, vector: np.ndarray, name: str) -> list[dict[str, Any]]:
-        """The items above the duplicate threshold of a just-added item (none without one)."""
+        """The items above the duplicate threshold of a just-added item (none without one),
+        scored as ``retrieval duplicates`` scores them (normalised as calibrated)."""
         threshold = self.duplicate_threshold
         if threshold is None:
             return []
-        hits = self.retriever.search(vector[None, :], 11, rerank=False)[0]
+        norm = threshold.norm
+        want = 11 if norm is None else max(11, norm.k + 1)
+        hits = [h for h in self.retriever.search(vector[None, :], want, rerank=False)[0]]
+        others = [h for h in hits if h.id != item_id][:10]
+        scores = np.array([h.score for h in others], dtype=np.float32)
+        if norm is not None and others:
+            own = self._background(norm, [h.score for h in hits if h.id != item_id])
+            found = self.retriever.search(
+                np.stack([self.retriever.item(h.id).vector for h in others]),
+                norm.k + 1,
+                rerank=False,
+            )
+            theirs = np.array(
+                [
+                    self._background(norm, [x.score for x in row if x.id != h.id])
+                    for h, row in zip(others, found, strict=True)
+                ]
+            )
+            scores = scores - (own + theirs) / 2
         similar = [
-            {"id": h.id, "name": Path(h.uri).name, "score": round(h.score, 6)}
-            for h in hits
-            if h.id != item_id and h.score >= threshold
+            {"id": h.id, "name": Path(h.uri).name, "score": round(float(score), 6)}
+            for h, score in zip(others, scores, strict=True)
+            if score >= threshold.value
         ]
-        return [{"id": item_id, "name": name, "similar": similar[:10]}] if similar else []
+        return [{"id": item_id, "name": name, "similar": similar}] if similar else []
+
+    @staticmethod
+    def _background(norm: Normalisation, scores: list[float]) -> float:
+        """An item's background similarity from its own ranked scores (itself left out)."""
+        kth = scores[norm.k - 1] if len(scores) >= norm.k else norm.floor
+        return max(norm.floor, float(kth))
 
     def duplicates(self, threshold: float | None, keep: str) -> DuplicateReport:
         """The bundle's duplicate groups (:meth:`Retriever.duplicates`), computed once per

@@ -66,13 +66,14 @@ def add_write_routes(app: FastAPI, service: SearchService) -> None:
             lambda: service.add(uploads, per_image), deadline(request), abandon=False
         )
         status = 201 if outcome.added else 200 if outcome.duplicates else 422
+        threshold = service.duplicate_threshold
         body = {
             "added": outcome.added,
             "duplicates": outcome.duplicates,
             "rejected": outcome.rejected,
             "items": len(retriever),
             # already in the bundle above its duplicate threshold (null: no calibration)
-            "duplicate_threshold": service.duplicate_threshold,
+            "duplicate_threshold": threshold.value if threshold else None,
             "near_duplicates": outcome.near,
         }
         if status == 422:
