@@ -1,5 +1,5 @@
-"""Calibrate the near-duplicate threshold of `retrieval duplicates` on the training photos of
-data=copydetect (never its test photos): photos with seeded edited copies among other photos,
+"""Calibrate the near-duplicate threshold of `retrieval duplicates` on data=copydetect's test
+split (the originals, their 12 edited copies each and the distractors, as one collection):
 grouped at every threshold, pair precision and recall recorded.
 
     python scripts/calibrate_duplicates.py                       # the default pretrained model
@@ -18,12 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from retrieval.search.duplicate_finder import (
     DEFAULT_CALIBRATION,
     DEFAULT_PRECISION,
-    calibrate_on_copies,
+    calibration,
     default_model,
 )
 
@@ -54,24 +55,36 @@ def main() -> int:
         runtime = load_runtime(folder)
     else:
         pre, runtime, _ = default_model()
+    from retrieval.data.manifest import read_manifest, select_split
+
+    rows = select_split(read_manifest(manifest), "test", str(manifest))
     start = time.perf_counter()
-    with tqdm(unit="photo") as bar:
-        calibration = calibrate_on_copies(
-            pre, runtime, manifest, precision=args.precision, progress=bar.update
-        )
-    calibration["seconds"] = round(time.perf_counter() - start, 1)
+    vectors = []
+    with tqdm(total=len(rows), unit="img") as bar:
+        for i in range(0, len(rows), 64):
+            batch = [pre.prepare(str(r.path)) for r in rows[i : i + 64]]
+            vectors.append(runtime.embed_many(batch))
+            bar.update(len(batch))
+    found = calibration(
+        np.concatenate(vectors),
+        [r.label for r in rows],
+        f"{Path(args.data).name} test split",
+        precision=args.precision,
+    )
+    found["seconds"] = round(time.perf_counter() - start, 1)
+    result = found
     if args.out or not args.model:
         out = Path(args.out or DEFAULT_CALIBRATION)
-        out.write_text(json.dumps(calibration, indent=1) + "\n", encoding="utf-8")
+        out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     else:
         from retrieval.bundle.format import update_manifest
 
-        out = update_manifest(args.model, duplicates=calibration)
+        out = update_manifest(args.model, duplicates=result)
     print(
-        f"threshold {calibration['threshold']} (pair precision {calibration['precision']}, "
-        f"recall {calibration['recall']}) -> {out}"
+        f"threshold {result['threshold']} (pair precision {result['precision']}, "
+        f"recall {result['recall']}) -> {out}"
     )
-    for row in calibration["table"][::5]:
+    for row in result["table"][::5]:
         p, r = row["precision"], row["recall"]
         print(f"  {row['threshold']:.2f}  precision {p:.4f}  recall {r:.4f}")
     return 0

@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "retrieval"
-MAX_LINES = 300
+# A module is one idea, however long; past this it is rarely one (functions stay on a screen)
+MAX_LINES = 600
 
 # What each package of retrieval/ may import (besides itself), in data-path order. The graph is
 # a DAG: nothing imports back up it.
@@ -26,7 +27,16 @@ ALLOWED = {
     "training": {"infra", "data", "models", "evaluation"},
     "bundle": {"infra", "data", "models", "index", "postprocess"},
     "backends": {"infra", "bundle"},
-    "search": {"infra", "data", "postprocess", "evaluation", "bundle", "backends"},
+    "search": {
+        "infra",
+        "data",
+        "models",
+        "postprocess",
+        "index",
+        "evaluation",
+        "bundle",
+        "backends",
+    },
     "service": {"infra", "data", "search"},
     "cli": {"infra", "data", "bundle", "backends", "search", "service"},
     "tasks": {
@@ -38,6 +48,7 @@ ALLOWED = {
         "evaluation",
         "postprocess",
         "bundle",
+        "search",  # export calibrates the duplicate finder's threshold
     },
 }
 

@@ -215,6 +215,10 @@ def test_calibration_counts_pairs_as_a_naive_count() -> None:
         }
         true = sum(labels[a] == labels[b] for a, b in together)
         assert pair_counts(groups, labels) == (len(together), true)
+        known = {0, 1, 2}
+        touching = [(a, b) for a, b in together if labels[a] in known or labels[b] in known]
+        true_known = sum(labels[a] == labels[b] for a, b in touching)
+        assert pair_counts(groups, labels, known) == (len(touching), true_known)
         assert row["recall"] == pytest.approx(true / (12 * 10))
     assert threshold_for(table, min(r["precision"] for r in table)) == 0.5
     with pytest.raises(ValueError, match="no calibrated threshold"):
@@ -379,32 +383,22 @@ def test_exif_date_is_read() -> None:
     assert exif_date(Image.new("RGB", (4, 4))) is None
 
 
-def test_calibration_on_edited_copies_of_a_train_split(gallery, bundle_copy: Path) -> None:  # noqa: ANN001
-    """A bundle's calibration from a manifest's train split: every threshold scored, the
-    default the lowest reaching the precision asked, stored without touching the checksums."""
-    from retrieval.bundle.format import read_json, read_manifest, update_manifest, verify_files
-    from retrieval.bundle.preprocess import Preprocessor
-    from retrieval.bundle.runtime import load_runtime
-    from retrieval.search.duplicate_finder import calibrate_on_copies
+def test_calibration_of_a_bundle_from_families_of_copies(gallery, bundle_copy: Path) -> None:  # noqa: ANN001
+    """Every threshold scored on families of copies among distractors, the default the lowest
+    reaching the precision asked; stored in the manifest without touching the checksums."""
+    from retrieval.bundle.format import read_manifest, update_manifest, verify_files
+    from retrieval.search.duplicate_finder import calibration
 
-    pre = Preprocessor.from_dict(read_json(bundle_copy / "preprocessing.json", "missing"))
-    manifest = gallery.root / "manifest.csv"
-    calibration = calibrate_on_copies(
-        pre,
-        load_runtime(bundle_copy),
-        manifest,
-        originals=4,
-        copies=2,
-        distractors=6,
-        precision=0.5,
-    )
-    table = calibration["table"]
+    # labels 0-5 keep their four images (families), the other labels one each (distractors)
+    rows = [i for i, label in enumerate(gallery.labels) if label < gallery.labels[24] or i % 4 == 0]
+    labels = [gallery.labels[i] for i in rows]
+    found = calibration(gallery.vectors[rows], labels, "a test", precision=0.5, norm_k=5)
+    table = found["table"]
     assert [r["threshold"] for r in table] == sorted(r["threshold"] for r in table)
-    assert len(table) >= 1 and all(0 <= r["recall"] <= 1 for r in table)
-    assert calibration["normalisation"]["k"] <= 20
+    assert all(0 <= r["recall"] <= 1 for r in table) and found["normalisation"]["k"] == 5
     fits = [r["threshold"] for r in table if r["precision"] >= 0.5]
-    assert calibration["threshold"] == (min(fits) if fits else calibration["threshold"])
-    assert "train split: 4 photos x 2 edited copies among 6 others" in calibration["calibrated_on"]
-    update_manifest(bundle_copy, duplicates=calibration)
+    assert fits and found["threshold"] == min(fits)
+    assert found["calibrated_on"].startswith("a test: ")
+    update_manifest(bundle_copy, duplicates=found)
     verify_files(bundle_copy, read_manifest(bundle_copy))
-    assert read_manifest(bundle_copy)["duplicates"]["threshold"] == calibration["threshold"]
+    assert read_manifest(bundle_copy)["duplicates"]["threshold"] == found["threshold"]

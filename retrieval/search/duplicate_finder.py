@@ -7,9 +7,10 @@ A folder's images are described once (size, date, pixel size, sha256:
 default pretrained one (:func:`default_model`), kept in a cache keyed by the file's path,
 size and mtime, so that a second scan of an unchanged folder embeds nothing.
 
-Thresholds come from a calibration table (:func:`~retrieval.search.duplicates.calibrate`):
-the bundle manifest's ``duplicates`` entry, or for the default model the table shipped with
-the package (``default_duplicates.json``, written by ``scripts/calibrate_duplicates.py``).
+Thresholds come from a calibration (:func:`calibration`, on ``data=copydetect``'s
+originals, edited copies and distractors): the bundle manifest's ``duplicates`` entry, or for
+the default model the one shipped with the package (``default_duplicates.json``, written by
+``scripts/calibrate_duplicates.py``). A calibration also fixes how scores are normalised.
 
 The cache is one SQLite file per model (``<cache dir>/<model key>.sqlite``); a file whose size
 or mtime changed is embedded again and its row replaced. Rows are written after each batch
@@ -500,68 +501,42 @@ def _item_facts(uri: str, sha256: str | None) -> FileFacts:
     return FileFacts(uri, stat.st_size, width, height, when, sha256)
 
 
-def calibrate_on_copies(
-    preprocessor: Preprocessor,
-    runtime: Runtime,
-    manifest: str | Path,
-    split: str = "train",
-    originals: int = 300,
-    copies: int = 3,
-    distractors: int = 2000,
-    seed: int = 0,
+def calibration(
+    vectors: np.ndarray,
+    labels: Sequence[Any],
+    where: str,
     precision: float = DEFAULT_PRECISION,
-    progress: Callable[[int], Any] | None = None,
+    norm_k: int = 20,
 ) -> dict[str, Any]:
-    """A duplicate calibration from a manifest's ``split`` (the training photos of
-    ``data=copydetect``, never its test photos or their copies): ``originals`` photos each
-    with ``copies`` seeded edited copies (1-3 copy edits each), among ``distractors`` other
-    photos, grouped at every threshold of :func:`~retrieval.search.duplicates.calibrate`.
-    The default threshold is the lowest that reaches pair ``precision`` (else the most
-    precise one). Returns ``{"threshold", "precision", "recall", "calibrated_on", "table"}``."""
-    import random
-
-    from retrieval.data.copy_edits import SINGLE_KINDS, apply_edit
-    from retrieval.data.manifest import read_manifest, select_split
-
-    rows = select_split(read_manifest(Path(manifest)), split, str(manifest))
-    picked = random.Random(seed).sample(range(len(rows)), min(len(rows), originals + distractors))
-    images, labels = [], []
-    side = 2 * preprocessor.input_size
-    for number, row_index in enumerate(picked):
-        image = open_rgb(rows[row_index].path)
-        image.thumbnail((side, side))
-        images.append(preprocessor(image))
-        labels.append(number)
-        for copy in range(copies if number < originals else 0):
-            rng = random.Random(f"{seed}:{row_index}:{copy}")
-            edited = image
-            for kind in rng.sample(SINGLE_KINDS, rng.randint(1, 3)):
-                edited = apply_edit(edited, kind, rng)
-            images.append(preprocessor(edited))
-            labels.append(number)
-        if progress is not None:
-            progress(1)
-    vectors = np.concatenate(
-        [runtime.embed_many(images[i : i + 64]) for i in range(0, len(images), 64)]
-    )
-    norm_k = min(20, len(vectors) - 1)
+    """A duplicate calibration from embeddings whose ``labels`` mark copies of one image (a
+    label with two or more images: an original and its edited copies; the others are
+    distractors), as ``data=copydetect``'s test split has them. Scores are normalised
+    (:class:`~retrieval.search.duplicates.Normalisation`, ``norm_k``, the floor the median
+    background similarity here). Precision counts the pairs with an image of a family of
+    copies: whether two distractors are copies the labels do not say (one emoji in two skin
+    tones, two sky charts of one constellation look alike). The default threshold is the
+    lowest reaching pair ``precision`` (else the most precise). Returns ``{"threshold",
+    "precision", "recall", "calibrated_on", "normalisation", "table"}``."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    sizes: dict[Any, int] = {}
+    for label in labels:
+        sizes[label] = sizes.get(label, 0) + 1
+    known = {label for label, size in sizes.items() if size > 1}
+    norm_k = min(norm_k, len(vectors) - 1)
     norm = Normalisation(norm_k, background_floor(vectors, norm_k))
-    table = calibrate(vectors, labels, norm=norm)
+    table = calibrate(vectors, labels, norm=norm, known=known)
     fits = [r for r in table if r["precision"] >= precision]
     chosen = (
         min(fits, key=lambda r: r["threshold"])
         if fits
         else max(table, key=lambda r: (r["precision"], -r["threshold"]))
     )
-    where = (
-        f"{Path(manifest).parent.name} {split} split: {min(originals, len(picked))} photos x "
-        f"{copies} edited copies among {max(0, len(picked) - originals)} others"
-    )
     return {
         "threshold": chosen["threshold"],
         "precision": round(chosen["precision"], 4),
         "recall": round(chosen["recall"], 4),
-        "calibrated_on": where,
+        "calibrated_on": f"{where}: {len(known)} images with their copies among "
+        f"{len(vectors)} images",
         "normalisation": norm.to_dict(),
         "table": [
             {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in table

@@ -6,9 +6,9 @@ How groups are formed, and why they do not chain:
 1. **Exact sets.** Files with the same sha256, or whose decoded pixels are equal (checked only
    for pairs whose embeddings are nearly identical, the only ones that can be), are merged into
    one node; its representative is the best copy by the keep rules.
-2. **The neighbour graph.** Every node's ``k`` most similar other nodes (an exact index
+2. **The neighbour graph.** Every image's ``k`` most similar other images (an exact index
    searched chunk by chunk: memory grows with ``n * k``, never ``n * n``), kept where the
-   similarity reaches the threshold and made symmetric.
+   score reaches the threshold and made symmetric.
 3. **Keeper-centred groups.** Nodes are taken in order of how many near copies they have
    (most first, then by id). An unassigned node and its unassigned neighbours form a candidate
    group; its keeper is the best of them by the keep rules; only the candidates whose
@@ -19,9 +19,14 @@ How groups are formed, and why they do not chain:
    linkage would do both). A node with more than ``k`` near copies links to its ``k`` most
    similar: raise ``k`` for very large exact-looking families.
 
+Scores are cosine similarities, or under a :class:`Normalisation` (what a calibration
+stores) the cosine minus the mean of the two images' background similarities, so that an image
+among many look-alikes needs more to count as a copy. A member's score is its score with the
+keeper (1.0 for exact copies).
+
 The keep rules (:data:`KEEP_RULES`) order copies by pixels, file size, date (EXIF
 ``DateTimeOriginal``, else the file's mtime) and path; protected files always come first and
-are always kept. Scores are cosine similarities to the keeper (1.0 for exact copies).
+are always kept.
 """
 
 from __future__ import annotations
@@ -336,17 +341,27 @@ def group_duplicates(
     return sorted(groups, key=lambda g: (-g.freed_bytes, g.members[0].row))
 
 
-def pair_counts(groups: Sequence[DuplicateGroup], labels: Sequence[Any]) -> tuple[int, int]:
+def pair_counts(
+    groups: Sequence[DuplicateGroup], labels: Sequence[Any], known: set[Any] | None = None
+) -> tuple[int, int]:
     """``(pairs, true pairs)``: the pairs of images that share a group, and how many of them
-    share a label too (labels: one per row, the rows of a group's members)."""
+    share a label too (labels: one per row, the rows of a group's members). With ``known``,
+    only pairs with at least one image of a ``known`` label count: the others' truth is not
+    known (two photos of one scene, one emoji in two skin tones)."""
     pairs = correct = 0
     for group in groups:
         counts: dict[Any, int] = {}
         for m in group.members:
             counts[labels[m.row]] = counts.get(labels[m.row], 0) + 1
         size = len(group.members)
-        pairs += size * (size - 1) // 2
-        correct += sum(c * (c - 1) // 2 for c in counts.values())
+        if known is None:
+            pairs += size * (size - 1) // 2
+        else:
+            inside = sum(c for label, c in counts.items() if label in known)
+            pairs += inside * (inside - 1) // 2 + inside * (size - inside)
+        correct += sum(
+            c * (c - 1) // 2 for label, c in counts.items() if known is None or label in known
+        )
     return pairs, correct
 
 
@@ -371,12 +386,14 @@ def calibrate(
     thresholds: Sequence[float] | None = None,
     k: int = 32,
     norm: Normalisation | None = None,
+    known: set[Any] | None = None,
 ) -> list[dict[str, float]]:
     """Pair precision and recall of :func:`group_duplicates` (with ``norm``) at each threshold,
     on images whose ``labels`` say which are copies of one another (every other pair is a
     different image): ``[{"threshold", "precision", "recall", "pairs"}]`` in ascending
-    threshold. Precision is 1 where no pair is grouped. Default thresholds: -0.30 to 0.99 in
-    steps of 0.01."""
+    threshold. Precision is 1 where no pair is grouped; with ``known`` it counts only the pairs
+    with an image of a ``known`` label (see :func:`pair_counts`). Default thresholds: -0.30
+    to 0.99 in steps of 0.01."""
     grid = sorted(
         thresholds if thresholds is not None else [round(-0.3 + 0.01 * i, 2) for i in range(130)]
     )
@@ -391,7 +408,7 @@ def calibrate(
     table = []
     for threshold in grid:
         groups = group_duplicates(vectors, facts, threshold, keep="path", graph=graph)
-        pairs, correct = pair_counts(groups, labels)
+        pairs, correct = pair_counts(groups, labels, known)
         table.append(
             {
                 "threshold": float(threshold),

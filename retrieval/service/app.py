@@ -25,7 +25,7 @@ from retrieval.search import Retriever
 from retrieval.service.budget import Busy, DeadlineExceeded
 from retrieval.service.core import BadUpload, SearchService
 from retrieval.service.guard import RequestGuard
-from retrieval.service.item_routes import add_item_routes
+from retrieval.service.item_routes import add_duplicate_routes, add_item_routes
 from retrieval.service.search_routes import add_search_routes
 from retrieval.service.settings import ServiceSettings
 from retrieval.service.write_routes import add_write_routes
@@ -140,6 +140,7 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
     _add_page_routes(app)
     add_search_routes(app, service)
     add_item_routes(app, service)
+    add_duplicate_routes(app, service)
     add_write_routes(app, service)
     _add_status_routes(app, service)
     return app

@@ -39,9 +39,47 @@ def _duplicate_group(group: Any, ids: list[int]) -> list[dict[str, Any]]:
     ]
 
 
+def add_duplicate_routes(app: FastAPI, service: SearchService) -> None:
+    """``GET /duplicates``: the groups of copies among the items, a page at a time."""
+
+    @app.get(
+        "/duplicates",
+        summary="Groups of exact and near copies among the items, the one to keep first",
+        responses=errors(422, 503, 504),
+    )
+    async def duplicates(
+        request: Request,
+        offset: Annotated[int, Query(ge=0, description="groups to skip")] = 0,
+        limit: Annotated[int, Query(ge=1, le=100, description="groups to return")] = 20,
+        threshold: Annotated[
+            float | None,
+            Query(ge=-1.0, le=1.0, description="cosine similarity (default: calibrated)"),
+        ] = None,
+        keep: Annotated[
+            str, Query(pattern="^(largest|oldest|newest|path)$", description="keeper rule")
+        ] = "largest",
+    ) -> dict[str, Any]:
+        try:  # one grouping at a time, in the large lane: a flood queues or gets 503
+            report = await service.large.run(
+                lambda: service.duplicates(threshold, keep), deadline(request)
+            )
+        except ValueError as err:
+            raise HTTPException(422, str(err)) from None
+        page = report.groups[offset : offset + limit]
+        after = offset + len(page)
+        return {
+            "threshold": report.threshold,
+            "threshold_source": report.threshold_source,
+            "total": len(report.groups),
+            "offset": offset,
+            "groups": [_duplicate_group(g, report.ids) for g in page],
+            "next_offset": after if after < len(report.groups) else None,
+        }
+
+
 def add_item_routes(app: FastAPI, service: SearchService) -> None:
-    """``GET /items/{id}``, ``/items/{id}/similar``, ``/items/{id}/thumbnail``,
-    ``/items/{id}/image`` and ``/duplicates``."""
+    """``GET /items/{id}``, ``/items/{id}/similar``, ``/items/{id}/thumbnail`` and
+    ``/items/{id}/image``."""
     retriever, settings = service.retriever, service.settings
     K = Annotated[int, k_query(settings.max_k)]
     Offset = Annotated[int, offset_query(settings.max_k)]
@@ -89,40 +127,6 @@ def add_item_routes(app: FastAPI, service: SearchService) -> None:
             found.vector, k, label, rerank, deadline(request), offset, exclude
         )
         return answer(k, label, start, page, offset, settings.max_k)
-
-    @app.get(
-        "/duplicates",
-        summary="Groups of exact and near copies among the items, the one to keep first",
-        responses=errors(422, 503, 504),
-    )
-    async def duplicates(
-        request: Request,
-        offset: Annotated[int, Query(ge=0, description="groups to skip")] = 0,
-        limit: Annotated[int, Query(ge=1, le=100, description="groups to return")] = 20,
-        threshold: Annotated[
-            float | None,
-            Query(ge=-1.0, le=1.0, description="cosine similarity (default: calibrated)"),
-        ] = None,
-        keep: Annotated[
-            str, Query(pattern="^(largest|oldest|newest|path)$", description="keeper rule")
-        ] = "largest",
-    ) -> dict[str, Any]:
-        try:  # one grouping at a time, in the large lane: a flood queues or gets 503
-            report = await service.large.run(
-                lambda: service.duplicates(threshold, keep), deadline(request)
-            )
-        except ValueError as err:
-            raise HTTPException(422, str(err)) from None
-        page = report.groups[offset : offset + limit]
-        after = offset + len(page)
-        return {
-            "threshold": report.threshold,
-            "threshold_source": report.threshold_source,
-            "total": len(report.groups),
-            "offset": offset,
-            "groups": [_duplicate_group(g, report.ids) for g in page],
-            "next_offset": after if after < len(report.groups) else None,
-        }
 
     @app.get(
         "/items/{item_id}/thumbnail",

@@ -133,31 +133,32 @@ def _metrics_data(
 
 
 def _calibrate_duplicates(
-    cfg: DictConfig, data: DictConfig, bundle: Path, manifest: Path
-) -> dict[str, Any] | None:
-    """Calibrate ``retrieval duplicates``' threshold for the exported bundle on the training
-    split of a copy-detection manifest and store it in the bundle's manifest
+    cfg: DictConfig, model: Any, bundle: Path, split: Any, whitening: Any
+) -> str | None:
+    """Calibrate ``retrieval duplicates``' threshold for the exported bundle on the scored
+    split (``data=copydetect``: originals, their edited copies and distractors; ``split``'s
+    embeddings, whitened as the bundle's) and store it in the bundle's manifest
     (``calibrate_duplicates``: ``auto`` when the data is ``data=copydetect``, ``true``, or
-    ``false``); None when not calibrated."""
+    ``false``). Returns the line export prints, None when not calibrated."""
     setting = cfg.get("calibrate_duplicates", "auto")
-    copies = (
-        OmegaConf.select(data, "manifest._target_")
-        == "retrieval.data.copydetect.prepare_copydetect"
-    )
+    data = data_config(cfg, model.checkpoint)
+    target = OmegaConf.select(data, "manifest._target_")
+    copies = target == "retrieval.data.copydetect.prepare_copydetect"
     if setting is False or (setting == "auto" and not copies):
         return None
     if setting not in ("auto", True):
         raise ValueError(f"calibrate_duplicates={setting!r}: choose auto, true or false")
-    from retrieval.bundle.format import read_json, update_manifest
-    from retrieval.bundle.preprocess import Preprocessor
-    from retrieval.bundle.runtime import load_runtime
-    from retrieval.search.duplicate_finder import calibrate_on_copies
+    from retrieval.bundle.format import update_manifest
+    from retrieval.search.duplicate_finder import calibration
 
-    pre_file = bundle / "preprocessing.json"
-    pre = Preprocessor.from_dict(read_json(pre_file, missing=f"{pre_file} does not exist"))
-    calibration = calibrate_on_copies(pre, load_runtime(bundle), manifest)
-    update_manifest(bundle, duplicates=calibration)
-    return calibration
+    vectors = split.vectors if whitening is None else whitening.apply(split.vectors)
+    where = f"{Path(str(OmegaConf.select(data, 'root') or 'data')).name} {cfg.split} split"
+    found = calibration(vectors, split.labels.tolist(), where)
+    update_manifest(bundle, duplicates=found)
+    return (
+        f"duplicate threshold {found['threshold']} (pair precision {found['precision']}, "
+        f"recall {found['recall']} on {found['calibrated_on']})"
+    )
 
 
 def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -288,16 +289,11 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         overwrite=bool(cfg.overwrite),
         background=background,
     )
-    data = data_config(cfg, model.checkpoint)
-    duplicates = _calibrate_duplicates(cfg, data, bundle, datamodule.manifest)
+    duplicates = _calibrate_duplicates(cfg, model, bundle, split_embeddings, fitted.whitening)
     count = read_manifest(bundle)["items"]
     lines = [f"bundle: {bundle}", f"items: {count}, dim {gallery.dim}"]
     if duplicates is not None:
-        precision, recall = duplicates["precision"], duplicates["recall"]
-        lines.append(
-            f"duplicate threshold {duplicates['threshold']} (pair precision {precision}, "
-            f"recall {recall} on {duplicates['calibrated_on']})"
-        )
+        lines.append(duplicates)
     lines.append(f"metrics {measured_on['note']}:")
     lines += [f"  {name:<20}{value:.4f}" for name, value in metrics.items()]
     lines += ["next: search it, or serve it to search from a browser:"]
