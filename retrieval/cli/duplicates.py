@@ -17,27 +17,21 @@ from retrieval.cli.common import EXIT_CODES, EXIT_PROBLEMS
 __all__ = ["add_duplicates"]
 
 
-def _size(count: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000  # type: ignore[assignment]
-    return str(count)
-
-
 def _text(report: Any, out: Any) -> None:
+    from retrieval.search.duplicates import readable_size
+
     groups = report.groups
     exact = sum(g.kind == "exact" for g in groups)
     spare = sum(1 for g in groups for m in g.members if not m.keep)
     freed = sum(g.freed_bytes for g in groups)
     for number, group in enumerate(groups, start=1):
-        print(f"group {number} ({group.kind}, frees {_size(group.freed_bytes)})", file=out)
+        print(f"group {number} ({group.kind}, frees {readable_size(group.freed_bytes)})", file=out)
         for m, shown in zip(group.members, group.to_list(), strict=True):
             tag = "keep" if m.keep else shown["kind"]
             print(f"  {tag:<5} {m.score:6.3f}  {m.path}", file=out)
     print(
         f"{len(groups)} group(s) ({exact} exact, {len(groups) - exact} near) among "
-        f"{report.files} images; {spare} copies could go, freeing {_size(freed)}",
+        f"{report.files} images; {spare} copies could go, freeing {readable_size(freed)}",
         file=out,
     )
 

@@ -20,6 +20,7 @@ in one transaction: an interrupted scan keeps what it finished.
 from __future__ import annotations
 
 import hashlib
+import io
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -181,7 +182,7 @@ def _load(
                 continue
             data = path.read_bytes()
             pixels = preprocessor.prepare(data, max_pixels, name=name)
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:  # the header of the bytes read
                 width, height, date = image.width, image.height, exif_date(image)
         except (OSError, ImageLoadError, ValueError) as err:
             loaded.unreadable.append((name, str(err)))
@@ -525,12 +526,11 @@ def calibration(
     norm_k = min(norm_k, len(vectors) - 1)
     norm = Normalisation(norm_k, background_floor(vectors, norm_k))
     table = calibrate(vectors, labels, norm=norm, known=known)
-    fits = [r for r in table if r["precision"] >= precision]
-    chosen = (
-        min(fits, key=lambda r: r["threshold"])
-        if fits
-        else max(table, key=lambda r: (r["precision"], -r["threshold"]))
-    )
+    try:
+        value = threshold_for(table, precision)
+        chosen = next(r for r in table if r["threshold"] == value)
+    except ValueError:  # nothing reaches it: the most precise threshold
+        chosen = max(table, key=lambda r: (r["precision"], -r["threshold"]))
     return {
         "threshold": chosen["threshold"],
         "precision": round(chosen["precision"], 4),

@@ -13,7 +13,7 @@ from PIL import Image
 
 from retrieval.data.images import ImageLoadError, open_rgb
 from retrieval.infra.io import atomic_write
-from retrieval.search.duplicates import DuplicateGroup, Member
+from retrieval.search.duplicates import DuplicateGroup, Member, readable_size
 
 __all__ = ["write_page"]
 
@@ -39,17 +39,6 @@ figcaption { font-size: 12px; line-height: 1.4; margin-top: 4px; word-break: bre
 """
 
 
-def _size(count: int | None) -> str:
-    if count is None:
-        return "?"
-    value = float(count)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return str(count)
-
-
 def _thumbnail(path: str, target: Path) -> bool:
     try:
         image = open_rgb(path)
@@ -68,7 +57,7 @@ def _figure(member: Member, kind: str, thumb: str | None) -> str:
     image = f'<img src="{html.escape(thumb)}" alt="">' if thumb else "<p>(unreadable)</p>"
     return (
         f'<figure class="{classes}">{image}<figcaption><span class="badge">{label}</span> '
-        f"{member.score:.3f} &middot; {pixels} &middot; {_size(member.bytes)}<br>"
+        f"{member.score:.3f} &middot; {pixels} &middot; {readable_size(member.bytes)}<br>"
         f"{html.escape(member.path)}</figcaption></figure>"
     )
 
@@ -85,7 +74,7 @@ def write_page(groups: Sequence[DuplicateGroup], folder: str | Path, threshold: 
         f"<title>Duplicates</title><style>{_STYLE}</style></head><body>",
         "<h1>Duplicates</h1>",
         f"<p class='summary'>{len(groups)} groups at similarity threshold {threshold:.3f}; "
-        f"removing the copies not kept would free {_size(freed)}.</p>",
+        f"removing the copies not kept would free {readable_size(freed)}.</p>",
     ]
     for number, group in enumerate(groups, start=1):
         figures = []
@@ -96,7 +85,7 @@ def write_page(groups: Sequence[DuplicateGroup], folder: str | Path, threshold: 
             figures.append(_figure(member, shown[position]["kind"], name if ok else None))
         parts.append(
             f"<section id='group-{number}'><h2>Group {number} &middot; {group.kind} &middot; "
-            f"frees {_size(group.freed_bytes)}</h2><div class='members'>{''.join(figures)}"
+            f"frees {readable_size(group.freed_bytes)}</h2><div class='members'>{''.join(figures)}"
             "</div></section>"
         )
     parts.append("</body></html>")

@@ -53,6 +53,7 @@ __all__ = [
     "calibrate",
     "neighbour_graph",
     "pair_counts",
+    "readable_size",
     "threshold_for",
 ]
 
@@ -140,6 +141,18 @@ class DuplicateGroup:
         return out
 
 
+def readable_size(count: int | None) -> str:
+    """A byte count as people read it (``3.8 KB``, decimal units); ``?`` when unknown."""
+    if count is None:
+        return "?"
+    value = float(count)
+    for unit in ("B", "KB", "MB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} GB"
+
+
 def keep_ranks(facts: Sequence[FileFacts], keep: str = "largest") -> np.ndarray:
     """Each file's position when all are sorted best-first by the ``keep`` rule (protected
     files first; unknown facts last within their rule): ``(n,)`` int64, 0 the best."""
@@ -183,6 +196,13 @@ class Normalisation:
 
     def to_dict(self) -> dict[str, float]:
         return {"k": self.k, "floor": round(self.floor, 6)}
+
+    def backgrounds(self, ranked: np.ndarray) -> np.ndarray:
+        """The background similarity of each row of ``ranked`` (``(n, m)``: each image's
+        similarities to the other images, best first): its ``k``-th column, at least
+        ``floor``; ``floor`` when ``m < k``."""
+        floor = np.full(len(ranked), self.floor, dtype=np.float32)
+        return floor if ranked.shape[1] < self.k else np.maximum(floor, ranked[:, self.k - 1])
 
 
 @dataclass(frozen=True)
@@ -247,9 +267,7 @@ def neighbour_graph(
     background = None
     normalised = scores
     if norm is not None:
-        background = np.full(n, norm.floor, np.float32)
-        if want >= norm.k:
-            background = np.maximum(background, scores[:, norm.k - 1])
+        background = norm.backgrounds(scores)
         normalised = scores - (background[:, None] + background[np.maximum(ids, 0)]) / 2
     hit = ((normalised >= threshold) | (scores >= SAME_PIXELS_SCORE)) & (ids >= 0)
     hit[:, k:] = False  # the columns beyond k only measured the background
@@ -372,12 +390,8 @@ def background_floor(vectors: np.ndarray, k: int = 20) -> float:
     if n <= k:
         raise ValueError(f"{n} vectors: a background floor needs more than k={k}")
     index = EmbeddingIndex(vectors.shape[1], "Flat", use_gpu=False)
-    index.add(vectors)
-    kth = [
-        drop_self(*index.search(vectors[i : i + 4096], k + 1), np.arange(i, min(i + 4096, n)))[0]
-        for i in range(0, n, 4096)
-    ]
-    return float(np.median(np.concatenate(kth)[:, k - 1]))
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return float(np.median(index.search_self(k)[0][:, k - 1]))
 
 
 def calibrate(

@@ -246,7 +246,7 @@ class SearchService:
         others = [h for h in hits if h.id != item_id][:10]
         scores = np.array([h.score for h in others], dtype=np.float32)
         if norm is not None and others:
-            own = self._background(norm, [h.score for h in hits if h.id != item_id])
+            own = _background(norm, [h.score for h in hits if h.id != item_id])
             found = self.retriever.search(
                 np.stack([self.retriever.item(h.id).vector for h in others]),
                 norm.k + 1,
@@ -254,7 +254,7 @@ class SearchService:
             )
             theirs = np.array(
                 [
-                    self._background(norm, [x.score for x in row if x.id != h.id])
+                    _background(norm, [x.score for x in row if x.id != h.id])
                     for h, row in zip(others, found, strict=True)
                 ]
             )
@@ -265,12 +265,6 @@ class SearchService:
             if score >= threshold.value
         ]
         return [{"id": item_id, "name": name, "similar": similar}] if similar else []
-
-    @staticmethod
-    def _background(norm: Normalisation, scores: list[float]) -> float:
-        """An item's background similarity from its own ranked scores (itself left out)."""
-        kth = scores[norm.k - 1] if len(scores) >= norm.k else norm.floor
-        return max(norm.floor, float(kth))
 
     def duplicates(self, threshold: float | None, keep: str) -> DuplicateReport:
         """The bundle's duplicate groups (:meth:`Retriever.duplicates`), computed once per
@@ -297,6 +291,11 @@ def _bad_uploads(name: str) -> Iterator[None]:
         raise BadUpload(413, f"'{name}': {_reason(err)}") from None
     except ImageLoadError as err:
         raise BadUpload(422, f"'{name}' cannot be read as an image: {_reason(err)}") from None
+
+
+def _background(norm: Normalisation, scores: list[float]) -> float:
+    """An item's background similarity from its own ranked scores (itself left out)."""
+    return float(norm.backgrounds(np.array([scores], dtype=np.float32).reshape(1, -1))[0])
 
 
 def _reason(err: Exception) -> str:
