@@ -133,8 +133,10 @@ class SearchService:
         """Results ``offset`` to ``offset + k`` of the ranking of ``vector`` (best first), with
         the item ``exclude`` left out of the ranking (an item's own similar list), and whether
         the ranking goes on past them. Pages of one ranking do not overlap: equal scores are
-        ordered by ascending id."""
-        want = offset + k + 1 + (exclude is not None)  # one past the page: is there more?
+        ordered by ascending id, and every page is cut from the same search of ``max_k`` + 1
+        results (one past the last page: is there more?), so re-ranking and approximate
+        indexes order one pool whatever the page."""
+        want = self.settings.max_k + 1 + (exclude is not None)
 
         def run() -> list[list[Hit]]:
             if deadline is not None:

@@ -4,6 +4,7 @@ of one ranking past the first (``offset``), file names in results and the page's
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from retrieval.postprocess import Rerank
 from tests.bundle_fixtures import Gallery
 from tests.service.conftest import AUTH, make_client
 from tests.service.test_api import first_id, search
@@ -109,6 +111,26 @@ def test_pages_of_one_ranking_join_up_to_the_whole_ranking(
     ]
     assert [p["next_offset"] for p in similar] == [13, 26, None]  # 39 items besides itself
     assert [h["id"] for p in similar for h in p["results"]] == ids[1:]
+
+
+@pytest.mark.parametrize("top_n", [10, 30])
+def test_pages_of_a_reranked_ranking_join_up_to_the_whole_ranking(
+    bundle_copy: Path, gallery: Gallery, top_n: int
+) -> None:
+    """Re-ranking re-orders one pool whatever the page asks for: pages neither repeat nor skip
+    ids of the whole re-ranked ranking."""
+    for client in make_client(bundle_copy, max_k=40):
+        retriever = client.app.state.service.retriever  # type: ignore[attr-defined]
+        retriever.steps = replace(retriever.steps, rerank=Rerank(top_n=top_n, k1=4, k2=2))
+        data = gallery.paths[9].read_bytes()
+        whole = [h["id"] for h in search(client, data, k=40, rerank="true").json()["results"]]
+        assert len(whole) == 40
+        for k in (7, 10):
+            ids = []
+            for offset in range(0, 40, k):
+                page = search(client, data, k=min(k, 40 - offset), offset=offset, rerank="true")
+                ids += [h["id"] for h in page.json()["results"]]
+            assert ids == whole, (k, top_n)
 
 
 def test_paging_is_bounded_by_max_k(bundle_copy: Path, gallery: Gallery) -> None:
