@@ -13,10 +13,13 @@ concurrency level and time each one end to end: upload, decode, embed, search, J
     python scripts/bench_service.py --record experiments/FILE.md
     python scripts/bench_service.py --quick --hostile  # 16 clients of near-limit PNGs + 4 normal
 
-``--hostile``: for ``--seconds`` (30), 16 clients upload 6,300 x 6,300 RGBA PNGs (just under
-the 40 M pixel limit, ~170 KB each, each one distinct) as fast as the server answers them, while
-4 clients send the normal query JPEGs; reports the normal clients' latency, the server's peak
-memory (VmHWM) and the status counts of each kind.
+``--hostile``: for ``--seconds`` (30), at once: 16 clients upload 6,300 x 6,300 RGBA PNGs
+(just under the 40 M pixel limit, ~170 KB each, each one distinct) as fast as the server
+answers them; 32 clients send query bodies at 16 bytes/s (``--slow-clients``,
+``--slow-rate``), reconnecting once answered; 2 clients upload a 40 x 1,000,000 and a
+1 x 4,000,000 PNG (``--aspect-clients``); 4 clients send the normal query JPEGs. Reports the
+normal clients' latency, the server's peak memory (VmHWM), and the status counts of each kind
+with the 5xx other than the deliberate 503. A kind set to 0 clients is left out.
 """
 
 from __future__ import annotations
@@ -154,63 +157,133 @@ def hostile_png(side: int) -> bytes:
     return buffer.getvalue()
 
 
-def drive_hostile(
-    base: str, pid: int, queries: list[bytes], png: bytes, seconds: float, hostile: int, normal: int
-) -> dict[str, Any]:
-    """``hostile`` clients of near-limit PNGs and ``normal`` clients of query JPEGs, for
-    ``seconds``; each kind's status counts, the normal clients' latencies, peak memory."""
+def aspect_pngs() -> list[bytes]:
+    """Two RGB PNGs of extreme aspect, made in memory: 40 x 1,000,000 (40 M pixels, the
+    default limit) and 1 x 4,000,000 pixels; each compresses to a few hundred KB."""
+    from PIL import Image
+
+    found = []
+    for size in ((40, 1_000_000), (1, 4_000_000)):
+        image = Image.new("RGB", size, (30, 120, 200))
+        image.paste((200, 40, 40), (0, 0, size[0], size[1] // 4))
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG", compress_level=9)
+        found.append(buffer.getvalue())
+    return found
+
+
+class Tally:
+    """What the clients of a hostile run saw: status counts by kind of client, the normal
+    clients' latencies (ms)."""
+
+    def __init__(self, kinds: list[str]) -> None:
+        self.lock = threading.Lock()
+        self.counts: dict[str, dict[str, int]] = {kind: {} for kind in kinds}
+        self.latencies: list[float] = []
+        self.order = iter(range(10**9))
+
+    def count(self, kind: str, status: str, ms: float | None = None) -> None:
+        with self.lock:
+            self.counts[kind][status] = self.counts[kind].get(status, 0) + 1
+            if ms is not None:
+                self.latencies.append(ms)
+
+    def next(self) -> int:
+        with self.lock:
+            return next(self.order)
+
+
+def upload_client(
+    base: str, kind: str, images: list[bytes], stop: float, tally: Tally, timed: bool
+) -> None:
+    """Upload ``images`` in turn (each made distinct by bytes after its end) until ``stop``;
+    a 503 is retried after 50 ms unless ``timed`` (a normal client, whose latency counts)."""
     import httpx
 
-    stop = time.monotonic() + seconds
-    lock = threading.Lock()
-    counts: dict[str, dict[str, int]] = {"hostile": {}, "normal": {}}
-    latencies: list[float] = []
-    order = iter(range(10**9))
-    rss_peak = [0]
+    with httpx.Client(base_url=base, timeout=120) as http:
+        while time.monotonic() < stop:
+            i = tally.next()
+            data = images[i % len(images)] + b"%d" % i
+            start = time.perf_counter()
+            try:
+                status = str(
+                    http.post("/search", files={"image": (f"{kind}{i}", data)}).status_code
+                )
+            except httpx.HTTPError as err:
+                status = type(err).__name__
+            tally.count(kind, status, (time.perf_counter() - start) * 1000 if timed else None)
+            if not timed and status == "503":
+                time.sleep(0.05)  # a flood, not a spin: retry at once, almost
 
-    def count(kind: str, status: str) -> None:
-        with lock:
-            counts[kind][status] = counts[kind].get(status, 0) + 1
 
-    def client(kind: str) -> None:
-        with httpx.Client(base_url=base, timeout=120) as http:
-            while time.monotonic() < stop:
-                with lock:
-                    i = next(order)
-                if kind == "hostile":
-                    files = {"image": (f"h{i}.png", png + b"%d" % i, "image/png")}
-                else:
-                    files = {"image": ("q.jpg", queries[i % len(queries)] + b"%d" % i)}
-                start = time.perf_counter()
-                try:
-                    status = str(http.post("/search", files=files).status_code)
-                except httpx.HTTPError as err:
-                    status = type(err).__name__
-                took = time.perf_counter() - start
-                count(kind, status)
-                if kind == "normal":
-                    with lock:
-                        latencies.append(took * 1000)
-                elif status == "503":
-                    time.sleep(0.05)  # a flood, not a spin: retry at once, almost
+def slow_client(base: str, body: bytes, rate: int, stop: float, tally: Tally) -> None:
+    """Send ``POST /search`` bodies of ``len(body)`` bytes at ``rate`` bytes/s until ``stop``;
+    counts the status the server answers each with ("cut": none before ``stop``)."""
+    import select
+    import socket
 
-    def sample() -> None:
-        while time.monotonic() < stop + 1:
-            rss_peak[0] = max(rss_peak[0], memory_of(pid)["VmRSS"])
-            time.sleep(0.05)
+    host, port = base.removeprefix("http://").split(":")
+    head = (
+        b"POST /search HTTP/1.1\r\nHost: bench\r\n"
+        b"Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: %d\r\n\r\n"
+    )
+    while time.monotonic() < stop:
+        status, sent = "cut", 0
+        try:
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(head % len(body))
+                while time.monotonic() < stop:
+                    if sent < len(body):
+                        sock.sendall(body[sent : sent + rate])
+                        sent += rate
+                    if select.select([sock], [], [], 1.0)[0]:
+                        reply = sock.recv(64)
+                        status = reply[9:12].decode() if reply.startswith(b"HTTP/") else "closed"
+                        break
+        except OSError as err:
+            status = type(err).__name__
+        tally.count("slow", status)
 
+
+def slow_body(query: bytes) -> bytes:
+    """A well-formed multipart body of one query image, as a slow client would send it."""
+    part = b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n\r\n'
+    return part + query + b"\r\n--xyz--\r\n"
+
+
+def sample_memory(pid: int, stop: float, peak: list[int]) -> None:
+    while time.monotonic() < stop + 1:
+        peak[0] = max(peak[0], memory_of(pid)["VmRSS"])
+        time.sleep(0.05)
+
+
+def drive_hostile(
+    base: str, pid: int, queries: list[bytes], args: argparse.Namespace
+) -> dict[str, Any]:
+    """For ``args.seconds``, at once: clients flooding near-limit PNGs, clients trickling
+    bodies at ``args.slow_rate`` bytes/s, clients of extreme-aspect PNGs, and normal clients
+    of query JPEGs; each kind's status counts, the normal clients' latencies, peak memory."""
+    flood, aspect = [hostile_png(args.hostile_side)], aspect_pngs()
+    stop = time.monotonic() + args.seconds
+    tally = Tally(["hostile", "slow", "aspect", "normal"])
+    peak = [0]
+    jobs: list[tuple[Any, tuple[Any, ...]]] = [(sample_memory, (pid, stop, peak))]
+    jobs += [(upload_client, (base, "hostile", flood, stop, tally, False))] * args.hostile_clients
+    jobs += [(slow_client, (base, slow_body(queries[0]), args.slow_rate, stop, tally))] * (
+        args.slow_clients
+    )
+    jobs += [(upload_client, (base, "aspect", aspect, stop, tally, False))] * args.aspect_clients
+    jobs += [(upload_client, (base, "normal", queries, stop, tally, True))] * args.normal_clients
     before = memory_of(pid)
-    with ThreadPoolExecutor(hostile + normal + 1) as pool:
-        futures = [pool.submit(sample)]
-        futures += [pool.submit(client, "hostile") for _ in range(hostile)]
-        futures += [pool.submit(client, "normal") for _ in range(normal)]
-        for future in futures:
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        for future in [pool.submit(fn, *fn_args) for fn, fn_args in jobs]:
             future.result()
     after = memory_of(pid)
+    latencies = tally.latencies
     p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (float("nan"),) * 2
     return {
-        "seconds": seconds,
-        "counts": counts,
+        "seconds": args.seconds,
+        "counts": tally.counts,
         "normal_requests": len(latencies),
         "p50_ms": float(p50),
         "p99_ms": float(p99),
@@ -218,39 +291,48 @@ def drive_hostile(
         "hwm_before": before["VmHWM"],
         "hwm_after": after["VmHWM"],
         "rss_after": after["VmRSS"],
-        "rss_sampled_peak": rss_peak[0],
-        "stats": httpx.get(f"{base}/stats").json(),
+        "rss_sampled_peak": peak[0],
+        "png_kb": len(flood[0]) / 1024,
+        "aspect_kb": [round(len(png) / 1024) for png in aspect],
+        "stats": _get_json(f"{base}/stats"),
     }
+
+
+def _get_json(url: str) -> Any:
+    import httpx
+
+    return httpx.get(url, timeout=30).json()
+
+
+def server_errors(counts: dict[str, int]) -> int:
+    """Answers of 5xx other than the deliberate 503 (a client error string is not one)."""
+    return sum(n for s, n in counts.items() if s.startswith("5") and s != "503")
 
 
 def hostile_report(args: argparse.Namespace, r: dict[str, Any]) -> list[str]:
     gb = 1024**3
-    decodes = r["stats"].get("decodes", {})
-    limits = r["stats"].get("limits", {})
+    decodes, limits = r["stats"].get("decodes", {}), r["stats"].get("limits", {})
     normal_5xx = sum(n for s, n in r["counts"]["normal"].items() if s.startswith("5"))
-    hostile_5xx = sum(
-        n for s, n in r["counts"]["hostile"].items() if s.startswith("5") and s != "503"
-    )
-    other = {
-        k: {s: n for s, n in c.items() if s not in ("200", "503", "504")}
-        for k, c in r["counts"].items()
-    }
+    hostile_5xx = sum(server_errors(r["counts"][kind]) for kind in ("hostile", "slow", "aspect"))
     lines = describe(args) + [
         f"- hostile: {args.hostile_clients} clients of {args.hostile_side} x {args.hostile_side} "
-        f"RGBA PNGs ({len(hostile_png(64)) and args.png_kb:.0f} KB, distinct bytes), a 503 "
-        f"retried after 50 ms; normal: {args.normal_clients} clients of the query JPEGs; "
-        f"{r['seconds']:.0f} s",
+        f"RGBA PNGs ({r['png_kb']:.0f} KB, distinct bytes), a 503 retried after 50 ms; "
+        f"slow: {args.slow_clients} clients sending a query's body at {args.slow_rate} bytes/s "
+        f"(reconnecting once answered); aspect: {args.aspect_clients} clients of 40 x "
+        f"1,000,000 and 1 x 4,000,000 RGB PNGs ({r['aspect_kb']} KB); normal: "
+        f"{args.normal_clients} clients of the query JPEGs; {r['seconds']:.0f} s",
         f"- decode budget: large {decodes.get('large')}, small {decodes.get('small')}, "
-        f"max_requests {limits.get('max_requests')}",
+        f"max_requests {limits.get('max_requests')}, max_receiving {limits.get('max_receiving')}"
+        f", body: {limits.get('body_min_rate')} bytes/s after {limits.get('body_grace_s')} s",
         "",
-        "| kind | 200 | 503 | 504 | other |",
-        "|---|---:|---:|---:|---|",
+        "| kind | 200 | 408 | 503 | 504 | 5xx but 503 | other |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
-    for kind in ("hostile", "normal"):
-        c = r["counts"][kind]
+    for kind, c in r["counts"].items():
+        other = {s: n for s, n in c.items() if s not in ("200", "408", "503", "504")}
         lines.append(
-            f"| {kind} | {c.get('200', 0)} | {c.get('503', 0)} | {c.get('504', 0)} | "
-            f"{other[kind] or '-'} |"
+            f"| {kind} | {c.get('200', 0)} | {c.get('408', 0)} | {c.get('503', 0)} | "
+            f"{c.get('504', 0)} | {server_errors(c)} | {other or '-'} |"
         )
     lines += [
         "",
@@ -263,12 +345,13 @@ def hostile_report(args: argparse.Namespace, r: dict[str, Any]) -> list[str]:
         f"Goals: peak RSS <= 2.5 GB: {'met' if r['hwm_after'] <= 2.5 * gb else 'NOT met'}; "
         f"normal p99 <= 2 s: {'met' if r['p99_ms'] <= 2000 else 'NOT met'}; "
         f"no 5xx for normal clients: {'met' if normal_5xx == 0 else 'NOT met'} ({normal_5xx}); "
-        f"no 5xx but deliberate 503 for hostile ones: {'met' if not hostile_5xx else 'NOT met'}.",
+        f"no 5xx but deliberate 503 for hostile ones: {'met' if not hostile_5xx else 'NOT met'}"
+        f" ({hostile_5xx}).",
     ]
     return lines
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--real", type=int, default=500, help="real images among the items")
@@ -282,14 +365,24 @@ def main() -> None:
     parser.add_argument(
         "--serve-args", default="", help="extra `retrieval serve` options, e.g. '--batch-size 1'"
     )
-    parser.add_argument("--hostile", action="store_true", help="near-limit PNG flood (see top)")
+    parser.add_argument("--hostile", action="store_true", help="hostile clients (see top)")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--hostile-clients", type=int, default=16)
     parser.add_argument("--normal-clients", type=int, default=4)
     parser.add_argument("--hostile-side", type=int, default=6300)
+    parser.add_argument("--slow-clients", type=int, default=32, help="clients trickling bodies")
+    parser.add_argument("--slow-rate", type=int, default=16, help="their bytes per second")
+    parser.add_argument(
+        "--aspect-clients", type=int, default=2, help="clients of 40x1M and 1x4M PNGs"
+    )
     args = parser.parse_args()
     if args.quick:
         args.items, args.real, args.requests = 2_000, 100, [20, 40, 64]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     bundle = args.work / f"bundle_{args.items}"
     if args.rebuild or not (bundle / "manifest.json").is_file():
         build_bundle(bundle, args.items, args.real, args.query_size)
@@ -301,22 +394,14 @@ def main() -> None:
     from tests.service.live import serve
 
     if args.hostile:
-        png = hostile_png(args.hostile_side)
-        args.png_kb = len(png) / 1024
         with serve(bundle, *args.serve_args.split()) as base:
             drive(base, queries[:warmup], 1)
             log(
-                f"hostile: {args.hostile_clients} + {args.normal_clients} clients, {args.seconds} s"
+                f"hostile: {args.hostile_clients} flooding, {args.slow_clients} slow, "
+                f"{args.aspect_clients} aspect, {args.normal_clients} normal clients, "
+                f"{args.seconds} s"
             )
-            result = drive_hostile(
-                base,
-                base.pid,
-                queries[warmup:],
-                png,
-                args.seconds,
-                args.hostile_clients,
-                args.normal_clients,
-            )
+            result = drive_hostile(base, base.pid, queries[warmup:], args)
         report = hostile_report(args, result)
         print("\n".join(report))
         if args.record:

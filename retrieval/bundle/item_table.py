@@ -12,12 +12,14 @@ every call serialised by a lock. The read queries are those of
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import operator
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -146,6 +148,7 @@ class ItemTable(ItemQueries):
 
         Raises:
             ValueError / TypeError: bad records or vectors; nothing is written.
+            OSError: ``errno.ENOSPC`` when the disk is full; nothing is written.
         """
         if any(not isinstance(r, ItemRecord) for r in records):
             raise TypeError("records must be ItemRecord instances")
@@ -154,28 +157,22 @@ class ItemTable(ItemQueries):
         if base_vectors is not None:
             base = check_vectors(base_vectors, self._dim, len(records)).astype("<f4", copy=False)
         now, ids = schema.now(), []
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
+        with self._lock, self._transaction():
+            if base is not None:
+                self._conn.execute(schema.BASE_TABLE.format(nbytes=4 * self._dim))
+            for row, (r, v) in enumerate(zip(records, x, strict=True)):
+                extra = json.dumps(dict(r.extra), sort_keys=True, allow_nan=False)
+                cur = self._conn.execute(
+                    "INSERT INTO items (content_sha256, uri, label, added_at, extra, vector)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (r.content_sha256, r.uri, r.label, now, extra, v.tobytes()),
+                )
+                ids.append(int(cur.lastrowid or 0))
                 if base is not None:
-                    self._conn.execute(schema.BASE_TABLE.format(nbytes=4 * self._dim))
-                for row, (r, v) in enumerate(zip(records, x, strict=True)):
-                    extra = json.dumps(dict(r.extra), sort_keys=True, allow_nan=False)
-                    cur = self._conn.execute(
-                        "INSERT INTO items (content_sha256, uri, label, added_at, extra, vector)"
-                        " VALUES (?, ?, ?, ?, ?, ?)",
-                        (r.content_sha256, r.uri, r.label, now, extra, v.tobytes()),
+                    self._conn.execute(
+                        "INSERT INTO base_vectors (id, vector) VALUES (?, ?)",
+                        (ids[-1], base[row].tobytes()),
                     )
-                    ids.append(int(cur.lastrowid or 0))
-                    if base is not None:
-                        self._conn.execute(
-                            "INSERT INTO base_vectors (id, vector) VALUES (?, ?)",
-                            (ids[-1], base[row].tobytes()),
-                        )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
         return ids
 
     def remove(self, ids: Sequence[int]) -> list[int]:
@@ -191,30 +188,45 @@ class ItemTable(ItemQueries):
         wanted = sorted({operator.index(i) for i in ids})
         if not wanted:
             return []
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                states = self._states(wanted)
-                unknown = [i for i in wanted if i not in states]
-                if unknown:
-                    raise KeyError(f"unknown item ids in {self._path}: {listed(unknown)}")
-                gone = [i for i in wanted if states[i] is not None]
-                if gone:
-                    raise ValueError(f"items already removed in {self._path}: {listed(gone)}")
-                seq = self._conn.execute(
-                    "INSERT INTO removals (removed_at) VALUES (?)", (schema.now(),)
-                ).lastrowid
-                for start in range(0, len(wanted), schema.BATCH):
-                    chunk = wanted[start : start + schema.BATCH]
-                    marks = ",".join("?" * len(chunk))
-                    self._conn.execute(
-                        f"UPDATE items SET removed_seq = ? WHERE id IN ({marks})", [seq, *chunk]
-                    )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        with self._lock, self._transaction():
+            states = self._states(wanted)
+            unknown = [i for i in wanted if i not in states]
+            if unknown:
+                raise KeyError(f"unknown item ids in {self._path}: {listed(unknown)}")
+            gone = [i for i in wanted if states[i] is not None]
+            if gone:
+                raise ValueError(f"items already removed in {self._path}: {listed(gone)}")
+            seq = self._conn.execute(
+                "INSERT INTO removals (removed_at) VALUES (?)", (schema.now(),)
+            ).lastrowid
+            for start in range(0, len(wanted), schema.BATCH):
+                chunk = wanted[start : start + schema.BATCH]
+                marks = ",".join("?" * len(chunk))
+                self._conn.execute(
+                    f"UPDATE items SET removed_seq = ? WHERE id IN ({marks})", [seq, *chunk]
+                )
         return wanted
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction (the caller holds the lock), committed when the block ends
+        and rolled back when it raises. SQLite rolls back by itself on some errors (a full
+        disk among them): the error that caused it is raised, never the failed rollback's. A
+        full disk is raised as OSError(ENOSPC) naming the file (nothing was written)."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._conn.execute("COMMIT")
+        except BaseException as err:
+            if self._conn.in_transaction:
+                try:
+                    self._conn.execute("ROLLBACK")
+                except sqlite3.Error as failed:
+                    log.error("rolling back a write to %s failed: %s", self._path, failed)
+            full = getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            if isinstance(err, sqlite3.OperationalError) and full:
+                raise OSError(errno.ENOSPC, str(err), str(self._path)) from err
+            raise
 
     def record_snapshot(self, snapshot: Snapshot) -> Snapshot:
         """Record an index file written for the store's state (durable); return it with its

@@ -4,15 +4,15 @@ bundle itself or in a Milvus collection filled by ``retrieval push``)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import socket
 from pathlib import Path
 from typing import Any
 
-from retrieval.cli.common import bundle_command, load
+from retrieval.cli.common import EXIT_ERROR, bundle_command, load
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from retrieval.backends import parse_backend
 
     if args.backend:
@@ -37,8 +37,16 @@ def _serve(args: argparse.Namespace) -> int:
         decode_queue=args.decode_queue,
         decode_memory_mb=args.decode_memory_mb,
         max_requests=args.max_requests,
+        max_receiving=args.max_receiving,
+        body_grace_s=args.body_grace,
+        body_min_rate=int(args.body_min_rate_kb * 1024),
     )
-    retriever = load(args, max_pixels=args.max_pixels, backend=args.backend)
+    listener = listen(args.host, args.port)  # a bad address fails before the model loads
+    try:
+        retriever = load(args, max_pixels=args.max_pixels, backend=args.backend)
+    except BaseException:
+        listener.close()
+        raise
     try:
         app = create_app(retriever, settings)
         if args.backend:
@@ -53,10 +61,44 @@ def _serve(args: argparse.Namespace) -> int:
             f"  API   http://{args.host}:{args.port}/docs",
             flush=True,
         )
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return _run(app, listener, args)
     finally:
+        listener.close()
         retriever.close()
-    return 0
+
+
+def _run(app: Any, listener: socket.socket, args: argparse.Namespace) -> int:
+    """Serve ``app`` on ``listener`` until a signal (as ``uvicorn.run`` does); 2 when the
+    server did not start (uvicorn logs why)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends a server normally
+        server.run(sockets=[listener])
+    return 0 if server.started else EXIT_ERROR
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (uvicorn listens on it); ValueError for a port out of
+    1..65535 or a host that does not resolve, OSError naming the address when it is taken."""
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port must be 1 to 65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as err:
+        raise ValueError(f"--host {host!r} does not resolve: {err.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def add_serve(sub: Any) -> None:
@@ -100,8 +142,21 @@ def add_serve(sub: Any) -> None:
         help="memory large decodes may hold together (default 1/8 of RAM, at most 2048)",
     )
     p.add_argument(
-        "--max-requests", type=int, default=32, help="uploads in the server at once; more get 503"
+        "--max-requests",
+        type=int,
+        default=32,
+        help="uploads received whole and not yet answered; more get 503",
     )
+    p.add_argument(
+        "--max-receiving", type=int, default=128, help="upload bodies still arriving; more get 503"
+    )
+    p.add_argument(
+        "--body-min-rate-kb",
+        type=float,
+        default=32.0,
+        help="KiB/s a request body must keep after --body-grace seconds; slower gets 408",
+    )
+    p.add_argument("--body-grace", type=float, default=5.0, help="seconds before the rate counts")
     p.add_argument(
         "--cors-origin", action="append", default=[], help="web origin allowed to call the API"
     )

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from retrieval.bundle.item_checks import MAX_LABEL  # the longest label an item may have
 from retrieval.bundle.records import ItemRecord
 from retrieval.data.images import ImageLoadError
 from retrieval.search.prefetch import chunks, prefetched
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from retrieval.bundle.runtime import Runtime
     from retrieval.postprocess import DBA
 
-__all__ = ["LoadedFiles", "add_files", "load_files"]
+__all__ = ["MAX_LABEL", "LoadedFiles", "add_files", "load_files"]
 
 
 @dataclass

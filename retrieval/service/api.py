@@ -7,10 +7,13 @@ from fastapi import HTTPException, Query, Request
 from fastapi import Path as PathParam
 from pydantic import BaseModel
 
+from retrieval.search.adding import MAX_LABEL
 from retrieval.service.budget import Deadline
 
 ItemId = Annotated[int, PathParam(ge=0, le=2**62, description="an item id from a search result")]
-LabelFilter = Annotated[str | None, Query(max_length=256, description="only items with this label")]
+LabelFilter = Annotated[
+    str | None, Query(max_length=MAX_LABEL, description="only items with this label")
+]
 RerankOption = Annotated[
     bool | None,
     Query(description="k-reciprocal re-ranking of the first results (default: as exported)"),
@@ -30,18 +33,20 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         401: "missing or wrong bearer token",
         403: "writes are disabled (no token configured)",
         404: "no such item, or its image is not on this server",
+        408: "the request body came slower than the server's minimum rate",
         413: "body or image over the limits",
         415: "the upload is not an accepted image format",
         422: "invalid parameters, or an image that cannot be decoded",
         503: "busy: too many uploads or decodes waiting; retry after Retry-After seconds",
         504: "the request took too long",
+        507: "the server's disk is full: nothing was written",
     }
     return {code: {"model": ErrorBody, "description": reasons[code]} for code in codes}
 
 
-SEARCH_ERRORS = errors(400, 413, 415, 422, 503, 504)
+SEARCH_ERRORS = errors(400, 408, 413, 415, 422, 503, 504)
 ITEM_ERRORS = errors(404, 422, 503, 504)
-WRITE_ERRORS = errors(400, 401, 403, 404, 413, 415, 422, 503, 504)
+WRITE_ERRORS = errors(400, 401, 403, 404, 408, 413, 415, 422, 503, 504, 507)
 
 
 def k_query(max_k: int) -> Any:

@@ -6,7 +6,8 @@ Routes: ``GET /`` (the page, its icon at ``/favicon.ico``), ``POST /search``
 (:mod:`~retrieval.service.item_routes`), ``POST /items`` and ``DELETE /items/{id}`` (bearer
 token, :mod:`~retrieval.service.write_routes`), ``GET /healthz``, ``GET /stats``; the OpenAPI
 schema at ``/openapi.json`` and its pages at ``/docs``. Errors are JSON ``{"detail": ...}``
-with a 4xx status for anything wrong with the request. Searches page through one ranking
+with a 4xx status for anything wrong with the request, 503 when busy, 507 when the disk is
+full, and 500 (the connection then closed) for a bug. Searches page through one ranking
 with ``offset`` (``offset + k`` at most ``max_k``).
 """
 
@@ -23,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from retrieval.data.images import ImageLoadError
 from retrieval.search import Retriever
 from retrieval.service.budget import Busy, DeadlineExceeded
-from retrieval.service.core import BadUpload, SearchService
+from retrieval.service.core import BadUpload, OutOfSpace, SearchService
 from retrieval.service.guard import RequestGuard
 from retrieval.service.item_routes import add_duplicate_routes, add_item_routes
 from retrieval.service.search_routes import add_search_routes
@@ -52,6 +53,17 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ImageLoadError)
     async def bad_image(_: Request, err: ImageLoadError) -> JSONResponse:
         return JSONResponse({"detail": str(err)}, status_code=422)
+
+    @app.exception_handler(OutOfSpace)
+    async def out_of_space(_: Request, err: OutOfSpace) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=507)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, err: Exception) -> JSONResponse:
+        """A bug: 500, and the connection closed (the server drops it after an unhandled
+        error; the header tells the client not to send its next request on it)."""
+        detail = f"internal error ({type(err).__name__}); the server log has the details"
+        return JSONResponse({"detail": detail}, status_code=500, headers={"Connection": "close"})
 
 
 def _add_page_routes(app: FastAPI) -> None:
@@ -97,7 +109,11 @@ def _add_status_routes(app: FastAPI, service: SearchService) -> None:
                 "max_pixels": settings.max_pixels,
                 "max_k": settings.max_k,
                 "max_requests": settings.max_requests,
+                "max_receiving": settings.max_receiving,
+                "body_grace_s": settings.body_grace_s,
+                "body_min_rate": settings.body_min_rate,
             },
+            "uploads": service.upload_slots.snapshot(),
             "decodes": {"large": service.large.snapshot(), "small": service.small.snapshot()},
             **service.stats.snapshot(),
         }
@@ -125,7 +141,9 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
         max_body_bytes=settings.max_body_bytes,
         timeout_s=settings.request_timeout_s,
         stats=service.stats,
-        max_requests=settings.max_requests,
+        slots=service.upload_slots,
+        body_grace_s=settings.body_grace_s,
+        body_min_rate=settings.body_min_rate,
     )
     if settings.cors_origins:
         from starlette.middleware.cors import CORSMiddleware

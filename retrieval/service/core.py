@@ -4,6 +4,7 @@ remove items. :mod:`retrieval.service.app` and its route modules map requests on
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +23,7 @@ from retrieval.search.results import Hit
 from retrieval.service.batching import MicroBatcher
 from retrieval.service.budget import SMALL_PIXELS, Deadline, Lane
 from retrieval.service.cache import ExpiringCache
+from retrieval.service.guard import UploadSlots
 from retrieval.service.settings import ServiceSettings
 from retrieval.service.stats import ServiceStats
 from retrieval.service.thumbnails import Thumbnails
@@ -36,6 +38,14 @@ class BadUpload(ValueError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class OutOfSpace(Exception):
+    """The server's disk is full (or its quota spent): answered 507, nothing written."""
+
+
+#: The errors of a write that found no space left
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -82,6 +92,7 @@ class SearchService:
         #: decodes of images over SMALL_PIXELS (memory-bound) and of the rest (CPU-bound)
         self.large = Lane("large", settings.large_decode_slots(), settings.decode_queue)
         self.small = Lane("small", settings.small_decode_slots(), settings.max_requests)
+        self.upload_slots = UploadSlots(settings.max_requests, settings.max_receiving)
         self.swept = self.sweep_uploads()
 
     @property
@@ -177,21 +188,22 @@ class SearchService:
     # writing -------------------------------------------------------------------------------
     def add(self, uploads: Sequence[tuple[str, bytes]], labels: Sequence[str | None]) -> AddOutcome:
         """Store and add uploaded images (``(name, bytes)``), one label each. Images that are
-        not accepted are listed in ``rejected`` with the reason; nothing half-added remains."""
+        not accepted are listed in ``rejected`` with the reason; nothing half-added remains.
+        OutOfSpace when the disk is full (nothing added, the files this call stored deleted)."""
         outcome = AddOutcome()
-        with self._write_lock:
+        with self._write_lock, _out_of_space("added"):
             stored: list[tuple[str, Path, bool, str | None]] = []
-            for (name, data), label in zip(uploads, labels, strict=True):
-                try:
-                    extension = check_image_bytes(data, name)
-                except BadUpload as err:
-                    outcome.rejected.append({"name": name, "reason": str(err)})
-                    continue
-                path, created = self.uploads.store(data, extension)
-                stored.append((name, path, created, label))
-            if not stored:
-                return outcome
             try:
+                for (name, data), label in zip(uploads, labels, strict=True):
+                    try:
+                        extension = check_image_bytes(data, name)
+                    except BadUpload as err:
+                        outcome.rejected.append({"name": name, "reason": str(err)})
+                        continue
+                    path, created = self.uploads.store(data, extension)
+                    stored.append((name, path, created, label))
+                if not stored:
+                    return outcome
                 report = self.retriever.add(  # one image decoded at a time
                     [p for _, p, _, _ in stored], [lab for *_, lab in stored], batch_size=1
                 )
@@ -219,9 +231,9 @@ class SearchService:
         return outcome
 
     def remove(self, item_id: int) -> None:
-        """Remove an item (KeyError if unknown or already removed); its file is deleted when the
-        service stored it and no other item uses it."""
-        with self._write_lock:
+        """Remove an item (KeyError if unknown or already removed; OutOfSpace when the disk
+        is full); its file is deleted when the service stored it and no other item uses it."""
+        with self._write_lock, _out_of_space("removed"):
             item = self.retriever.item(item_id)
             self.retriever.remove([item_id])
             self._writes += 1
@@ -282,6 +294,21 @@ class SearchService:
                 self._groups.clear()
             self._groups[key] = (writes, report)
             return report
+
+
+@contextlib.contextmanager
+def _out_of_space(done: str) -> Iterator[None]:
+    """A write that found no space left on the disk as OutOfSpace (507); nothing is ``done``."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        log.error("a write found no space left: %s", err)
+        raise OutOfSpace(
+            f"the server's disk is full ({err.strerror}): nothing was {done}; "
+            "send the request again once space is freed on the server"
+        ) from err
 
 
 @contextlib.contextmanager

@@ -1,5 +1,12 @@
-"""ASGI middleware in front of every request: body size limit while streaming, a bound on the
-uploads in the server, the request's deadline, and per-route statistics.
+"""ASGI middleware in front of every request: the body's size limit and minimum rate while it
+streams, bounds on the uploads in the server, the request's deadline, and per-route
+statistics.
+
+Uploads are counted in two stages (:class:`UploadSlots`): while their body arrives, and once
+it is whole until they are answered; only the second stage is bounded by ``max_requests``, the
+work and memory of the service. A body must keep a minimum rate after a grace period (408
+else), so a client that trickles its body holds a receiving slot for seconds, and never one of
+``max_requests``.
 
 A request refused early (413, 503) while its client is still sending has the rest of its body
 read and discarded first, when its ``Content-Length`` says it ends within ``DRAIN_BYTES`` past
@@ -12,10 +19,11 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from retrieval.service.budget import Deadline
@@ -23,13 +31,13 @@ from retrieval.service.stats import ServiceStats
 
 DRAIN_BYTES = 4 * 1024 * 1024
 DRAIN_S = 5.0
-#: Routes whose requests carry uploads (bounded by ``max_requests``)
+#: Routes whose requests carry uploads (bounded by :class:`UploadSlots`)
 UPLOAD_ROUTES = {("POST", "/search"), ("POST", "/items")}
+RETRY = [(b"retry-after", b"1")]
+Headers = list[tuple[bytes, bytes]]
 
 
-async def send_json(
-    send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
+async def send_json(send: Send, status: int, detail: str, headers: Headers | None = None) -> None:
     body = json.dumps({"detail": detail}).encode()
     await send(
         {
@@ -60,13 +68,48 @@ async def drain(receive: Receive, budget: int) -> bool:
     return False
 
 
+class UploadSlots:
+    """The uploads in the server: ``receiving`` (bodies still arriving, at most
+    ``max_receiving``) and ``in_flight`` (received whole and not yet answered, at most
+    ``max_requests``); ``refused`` counts the 503s. Used from the event loop only."""
+
+    def __init__(self, max_requests: int, max_receiving: int) -> None:
+        self.max_requests, self.max_receiving = max_requests, max_receiving
+        self.counts = {"receiving": 0, "in_flight": 0}
+        self.refused = 0
+
+    def busy(self) -> str | None:
+        """Why an upload arriving now is refused; None when it may start receiving."""
+        if self.counts["in_flight"] >= self.max_requests:
+            return f"the server is busy ({self.counts['in_flight']} uploads in progress)"
+        if self.counts["receiving"] >= self.max_receiving:
+            return f"the server is busy ({self.counts['receiving']} uploads arriving)"
+        return None
+
+    def move(self, held: str | None, wanted: str | None) -> None:
+        """Give back the slot ``held`` (if any) and take one of ``wanted`` (if any)."""
+        if held is not None:
+            self.counts[held] -= 1
+        if wanted is not None:
+            self.counts[wanted] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        return {
+            **self.counts,
+            "max_receiving": self.max_receiving,
+            "max_requests": self.max_requests,
+            "refused": self.refused,
+        }
+
+
 class RequestGuard:
     """Refuses bodies over ``max_body_bytes`` with 413: at once when ``Content-Length`` says
     so, otherwise as soon as the streamed body passes the limit (the rest is discarded, see
-    :func:`drain`, never kept); refuses an upload with 503 + ``Retry-After`` while
-    ``max_requests`` are in the server; gives each request a :class:`Deadline`
-    (``scope["state"]["deadline"]``) and answers 504 when it takes over ``timeout_s``;
-    records every request's route, status and latency in ``stats``."""
+    :func:`drain`, never kept); refuses with 408 a body that arrives slower than
+    ``body_min_rate`` bytes/s after ``body_grace_s``; refuses an upload with 503 +
+    ``Retry-After`` when ``slots`` are full (see :class:`UploadSlots`); gives each request a
+    :class:`Deadline` (``scope["state"]["deadline"]``) and answers 504 when it takes over
+    ``timeout_s``; records every request's route, status and latency in ``stats``."""
 
     def __init__(
         self,
@@ -74,83 +117,137 @@ class RequestGuard:
         max_body_bytes: int,
         timeout_s: float,
         stats: ServiceStats,
-        max_requests: int = 32,
+        slots: UploadSlots,
+        body_grace_s: float = 5.0,
+        body_min_rate: float = 32 * 1024,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.timeout_s = timeout_s
         self.stats = stats
-        self.max_requests = max_requests
-        self.uploads_in_flight = 0
+        self.slots = slots
+        self.body_grace_s, self.body_min_rate = body_grace_s, body_min_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        deadline = Deadline.after(self.timeout_s)
-        scope.setdefault("state", {})["deadline"] = deadline
-        state: dict[str, Any] = {"status": 500, "started": False, "too_large": False}
-        limit = self.max_body_bytes
-        too_large = f"the request body is over the limit of {limit} bytes"
-        upload = (scope.get("method"), scope.get("path")) in UPLOAD_ROUTES
+        exchange = _Exchange(self, scope, receive, send)
         try:
-            declared = _content_length(scope)
-            if declared is not None and declared > limit:
-                state["status"] = 413
-                if declared <= limit + DRAIN_BYTES:
-                    await drain(receive, declared)
-                await send_json(send, 413, too_large)
-                return
-            if upload and self.uploads_in_flight >= self.max_requests:
-                state["status"] = 503
-                await drain(receive, limit + DRAIN_BYTES)
-                detail = f"the server is busy ({self.max_requests} uploads in progress)"
-                await send_json(send, 503, detail, [(b"retry-after", b"1")])
-                return
-            self.uploads_in_flight += upload
-            received = 0
-
-            async def guarded_receive() -> Message:
-                nonlocal received
-                message = await receive()
-                if message["type"] == "http.request":
-                    received += len(message.get("body", b""))
-                    if received > limit:
-                        state["too_large"] = True
-                        if message.get("more_body", False):  # what is left, if known
-                            rest = DRAIN_BYTES // 4 if declared is None else declared - received
-                            await drain(receive, min(DRAIN_BYTES, rest))
-                        raise HTTPException(413, too_large)
-                return message
-
-            async def guarded_send(message: Message) -> None:
-                if state["too_large"]:  # whatever the app made of a cut-off body
-                    if message["type"] == "http.response.start" and not state["started"]:
-                        state["started"], state["status"] = True, 413
-                        await send_json(send, 413, too_large)
-                    return
-                if message["type"] == "http.response.start":
-                    state["started"], state["status"] = True, message["status"]
-                await send(message)
-
-            try:
-                with anyio.fail_after(max(0.0, deadline.left())):
-                    await self.app(scope, guarded_receive, guarded_send)
-            except TimeoutError:
-                if not state["started"]:
-                    state["status"] = 504
-                    await send_json(send, 504, f"the request took over {self.timeout_s:g} s")
-            except HTTPException as err:
-                if err.status_code != 413 or state["started"]:
-                    raise
-                state["started"], state["status"] = True, 413
-                await send_json(send, 413, too_large)
-            finally:
-                self.uploads_in_flight -= upload
+            await exchange.run()
         finally:
-            route = getattr(scope.get("route"), "path", None) or _fallback_route(scope)
-            self.stats.record(route, int(state["status"]), time.perf_counter() - start)
+            self.stats.record(route_of(scope), exchange.status, time.perf_counter() - start)
+
+
+class _Exchange:
+    """One request through a :class:`RequestGuard`: how much of its body came, the upload
+    slot it holds, the refusal the guard raised in it, the status it got."""
+
+    def __init__(self, guard: RequestGuard, scope: Scope, receive: Receive, send: Send) -> None:
+        self.guard, self.scope, self._receive, self._send = guard, scope, receive, send
+        self.deadline = Deadline.after(guard.timeout_s)
+        scope.setdefault("state", {})["deadline"] = self.deadline
+        self.started_at = time.monotonic()
+        self.declared = _content_length(scope)
+        self.status, self.started = 500, False
+        self.received, self.body_done = 0, False
+        self.slot: str | None = None
+        self.refusal: tuple[int, str, Headers] | None = None
+        self.too_large = f"the request body is over the limit of {guard.max_body_bytes} bytes"
+
+    async def run(self) -> None:
+        limit = self.guard.max_body_bytes
+        if self.declared is not None and self.declared > limit:
+            if self.declared <= limit + DRAIN_BYTES:
+                await drain(self._receive, self.declared)
+            await self.answer(413, self.too_large)
+            return
+        if (self.scope.get("method"), self.scope.get("path")) in UPLOAD_ROUTES:
+            busy = self.guard.slots.busy()
+            if busy is not None:
+                self.guard.slots.refused += 1
+                await drain(self._receive, limit + DRAIN_BYTES)
+                await self.answer(503, busy, RETRY)
+                return
+            self.hold("receiving")
+        try:
+            with anyio.fail_after(max(0.0, self.deadline.left())):
+                await self.guard.app(self.scope, self.receive, self.send)
+        except TimeoutError:
+            if not self.started:
+                await self.answer(504, f"the request took over {self.guard.timeout_s:g} s")
+        except HTTPException as err:
+            if self.refusal is None or self.started or err.status_code != self.refusal[0]:
+                raise
+            await self.answer(*self.refusal)
+        finally:
+            self.hold(None)
+
+    def hold(self, slot: str | None) -> None:
+        self.guard.slots.move(self.slot, slot)
+        self.slot = slot
+
+    def refuse(self, status: int, detail: str, headers: Headers | None = None) -> NoReturn:
+        """Stop the app's reading with ``status``: whatever the app answers is replaced."""
+        self.refusal = (status, detail, headers or [])
+        raise HTTPException(status, detail)
+
+    async def answer(self, status: int, detail: str, headers: Headers | None = None) -> None:
+        self.started, self.status = True, status
+        await send_json(self._send, status, detail, headers)
+
+    async def receive(self) -> Message:
+        if self.body_done:  # the app listens for a disconnect
+            return await self._receive()
+        guard = self.guard
+        due = self.started_at + guard.body_grace_s + self.received / guard.body_min_rate
+        try:
+            with anyio.fail_after(max(0.0, due - time.monotonic())):
+                message = await self._receive()
+        except TimeoutError:
+            took = time.monotonic() - self.started_at
+            self.refuse(
+                408,
+                f"the request body came too slowly ({self.received} bytes in {took:.1f} s): "
+                f"this server needs {guard.body_min_rate:g} bytes/s after the first "
+                f"{guard.body_grace_s:g} s",
+            )
+        if message["type"] != "http.request":
+            return message
+        self.received += len(message.get("body", b""))
+        more = message.get("more_body", False)
+        if self.received > guard.max_body_bytes:
+            if more:  # discard what is left, if known
+                left = DRAIN_BYTES // 4 if self.declared is None else self.declared - self.received
+                await drain(self._receive, min(DRAIN_BYTES, left))
+            self.refuse(413, self.too_large)
+        if not more:
+            self.body_done = True
+            if self.slot == "receiving":
+                self.body_received()
+        return message
+
+    def body_received(self) -> None:
+        """The body is whole: its receiving slot becomes an upload slot (503 when none is
+        free)."""
+        slots = self.guard.slots
+        self.hold(None)
+        if slots.counts["in_flight"] >= slots.max_requests:
+            slots.refused += 1
+            self.refuse(
+                503, f"the server is busy ({slots.max_requests} uploads in progress)", RETRY
+            )
+        self.hold("in_flight")
+
+    async def send(self, message: Message) -> None:
+        if self.refusal is not None:  # whatever the app made of a refused body
+            if message["type"] == "http.response.start" and not self.started:
+                await self.answer(*self.refusal)
+            return
+        if message["type"] == "http.response.start":
+            self.started, self.status = True, message["status"]
+        await self._send(message)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -163,7 +260,17 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _fallback_route(scope: Scope) -> str:
-    """Routes the app did not match are counted together (raw paths would grow the table)."""
-    path = scope.get("path", "")
-    return "/static/*" if path.startswith("/static/") else "(unmatched)"
+def route_of(scope: Scope) -> str:
+    """The template of the route a request is for (``/items/{item_id}``), also when the guard
+    answered before the app matched it. Requests no route matches are counted together (raw
+    paths would grow the table)."""
+    route: Any = scope.get("route")
+    if route is None:
+        for candidate in getattr(getattr(scope.get("app"), "router", None), "routes", []):
+            if isinstance(candidate, Route) and candidate.matches(scope)[0] == Match.FULL:
+                route = candidate
+                break
+    path = getattr(route, "path", None)
+    if isinstance(path, str) and path:
+        return path
+    return "/static/*" if scope.get("path", "").startswith("/static/") else "(unmatched)"

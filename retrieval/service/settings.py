@@ -36,9 +36,16 @@ class ServiceSettings:
         decode_queue: most large decodes waiting for a slot; one more gets 503 + Retry-After.
         decode_memory_mb: memory the large decodes may hold together, for ``decode_slots``;
             None: 1/8 of the machine's memory, at most 2048.
-        max_requests: most uploads (``POST /search``, ``POST /items``) in the server at once,
-            from their first byte; one more gets 503 + Retry-After before its body is read.
-            Small decodes (one slot a core) queue within this bound.
+        max_requests: most uploads (``POST /search``, ``POST /items``) received whole and not
+            yet answered; one more gets 503 + Retry-After (before its body is read when they
+            are already there). Small decodes (one slot a core) queue within this bound.
+        max_receiving: most upload bodies still arriving; one more gets 503 + Retry-After.
+            Each holds about 1 MiB of its body in memory at most (the form parser spools
+            larger files to disk).
+        body_grace_s, body_min_rate: a request body must have arrived at ``body_min_rate``
+            bytes/s after its first ``body_grace_s`` seconds: by ``body_grace_s + received /
+            body_min_rate`` seconds after its headers; later gets 408. A client that trickles
+            its body holds a receiving slot that long, never one of ``max_requests``.
     """
 
     token: str | None = None
@@ -58,6 +65,9 @@ class ServiceSettings:
     decode_queue: int = 8
     decode_memory_mb: float | None = None
     max_requests: int = 32
+    max_receiving: int = 128
+    body_grace_s: float = 5.0
+    body_min_rate: int = 32 * 1024
 
     def __post_init__(self) -> None:
         positive = {
@@ -69,6 +79,9 @@ class ServiceSettings:
             "batch_size": self.batch_size,
             "thumbnail_px": self.thumbnail_px,
             "max_requests": self.max_requests,
+            "max_receiving": self.max_receiving,
+            "body_grace_s": self.body_grace_s,
+            "body_min_rate": self.body_min_rate,
             **({} if self.decode_slots is None else {"decode_slots": self.decode_slots}),
             **(
                 {} if self.decode_memory_mb is None else {"decode_memory_mb": self.decode_memory_mb}
