@@ -3,6 +3,13 @@ model input, with Pillow and NumPy only (no torch).
 
 :func:`model_input` resizes, crops or pads and normalises an RGB image; :func:`prepare` decodes
 a file or encoded bytes straight to that input, a large image at a reduced scale (see there).
+
+Memory, whatever the image's shape: :func:`prepare` refuses from the header an image over the
+pixel limit or over :data:`~retrieval.data.images.MAX_ASPECT_RATIO`; the decode then holds the
+image (and a reduced or converted copy), and the resize makes at most about
+:data:`RESIZE_PIXELS` pixels more: ``crop`` resizes only the square it keeps once resizing the
+whole image would make more; ``squash``, ``pad`` and ``short`` make at most ``2 * side**2``
+pixels, plus Pillow's first pass over an image already reduced to a few times that size.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from retrieval.data.images import (
     SWAPS_AXES,
     ImageInput,
     ImageLoadError,
+    check_aspect,
     decode_rgb,
     image_source,
     open_checked,
@@ -27,7 +35,7 @@ from retrieval.data.rgb import reduced_rgb, to_rgb
 if TYPE_CHECKING:
     from retrieval.bundle.preprocess import Preprocessor
 
-__all__ = ["FILTERS", "REDUCING_GAP", "model_input", "prepare"]
+__all__ = ["FILTERS", "REDUCING_GAP", "RESIZE_PIXELS", "model_input", "prepare"]
 
 FILTERS = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -37,6 +45,11 @@ FILTERS = {
 #: :func:`prepare` first reduces an image by an integer factor when it stays at least this
 #: many times larger than its resized size (as ``Image.resize(reducing_gap=...)``)
 REDUCING_GAP = 3.0
+#: A ``crop`` resize that would make more pixels than this resizes only the square it keeps
+#: (``Image.resize(box=...)``): within a grey level of resizing the whole image and cropping
+#: it, as torchvision does and as smaller resizes still do (at a short side of 256, images up
+#: to 1:64)
+RESIZE_PIXELS = 1 << 22
 Box = tuple[float, float, float, float]
 
 
@@ -44,16 +57,19 @@ def model_input(
     pre: Preprocessor, rgb: Image.Image, size: tuple[int, int], box: Box | None = None
 ) -> np.ndarray:
     """Resize ``rgb`` (its region ``box``, when reduced) to ``size``, crop / pad and normalise
-    it as ``pre`` says: ``(3, input_size, input_size)`` float32."""
-    if box is not None:
+    it as ``pre`` says: ``(3, input_size, input_size)`` float32. A ``crop`` resize over
+    :data:`RESIZE_PIXELS` makes only the centre square (see there)."""
+    side = pre.input_size
+    whole = (0.0, 0.0, float(rgb.width), float(rgb.height))
+    top = left = 0
+    if pre.resize_mode == "crop":
+        size, box, (top, left) = _crop_plan(size, box or whole, side)
+    if box is not None and box != whole:
         rgb = rgb.resize(size, FILTERS[pre.interpolation], box=box)
     elif size != rgb.size:
         rgb = rgb.resize(size, FILTERS[pre.interpolation])
-    side = pre.input_size
     pixels = np.asarray(rgb, dtype=np.uint8)
     if pre.resize_mode == "crop":
-        top = int(round((size[1] - side) / 2.0))
-        left = int(round((size[0] - side) / 2.0))
         pixels = pixels[top : top + side, left : left + side]
     chw = pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
     mean = np.asarray(pre.mean, dtype=np.float32)[:, None, None]
@@ -64,6 +80,28 @@ def model_input(
         margins = ((0, 0), (top, side - size[1] - top), (left, side - size[0] - left))
         out = np.pad(out, margins)
     return np.ascontiguousarray(out)
+
+
+def _crop_plan(
+    size: tuple[int, int], box: Box, side: int
+) -> tuple[tuple[int, int], Box, tuple[int, int]]:
+    """How ``crop`` makes the centre ``side`` square of region ``box`` resized to ``size``:
+    ``(size to resize to, region to resize, (top, left) of the square in the result)``. Up to
+    :data:`RESIZE_PIXELS`: all of ``box`` to ``size``, the square then cut out at offsets rounded
+    as torchvision rounds them; over it: only the square's own region, to ``(side, side)``."""
+    top = int(round((size[1] - side) / 2.0))
+    left = int(round((size[0] - side) / 2.0))
+    if size[0] * size[1] <= RESIZE_PIXELS:
+        return size, box, (top, left)
+    x0, y0, x1, y1 = box
+    sx, sy = (x1 - x0) / size[0], (y1 - y0) / size[1]
+    kept = (
+        x0 + left * sx,
+        y0 + top * sy,
+        min(x1, x0 + (left + side) * sx),
+        min(y1, y0 + (top + side) * sy),
+    )
+    return (side, side), kept, (0, 0)
 
 
 def prepare(
@@ -78,6 +116,7 @@ def prepare(
     check = check or (lambda stage: None)
     data, label = image_source(source, name)
     opened = open_checked(data, max_pixels, label)
+    check_aspect(opened, label)
     check("decode")
     try:
         reduced = _decode_reduced(pre, opened, check)

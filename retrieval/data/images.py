@@ -3,12 +3,14 @@ integrity scan of image files before training.
 
 :func:`open_rgb` decodes a path, encoded bytes or a binary file into an RGB image;
 :func:`open_checked` opens one lazily (header only, pixel limit enforced) for callers that
-decode it their own way or only need its size and format.
+decode it their own way or only need its size and format; :func:`check_aspect` refuses a lazily
+opened image too elongated to decode within what its pixel count says it costs.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import threading
 import warnings
@@ -27,6 +29,11 @@ from retrieval.infra.checks import positive_int
 ImageInput = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit (Image.MAX_IMAGE_PIXELS)
+#: The longest side may be at most this many times the shortest (:func:`check_aspect`).
+#: Beyond what the pixel count says, a decode costs Pillow 8 bytes a row: 1 x 4,000,000 pixels
+#: hold 46 MiB where 2,000 x 2,000 hold 16 MiB. Within this ratio the rows add at most
+#: ``8 * sqrt(1000 * pixels)`` bytes (2.4 MiB at 89 M pixels), so the pixel count bounds it.
+MAX_ASPECT_RATIO = 1000
 _JPEG_TAIL = 1024
 _OPEN_LOCK = threading.Lock()  # warnings.catch_warnings changes process-wide state
 #: EXIF Orientation -> transposition, the table ``PIL.ImageOps.exif_transpose`` uses
@@ -56,6 +63,11 @@ class ImageLoadError(OSError):
 
 class ImageTooLargeError(ImageLoadError):
     """An image has more pixels than allowed (seen from its header, before decoding)."""
+
+
+class ImageShapeError(ImageLoadError):
+    """An image's long side is over :data:`MAX_ASPECT_RATIO` times its short side (seen from
+    its header, before decoding)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,20 @@ def open_checked(
             f"{max_pixels} pixels; raise max_pixels to allow it, or downscale the image"
         )
     return image
+
+
+def check_aspect(image: Image.Image, label: str) -> None:
+    """Refuse a lazily opened ``image`` (closing it) whose long side is over
+    :data:`MAX_ASPECT_RATIO` times its short side: ImageShapeError naming ``label``, its size
+    and the limit. Reads the header only."""
+    width, height = image.size
+    long, short = max(width, height), max(1, min(width, height))
+    if long > MAX_ASPECT_RATIO * short:
+        image.close()
+        raise ImageShapeError(
+            f"{label}: {width}x{height} pixels has an aspect ratio of {math.ceil(long / short)}:1,"
+            f" over the limit of {MAX_ASPECT_RATIO}:1; crop it to a less elongated picture"
+        )
 
 
 def image_source(source: ImageInput, name: str | None = None) -> tuple[Path | bytes, str]:

@@ -148,7 +148,8 @@ def add_item_routes(app: FastAPI, service: SearchService) -> None:
 
     @app.get(
         "/items/{item_id}/image",
-        summary="An item's full image (its file; a JPEG of it for formats browsers do not show)",
+        summary="An item's full image (its file; for formats browsers do not show, a JPEG of "
+        "it, or a PNG when it is too long for a JPEG)",
         response_class=Response,
         responses={200: {"content": {"image/*": {}}}, **errors(404, 413, 422, 503, 504)},
     )
@@ -161,7 +162,9 @@ def add_item_routes(app: FastAPI, service: SearchService) -> None:
             )
             if media_type is not None:
                 return FileResponse(path, media_type=media_type, headers=headers)
-            data = await service.large.run(lambda: service.thumbnails.as_jpeg(path), until)
+            data, media_type = await service.large.run(
+                lambda: service.thumbnails.converted(path), until
+            )
         except FileNotFoundError as err:
             raise HTTPException(404, str(err)) from None
         except ImageTooLargeError:
@@ -170,4 +173,4 @@ def add_item_routes(app: FastAPI, service: SearchService) -> None:
             ) from None
         except ImageLoadError:
             raise HTTPException(404, f"item {item_id}'s image can no longer be read") from None
-        return Response(data, media_type="image/jpeg", headers=headers)
+        return Response(data, media_type=media_type, headers=headers)

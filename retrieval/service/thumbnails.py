@@ -1,5 +1,6 @@
 """An item's picture for the page: JPEG thumbnails made from its image file and kept in
-memory, and the full image (the file itself when browsers show its format, else a JPEG)."""
+memory, and the full image (the file itself when browsers show its format, else a JPEG of it,
+or a PNG when a side is over JPEG's :data:`JPEG_MAX_SIDE`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from PIL import Image
 from retrieval.data.images import open_checked, open_rgb
 
 #: Formats every browser shows, as Pillow names them, and their media types; files in other
-#: formats (TIFF) are sent as a JPEG of the same size.
+#: formats (TIFF) are sent converted (:meth:`Thumbnails.converted`).
 SHOWN = {
     "JPEG": "image/jpeg",
     "MPO": "image/jpeg",  # a phone's JPEG with a second picture; shown as a JPEG
@@ -22,6 +23,8 @@ SHOWN = {
     "GIF": "image/gif",
     "BMP": "image/bmp",
 }
+#: The longest side a JPEG can have (libjpeg's limit); a longer image is converted to a PNG
+JPEG_MAX_SIDE = 65_500
 
 
 class Thumbnails:
@@ -43,7 +46,7 @@ class Thumbnails:
 
     def full(self, item_id: int, uri: str) -> tuple[Path, str | None]:
         """The item's file and its media type when browsers show its format, else None (send
-        :meth:`as_jpeg` of it instead). Reads the header only.
+        :meth:`converted` of it instead). Reads the header only.
 
         Raises:
             FileNotFoundError: the item's file is not on this machine.
@@ -56,11 +59,21 @@ class Thumbnails:
         with open_checked(path, self.max_pixels, f"item {item_id}'s image") as header:
             return path, SHOWN.get(str(header.format))
 
-    def as_jpeg(self, path: Path) -> bytes:
-        """The whole image at ``path`` as JPEG bytes (a full decode: run it in the large lane)."""
+    def converted(self, path: Path) -> tuple[bytes, str]:
+        """The whole image at ``path`` in a format every browser shows, and its media type: a
+        JPEG of the same size, or a PNG when a side is over :data:`JPEG_MAX_SIDE` (which a
+        JPEG cannot hold). A full decode: run it in the large lane.
+
+        Raises:
+            ImageLoadError: as :func:`~retrieval.data.images.open_rgb`.
+        """
+        image = open_rgb(path, self.max_pixels)
         buffer = io.BytesIO()
-        open_rgb(path, self.max_pixels).save(buffer, format="JPEG", quality=92)
-        return buffer.getvalue()
+        if max(image.size) > JPEG_MAX_SIDE:
+            image.save(buffer, format="PNG")
+            return buffer.getvalue(), "image/png"
+        image.save(buffer, format="JPEG", quality=92)
+        return buffer.getvalue(), "image/jpeg"
 
     def cached(self, item_id: int, uri: str) -> bytes | None:
         """The thumbnail if it is in memory already, else None (nothing is decoded)."""
