@@ -40,10 +40,12 @@ from typing import Any
 import torch
 
 from retrieval.bundle.format import BundleError, read_json
+from retrieval.bundle.preprocess import MAX_INPUT_SIZE
 from retrieval.infra.checks import is_int
 from retrieval.models import Embedder, create_backbone
 from retrieval.models.pooling import POOLINGS
 from retrieval.models.weights import state_mismatch
+from retrieval.postprocess import TTA
 
 MODEL_CONFIG = "model.json"
 WEIGHTS = "model.safetensors"
@@ -65,23 +67,28 @@ def _is_positive_int(value: Any) -> bool:
 
 
 def _is_tta(value: Any) -> bool:
+    """Null, or the settings :class:`~retrieval.postprocess.TTA` takes (its bounds)."""
     if value is None:
         return True
     if not isinstance(value, Mapping) or set(value) != {"scales", "flip"}:
         return False
-    scales = value["scales"]
-    return (
-        isinstance(value["flip"], bool)
-        and isinstance(scales, list)
-        and len(scales) > 0
-        and all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in scales)
-    )
+    if not isinstance(value["scales"], list):
+        return False
+    try:
+        TTA(scales=tuple(value["scales"]), flip=value["flip"])
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _is_side(value: Any) -> bool:
+    return is_int(value) and 1 <= value <= MAX_INPUT_SIZE
 
 
 def _is_size(value: Any) -> bool:
     if isinstance(value, list):
-        return len(value) == 2 and all(_is_positive_int(v) for v in value)
-    return _is_positive_int(value)
+        return len(value) == 2 and all(_is_side(v) for v in value)
+    return _is_side(value)
 
 
 def _is_rate(value: Any) -> bool:
@@ -92,10 +99,10 @@ def _is_rate(value: Any) -> bool:
 #: model (what conf/backbone/*.yaml set) and dropout rates (inert in eval mode, kept so that
 #: models trained with them export), each a JSON scalar checked here
 BACKBONE_KWARGS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "img_size": (_is_size, "a positive int or [height, width]"),
+    "img_size": (_is_size, f"an int from 1 to {MAX_INPUT_SIZE} or [height, width] of such ints"),
     "dynamic_img_size": (lambda v: isinstance(v, bool), "true or false"),
     "dynamic_img_pad": (lambda v: isinstance(v, bool), "true or false"),
-    "patch_size": (_is_positive_int, "a positive int"),
+    "patch_size": (_is_side, f"an int from 1 to {MAX_INPUT_SIZE}"),
     "drop_rate": (_is_rate, "a number in [0, 1)"),
     "drop_path_rate": (_is_rate, "a number in [0, 1)"),
 }
@@ -136,7 +143,11 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, Any]] = {  # field: (check, 
     ),
     "embedder.pooling": (lambda v: v in _POOLINGS, f"one of {_POOLINGS}", _REQUIRED),
     "embedder.head_bn": (lambda v: isinstance(v, bool), "true or false", False),
-    "embedder.tta": (_is_tta, '{"scales": [numbers > 0], "flip": bool} or null', _OMITTED),
+    "embedder.tta": (
+        _is_tta,
+        '{"scales": [numbers], "flip": bool} within the bounds of postprocess.tta, or null',
+        _OMITTED,
+    ),
     "embedder.whiten_dim": (
         lambda v: v is None or _is_positive_int(v),
         "an int > 0 or null",

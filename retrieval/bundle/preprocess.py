@@ -13,7 +13,11 @@ the aspect up to 2:1 (:func:`~retrieval.data.preprocessing.short_side_size`), so
 with ``mean`` and ``std`` in float32.
 :meth:`Preprocessor.prepare` decodes a file or encoded bytes straight to that input
 (:mod:`retrieval.bundle.decode`); :func:`retrieval.data.images.open_rgb` opens one as an RGB
-image with the same checks (pixel limit from the header before decoding, EXIF orientation).
+image with the same checks (pixel limit from the header before decoding, EXIF orientation);
+``prepare`` also refuses an aspect ratio over
+:data:`~retrieval.data.images.MAX_ASPECT_RATIO`. A ``crop`` resize that would make over
+:data:`~retrieval.bundle.decode.RESIZE_PIXELS` pixels resizes only the square it keeps, within
+a grey level of the whole resize.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ if TYPE_CHECKING:
 __all__ = ["Preprocessor"]
 
 COLOR_MODES = ("RGB",)
+#: the largest ``input_size`` a bundle may ask for: a (3, S, 2S) float32 input is 100 MB
+MAX_INPUT_SIZE = 2048
 OPTIONAL = {"color_mode": "RGB", "resize_mode": "crop"}  # absent from older bundles
 
 
@@ -78,9 +84,11 @@ class Preprocessor:
     resize_mode: str = "crop"
 
     def __post_init__(self) -> None:
-        positive_int(self.input_size, "preprocessing field 'input_size'")
-        if not is_int(self.resize) or self.resize < self.input_size:
-            raise _bad("resize", f"an integer >= input_size ({self.input_size})", self.resize)
+        positive_int(self.input_size, "preprocessing field 'input_size'", maximum=MAX_INPUT_SIZE)
+        most = 2 * self.input_size  # crop_pct >= 0.5
+        if not is_int(self.resize) or not self.input_size <= self.resize <= most:
+            rule = f"an integer from input_size ({self.input_size}) to twice it ({most})"
+            raise _bad("resize", rule, self.resize)
         if self.interpolation not in FILTERS:
             raise _bad("interpolation", f"one of {sorted(FILTERS)}", self.interpolation)
         if self.color_mode not in COLOR_MODES:
@@ -187,9 +195,14 @@ class Preprocessor:
         (which picks pixels; averaging would change it). ``check(stage)`` is called between
         stages (``decode``, ``reduce``, ``resize``) and may raise to abandon the work.
 
+        Whatever the image's shape, the memory is bounded by its pixels plus a fixed amount
+        (:mod:`retrieval.bundle.decode`): an image whose long side is over
+        :data:`~retrieval.data.images.MAX_ASPECT_RATIO` times its short side is refused from
+        its header, and a ``crop`` of a long image resizes only the square it keeps.
+
         Raises:
             ImageLoadError: as :func:`~retrieval.data.images.open_rgb` (ImageTooLargeError
-                over ``max_pixels``).
+                over ``max_pixels``), and ImageShapeError over the aspect ratio limit.
             TypeError: ``source`` is neither a path, nor bytes, nor a binary file.
         """
         return decode.prepare(self, source, max_pixels, name, check)

@@ -79,16 +79,19 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from retrieval.bundle.format import read_manifest, verify_files
+    """Open the bundle as a reader (beside a writer such as ``retrieval serve``) and report what
+    :meth:`Retriever.verify` finds; a bundle that cannot be loaded (a missing or altered file,
+    parts that do not fit together) is one problem found."""
+    from retrieval.bundle.format import read_manifest
 
-    manifest = read_manifest(Path(args.bundle))  # not a bundle: an error (exit 2)
-    try:  # a missing or altered file: a problem found (exit 1)
-        verify_files(Path(args.bundle), manifest)
+    read_manifest(Path(args.bundle))  # not a bundle: an error (exit 2)
+    try:
+        retriever = load(args, read_only=True)
     except BundleError as err:
         print(f"problem: {err}")
-        print("1 problem(s) found; the bundle cannot be loaded until the file is restored")
+        print("1 problem(s) found; the bundle cannot be loaded until it is repaired or re-exported")
         return EXIT_PROBLEMS
-    with load(args) as retriever:
+    with retriever:
         problems = retriever.verify()
     for problem in problems:
         print(f"problem: {problem}")

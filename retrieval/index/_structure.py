@@ -37,6 +37,17 @@ def apply_search_params(faiss: Any, index: Any, search_params: str, what: str) -
         ) from err
 
 
+def _reverse_factory(index: Any) -> str | None:
+    """``faiss.contrib.factory_tools.reverse_index_factory`` of ``index``, None where it does
+    not know the index (its type, or a trained OPQ)."""
+    try:
+        from faiss.contrib.factory_tools import reverse_index_factory
+
+        return str(reverse_index_factory(index))
+    except (ImportError, NotImplementedError, AssertionError, AttributeError, RuntimeError):
+        return None
+
+
 def describe(faiss: Any, index: Any) -> str:
     """A factory-like description of ``index`` (``"HNSW32"``, ``"IVF64,PQ8x8"``).
 
@@ -44,12 +55,45 @@ def describe(faiss: Any, index: Any) -> str:
     ``faiss.contrib.factory_tools.reverse_index_factory``; index types it does not know
     are described by their class name (``"IndexLSH"``).
     """
-    try:
-        from faiss.contrib.factory_tools import reverse_index_factory
+    return _reverse_factory(index) or type(faiss.downcast_index(index)).__name__
 
-        return str(reverse_index_factory(index))
-    except (ImportError, NotImplementedError, AssertionError, AttributeError, RuntimeError):
-        return type(faiss.downcast_index(index)).__name__
+
+def _transform_type(faiss: Any, transform: Any) -> str:
+    """A vector transform's class name; every linear one (PCA, OPQ, rotation) is
+    ``LinearTransform``, as faiss files store them."""
+    transform = faiss.downcast_VectorTransform(transform)
+    linear = isinstance(transform, faiss.LinearTransform)
+    return "LinearTransform" if linear else type(transform).__name__
+
+
+def _types(faiss: Any, index: Any) -> list[str]:
+    """Class names of ``index``'s layers, outside in: each pre-transform's vector transforms,
+    then the index they feed (any flat one ``IndexFlat``)."""
+    names, outer = [], faiss.downcast_index(index)
+    layer = outer  # ``outer`` keeps the layers alive
+    while isinstance(layer, faiss.IndexPreTransform):
+        chain = layer.chain
+        names += [_transform_type(faiss, chain.at(i)) for i in range(chain.size())]
+        layer = faiss.downcast_index(layer.index)
+    flat = isinstance(layer, faiss.IndexFlat)  # IndexFlatIP once read back from a file
+    return [*names, "IndexFlat" if flat else type(layer).__name__]
+
+
+def structure_mismatch(faiss: Any, index: Any, factory: str) -> str | None:
+    """Why the CPU index ``index`` is not one ``factory`` builds (its dimension and metric),
+    None when it is. Compared: the factory strings faiss reads back from both indexes
+    (:func:`describe`), or where it cannot read one back, the types of their layers (so
+    ``IVF16,Flat`` and ``IVF32,Flat`` differ, a trained and an untrained OPQ do not)."""
+    try:
+        fresh = faiss.index_factory(index.d, factory, index.metric_type)
+    except RuntimeError:
+        return f"cannot be described by {factory!r}, which is not a FAISS factory string"
+    ours, theirs = _reverse_factory(index), _reverse_factory(fresh)
+    if ours is not None and theirs is not None:
+        same = ours == theirs
+    else:
+        same = _types(faiss, index) == _types(faiss, fresh)
+    return None if same else f"is a {describe(faiss, index)!r} index, not a {factory!r} one"
 
 
 def bytes_per_vector(faiss: Any, index: Any) -> float:

@@ -85,6 +85,15 @@ class EmbeddingIndex(PlacedIndex):
         """FAISS factory string the index was built from (or the description of a loaded one)."""
         return self._factory
 
+    def structure_mismatch(self, factory: str) -> str | None:
+        """Why this index is not one that the FAISS factory string ``factory`` builds, as a
+        phrase (``"is a 'Flat' index, not a 'IVF1,Flat' one"``), None when it is: the index
+        types and sizes are compared, not the strings (``HNSW32`` is ``HNSW32,Flat``). A GPU
+        index is compared through a CPU copy."""
+        faiss = import_faiss()
+        cpu_index = to_cpu(faiss, self._index, self.on_gpu)
+        return _structure.structure_mismatch(faiss, cpu_index, factory)
+
     @property
     def search_params(self) -> str:
         """FAISS ParameterSpace string applied at construction (``""`` for defaults)."""

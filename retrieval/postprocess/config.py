@@ -3,6 +3,11 @@
 ``python evaluate.py postprocess=[tta,whiten,aqe]`` composes one file per step from
 ``conf/postprocess/`` into ``{"tta": {...}, "whiten": {...}, "aqe": {...}}``; the steps always
 run in the order of :data:`STEPS`, whatever the order they are listed in.
+
+Every setting is checked on construction against the bounds below, so that settings read
+from a file (a bundle's manifest) cannot ask a search for more work than a search is:
+neighbour counts at most :data:`MAX_NEIGHBOURS`, weight exponents at most :data:`MAX_ALPHA`,
+TTA at most :data:`MAX_SCALES` scales, a background of at most :data:`MAX_BACKGROUND` vectors.
 """
 
 from __future__ import annotations
@@ -18,10 +23,18 @@ __all__ = ["STEPS", "AQE", "DBA", "Postprocess", "Rerank", "ScoreNorm", "TTA", "
 
 #: The steps in the order they apply.
 STEPS = ("tta", "whiten", "dba", "aqe", "rerank", "score_norm")
+#: most neighbours any step reads per vector (k, top_n, k1, k2)
+MAX_NEIGHBOURS = 1000
+#: largest exponent of a neighbour weight ``max(score, 0) ** alpha``
+MAX_ALPHA = 100.0
+#: most TTA scales (each one, and its mirror, is a pass of the model)
+MAX_SCALES = 16
+#: most background vectors score normalisation samples and stores
+MAX_BACKGROUND = 10_000_000
 
 
-def _positive_int(value: Any, name: str) -> int:
-    return positive_int(value, f"postprocess.{name}")
+def _positive_int(value: Any, name: str, maximum: int = MAX_NEIGHBOURS) -> int:
+    return positive_int(value, f"postprocess.{name}", maximum=maximum)
 
 
 def _number(value: Any, name: str, low: float, high: float = math.inf) -> float:
@@ -40,8 +53,10 @@ class TTA:
 
     def __post_init__(self) -> None:
         scales = tuple(self.scales)
-        if not scales:
-            raise ValueError("postprocess.tta.scales must list at least one scale")
+        if not 1 <= len(scales) <= MAX_SCALES:
+            raise ValueError(
+                f"postprocess.tta.scales must list 1 to {MAX_SCALES} scales, got {len(scales)}"
+            )
         for s in scales:
             _number(s, "tta.scales[]", 0.1, 4.0)
         if not isinstance(self.flip, bool):
@@ -74,7 +89,7 @@ class Whiten:
                 f"{self.method!r}"
             )
         if self.dim is not None:
-            _positive_int(self.dim, "whiten.dim")
+            positive_int(self.dim, "postprocess.whiten.dim")
         _number(self.shrinkage, "whiten.shrinkage", 0.0, 1.0)
         if self.fit_on not in ("train", "gallery"):
             raise ValueError(
@@ -97,7 +112,7 @@ class _Neighbours:
 
     def __post_init__(self) -> None:
         _positive_int(self.k, f"{self._step}.k")
-        _number(self.alpha, f"{self._step}.alpha", 0.0)
+        _number(self.alpha, f"{self._step}.alpha", 0.0, MAX_ALPHA)
 
 
 @dataclass(frozen=True)
@@ -142,7 +157,7 @@ class ScoreNorm:
     def __post_init__(self) -> None:
         _positive_int(self.k, "score_norm.k")
         _number(self.beta, "score_norm.beta", 0.0, 10.0)
-        _positive_int(self.background, "score_norm.background")
+        _positive_int(self.background, "score_norm.background", MAX_BACKGROUND)
 
 
 _TYPES = {

@@ -1,6 +1,12 @@
 """A bundle folder's parts for :class:`~retrieval.search.retriever.Retriever`, checked as they
-are opened (format version, checksums, preprocessing fields, embedding widths), and the
-problems a whole-bundle check finds."""
+are opened, and the problems a whole-bundle check finds.
+
+A checksum shows a file is the one the manifest lists, not that the files belong together, so
+the parts are also checked against each other: the format version, the checksums, the search
+steps of the manifest (within their bounds), the preprocessing (its fields, and the input the
+model takes: ``input_size`` and, with ``resize_mode=short``, ``any_size``), the embedding
+widths, the manifest's ``index.factory`` (the factory string the item store records, which
+the index file must build) and the item uris (none may lead outside the folder)."""
 
 from __future__ import annotations
 
@@ -18,12 +24,58 @@ from retrieval.bundle.format import (
     stale_exports,
     verify_files,
 )
+from retrieval.bundle.item_folder import check_item_uris
 from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.preprocess import Preprocessor
 from retrieval.bundle.runtime import Runtime, load_runtime
 from retrieval.postprocess import Postprocess
 
-__all__ = ["bundle_problems", "load_background", "open_parts"]
+__all__ = ["bundle_problems", "load_background", "manifest_steps", "open_parts"]
+
+
+def manifest_steps(folder: Path, manifest: dict[str, Any]) -> Postprocess:
+    """The search steps of the manifest (``postprocess.steps``; none when absent). Raises
+    BundleError naming the manifest and the step setting that is unknown or out of bounds."""
+    try:
+        return Postprocess.from_dict((manifest.get("postprocess") or {}).get("steps"))
+    except (AttributeError, TypeError, ValueError) as err:
+        raise BundleError(f"{folder}/manifest.json: {err}") from err
+
+
+def _preprocessor(folder: Path, model: Runtime) -> Preprocessor:
+    """``preprocessing.json``, checked to make the input ``model`` takes."""
+    path = folder / "preprocessing.json"
+    fields = read_json(path, missing=f"{path} does not exist")
+    try:
+        pre = Preprocessor.from_dict(fields)
+    except ValueError as err:
+        raise BundleError(f"{path}: {err}") from err
+    if pre.input_size != model.input_size:
+        raise BundleError(
+            f"{path}: input_size {pre.input_size} does not match model.json, whose model takes "
+            f"{model.input_size} px: the files come from different exports; re-export the bundle"
+        )
+    if (pre.resize_mode == "short") != model.any_size:
+        raise BundleError(
+            f"{path}: resize_mode {pre.resize_mode!r} does not fit model.json (any_size "
+            f"{str(model.any_size).lower()}): 'short' goes with a model exported for any size "
+            "(any_size true), the other modes with any_size false; re-export the bundle"
+        )
+    return pre
+
+
+def _check_items(folder: Path, manifest: dict[str, Any], items: IndexedItems) -> None:
+    """The manifest's index factory is the items' (whose file :class:`IndexedItems` checked
+    when it opened them), and no item uri leads outside ``folder``."""
+    index = manifest["index"]
+    factory = index.get("factory") if isinstance(index, dict) else None
+    if factory != items.factory:
+        raise BundleError(
+            f"{folder}/manifest.json: index.factory {factory!r} does not describe the bundle's "
+            f"index, a {items.factory!r} index (items.sqlite and index.faiss): the manifest was "
+            "altered; re-export the bundle"
+        )
+    check_item_uris(folder)
 
 
 def open_parts(
@@ -39,20 +91,22 @@ def open_parts(
     arguments and errors)."""
     manifest = read_manifest(folder)
     verify_files(folder, manifest)
-    pre_file = folder / "preprocessing.json"
-    pre_fields = read_json(pre_file, missing=f"{pre_file} does not exist")
-    try:
-        pre = Preprocessor.from_dict(pre_fields)
-    except ValueError as err:
-        raise BundleError(f"{pre_file}: {err}") from err
+    manifest_steps(folder, manifest)
     model = load_runtime(folder, kind=runtime, threads=threads, device=device)
+    pre = _preprocessor(folder, model)
     if model.embedding_dim != manifest["embedding_dim"]:
         raise BundleError(
             f"{folder}: the model gives {model.embedding_dim}-d embeddings but the manifest "
             f"says {manifest['embedding_dim']}"
         )
     if backend is None:
-        items: SearchBackend = IndexedItems.open(folder, read_only=read_only)
+        own = IndexedItems.open(folder, read_only=read_only)
+        try:
+            _check_items(folder, manifest, own)
+        except BaseException:
+            own.close()
+            raise
+        items: SearchBackend = own
     else:
         from retrieval.backends import open_backend
 
