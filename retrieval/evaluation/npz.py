@@ -12,6 +12,7 @@ Labels may be integers or strings.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def read_embeddings_npz(path: str | Path) -> EmbeddingFile:
             data = {key: npz[key] for key in npz.files}
     except ValueError as err:
         raise ValueError(f"{where}: object arrays are not accepted ({err})") from err
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zipfile.BadZipFile) as err:  # truncated or damaged too
         raise ValueError(f"{where} is not a readable .npz file: {err}") from err
     found = sorted(data)
     layout = next((name for name, keys in _LAYOUTS.items() if set(keys) <= set(data)), None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,17 @@ def _file_stamp(path: str) -> tuple[int, int]:
     return (found.st_size, found.st_mtime_ns)
 
 
+def _read_cache(cache: Path, key: str) -> Embeddings | None:
+    """The embeddings cached in ``cache`` for ``key``; None when missing or stale, and when
+    damaged (truncated, a bad CRC), which is logged in one line: the caller embeds again and
+    writes the file anew."""
+    try:
+        return load_cached(cache, key)
+    except (zipfile.BadZipFile, EOFError) as err:
+        log.warning("the embedding cache %s is damaged (%s): embedding again", cache, err)
+        return None
+
+
 def embed_dataset(
     cfg: DictConfig,
     embedder: torch.nn.Module,
@@ -238,7 +250,7 @@ def embed_dataset(
         },
     )
     cache = Path(run.cache_dir) / f"{key[:32]}.npz" if run.use_cache else None
-    embeddings = load_cached(cache, key) if cache is not None else None
+    embeddings = _read_cache(cache, key) if cache is not None else None
     if embeddings is not None:
         log.info("embeddings read from the cache %s", cache)
         return embeddings, cache

@@ -1,9 +1,16 @@
 """Checking an entry point's command line before Hydra runs it, so common mistakes get one line
 that names the key and the fix instead of a traceback:
 
-* an unknown group or key (``lossx=triplet``, ``sampler.labels_per_bach=8``): the closest names;
+* an argument that is no override (``''``, ``noequals``): what an override looks like;
+* an unknown group or key (``lossx=triplet``, ``sampler.labels_per_bach=8``): the closest names,
+  groups among the task's own (``export.py model=...``: export has no ``model`` group);
 * an unknown option of a group (``loss=tripletx``): the closest options;
-* a mandatory value left out (``data=folder`` without ``data.root``): the key and an example.
+* a key deleted that is not there (``~nokey``);
+* a mandatory value left out (``data=folder`` without ``data.root``): the key and an example;
+* a value of the wrong type for the object it configures (``trainer.max_epochs=abc``): the
+  key and the type the ``_target_``'s signature gives (types it cannot judge pass).
+
+Any other refusal of Hydra's while composing is its first line.
 
 Only plain override lists are checked; with flags (``-m``, ``--cfg`` ...) Hydra handles the
 command line alone. ``--help`` prints the task's own help (:mod:`retrieval.tasks.help`).
@@ -12,16 +19,21 @@ command line alone. ``--help`` prints the task's own help (:mod:`retrieval.tasks
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 import sys
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, Literal, Union
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
 from retrieval.tasks.config import CONF_DIR
+from retrieval.tasks.help import task_groups
 
 __all__ = ["check_command_line", "problem_with"]
 
@@ -42,13 +54,41 @@ def _key_of(override: str) -> str:
     return re.sub(r"^[+~]+", "", override.split("=", 1)[0])
 
 
-def _groups() -> list[str]:
-    return [p.name for p in CONF_DIR.iterdir() if p.is_dir()]
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _syntax_problem(override: str) -> str | None:
+    """Why ``override`` is no Hydra override (None when it is one)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    how = "write key=value, group=option, +key=value or ~key"
+    if not override.strip():
+        return f"{override!r} is an empty override: {how}"
+    try:
+        OverridesParser.create().parse_override(override)
+    except HydraException as err:  # OverrideParseException, or its parser's own
+        return f"{override!r} is not an override ({_first_line(err)}): {how}"
+    return None
+
+
+def _foreign_group(name: str, group: str, bad: str) -> str | None:
+    """For a ``group`` of ``conf/`` that task ``name`` does not compose: the line saying so."""
+    if not (CONF_DIR / group).is_dir() or group in task_groups(name):
+        return None
+    groups = task_groups(name)
+    return (
+        f"{bad}: {name} has no config group '{group}'; {_close(group, groups)} "
+        f"({name}.py composes {', '.join(groups)})"
+    )
 
 
 def _unknown_key(name: str, overrides: Sequence[str], full_key: str, bad: str) -> str:
     """``bad`` (an override) names ``full_key``, which the config does not have."""
     parent, _, leaf = full_key.rpartition(".")
+    foreign = None if parent else _foreign_group(name, leaf, bad)
+    if foreign:
+        return foreign
     rest = [o for o in overrides if o != bad]
     try:
         cfg = _compose(name, rest)
@@ -57,7 +97,7 @@ def _unknown_key(name: str, overrides: Sequence[str], full_key: str, bad: str) -
     node = OmegaConf.select(cfg, parent) if parent else cfg
     keys = [str(k) for k in node] if isinstance(node, DictConfig) else []
     if not parent:
-        keys += _groups()
+        keys += task_groups(name)
     where = f"under {parent}" if parent else "at the top"
     return (
         f"{bad}: no config group or key '{leaf}' {where}; {_close(leaf, keys)} "
@@ -103,9 +143,129 @@ def _missing(node: object, prefix: str = "") -> list[str]:
     return found
 
 
+_TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    str: "text",
+    bool: "true or false",
+    type(None): "null",
+}
+
+
+def _expected_type(target: str, argument: str) -> Any:
+    """The annotation of ``argument`` in the signature of ``target`` (a class or function
+    path, as in ``_target_``); None when it has none or it cannot be read."""
+    from hydra.utils import get_object
+
+    try:
+        found = get_object(target)
+        hints = typing.get_type_hints(found.__init__ if inspect.isclass(found) else found)
+    except Exception:  # not importable, or annotations that do not evaluate here
+        return None
+    return hints.get(argument)
+
+
+def _fits_type(value: Any, expected: Any) -> bool:
+    """Whether ``value`` (a config value: scalar, list or dict) is of type ``expected``;
+    true for types this cannot judge (classes other than the JSON ones), and for a number
+    where text is expected (Hydra reads ``name=123`` as a number)."""
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (Union, types.UnionType):
+        return any(_fits_type(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if expected in (int, float) and isinstance(value, bool):
+        return False
+    if expected is float:
+        return isinstance(value, (int, float))
+    if expected is str:  # a number written where text is wanted is text quoted, e.g. '123'
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    if expected in _TYPE_NAMES:
+        return isinstance(value, expected)
+    kind = origin or expected
+    if kind in (list, tuple) or kind is Sequence:
+        return isinstance(value, (list, tuple))
+    if kind is dict or kind is Mapping:
+        return isinstance(value, dict)
+    return True
+
+
+def _describe_type(expected: Any) -> str:
+    """``Optional[int]`` -> ``an integer or null``."""
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (Union, types.UnionType):
+        names = [_describe_type(a) for a in args]
+        return " or ".join(dict.fromkeys(names))
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    return _TYPE_NAMES.get(expected, getattr(origin or expected, "__name__", str(expected)))
+
+
+def _composition_problem(
+    name: str, overrides: Sequence[str], err: ConfigCompositionException
+) -> str:
+    """The line for an override Hydra could not apply."""
+    message = str(err)
+
+    def named(key: str) -> str:  # the override that names ``key``
+        return next((o for o in overrides if _key_of(o) == key), key)
+
+    found = re.search(
+        r"Could not (?:override|delete) '([^']+)'\. No match in the defaults", message
+    )
+    if found:
+        bad = named(found.group(1))
+        return _foreign_group(name, found.group(1), bad) or f"{bad}: {_first_line(err)}"
+    found = re.search(r"Could not delete from config\. '([^']+)' does not exist", message)
+    if found:
+        return f"{named(found.group(1))}: the config has no key {found.group(1)} to delete"
+    found = re.search(r"Could not override '([^']+)'", message)
+    cause = re.search(r"full_key: (\S+)", str(err.__cause__ or ""))
+    if found and cause:
+        return _unknown_key(name, overrides, cause.group(1), named(found.group(1)))
+    return _first_line(err)
+
+
+def _missing_problem(name: str, overrides: Sequence[str], cfg: DictConfig) -> str | None:
+    """The line naming the mandatory values (``???``) left out, with an example command."""
+    missing = sorted(k for k in _missing(OmegaConf.to_container(cfg, resolve=False)))
+    if not missing:
+        return None
+    command = " ".join([f"python {name}.py", *overrides, *(_example(k) for k in missing)])
+    return (
+        f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required and not given; "
+        f"e.g. {command}"
+    )
+
+
+def _type_problem(cfg: DictConfig, overrides: Sequence[str]) -> str | None:
+    """The line for the first ``key=value`` whose value is not of the type the signature of
+    its node's ``_target_`` gives the key (None when each fits, or cannot be judged)."""
+    for override in overrides:
+        if override.startswith("~") or "=" not in override:
+            continue
+        key = _key_of(override)
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else None
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        fields = OmegaConf.to_container(node, resolve=False)
+        value: Any = fields.get(leaf) if isinstance(fields, dict) else None
+        expected = _expected_type(str(fields.get("_target_")), leaf)  # type: ignore[union-attr]
+        if expected is None or (isinstance(value, str) and "${" in value):
+            continue
+        if not _fits_type(value, expected):
+            return f"{override}: {key} must be {_describe_type(expected)}, got {value!r}"
+    return None
+
+
 def problem_with(name: str, overrides: Sequence[str]) -> str | None:
     """One line saying what is wrong with ``python {name}.py OVERRIDES``, None if nothing
     found (then Hydra reports whatever else may be wrong)."""
+    for override in overrides:
+        problem = _syntax_problem(override)
+        if problem:
+            return problem
     try:
         cfg = _compose(name, overrides)
     except MissingConfigException as err:
@@ -117,26 +277,14 @@ def problem_with(name: str, overrides: Sequence[str]) -> str | None:
             ),
             None,
         )
-        if bad is None:
-            return None
-        return _unknown_option(str(err), bad)
+        return _unknown_option(str(err), bad) if bad else _first_line(err)
     except ConfigCompositionException as err:
-        found = re.search(r"Could not override '([^']+)'", str(err))
-        cause = re.search(r"full_key: (\S+)", str(err.__cause__ or ""))
-        if not found or not cause:
-            return None
-        bad = next((o for o in overrides if _key_of(o) == found.group(1)), found.group(1))
-        return _unknown_key(name, overrides, cause.group(1), bad)
+        return _composition_problem(name, overrides, err)
+    except HydraException as err:  # any other refusal of Hydra's: its first line
+        return _first_line(err)
     except Exception:  # anything else: Hydra's own message
         return None
-    missing = sorted(k for k in _missing(OmegaConf.to_container(cfg, resolve=False)))
-    if not missing:
-        return None
-    command = " ".join([f"python {name}.py", *overrides, *(_example(k) for k in missing)])
-    return (
-        f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required and not given; "
-        f"e.g. {command}"
-    )
+    return _missing_problem(name, overrides, cfg) or _type_problem(cfg, overrides)
 
 
 def check_command_line(name: str, argv: Sequence[str] | None = None) -> None:
