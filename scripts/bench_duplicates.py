@@ -205,10 +205,8 @@ def scale(args: argparse.Namespace) -> int:
                     f"{out[4]} | {out[5]} |"
                 )
             else:
-                print(
-                    f"| imagededup hash search (Cython brute force, hamming <= 10) | {n} | {out[2]} | "
-                    f"{out[3]} (whole process) | | |"
-                )
+                who = "imagededup hash search (Cython brute force, hamming <= 10)"
+                print(f"| {who} | {n} | {out[2]} | {out[3]} (whole process) | | |")
     return 0
 
 
