@@ -12,7 +12,9 @@ __all__ = ["DEFAULT_COLLECTION", "BackendSpec", "parse_backend"]
 
 #: the collection of a ``milvus-lite:PATH`` spec without ``#COLLECTION``
 DEFAULT_COLLECTION = "retrieval"
-_COLLECTION = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")  # Milvus's rule for names
+# Milvus's rule for names (at most 255), less room for the removal record beside it
+# (NAME__removed: see retrieval.backends.milvus.removals)
+_COLLECTION = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,245}")
 _FORMS = "milvus://HOST:PORT/COLLECTION or milvus-lite:PATH[#COLLECTION]"
 
 
@@ -38,7 +40,7 @@ def _collection(name: str, spec: str) -> str:
     if not _COLLECTION.fullmatch(name):
         raise BackendError(
             f"backend {spec!r}: collection name {name!r} must start with a letter or '_' "
-            "and hold only letters, digits and '_' (at most 255)"
+            "and hold only letters, digits and '_' (at most 246)"
         )
     return name
 

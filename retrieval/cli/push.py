@@ -14,13 +14,20 @@ def _push(args: argparse.Namespace) -> int:
 
     from retrieval.backends import parse_backend
     from retrieval.backends.milvus import push_bundle
+    from retrieval.infra.checks import positive_int
 
+    positive_int(args.batch_size, "--batch-size")  # before the engine is touched
     spec = parse_backend(args.target)
     with tqdm(unit="item", disable=args.quiet) as bar:
-        report = push_bundle(args.bundle, spec, batch_size=args.batch_size, progress=bar.update)
+        report = push_bundle(
+            args.bundle, spec, args.batch_size, progress=bar.update, repair=args.repair
+        )
+    for line in report.repaired:
+        print(line)
     print(
-        f"pushed {report.pushed}, already there {report.present}, deleted {report.deleted}; "
-        f"{spec.where} holds {report.total} items ({report.index['index_type']} index)"
+        f"pushed {report.pushed}, already there {report.present}, deleted {report.deleted}, "
+        f"left out {report.left_out} removed through the engine; {spec.where} holds "
+        f"{report.total} items ({report.index['index_type']} index)"
     )
     return 0
 
@@ -32,11 +39,19 @@ def add_push(sub: Any) -> None:
         help="upload the bundle's items and vectors to a Milvus collection (resumable)",
         description="Upload the bundle's items and vectors, with their ids, labels and extra "
         "fields, to a Milvus collection (created with an HNSW or IVF index sized to the "
-        "bundle). Run it again after a crash: items already there are skipped.",
+        "bundle). Items removed through the engine are not brought back. After a crash run "
+        "it again with --repair: items already there are skipped, and an index the crash "
+        "left unloadable is rebuilt from the stored vectors.",
         epilog=EXIT_CODES,
     )
     p.add_argument("bundle", help="bundle folder written by export.py")
     p.add_argument("target", help="milvus://HOST:PORT/COLLECTION or milvus-lite:PATH[#COLLECTION]")
     p.add_argument("--batch-size", type=int, default=1000, help="items per request")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="rebuild the collection's vector index from its stored vectors if it cannot be "
+        "loaded (a Milvus Lite index file torn by a killed process); rows are kept",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_push)

@@ -194,13 +194,13 @@ insert = milvus.MilvusBackend.connect
 def slow_connect(*args, **kwargs):
     backend = insert(*args, **kwargs)
     client = backend._client
-    real = client.insert
-    def insert_then_wait(name, rows):
+    real = client.upsert
+    def write_then_wait(name, rows):
         out = real(name, rows)
         print("batch", len(rows), flush=True)
         time.sleep(0.5)
         return out
-    client.insert = insert_then_wait
+    client.upsert = write_then_wait
     return backend
 milvus.MilvusBackend.connect = slow_connect
 from retrieval.cli import main

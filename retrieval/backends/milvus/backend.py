@@ -1,6 +1,6 @@
 """The Milvus backend class: one collection of items, searched, read and written through a
-``pymilvus`` client (see :mod:`retrieval.backends.milvus` for the collection's layout and
-the ids of added items)."""
+``pymilvus`` client (see :mod:`retrieval.backends.milvus` for the collection's layout, the
+ids of added items and the record of removed ones)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,18 @@ from retrieval.backends.milvus.collection import (
     check_collection,
     chunks,
     item_of,
+    label_filter,
     open_collection,
     quote,
     row_of,
 )
-from retrieval.backends.milvus.engine import open_client, release
+from retrieval.backends.milvus.engine import engine_logs_held, open_client, release
+from retrieval.backends.milvus.removals import (
+    drop_removals,
+    open_removals,
+    record_removals,
+    recorded_removals,
+)
 from retrieval.backends.milvus.search import ranked_search
 from retrieval.backends.spec import BackendSpec
 from retrieval.bundle.additions import AddResult, plan_add
@@ -34,7 +41,8 @@ from retrieval.bundle.records import Item, ItemRecord
 __all__ = ["MilvusBackend"]
 
 _EPOCH = datetime(2020, 1, 1, tzinfo=timezone.utc).timestamp()
-_LOW_BITS = 22
+_LOW_BITS = 21  # clock ids stay below _HASHED until 2088
+_HASHED = 1 << 52  # ids of images: _HASHED + 52 bits of their sha256, below 2**53
 
 
 class MilvusBackend:
@@ -49,6 +57,7 @@ class MilvusBackend:
         self._write = threading.Lock()
         self._last_id = 0
         self._closed = False
+        self.repaired: list[str] = []  # what opening it repaired, one line each
 
     # opening -------------------------------------------------------------------------------
     @classmethod
@@ -59,18 +68,29 @@ class MilvusBackend:
         read_only: bool = False,
         create: IndexChoice | None = None,
         timeout_s: float = 10.0,
+        repair: bool = False,
     ) -> MilvusBackend:
-        """Open the collection of ``spec``; with ``create``, make it (with that index) if it
-        does not exist. Raises BackendError: pymilvus missing, engine unreachable, no such
-        collection, or one that is not an item collection of ``dim``-d vectors."""
-        client = open_client(spec, timeout_s)
-        try:
-            index = open_collection(client, spec, dim, create)
-        except BaseException:
-            client.close()
-            release(spec)
-            raise
-        return cls(spec, client, dim, index, read_only)
+        """Open the collection of ``spec`` (and, unless ``read_only``, its removal record);
+        with ``create``, make it (with that index) if it does not exist; with ``repair`` (and
+        ``create``), rebuild an index that cannot be loaded from the stored vectors (see
+        :func:`~retrieval.backends.milvus.collection.open_collection`), each repair a line
+        of :attr:`repaired`. Raises BackendError: pymilvus missing, engine unreachable, no
+        such collection, one that is not an item collection of ``dim``-d vectors, or one
+        that cannot be loaded (without ``repair``)."""
+        with engine_logs_held():
+            client = open_client(spec, timeout_s)
+            try:
+                if create is not None and not client.has_collection(spec.collection):
+                    drop_removals(client, spec.collection)  # of a former collection
+                index, note = open_collection(client, spec, dim, create, repair)
+                notes = [note, "" if read_only else open_removals(client, spec, repair)]
+            except BaseException:
+                client.close()
+                release(spec)
+                raise
+        backend = cls(spec, client, dim, index, read_only)
+        backend.repaired = [line for line in notes if line]
+        return backend
 
     # the interface -------------------------------------------------------------------------
     @property
@@ -89,7 +109,9 @@ class MilvusBackend:
     ) -> tuple[np.ndarray, np.ndarray]:
         """See :meth:`SearchBackend.search`; ``k`` is capped at 16,384 (Milvus's limit)."""
         xq = np.ascontiguousarray(vectors, dtype=np.float32)
-        where = "" if label is None else f"label == {quote(label)}"
+        where = "" if label is None else label_filter(label)
+        if where is None:  # a label no item can have
+            return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
         return ranked_search(self._client, self.spec.collection, self._index, xq, k, where)
 
     def add(
@@ -114,18 +136,53 @@ class MilvusBackend:
         x = check_vectors(vectors, self._dim, len(records))
         with self._write:
             plan = plan_add(records, self._ids_by_sha256)
-            new_ids = self._new_ids(len(plan.fresh))
-            now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+            new_ids = self._new_ids([records[i].content_sha256 for i in plan.fresh])
+            now = _now()
             rows = [
                 row_of(new_id, records[i], x[i], now)
                 for i, new_id in zip(plan.fresh, new_ids, strict=True)
             ]
-            for chunk in chunks(rows):
-                self._client.insert(self.spec.collection, list(chunk))
+            self.write_rows(rows)
         return plan.result(new_ids)
 
-    def _new_ids(self, count: int) -> list[int]:
-        """``count`` consecutive ids no item has (see :mod:`retrieval.backends.milvus`)."""
+    def write_rows(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Write collection rows (see :func:`~retrieval.backends.milvus.collection.row_of`),
+        each replacing any row of its id: writing a row twice, from one process or from two
+        at once, leaves it once."""
+        for chunk in chunks(list(rows)):
+            self._client.upsert(self.spec.collection, list(chunk))
+
+    def _new_ids(self, shas: Sequence[str | None]) -> list[int]:
+        """An id for each new item of these distinct sha256s (None: an item without one)
+        (see :mod:`retrieval.backends.milvus`)."""
+        hashed = self._hashed_ids([s for s in shas if s is not None])
+        clock = iter(self._clock_ids(sum(s is None for s in shas)))
+        return [next(clock) if s is None else hashed[s] for s in shas]
+
+    def _hashed_ids(self, shas: Sequence[str]) -> dict[str, int]:
+        """The id of each image: ``_HASHED`` + its sha256's first 52 bits, or the next one up
+        (wrapping below 2**53) that no other image of the collection or of ``shas`` holds."""
+        ids = {s: _HASHED + int(s[:13], 16) for s in sorted(shas)}  # one order everywhere
+        while True:
+            held: dict[int, str | None] = {}
+            for chunk in chunks(list(ids.values())):
+                rows = self._client.query(
+                    self.spec.collection,
+                    filter=f"id in [{', '.join(str(i) for i in chunk)}]",
+                    output_fields=["id", "content_sha256"],
+                    consistency_level="Strong",
+                )
+                held.update((int(r["id"]), r.get("content_sha256")) for r in rows)
+            moved = False
+            for sha, item_id in ids.items():
+                if held.setdefault(item_id, sha) != sha:
+                    ids[sha] = _HASHED + (item_id + 1 - _HASHED) % _HASHED
+                    moved = True
+            if not moved:
+                return ids
+
+    def _clock_ids(self, count: int) -> list[int]:
+        """``count`` consecutive clock ids no item has."""
         while True:
             clock = int(time.time() - _EPOCH) << _LOW_BITS
             start = max(clock + secrets.randbelow(1 << (_LOW_BITS - 1)), self._last_id + 1)
@@ -170,9 +227,15 @@ class MilvusBackend:
             if unknown:
                 shown = ", ".join(str(i) for i in unknown[:20])
                 raise KeyError(f"unknown item ids in {self.spec.where}: [{shown}]")
+            record_removals(self._client, self.spec.collection, wanted, _now())
             for chunk in chunks(wanted):
                 self._client.delete(self.spec.collection, ids=list(chunk))
         return wanted
+
+    def removed_through_engine(self, ids: Sequence[int]) -> set[int]:
+        """The ids among ``ids`` whose removal through a backend is recorded (see
+        :mod:`~retrieval.backends.milvus.removals`): push does not bring them back."""
+        return recorded_removals(self._client, self.spec.collection, ids)
 
     def get(self, ids: Sequence[int]) -> dict[int, Item]:
         out: dict[int, Item] = {}
@@ -257,3 +320,7 @@ class MilvusBackend:
 
     def __repr__(self) -> str:
         return f"MilvusBackend({self.spec.where})"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

@@ -1,8 +1,10 @@
-"""The item collection: its fields and vector index, rows to and from items, and the
-filter literals and request batches that reads and writes use."""
+"""The item collection: its fields and vector index (made, checked, loaded, and rebuilt from
+the stored vectors when it cannot be loaded), rows to and from items, and the filter literals
+and request batches that reads and writes use."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -13,18 +15,25 @@ import numpy as np
 
 from retrieval.backends.base import BackendError
 from retrieval.backends.spec import BackendSpec
+from retrieval.bundle.item_checks import MAX_LABEL, MAX_URI, text_problem
 from retrieval.bundle.records import Item, ItemRecord
 
 __all__ = [
     "BATCH",
     "FIELDS",
     "IndexChoice",
+    "check_collection",
     "chunks",
     "choose_index",
+    "index_params",
     "item_of",
+    "label_filter",
+    "load_problem",
     "open_collection",
     "quote",
+    "rebuild_index",
     "row_of",
+    "vector_index",
 ]
 
 FIELDS = ("id", "vector", "label", "uri", "extra", "content_sha256", "added_at")
@@ -54,9 +63,26 @@ def choose_index(n: int) -> IndexChoice:
     return IndexChoice("IVF_FLAT", {"nlist": nlist}, {"nprobe": max(16, nlist // 64)})
 
 
+#: what a string literal of a filter cannot hold as itself: Milvus's grammar (and Milvus
+#: Lite's) ends a literal at a raw line break and reads these escapes
+_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
 def quote(text: str) -> str:
-    """A Milvus filter string literal (labels and hashes hold no control characters)."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A Milvus filter string literal that reads back as ``text``."""
+    return '"' + text.translate(_ESCAPES) + '"'
+
+
+def label_filter(label: str) -> str | None:
+    """The filter on ``label``, or None for a label no item can have (not well-formed text as
+    :func:`~retrieval.bundle.item_checks.text_problem` says, or not encodable as UTF-8)."""
+    try:
+        label.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    if text_problem(label, MAX_LABEL, nullable=False) is not None:
+        return None
+    return f"label == {quote(label)}"
 
 
 def chunks(values: Sequence[Any], size: int = BATCH) -> Iterator[Sequence[Any]]:
@@ -96,26 +122,61 @@ def row_of(item_id: int, record: ItemRecord, vector: np.ndarray, added_at: str) 
     }
 
 
+def index_params(client: Any, index: IndexChoice, field: str = "vector") -> Any:
+    """The ``create_index`` parameters of an IP index on ``field``."""
+    params = client.prepare_index_params()
+    params.add_index(
+        field_name=field, index_type=index.index_type, metric_type="IP", params=index.params
+    )
+    return params
+
+
+_UTF8 = 4  # the most bytes a character takes in UTF-8
+
+
 def _create_collection(client: Any, name: str, dim: int, index: IndexChoice) -> None:
     from pymilvus import DataType
 
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.INT64, is_primary=True)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-    schema.add_field("label", DataType.VARCHAR, max_length=1024, nullable=True)
-    schema.add_field("uri", DataType.VARCHAR, max_length=4096)
+    # Milvus counts a VARCHAR's max_length in UTF-8 bytes, the item store in characters
+    schema.add_field("label", DataType.VARCHAR, max_length=_UTF8 * MAX_LABEL, nullable=True)
+    schema.add_field("uri", DataType.VARCHAR, max_length=_UTF8 * MAX_URI)
     schema.add_field("extra", DataType.JSON)
     schema.add_field("content_sha256", DataType.VARCHAR, max_length=64, nullable=True)
     schema.add_field("added_at", DataType.VARCHAR, max_length=64)
-    params = client.prepare_index_params()
-    params.add_index(
-        field_name="vector", index_type=index.index_type, metric_type="IP", params=index.params
+    client.create_collection(
+        name, schema=schema, index_params=index_params(client, index), consistency_level="Strong"
     )
-    client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
 
 
-def check_collection(client: Any, spec: BackendSpec, dim: int) -> dict[str, Any]:
-    """The collection's vector index description, after checking its fields and dimension."""
+def vector_index(client: Any, name: str, field: str = "vector") -> dict[str, Any] | None:
+    """The collection's index on ``field`` as ``describe_index`` reports it (type, metric and
+    integer build parameters), or None when it has none."""
+    from pymilvus import MilvusException
+
+    try:
+        index = client.describe_index(name, field)
+    except MilvusException:  # a Milvus server answers "index not found" with an error
+        return None
+    if not index:
+        return None
+    params = index.get("params")
+    if isinstance(params, str):
+        params = json.loads(params)
+    if params is None:
+        params = {k: v for k, v in index.items() if k in ("M", "efConstruction", "nlist")}
+    return {
+        "index_type": str(index.get("index_type", "FLAT")),
+        "params": {k: int(v) for k, v in params.items() if str(v).isdigit()},
+        "metric": str(index.get("metric_type", "IP")).upper(),
+    }
+
+
+def check_collection(client: Any, spec: BackendSpec, dim: int) -> dict[str, Any] | None:
+    """The collection's vector index description (None when it has no index), after checking
+    its fields, dimension and metric."""
     info = client.describe_collection(spec.collection)
     fields = {f["name"]: f for f in info["fields"]}
     missing = [name for name in FIELDS if name not in fields]
@@ -130,24 +191,46 @@ def check_collection(client: Any, spec: BackendSpec, dim: int) -> dict[str, Any]
             f"{spec.where} holds {got}-d vectors but the bundle's model gives {dim}-d: "
             "push this bundle into another collection"
         )
-    index = client.describe_index(spec.collection, "vector") or {}
-    params = index.get("params")
-    if isinstance(params, str):
-        params = json.loads(params)
-    if params is None:
-        params = {k: v for k, v in index.items() if k in ("M", "efConstruction", "nlist")}
-    params = {k: int(v) for k, v in params.items() if str(v).isdigit()}
-    metric = str(index.get("metric_type", "IP")).upper()
+    index = vector_index(client, spec.collection)
+    metric = index.pop("metric") if index is not None else "IP"
     if metric != "IP":
         raise BackendError(f"{spec.where} has a {metric} index; items are searched by IP")
-    return {"index_type": str(index.get("index_type", "FLAT")), "params": params}
+    return index
+
+
+def load_problem(client: Any, name: str, has_index: bool) -> str:
+    """Why the collection ``name`` cannot be loaded for search ("" once it is loaded)."""
+    if not has_index:
+        return "it has no vector index"
+    try:
+        client.load_collection(name)
+    except Exception as err:  # the engine's errors, of every kind
+        reason = str(getattr(err, "message", None) or err or type(err).__name__)
+        return f"its vector index cannot be loaded ({reason.splitlines()[0][:300]})"
+    return ""
+
+
+def rebuild_index(client: Any, name: str, index: IndexChoice, field: str = "vector") -> None:
+    """Drop the collection's index on ``field`` (and the index files a killed process may
+    have torn) and build ``index`` again from the stored vectors, then load the collection.
+    The rows are not touched."""
+    with contextlib.suppress(Exception):  # one that never loaded may refuse to be released
+        client.release_collection(name)
+    if vector_index(client, name, field) is not None:
+        client.drop_index(name, field)
+    client.create_index(name, index_params(client, index, field))
+    client.load_collection(name)
 
 
 def open_collection(
-    client: Any, spec: BackendSpec, dim: int, create: IndexChoice | None
-) -> dict[str, Any]:
-    """Check (with ``create``, first make if missing) and load the collection of ``spec``;
-    its vector index description (see :func:`check_collection`)."""
+    client: Any, spec: BackendSpec, dim: int, create: IndexChoice | None, repair: bool = False
+) -> tuple[dict[str, Any], str]:
+    """Check (with ``create``, first make if missing) and load the collection of ``spec``:
+    its vector index description (see :func:`check_collection`) and what was repaired ("" if
+    nothing). A collection whose vector index is missing or cannot be loaded (a Milvus Lite
+    index file torn by a process killed while writing it) is a BackendError naming
+    ``retrieval push --repair``; with ``repair`` (and ``create``: the index to build) the
+    index is rebuilt from the stored vectors instead (see :func:`rebuild_index`)."""
     if not client.has_collection(spec.collection):
         if create is None:
             raise BackendError(
@@ -155,5 +238,22 @@ def open_collection(
             )
         _create_collection(client, spec.collection, dim, create)
     index = check_collection(client, spec, dim)
-    client.load_collection(spec.collection)
-    return index
+    problem = load_problem(client, spec.collection, index is not None)
+    if not problem:
+        assert index is not None
+        return index, ""
+    if not repair or create is None:
+        raise BackendError(
+            f"{spec.where} cannot be searched: {problem}: rebuild the index from its stored "
+            f"vectors with 'retrieval push BUNDLE {spec.text} --repair'"
+        )
+    rebuild_index(client, spec.collection, create)
+    index = check_collection(client, spec, dim)
+    assert index is not None
+    rows = client.query(
+        spec.collection, filter="", output_fields=["count(*)"], consistency_level="Strong"
+    )
+    return index, (
+        f"repaired {spec.where}: {problem}; rebuilt its {create.index_type} index from its "
+        f"{int(rows[0]['count(*)'])} stored vectors"
+    )

@@ -1,19 +1,62 @@
-"""Reaching a Milvus engine: the ``pymilvus`` client, and this process's Milvus Lite servers
-(one per data folder, shared by every backend that opens it and stopped with the last)."""
+"""Reaching a Milvus engine: the ``pymilvus`` client, this process's Milvus Lite servers
+(one per data folder, shared by every backend that opens it and stopped with the last), and
+the engine's own logs of errors that the backend reports itself."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from retrieval.backends.base import BackendError
 from retrieval.backends.spec import BackendSpec
 
-__all__ = ["open_client", "release"]
+__all__ = ["engine_logs_held", "open_client", "release"]
 
 _lite_users: dict[Path, int] = {}  # Milvus Lite folders opened in this process -> backends
 _lite_lock = threading.Lock()
+log = logging.getLogger(__name__)
+#: loggers through which pymilvus (every failed call, with a traceback) and Milvus Lite (its
+#: server's failures, its notes on recovering files after a crash) write to stderr
+_ENGINE_LOGGERS = ("pymilvus.decorators", "milvus_lite")
+
+
+class _Hold(logging.Handler):
+    """Keeps the first line of each record (and of its exception) instead of printing it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        text = str(error or "") or record.getMessage()
+        self.lines.append((text.splitlines() or [""])[0])
+
+
+@contextlib.contextmanager
+def engine_logs_held() -> Iterator[list[str]]:
+    """Inside, what pymilvus and Milvus Lite log (tracebacks of errors that the caller reports
+    in one line, Milvus Lite's notes on the files it recovers) goes to the yielded list, one
+    line a record, and to this module's debug log instead of stderr. For the opening of a
+    backend: it changes the engine's loggers for the whole process while it lasts."""
+    with contextlib.suppress(ImportError):  # open_client says what to install
+        import pymilvus  # noqa: F401  (its import configures its loggers: first, not inside)
+    hold = _Hold()
+    loggers = [logging.getLogger(name) for name in _ENGINE_LOGGERS]
+    saved = [(lg.propagate, lg.handlers[:]) for lg in loggers]
+    for lg in loggers:
+        lg.propagate, lg.handlers = False, [hold]
+    try:
+        yield hold.lines
+    finally:
+        for lg, (propagate, handlers) in zip(loggers, saved, strict=True):
+            lg.propagate, lg.handlers = propagate, handlers
+        for line in hold.lines:
+            log.debug("engine: %s", line)
 
 
 def _import_pymilvus(spec: BackendSpec) -> Any:
@@ -42,14 +85,14 @@ def _lite_uri(spec: BackendSpec) -> str:
         spec.path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise BackendError(f"backend {spec.text!r}: cannot create {spec.path}: {err}") from None
-    with _lite_lock:
+    with _lite_lock, engine_logs_held() as said:
         uri = server_manager_instance.start_and_get_uri(str(spec.path))
         if uri is None:
             raise BackendError(
-                f"backend {spec.text!r}: Milvus Lite cannot open {spec.path} (is another "
-                "process using it? Milvus Lite serves one process; for several, run "
-                f"'python -m milvus_lite server --data-dir {spec.path} --port PORT' and use "
-                "--backend milvus://127.0.0.1:PORT/COLLECTION)"
+                f"backend {spec.text!r}: Milvus Lite cannot open {spec.path} "
+                f"({said[-1] if said else 'it did not start'}): Milvus Lite serves one "
+                "process; for several, run 'python -m milvus_lite server --data-dir "
+                f"{spec.path} --port PORT' and use --backend milvus://127.0.0.1:PORT/COLLECTION"
             )
         _lite_users[spec.path] = _lite_users.get(spec.path, 0) + 1
     return str(uri)
