@@ -24,13 +24,19 @@ from retrieval.bundle.format import (
     stale_exports,
     verify_files,
 )
-from retrieval.bundle.item_folder import check_item_uris
+from retrieval.bundle.item_folder import check_item_uris, item_path
 from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.preprocess import Preprocessor
 from retrieval.bundle.runtime import Runtime, load_runtime
 from retrieval.postprocess import Postprocess
 
-__all__ = ["bundle_problems", "load_background", "manifest_steps", "open_parts"]
+__all__ = [
+    "bundle_problems",
+    "item_path",  # where an item uri of a bundle folder leads (for the service's files)
+    "load_background",
+    "manifest_steps",
+    "open_parts",
+]
 
 
 def manifest_steps(folder: Path, manifest: dict[str, Any]) -> Postprocess:

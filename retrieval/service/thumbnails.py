@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from retrieval.data.images import open_checked, open_rgb
+from retrieval.search.opening import item_path
 
 #: Formats every browser shows, as Pillow names them, and their media types; files in other
 #: formats (TIFF) are sent converted (:meth:`Thumbnails.converted`).
@@ -41,8 +42,7 @@ class Thumbnails:
         self._lock = threading.Lock()
 
     def path_of(self, uri: str) -> Path:
-        path = Path(uri)
-        return path if path.is_absolute() else self.bundle / path
+        return item_path(self.bundle, uri)
 
     def full(self, item_id: int, uri: str) -> tuple[Path, str | None]:
         """The item's file and its media type when browsers show its format, else None (send

@@ -22,14 +22,8 @@ from retrieval.bundle.snapshot import IndexStateError
 from retrieval.cli import main
 from retrieval.postprocess import Postprocess
 from retrieval.search import Retriever
+from tests.bundle.test_preprocess import GOOD as GOOD_PRE
 
-GOOD_PRE: dict[str, Any] = {
-    "input_size": 32,
-    "resize": 36,
-    "interpolation": "bilinear",
-    "mean": [0.5, 0.5, 0.5],
-    "std": [0.25, 0.25, 0.25],
-}
 GOOD_MODEL: dict[str, Any] = {
     "backbone": {"name": "resnet18"},
     "embedder": {"embedding_dim": 8, "pooling": "avg"},
