@@ -78,13 +78,20 @@ class UploadSlots:
         self.counts = {"receiving": 0, "in_flight": 0}
         self.refused = 0
 
+    def full(self, stage: str) -> str | None:
+        """Why no upload may enter ``stage`` (``receiving`` or ``in_flight``) now; None when
+        one may."""
+        if stage == "in_flight":
+            limit, what = self.max_requests, "uploads in progress"
+        else:
+            limit, what = self.max_receiving, "uploads arriving"
+        if self.counts[stage] >= limit:
+            return f"the server is busy ({self.counts[stage]} {what})"
+        return None
+
     def busy(self) -> str | None:
         """Why an upload arriving now is refused; None when it may start receiving."""
-        if self.counts["in_flight"] >= self.max_requests:
-            return f"the server is busy ({self.counts['in_flight']} uploads in progress)"
-        if self.counts["receiving"] >= self.max_receiving:
-            return f"the server is busy ({self.counts['receiving']} uploads arriving)"
-        return None
+        return self.full("in_flight") or self.full("receiving")
 
     def move(self, held: str | None, wanted: str | None) -> None:
         """Give back the slot ``held`` (if any) and take one of ``wanted`` (if any)."""
@@ -233,11 +240,10 @@ class _Exchange:
         free)."""
         slots = self.guard.slots
         self.hold(None)
-        if slots.counts["in_flight"] >= slots.max_requests:
+        full = slots.full("in_flight")
+        if full is not None:
             slots.refused += 1
-            self.refuse(
-                503, f"the server is busy ({slots.max_requests} uploads in progress)", RETRY
-            )
+            self.refuse(503, full, RETRY)
         self.hold("in_flight")
 
     async def send(self, message: Message) -> None:
