@@ -9,11 +9,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from pytorch_metric_learning.losses import NTXentLoss, TripletMarginLoss
+from pytorch_metric_learning.losses import MultipleLosses, NTXentLoss, TripletMarginLoss
 
 from retrieval.models.backbone import create_backbone
 from retrieval.models.embedder import Embedder
-from retrieval.training.mixing import InstanceMix, instance_shares, soft_ntxent
+from retrieval.training.koleo import KoLeoLoss
+from retrieval.training.mixing import (
+    InstanceMix,
+    check_mixable,
+    instance_shares,
+    mixed_loss,
+    soft_ntxent,
+)
 from retrieval.training.module import RetrievalModule
 
 
@@ -123,3 +130,19 @@ def test_mixing_trains_only_with_ntxent() -> None:
 def test_bad_settings_are_named(bad: dict) -> None:
     with pytest.raises(ValueError, match="model.mix"):
         InstanceMix(**bad)
+
+
+def test_a_mixed_batch_trains_with_koleo_beside_the_soft_ntxent() -> None:
+    """``loss=ntxent_koleo`` with mixing: the soft NT-Xent plus KoLeo on the same embeddings,
+    each times its weight, equal to the two computed apart."""
+    torch.manual_seed(0)
+    embeddings = F.normalize(torch.randn(8, 16), dim=1)
+    labels = torch.arange(4).repeat_interleave(2)
+    shares = torch.eye(8)
+    shares[3] = 0.0
+    shares[3, 3], shares[3, 5] = 0.6, 0.4  # row 3 is partly a copy of row 5
+    both = MultipleLosses([NTXentLoss(temperature=0.05), KoLeoLoss()], weights=[1.0, 30.0])
+    apart = soft_ntxent(embeddings, labels, shares, 0.05) + 30.0 * KoLeoLoss()(embeddings, labels)
+    assert mixed_loss(both, embeddings, labels, shares).item() == pytest.approx(apart.item())
+    with pytest.raises(ValueError, match="needs loss=ntxent"):
+        check_mixable(MultipleLosses([TripletMarginLoss(), KoLeoLoss()]))

@@ -9,6 +9,8 @@ common, ``sum_u m_i(u) m_j(u)`` over the instances ``u``, ``m_i`` being row ``i`
 instances; the targets of a row sum to one over the other rows. With nothing mixed and two
 views per instance this is exactly pytorch-metric-learning's ``NTXentLoss`` (one positive per
 row, every other row a negative); ``tests/test_mixing.py`` checks both against it.
+:func:`mixed_loss` trains a mixed batch with NT-Xent alone or with other terms beside it
+(SSCD's KoLeo, ``loss=ntxent_koleo``).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pytorch_metric_learning.losses import MultipleLosses, NTXentLoss
+from torch import nn
 
-__all__ = ["InstanceMix", "instance_shares", "soft_ntxent"]
+__all__ = ["InstanceMix", "check_mixable", "instance_shares", "mixed_loss", "soft_ntxent"]
 
 
 class InstanceMix:
@@ -112,3 +116,39 @@ def soft_ntxent(
         log_p = F.log_softmax((emb @ emb.T / temperature).masked_fill(eye, float("-inf")), dim=1)
         targets = overlap[rows] / total[rows, None]
         return -(targets * log_p[rows].masked_fill(eye[rows], 0.0)).sum(dim=1).mean()
+
+
+def _terms(loss: nn.Module) -> list[tuple[nn.Module, float]]:
+    """``(term, weight)`` of a loss: itself, or the terms of a ``MultipleLosses``."""
+    if isinstance(loss, MultipleLosses):
+        keys = loss.losses.keys() if loss.is_dict else range(len(loss.losses))
+        return [(loss.losses[k], float(loss.weights[k])) for k in keys]
+    return [(loss, 1.0)]
+
+
+def check_mixable(loss: nn.Module) -> None:
+    """Raise ``ValueError`` unless a mixed batch can train with ``loss``: one
+    ``NTXentLoss``, alone or in a ``MultipleLosses`` (whose other terms, such as KoLeo, see
+    the embeddings and labels as they are); its soft-target form is :func:`soft_ntxent`."""
+    ntxent = [term for term, _ in _terms(loss) if isinstance(term, NTXentLoss)]
+    if len(ntxent) != 1:
+        raise ValueError(
+            "model.mix trains with a soft-target NT-Xent and needs loss=ntxent (or "
+            f"loss=ntxent_koleo), got {type(loss).__name__}; set model.mix=null or loss=ntxent"
+        )
+
+
+def mixed_loss(
+    loss: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor, shares: torch.Tensor
+) -> torch.Tensor:
+    """``loss`` of a mixed batch: its NT-Xent as :func:`soft_ntxent` with the ``shares`` of
+    :class:`InstanceMix`, any other term of a ``MultipleLosses`` (e.g. KoLeo) on the
+    embeddings and labels, each times its weight."""
+    total = embeddings.new_zeros(())
+    for term, weight in _terms(loss):
+        if isinstance(term, NTXentLoss):
+            part = soft_ntxent(embeddings, labels, shares, term.temperature)
+        else:
+            part = term(embeddings, labels)
+        total = total + weight * part
+    return total

@@ -9,7 +9,6 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from pytorch_metric_learning.losses import NTXentLoss
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -17,7 +16,7 @@ from retrieval.evaluation import evaluate_protocol
 from retrieval.models.embedder import Embedder
 from retrieval.training.layer_decay import layer_decay_groups
 from retrieval.training.losses import check_gatherable, compute_loss
-from retrieval.training.mixing import InstanceMix, soft_ntxent
+from retrieval.training.mixing import InstanceMix, check_mixable, mixed_loss
 from retrieval.training.quiet import expect_eval_modules
 
 
@@ -129,7 +128,7 @@ class RetrievalModule(pl.LightningModule):
             images, shares = self.mix(images, batch.get("view"))
         embeddings = self.model(images, backbone_grad=not self.backbone_frozen)
         if shares is not None:
-            loss = soft_ntxent(embeddings, batch["label"], shares, self.loss.temperature)
+            loss = mixed_loss(self.loss, embeddings, batch["label"], shares)
         else:
             loss = compute_loss(
                 self.loss, self.miner, embeddings, batch["label"], gather=self.gather_embeddings
@@ -274,11 +273,7 @@ def unique_by_index(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def _check_mixable(loss: nn.Module, miner: nn.Module | None, gather: bool) -> None:
     """Raise ``ValueError`` unless mixup / CutMix of instances can train with this loss: mixed
     views need soft targets, which :func:`soft_ntxent` gives NT-Xent only."""
-    if not isinstance(loss, NTXentLoss):
-        raise ValueError(
-            f"model.mix trains with a soft-target NT-Xent and needs loss=ntxent, got "
-            f"{type(loss).__name__}; set model.mix=null or loss=ntxent"
-        )
+    check_mixable(loss)
     if miner is not None or gather:
         raise ValueError(
             "model.mix scores every pair of the batch: it needs miner=none and "
