@@ -4,13 +4,14 @@
 import hydra
 from omegaconf import DictConfig
 
-from retrieval.tasks.embed import embed
 from retrieval.tasks.preflight import check_command_line
 from retrieval.tasks.runs import reported, run_task
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="embed")
 def main(cfg: DictConfig) -> None:
+    from retrieval.tasks.embed import embed  # torch loads after the preflight
+
     run_task(reported(embed), cfg)  # -m: a failed job writes error.txt and the sweep goes on
 
 

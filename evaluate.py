@@ -5,13 +5,14 @@
 import hydra
 from omegaconf import DictConfig
 
-from retrieval.tasks.evaluate import evaluate
 from retrieval.tasks.preflight import check_command_line
 from retrieval.tasks.runs import reported, run_task
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
+    from retrieval.tasks.evaluate import evaluate  # torch loads after the preflight
+
     # -m: a failed job -> error.txt
     metrics, _ = run_task(reported(evaluate), cfg, failed=({}, None))
     value = metrics.get(f"{cfg.split}/recall@1")

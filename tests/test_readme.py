@@ -28,7 +28,9 @@ def test_readme_documents_the_main_commands():
     assert "python train.py" in train
     assert any("backbone=resnet50" in c and "data=cub200" in c and "data.root=" in c for c in train)
     text = (ROOT / "README.md").read_text()
-    assert 'pip install -e ".[dev]" && python -m pytest' in text
+    # the contributor's test command is what CI runs
+    tests = 'pip install -e ".[dev,milvus,openvino]" && python -m pytest'
+    assert tests in text and tests in (ROOT / ".ci" / "run").read_text()
     cpu = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
     assert cpu in text and cpu in (ROOT / "pyproject.toml").read_text()
     assert "download.pytorch.org/whl/cu12" in text  # CUDA 12, as faiss-gpu-cu12

@@ -81,11 +81,12 @@ def _run(args: argparse.Namespace) -> int:
         return _undo(args)
     if args.target is None:
         raise ValueError("give a folder or a bundle to look for duplicates in")
-    from tqdm import tqdm
-
+    if not Path(args.target).is_dir():  # said before the model loads
+        raise ValueError(f"{args.target} is neither a folder nor a bundle")
+    from retrieval.infra.progress import progress
     from retrieval.search.duplicate_finder import DEFAULT_CACHE, find_duplicates
 
-    with tqdm(unit="img", disable=args.quiet, file=sys.stderr) as bar:
+    with progress(None, "reading images", unit="image", quiet=args.quiet) as bar:
         report = find_duplicates(
             args.target,
             model=args.model,

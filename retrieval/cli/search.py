@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from retrieval.cli.common import RERANK_HELP, bundle_command, load
@@ -36,6 +37,16 @@ def _embed_queries(
 
 
 def _search(args: argparse.Namespace) -> int:
+    from retrieval.bundle.format import read_manifest
+    from retrieval.infra.checks import positive_int
+
+    positive_int(args.k, "k")  # said before the model loads, as a bundle or images not there
+    read_manifest(args.bundle)
+    absent = [image for image in args.images if not Path(image).exists()]
+    if len(absent) == len(args.images):  # said before the model loads
+        if len(absent) == 1:
+            raise ValueError(f"{absent[0]}: no such file")
+        raise ValueError(f"none of the {len(absent)} query images exist (first: {absent[0]})")
     with load(args, read_only=True) as retriever:
         images, vectors, unreadable = _embed_queries(retriever, args.images)
         results = retriever.search(vectors, k=args.k, label=args.label, rerank=args.rerank)
@@ -71,7 +82,6 @@ def _search(args: argparse.Namespace) -> int:
 
 def _score(args: argparse.Namespace) -> int:
     from retrieval.data.manifest import ManifestError, read_manifest, select_split
-    from retrieval.search.score import score_bundle
 
     try:
         rows = select_split(read_manifest(args.manifest, args.root, check_files=False), args.split)
@@ -88,6 +98,8 @@ def _score(args: argparse.Namespace) -> int:
             f"{args.manifest}: {len(missing)} of {len(queries)} query images do not exist "
             f"(first: {missing[0]}); pass --root, the folder the manifest's paths start from"
         )
+    from retrieval.search.score import score_bundle  # torch: once the arguments are good
+
     with load(args, read_only=True) as retriever:
         result = score_bundle(
             retriever, queries, k=args.k, batch_size=args.batch_size, rerank=args.rerank

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import socket
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,14 @@ from retrieval.cli.common import EXIT_ERROR, bundle_command, load
 
 
 def _serve(args: argparse.Namespace) -> int:
+    listener = listen(args.host, args.port)  # a taken port fails first, in well under a second
+    try:
+        return _serve_on(listener, args)
+    finally:
+        listener.close()
+
+
+def _serve_on(listener: socket.socket, args: argparse.Namespace) -> int:
     from retrieval.backends import parse_backend
 
     if args.backend:
@@ -41,12 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
         body_grace_s=args.body_grace,
         body_min_rate=int(args.body_min_rate_kb * 1024),
     )
-    listener = listen(args.host, args.port)  # a bad address fails before the model loads
-    try:
-        retriever = load(args, max_pixels=args.max_pixels, backend=args.backend)
-    except BaseException:
-        listener.close()
-        raise
+    retriever = load(args, max_pixels=args.max_pixels, backend=args.backend)
     try:
         app = create_app(retriever, settings)
         if args.backend:
@@ -63,7 +67,6 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return _run(app, listener, args)
     finally:
-        listener.close()
         retriever.close()
 
 
@@ -81,7 +84,8 @@ def _run(app: Any, listener: socket.socket, args: argparse.Namespace) -> int:
 
 def listen(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` (uvicorn listens on it); ValueError for a port out of
-    1..65535 or a host that does not resolve, OSError naming the address when it is taken."""
+    1..65535 or a host that does not resolve; OSError naming the port and the fix when it is
+    taken, naming the address otherwise."""
     if not 1 <= port <= 65535:
         raise ValueError(f"--port must be 1 to 65535, got {port}")
     try:
@@ -96,6 +100,8 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as err:
         sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise OSError(f"port {port} on {host} is in use; pick another with --port") from None
         raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
     sock.set_inheritable(True)
     return sock
@@ -111,7 +117,7 @@ def add_serve(sub: Any) -> None:
         "own index: milvus://HOST:PORT/COLLECTION or milvus-lite:PATH[#COLLECTION]",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument(
         "--token",
         default=None,

@@ -8,7 +8,10 @@ that names the key and the fix instead of a traceback:
 * a key deleted that is not there (``~nokey``);
 * a mandatory value left out (``data=folder`` without ``data.root``): the key and an example;
 * a value of the wrong type for the object it configures (``trainer.max_epochs=abc``): the
-  key and the type the ``_target_``'s signature gives (types it cannot judge pass).
+  key and the type the ``_target_``'s signature gives (types it cannot judge pass);
+* ``trainer=gpu`` where torch sees no GPU: the CPU trainers to use instead;
+* torch and torchvision builds that do not belong together (read from their version files,
+  nothing imported): both versions and the one command that reinstalls a matching pair.
 
 Any other refusal of Hydra's while composing is its first line.
 
@@ -35,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from retrieval.tasks.config import CONF_DIR
 from retrieval.tasks.help import task_groups
 
-__all__ = ["check_command_line", "problem_with"]
+__all__ = ["check_command_line", "install_problem", "installed_torch_problem", "problem_with"]
 
 EXIT_USAGE = 2
 
@@ -259,9 +262,100 @@ def _type_problem(cfg: DictConfig, overrides: Sequence[str]) -> str | None:
     return None
 
 
-def problem_with(name: str, overrides: Sequence[str]) -> str | None:
+def _build_tag(version: str) -> str:
+    """``2.14.1+cu130`` -> ``cu130``; ``""`` when the version has no local build tag."""
+    return version.partition("+")[2]
+
+
+def _describe_build(tag: str) -> str:
+    if tag == "cpu":
+        return "the CPU"
+    found = re.fullmatch(r"cu(\d+)(\d)", tag)
+    return f"CUDA {found.group(1)}.{found.group(2)}" if found else tag
+
+
+def _minor(version: str, major: str) -> int | None:
+    """``2.14.1+cpu`` with major ``2`` -> 14; None for another major or no number."""
+    parts = version.partition("+")[0].split(".")
+    ok = len(parts) > 1 and parts[0] == major and parts[1].isdigit()
+    return int(parts[1]) if ok else None
+
+
+def install_problem(torch_version: str, vision_version: str) -> str | None:
+    """Why torch ``torch_version`` and torchvision ``vision_version`` (``__version__``
+    strings, e.g. ``2.14.1+cpu``) cannot work together, None when they can: torchvision
+    0.(N + 15) belongs to torch 2.N, and both must be built for the same platform (their
+    ``+cpu`` / ``+cuXYZ`` tags; a version without a tag is not judged). Otherwise
+    torchvision's compiled operators fail to load (``operator torchvision::nms does not
+    exist``)."""
+    torch_minor = _minor(torch_version, "2")
+    wanted = None if torch_minor is None else torch_minor + 15
+    paired = wanted is None or _minor(vision_version, "0") == wanted
+    tags = _build_tag(torch_version), _build_tag(vision_version)
+    if paired and (not all(tags) or tags[0] == tags[1]):
+        return None
+    if paired:
+        builds = " and ".join(_describe_build(tag) for tag in tags)
+        why = f"are builds for different platforms ({builds})"
+    else:
+        why = f"do not belong together (torch 2.{torch_minor} goes with torchvision 0.{wanted})"
+    vision = f"'torchvision==0.{wanted}.*'" if wanted is not None else "torchvision"
+    return (
+        f"torch {torch_version} and torchvision {vision_version} {why}, so torchvision's "
+        "operators cannot load; reinstall a matching pair: pip install --force-reinstall "
+        f"torch=={torch_version.partition('+')[0]} {vision} --index-url "
+        f"https://download.pytorch.org/whl/{tags[0] or 'cpu'}"
+    )
+
+
+def _installed_version(package: str) -> str | None:
+    """``__version__`` from ``package``'s own ``version.py``, read as text (no import)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    try:
+        text = Path(spec.origin).with_name("version.py").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+    return found.group(1) if found else None
+
+
+def installed_torch_problem() -> str | None:
+    """:func:`install_problem` for the torch and torchvision this interpreter would import."""
+    torch_version, vision_version = _installed_version("torch"), _installed_version("torchvision")
+    if torch_version is None or vision_version is None:
+        return None
+    return install_problem(torch_version, vision_version)
+
+
+def _accelerator_problem(cfg: DictConfig, overrides: Sequence[str]) -> str | None:
+    """The line for a trainer that asks for a GPU where torch sees none (torch is imported
+    only when one is asked for)."""
+    trainer = cfg.get("trainer")
+    accelerator = str(trainer.get("accelerator", "auto")) if isinstance(trainer, DictConfig) else ""
+    if accelerator not in ("gpu", "cuda"):
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    named = next(
+        (o for o in overrides if _key_of(o).startswith(("trainer", "experiment"))),
+        f"trainer.accelerator={accelerator}",
+    )
+    return (
+        f"{named} trains on a GPU, and torch {torch.__version__} sees none; train on the CPU "
+        "with trainer=default (or trainer=cpu)"
+    )
+
+
+def problem_with(name: str, overrides: Sequence[str], hardware: bool = False) -> str | None:
     """One line saying what is wrong with ``python {name}.py OVERRIDES``, None if nothing
-    found (then Hydra reports whatever else may be wrong)."""
+    found (then Hydra reports whatever else may be wrong). ``hardware``: also whether this
+    machine has what the config asks for (a GPU), not only whether the config is right."""
     for override in overrides:
         problem = _syntax_problem(override)
         if problem:
@@ -284,7 +378,11 @@ def problem_with(name: str, overrides: Sequence[str]) -> str | None:
         return _first_line(err)
     except Exception:  # anything else: Hydra's own message
         return None
-    return _missing_problem(name, overrides, cfg) or _type_problem(cfg, overrides)
+    return (
+        _missing_problem(name, overrides, cfg)
+        or _type_problem(cfg, overrides)
+        or (_accelerator_problem(cfg, overrides) if hardware else None)
+    )
 
 
 def check_command_line(name: str, argv: Sequence[str] | None = None) -> None:
@@ -298,7 +396,8 @@ def check_command_line(name: str, argv: Sequence[str] | None = None) -> None:
         raise SystemExit(0)
     if any(a.startswith("-") for a in args):
         return
-    problem = problem_with(name, [a for a in args if not a.startswith(("hydra.", "hydra/"))])
+    overrides = [a for a in args if not a.startswith(("hydra.", "hydra/"))]
+    problem = installed_torch_problem() or problem_with(name, overrides, hardware=True)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
