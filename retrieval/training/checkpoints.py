@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from retrieval.infra.io import sha256_file
@@ -139,10 +141,15 @@ class RunCheckpoint(ModelCheckpoint):
       became the best whatever its score. A file that no longer exists keeps its score and old
       path, with a warning. The run's state is found in the checkpoint by its monitored metric
       (and mode), so checkpoints written by a plain ``ModelCheckpoint`` resume the same way.
+      ``carry_best=False`` (a resume validated on other data, :mod:`retrieval.tasks.resume`)
+      takes over nothing: the best score starts afresh.
+    - Ctrl-C or SIGTERM (a cluster's pre-emption) while training writes ``last.ckpt`` where
+      training stopped and prints the command that resumes from it.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, carry_best: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.carry_best = carry_best
         self._resumed_state: dict[str, Any] | None = None
         self._last_written_step: int | None = None
 
@@ -161,8 +168,29 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         # Here every restore of fit is done, whatever the strategy's order of restore and setup.
         state, self._resumed_state = self._resumed_state, None
-        if state is not None:
+        if state is not None and self.carry_best:
             self._go_on_from(trainer, state)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """On Ctrl-C or SIGTERM: ``last.ckpt`` as training stopped, and how to resume."""
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not self.dirpath:
+            return
+        where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+        if trainer.global_step == 0:
+            if trainer.is_global_zero:
+                print(f"\ninterrupted at {where}: nothing trained yet", file=sys.stderr)
+            return
+        path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            print(
+                f"\ninterrupted at {where}; the last checkpoint is {path}\n"
+                f"resume with: python train.py ckpt_path={path}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)  # top-k (and last with it) when due
