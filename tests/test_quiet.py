@@ -88,13 +88,18 @@ def test_eval_mode_warning_only_for_modules_not_frozen_by_design(
 
 
 def test_wandb_logger_gives_no_anonymous_setting_warning(tmp_path, monkeypatch, capfd) -> None:
-    from retrieval.training.loggers import finish_wandb, wandb_logger
+    """No warning about the anonymous setting, and none of W&B's own lines (its banner, the
+    run history and summary, its sync hint): the run's one line says where it went."""
+    from retrieval.training.loggers import describe_wandb, finish_wandb, wandb_logger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = wandb_logger(save_dir=str(tmp_path))
     assert "anonymous" not in logger._wandb_init
     logger.log_metrics({"x": 1.0})
+    line = describe_wandb(logger)
     finish_wandb(logger)
     out, err = capfd.readouterr()
-    assert "offline" in out + err  # W&B's own lines still show
     assert "anonymous" not in out + err
+    assert "wandb:" not in out + err, out + err
+    assert line.startswith(f"W&B run saved offline in {tmp_path}") and "wandb sync" in line
+    assert list((tmp_path / "wandb").glob("offline-run-*"))

@@ -155,21 +155,20 @@ def test_bad_input_fails_before_training(small_demo, tmp_path):
 
 
 def test_only_global_rank_zero_writes_before_the_trainer_knows_its_rank(monkeypatch):
-    """config.yaml is written before Lightning sets up distributed training, so the rank comes
-    from what launchers set: torchrun RANK, SLURM SLURM_PROCID, Lightning LOCAL_RANK (read by
-    ``rank_zero_only``) and NODE_RANK on the other nodes of a multi-node run."""
-    from lightning.pytorch.utilities import rank_zero_only
+    """config.yaml and train.log are written before Lightning sets up distributed training, so
+    the rank comes from what launchers set: torchrun RANK, SLURM SLURM_PROCID, Lightning
+    LOCAL_RANK, LSF JSM_NAMESPACE_RANK and NODE_RANK on the other nodes of a multi-node run."""
+    from retrieval.infra.console import first_process
 
-    from retrieval.tasks.train import _starts_as_rank_zero
-
-    monkeypatch.delenv("NODE_RANK", raising=False)
-    monkeypatch.setattr(rank_zero_only, "rank", 0)
-    assert _starts_as_rank_zero()
-    monkeypatch.setenv("NODE_RANK", "1")
-    assert not _starts_as_rank_zero()
-    monkeypatch.setenv("NODE_RANK", "0")
-    monkeypatch.setattr(rank_zero_only, "rank", 3)
-    assert not _starts_as_rank_zero()
+    names = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "NODE_RANK")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    assert first_process()
+    for name in names:
+        monkeypatch.setenv(name, "2")
+        assert not first_process(), name
+        monkeypatch.setenv(name, "0")
+    assert first_process()
 
 
 def test_pretrained_baseline_equals_evaluate_and_training_starts_in_train_mode(
@@ -210,8 +209,13 @@ def test_pretrained_baseline_equals_evaluate_and_training_starts_in_train_mode(
     for trained_bn, fresh_bn in zip(trained_norms, fresh_norms, strict=True):
         assert torch.equal(trained_bn.running_mean, fresh_bn.running_mean)
         assert torch.equal(trained_bn.weight, fresh_bn.weight)
-    header = next(line for line in capsys.readouterr().out.splitlines() if "metric" in line)
-    assert header.split() == ["metric", "pretrained", "untrained", "trained"]
+    printed = capsys.readouterr().out.splitlines()
+    header = next(line for line in printed if "metric" in line)
+    assert header.split() == ["metric", "pretrained", "untrained", "last", "epoch", "best"]
+    monitored = next(line for line in printed if line.startswith("val/recall@1 "))
+    best = metrics["best/val/recall@1"]
+    assert monitored.split()[-1] == f"{best:.4f}"  # the best column: the monitored metric
+    assert next(line for line in printed if line.startswith("val/map@r")).split()[-1] == "-"
     evaluated, _ = evaluate(
         compose_config(
             [

@@ -4,7 +4,6 @@ rows."""
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from retrieval.bundle.model_config import (
     read_model_config,
 )
 from retrieval.infra.checks import positive_int
+from retrieval.infra.hardware import usable_cores
 from retrieval.models.extract import resolve_device
 
 
@@ -34,17 +34,10 @@ def onnxruntime_module() -> Any:
     return onnxruntime
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def onnx_session(path: Path, providers: list[str], threads: int | None) -> Any:
     ort = onnxruntime_module()
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or _cpus()
+    options.intra_op_num_threads = threads or usable_cores()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only
     try:
@@ -276,7 +269,7 @@ def _openvino_runtime(
     settings = {
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_PRECISION_HINT": "f32",
-        "INFERENCE_NUM_THREADS": threads or _cpus(),
+        "INFERENCE_NUM_THREADS": threads or usable_cores(),
     }
     try:
         compiled = openvino.Core().compile_model(str(path), "CPU", settings)

@@ -16,12 +16,15 @@ from retrieval.data.manifest import folder_labels
 
 
 def _index(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from retrieval.infra.progress import progress
 
     root = Path(args.folder)
     paths = images_in_folder(root)
     labels = folder_labels(paths, root, args.labels)
-    with load(args) as retriever, tqdm(total=len(paths), unit="img", disable=args.quiet) as bar:
+    with (
+        load(args) as retriever,
+        progress(len(paths), "indexing", unit="image", quiet=args.quiet) as bar,
+    ):
         report = retriever.add(paths, labels, batch_size=args.batch_size, progress=bar.update)
         total = len(retriever)
     print(
@@ -102,7 +105,7 @@ def _verify(args: argparse.Namespace) -> int:
 def add_index(sub: Any) -> None:
     """``retrieval index BUNDLE DIR [--labels folder|none] [--batch-size N] [--quiet]``."""
     p = bundle_command(sub, "index", "add every image under a folder (recursively) to the bundle")
-    p.add_argument("folder")
+    p.add_argument("folder", help="folder of images to add (searched recursively)")
     p.add_argument(
         "--labels",
         choices=("folder", "none"),

@@ -10,15 +10,15 @@ from retrieval.cli.common import EXIT_CODES
 
 
 def _push(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from retrieval.backends import parse_backend
     from retrieval.backends.milvus import push_bundle
     from retrieval.infra.checks import positive_int
 
     positive_int(args.batch_size, "--batch-size")  # before the engine is touched
     spec = parse_backend(args.target)
-    with tqdm(unit="item", disable=args.quiet) as bar:
+    from retrieval.infra.progress import progress
+
+    with progress(None, "pushing", unit="item", quiet=args.quiet) as bar:
         report = push_bundle(
             args.bundle, spec, args.batch_size, progress=bar.update, repair=args.repair
         )

@@ -11,10 +11,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from retrieval.data.copy_edits import load_overlays
 from retrieval.data.dataset import EditedCopies, ImageDataset, eval_loader
 from retrieval.data.images import DEFAULT_MAX_PIXELS, find_unreadable, report_unreadable
-from retrieval.data.manifest import ManifestRow, read_manifest, select_split
+from retrieval.data.manifest import ManifestRow, has_match, read_manifest, select_split
 from retrieval.data.preprocessing import Preprocessing
 from retrieval.data.sampler import InstanceBatchSampler, PKBatchSampler
 from retrieval.data.transforms import anchor_transform, eval_transform, train_transform
+from retrieval.infra.hardware import loader_workers
 
 
 class RetrievalDataModule(pl.LightningDataModule):
@@ -30,6 +31,8 @@ class RetrievalDataModule(pl.LightningDataModule):
             ``None`` when the module only evaluates.
         max_labels: keep only the first N labels (sorted) of each split, for quick runs.
         strict_images: unreadable images are an error instead of being skipped with a warning.
+        num_workers: data-loading processes; ``None``: one per usable core, at most 4
+            (:func:`~retrieval.infra.hardware.loader_workers`).
         eval_ks: the k of Recall@k that papers report on this dataset.
         augment: training augmentation, ``standard`` or ``copydetect`` (copy-detection edits
             before the crop, see :func:`~retrieval.data.transforms.train_transform`);
@@ -54,7 +57,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         train_split: str = "train",
         val_split: str = "test",
         eval_batch_size: int = 64,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         strict_images: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         train_scale: Sequence[float] | None = None,
@@ -76,7 +79,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.sampler_factory = sampler
         self.splits = (train_split, val_split)
         self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
+        self.num_workers = loader_workers(num_workers)
         self.strict_images = strict_images
         self.max_pixels = max_pixels
         self.train_scale = tuple(train_scale) if train_scale is not None else None
@@ -103,6 +106,8 @@ class RetrievalDataModule(pl.LightningDataModule):
                 val_rows, eval_transform(self.preprocessing), self.max_pixels
             )
         if training:
+            # training validates on the evaluation split: it must hold a search to score
+            problems = [] if has_match(self.val_set.rows) else [self._no_match(rows)]
             train_rows = self._rows(rows, self.splits[0])
             augment = train_transform(
                 self.preprocessing,
@@ -116,7 +121,27 @@ class RetrievalDataModule(pl.LightningDataModule):
             )
             views = [anchor_transform(self.preprocessing), augment] if self.anchor_view else []
             self.train_set = ImageDataset(train_rows, augment, self.max_pixels, views)
-            self._sampler(rank=0, num_replicas=1)  # fail now on a batch shape the data cannot fill
+            try:  # fail now on a batch shape the data cannot fill
+                self._sampler(rank=0, num_replicas=1)
+            except ValueError as err:
+                problems.insert(0, str(err))
+            if problems:  # what the data lacks, all at once, each with the setting that works
+                raise ValueError("; and ".join(problems))
+
+    def _no_match(self, rows: list[ManifestRow]) -> str:
+        """Why the evaluation split cannot be scored, and the split to validate on instead."""
+        split, train = self.splits[1], self.splits[0]
+        held = self.val_set.rows if self.val_set is not None else []
+        fix = (
+            f"validate on the training images with +data.val_split={train} (it scores how "
+            "training fits, not how it generalises), or add images"
+            if split != train and has_match(self._rows(rows, train))
+            else "add images: at least 2 of one label"
+        )
+        return (
+            f"no image of the validation split '{split}' ({len(held)} images) has another of "
+            f"its label to be found, so no search can be scored; {fix}"
+        )
 
     def _rows(self, rows: list[ManifestRow], split: str) -> list[ManifestRow]:
         selected = select_split(rows, split, str(self.manifest))

@@ -238,6 +238,18 @@ def select_split(
     return chosen
 
 
+def has_match(rows: Sequence[ManifestRow]) -> bool:
+    """Whether some query among ``rows`` has an item of its label to find, under the protocol
+    the flags give (:func:`retrieval.evaluation.evaluate_protocol`): without flags every row
+    searches the others (leave-one-out, a label needs 2 rows); with them queries search the
+    gallery rows."""
+    queries = Counter(r.label for r in rows if r.is_query is not False)
+    gallery = Counter(r.label for r in rows if r.is_gallery is not False)
+    if all(r.is_query is not False and r.is_gallery is not False for r in rows):
+        return any(count >= 2 for count in queries.values())
+    return any(label in gallery for label in queries)
+
+
 LABEL_MODES = ("folder", "none")
 
 

@@ -16,15 +16,24 @@ import numpy as np
 from torch.utils.data import Sampler
 
 
-def fitting_sampler(sizes: Sequence[int], samples_per_label: int) -> str:
-    """What to set for a split whose labels have ``sizes`` images (only labels with >= 2):
-    the most labels a batch can hold (>= 2), with ``samples_per_label`` lowered until that
-    many labels have at least as many images. E.g. ``this split has 10 labels with >= 4
-    images; use sampler.labels_per_batch=10 sampler.samples_per_label=4``."""
+def instance_batches(images: int, wanted: int = 32) -> str:
+    """The instance-training overrides a split of ``images`` images can fill: every image its
+    own label, at most ``wanted`` of them per batch (at least 2 images needed)."""
+    if images < 2:
+        return f"the split has {images} image(s): add images (instance training needs 2)"
+    return f"use sampler=instance sampler.images_per_batch={min(wanted, images)}"
+
+
+def fitting_sampler(sizes: Sequence[int], samples_per_label: int, images: int = 0) -> str:
+    """What to set for a split whose labels have ``sizes`` images (only labels with >= 2) of
+    ``images`` in all: the most labels a batch can hold (>= 2), with ``samples_per_label``
+    lowered until that many labels have at least as many images. E.g. ``this split has 10
+    labels with >= 4 images; use sampler.labels_per_batch=10 sampler.samples_per_label=4``;
+    with fewer than 2 such labels, instance training (:func:`instance_batches`)."""
     if len(sizes) < 2:
         return (
-            "P x K batches need at least 2 labels with 2 or more images each: add images, or "
-            "use sampler=instance (each image its own label)"
+            "P x K batches need at least 2 labels with 2 or more images each; add images, or "
+            f"train every image as its own label: {instance_batches(images)}"
         )
     k = max(2, samples_per_label)
     while k > 2 and sum(n >= k for n in sizes) < 2:
@@ -117,7 +126,7 @@ class PKBatchSampler(_EpochBatches):
             raise ValueError(
                 f"sampler needs labels_per_batch={labels_per_batch} labels with at least 2 "
                 f"images, but the training split has {len(self.groups)}; "
-                + fitting_sampler([len(g) for g in self.groups], samples_per_label)
+                + fitting_sampler([len(g) for g in self.groups], samples_per_label, len(labels))
             )
         total = batches_per_epoch or len(labels) // (labels_per_batch * samples_per_label)
         self._setup(labels_per_batch, samples_per_label, total, seed, num_replicas, rank)
@@ -192,8 +201,12 @@ class InstanceBatchSampler(_EpochBatches):
         if self.num_images < images_per_batch:
             raise ValueError(
                 f"sampler.images_per_batch={images_per_batch} distinct images per batch, but "
-                f"the training split has {self.num_images}; lower sampler.images_per_batch "
-                "or add training images"
+                f"the training split has {self.num_images}; "
+                + (
+                    f"use sampler.images_per_batch={self.num_images}, or add training images"
+                    if self.num_images >= 2
+                    else "add training images (instance training needs 2)"
+                )
             )
         total = batches_per_epoch or self.num_images // images_per_batch
         self._setup(images_per_batch, views_per_image, total, seed, num_replicas, rank)

@@ -1,4 +1,5 @@
-"""What the processor can do fast: native bfloat16 arithmetic on the CPU.
+"""What the processor can do fast: native bfloat16 arithmetic on the CPU, and how many cores
+this process may use (threads, data-loading workers).
 
 PyTorch's CPU kernels (oneDNN) run bfloat16 convolutions and matrix products natively on
 processors with AVX512-BF16 (Intel Cooper Lake and later, AMD Zen 4 and later) or AMX (Intel
@@ -10,15 +11,38 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 
-__all__ = ["BF16_FLAGS", "cpu_flags", "cpu_has_bf16", "training_precision"]
+__all__ = [
+    "BF16_FLAGS",
+    "cpu_flags",
+    "cpu_has_bf16",
+    "loader_workers",
+    "training_precision",
+    "usable_cores",
+]
 
 log = logging.getLogger(__name__)
 
 #: /proc/cpuinfo flags that give native bfloat16 arithmetic.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _CPUINFO = Path("/proc/cpuinfo")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's or SLURM's share),
+    not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(asked: int | None, most: int = 4) -> int:
+    """Data-loading processes: ``asked`` when given, else one per usable core up to ``most``
+    (more workers than cores only compete with the model for them)."""
+    return int(asked) if asked is not None else min(most, usable_cores())
 
 
 def cpu_flags(cpuinfo: Path = _CPUINFO) -> frozenset[str]:

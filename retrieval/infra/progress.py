@@ -12,12 +12,13 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import IO, Any, TypeVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
-__all__ = ["LineProgress", "progress_bar", "track"]
+__all__ = ["LineProgress", "progress", "progress_bar", "track"]
 
 T = TypeVar("T")
 
@@ -99,6 +100,81 @@ def progress_bar(stream: IO[str] | None = None, every_s: float = 30.0) -> Progre
     return LineProgress(every_s=every_s, stream=stream)
 
 
+def _plural(unit: str) -> str:
+    return unit + ("es" if unit.endswith(("s", "sh", "ch", "x")) else "s")
+
+
+class _Counter:
+    """Progress as plain lines: one every ``every_s`` seconds and one at :meth:`close`."""
+
+    def __init__(
+        self, total: int | None, description: str, unit: str, stream: IO[str], every_s: float
+    ) -> None:
+        self.total, self.description, self.unit = total, description, _plural(unit)
+        self.stream, self.every_s = stream, every_s
+        self.start = self.last = time.monotonic()
+        self.done = 0
+
+    def update(self, count: int = 1) -> None:
+        self.done += count
+        now = time.monotonic()
+        if now - self.last < self.every_s or (self.total and self.done >= self.total):
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        of = f"/{self.total}" if self.total else ""
+        share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        left = f", about {(self.total - self.done) / rate:.0f} s left" if self.total else ""
+        print(
+            f"{self.description}: {self.done}{of} {self.unit}{share}, {rate:.3g} "
+            f"{self.unit}/s{left}",
+            file=self.stream,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        spent = time.monotonic() - self.start
+        print(
+            f"{self.description}: {self.done} {self.unit} in {spent:.1f} s",
+            file=self.stream,
+            flush=True,
+        )
+
+
+class _Silent:
+    def update(self, count: int = 1) -> None:
+        pass
+
+
+@contextmanager
+def progress(
+    total: int | None,
+    description: str,
+    unit: str = "batch",
+    stream: IO[str] | None = None,
+    every_s: float = 30.0,
+    quiet: bool = False,
+) -> Iterator[Any]:
+    """An object whose ``update(n)`` counts work done: tqdm's bar when ``stream`` (default
+    stderr) is a terminal, else a line every ``every_s`` seconds and one at the end, e.g.
+    ``embedding: 40/90 batches (44%), 6.1 batches/s, about 8 s left``; nothing when
+    ``quiet``."""
+    target = stream or sys.stderr
+    if quiet:
+        yield _Silent()
+        return
+    isatty = getattr(target, "isatty", None)
+    if callable(isatty) and isatty():
+        from tqdm import tqdm
+
+        with tqdm(total=total, desc=description, unit=unit, file=target) as bar:
+            yield bar
+        return
+    counter = _Counter(total, description, unit, target, every_s)
+    yield counter
+    counter.close()
+
+
 def track(
     items: Iterable[T],
     total: int | None,
@@ -107,32 +183,8 @@ def track(
     stream: IO[str] | None = None,
     every_s: float = 30.0,
 ) -> Iterator[T]:
-    """``items`` with progress: tqdm's bar when ``stream`` (default stderr) is a terminal, else
-    a line every ``every_s`` seconds and one at the end, e.g.
-    ``embedding: 40/90 batches (44%), 6.1 batches/s, about 8 s left``."""
-    target = stream or sys.stderr
-    isatty = getattr(target, "isatty", None)
-    if callable(isatty) and isatty():
-        from tqdm import tqdm
-
-        yield from tqdm(items, total=total, desc=description, unit=unit, file=target)
-        return
-    start = last = time.monotonic()
-    done = 0
-    of = f"/{total}" if total else ""
-    for item in items:
-        yield item
-        done += 1
-        now = time.monotonic()
-        if now - last >= every_s and (total is None or done < total):
-            last = now
-            rate = done / max(now - start, 1e-9)
-            share = f" ({100 * done / total:.0f}%)" if total else ""
-            left = f", about {(total - done) / rate:.0f} s left" if total else ""
-            print(
-                f"{description}: {done}{of} {unit}es{share}, {rate:.3g} {unit}es/s{left}",
-                file=target,
-                flush=True,
-            )
-    spent = time.monotonic() - start
-    print(f"{description}: {done} {unit}es in {spent:.1f} s", file=target, flush=True)
+    """``items``, counted by :func:`progress` as they are taken."""
+    with progress(total, description, unit, stream, every_s) as bar:
+        for item in items:
+            yield item
+            bar.update(1)

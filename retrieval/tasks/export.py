@@ -39,6 +39,7 @@ from retrieval.tasks.common import (
     model_preprocessing,
 )
 from retrieval.tasks.postprocess import fit_steps, postprocess_config
+from retrieval.tasks.runs import point_latest
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,8 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     duplicates = _calibrate_duplicates(cfg, model, bundle, split_embeddings, fitted.whitening)
     count = read_manifest(bundle)["items"]
+    if Path(bundle).parent.resolve() == Path(cfg.paths.output_dir).resolve():
+        point_latest(Path(bundle).parent)  # logs/export/runs/latest/bundle: the newest bundle
     lines = [f"bundle: {bundle}", f"items: {count}, dim {gallery.dim}"]
     if duplicates is not None:
         lines.append(duplicates)

@@ -70,8 +70,9 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionErr
 
 
 def reported(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
-    """``task`` that, in a single run, reports an :data:`INPUT_ERRORS` as one ``error:`` line
-    and exits with status 2 (``HYDRA_FULL_ERROR=1`` keeps the traceback). In a multirun the
+    """``task`` that, in a single run, reports an :data:`INPUT_ERRORS` as one ``error:`` line,
+    also written to the run folder's ``error.txt``, and exits with status 2
+    (``HYDRA_FULL_ERROR=1`` keeps the traceback). In a multirun the
     error propagates to :func:`run_task`, which records it and goes on."""
 
     def run(cfg: DictConfig) -> T:
@@ -85,10 +86,23 @@ def reported(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
                 raise
             text = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
             print(f"error: {text}", file=sys.stderr, flush=True)
+            run_dir = _run_dir()
+            if run_dir is not None:  # the run folder says it failed, and why
+                write_error(run_dir, f"error: {text}\n")
             _finish_open_wandb_run()
             raise SystemExit(2) from None
 
     return run
+
+
+def _run_dir() -> Path | None:
+    """The Hydra run's output folder; None outside a run (a config composed by a test)."""
+    if not HydraConfig.initialized():
+        return None
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:  # composed without a run: no runtime.output_dir
+        return None
 
 
 def _input_error(err: BaseException) -> BaseException | None:
@@ -107,6 +121,21 @@ def write_error(run_dir: Path, text: str) -> Path:
     with atomic_write(path, "w", encoding="utf-8") as handle:
         handle.write(text)
     return path
+
+
+def point_latest(run_dir: Path, name: str = "latest") -> None:
+    """Make ``run_dir``'s sibling ``name`` a link to it (relative, replaced atomically), so that
+    ``logs/train/runs/latest`` is the run that started last. Where links cannot be made (some
+    file systems), nothing changes."""
+    link = run_dir.parent / name
+    partial = run_dir.parent / f".{name}.{os.getpid()}"
+    try:
+        partial.unlink(missing_ok=True)
+        partial.symlink_to(run_dir.name, target_is_directory=True)
+        os.replace(partial, link)
+    except OSError as err:
+        log.warning("could not point %s at %s: %s", link, run_dir, err)
+        partial.unlink(missing_ok=True)
 
 
 def monitored_value(metrics: Mapping[str, Any], monitor: str) -> float:

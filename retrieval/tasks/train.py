@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +15,18 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from retrieval.evaluation import evaluate_protocol
 from retrieval.evaluation.reports import text_table
 from retrieval.infra.allocator import keep_freed_memory
+from retrieval.infra.console import first_process
 from retrieval.infra.hardware import training_precision
 from retrieval.infra.io import atomic_write
 from retrieval.infra.progress import progress_bar
 from retrieval.models import Embedder
 from retrieval.models.extract import embed_loader
+from retrieval.tasks.runs import point_latest
 from retrieval.training.loggers import describe_wandb, finish_wandb
 from retrieval.training.quiet import quiet_third_party
 
@@ -78,14 +78,6 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def _starts_as_rank_zero() -> bool:
-    """Whether this process is global rank 0, known before the trainer has set up distributed
-    training: torchrun sets ``RANK``, SLURM ``SLURM_PROCID``, Lightning's own launcher
-    ``LOCAL_RANK`` in the processes it starts and ``NODE_RANK`` on every node but the first."""
-    rank = getattr(rank_zero_only, "rank", 0)  # set by Lightning from those variables
-    return rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
-
-
 def _write_text(path: Path, text: str) -> None:
     with atomic_write(path, "w", encoding="utf-8") as handle:
         handle.write(text)
@@ -118,10 +110,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     its new head (``baseline/...``), the last validation (``val/...``) and the best monitored
     value."""
     output_dir = Path(cfg.paths.output_dir)
-    if _starts_as_rank_zero():
+    if first_process():
         _write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     objects = build(cfg)
     trainer, module, datamodule = objects["trainer"], objects["module"], objects["datamodule"]
+    if trainer.is_global_zero:
+        print(_model_line(module, cfg), flush=True)  # Lightning's summary table is off
+        point_latest(output_dir)  # a start that failed before here never becomes "latest"
 
     metrics: dict[str, Any] = {}
     if cfg.get("ckpt_path") is None:
@@ -146,6 +141,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return metrics, objects
 
 
+def _model_line(module: Any, cfg: DictConfig) -> str:
+    """``model: tf_efficientnet_lite0, gem pooling, 512-d: 3.4 M of 4.0 M parameters train``."""
+    params = list(module.parameters())
+    total = sum(p.numel() for p in params)
+    trained = sum(p.numel() for p in params if p.requires_grad)
+    embedder = cfg.model.embedder
+    name = embedder.get("backbone", {}).get("name", type(module.model.backbone).__name__)
+    return (
+        f"model: {name}, {embedder.get('pooling', 'avg')} pooling, "
+        f"{module.model.embedding_dim}-d: {trained / 1e6:.1f} M of {total / 1e6:.1f} M "
+        "parameters train"
+    )
+
+
 def _report(metrics: dict[str, Any], monitor: str, loggers: list[Any]) -> None:
     """Print the final table: every validation metric before and after training."""
 
@@ -153,13 +162,19 @@ def _report(metrics: dict[str, Any], monitor: str, loggers: list[Any]) -> None:
         return f"{value:.0f}" if value is not None and name.endswith("queries") else value
 
     names = sorted(k.split("/", 1)[1] for k in metrics if k.startswith("val/"))
-    stages = [("pretrained", "pretrained"), ("baseline", "untrained"), ("val", "trained")]
+    stages = [("pretrained", "pretrained"), ("baseline", "untrained"), ("val", "last epoch")]
     shown = [(key, title) for key, title in stages if any(k.startswith(key + "/") for k in metrics)]
+    best = metrics.get(f"best/{monitor}")
     rows = [
-        ["val/" + name, *(cell(metrics.get(f"{key}/{name}"), name) for key, _ in shown)]
+        [
+            "val/" + name,
+            *(cell(metrics.get(f"{key}/{name}"), name) for key, _ in shown),
+            *([best if f"val/{name}" == monitor else None] if best is not None else []),
+        ]
         for name in names
     ]
-    lines = [text_table(["metric", *(title for _, title in shown)], rows)]
+    titles = [title for _, title in shown] + (["best"] if best is not None else [])
+    lines = [text_table(["metric", *titles], rows)]
     if "pretrained/recall@1" in metrics:
         lines.append(
             "pretrained = the backbone as-is (average-pooled features, no head), as "

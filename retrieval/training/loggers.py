@@ -46,8 +46,13 @@ def wandb_mode() -> str:
 def wandb_logger(
     project: str = "retrieval", save_dir: str = ".", mode: str | None = None, **kwargs: Any
 ) -> WandbLogger:
-    """A Lightning ``WandbLogger`` in the mode chosen by :func:`wandb_mode` (or ``mode``)."""
+    """A Lightning ``WandbLogger`` in the mode chosen by :func:`wandb_mode` (or ``mode``). W&B's
+    own console lines (its banner, the run history and summary, the sync hint) are off: the
+    end of the run says in one line where the run went (:func:`describe_wandb`)."""
+    import wandb
+
     Path(save_dir).mkdir(parents=True, exist_ok=True)
+    kwargs.setdefault("settings", wandb.Settings(silent=True))
     logger = WandbLogger(project=project, save_dir=save_dir, mode=mode or wandb_mode(), **kwargs)
     # Lightning passes anonymous=None, which W&B's settings warn about although it means
     # "not set"; left out, W&B uses its default.

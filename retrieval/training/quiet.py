@@ -1,7 +1,10 @@
 """Silence third-party messages that tell the user nothing, each matched narrowly so every
 other warning still shows.
 
-- Lightning's "💡 Tip: ... litlogger" advertisement, logged at every Trainer's start.
+- Lightning's "💡 Tip: ... litlogger" advertisement, logged at every Trainer's start, and its
+  "Loading `train_dataloader` to estimate number of stepping batches" (an internal step).
+- Lightning's "The number of training batches (N) is smaller than the logging interval": a
+  small dataset logs once per epoch, which is what it should do.
 - Lightning's ``isinstance(treespec, LeafSpec)`` deprecation: Lightning's own code calling
   PyTorch, nothing a user can change.
 - Lightning's "Found N module(s) in eval mode at the start of training" when those N modules
@@ -25,12 +28,12 @@ _RANK_ZERO_LOGGERS = (
     "lightning.pytorch.utilities.rank_zero",
     "lightning.fabric.utilities.rank_zero",
 )
-_TIP = "💡 Tip:"
+_DROPPED = ("💡 Tip:", "Loading `train_dataloader` to estimate number of stepping batches")
 
 
 class _DropTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_TIP)
+        return not str(record.msg).startswith(_DROPPED)
 
 
 _DROP_TIPS = _DropTips()
@@ -46,6 +49,10 @@ def quiet_third_party() -> None:
         "ignore",
         message=re.escape("`isinstance(treespec, LeafSpec)` is deprecated"),
         module=r"lightning\.",
+    )
+    warnings.filterwarnings(
+        "ignore",
+        message=r"The number of training batches \(\d+\) is smaller than the logging interval",
     )
 
 

@@ -87,12 +87,14 @@ def test_bad_augment_choices_fail():
 
 
 def _instance_manifest(tmp_path: Path, train: int, test: int = 4) -> Path:
-    """Every image its own label, as the copy-detection converter writes them."""
+    """Every training image its own label, as the copy-detection converter writes them; test
+    images in pairs of one label (a validation split with something to find)."""
     rows = []
     for i in range(train + test):
         path = tmp_path / f"img{i}.png"
         _photo(i).save(path)
-        rows.append([str(path), f"id{i}", "train" if i < train else "test"])
+        label = f"id{i}" if i < train else f"pair{(i - train) // 2}"
+        rows.append([str(path), label, "train" if i < train else "test"])
     manifest = tmp_path / "manifest.csv"
     with manifest.open("w", newline="") as f:
         csv.writer(f).writerows([["path", "label", "split"], *rows])

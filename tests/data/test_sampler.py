@@ -148,7 +148,9 @@ def test_instance_longer_epoch_continues_with_new_permutations():
 
 
 def test_instance_fewer_images_than_p_fails_before_training():
-    with pytest.raises(ValueError, match=r"sampler.images_per_batch=32.*has 20.*lower"):
+    with pytest.raises(
+        ValueError, match=r"sampler.images_per_batch=32.*has 20; use sampler.images_per_batch=20"
+    ):
         InstanceBatchSampler(["x"] * 20, images_per_batch=32)
     with pytest.raises(ValueError, match="views_per_image >= 2"):
         InstanceBatchSampler(IMAGES, views_per_image=1)
