@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from retrieval.data.images import ImageLoadError
@@ -82,6 +82,26 @@ def _add_page_routes(app: FastAPI) -> None:
         )
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _add_api_page(app)
+
+
+def _add_api_page(app: FastAPI) -> None:
+    """``GET /docs``: the interactive API page, its script and style served from the
+    ``swagger-ui-bundle`` package (no CDN: it works on a machine without internet)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from swagger_ui_bundle import swagger_ui_path
+
+    @app.get("/docs", include_in_schema=False)
+    async def api_page() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/favicon.ico",
+        )
+
+    app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
 
 
 def _add_status_routes(app: FastAPI, service: SearchService) -> None:
@@ -134,6 +154,8 @@ def create_app(retriever: Retriever, settings: ServiceSettings | None = None) ->
         summary="Search a bundle of images by example",
         version=str(retriever.manifest.get("format_version")),
         lifespan=lifespan,
+        docs_url=None,  # served by _add_page_routes from the installed swagger-ui, offline
+        redoc_url=None,
     )
     app.state.service = service
     app.add_middleware(

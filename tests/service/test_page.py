@@ -233,3 +233,23 @@ def test_duplicates_view(bundle_copy: Path, tmp_path: Path) -> None:
         page.screenshot(path=str(tmp_path / "duplicates-view.png"), full_page=True)
         assert not problems
         browser.close()
+
+
+def test_the_api_page_works_offline(bundle_copy: Path) -> None:
+    """``/docs`` loads its script and style from the service itself (the installed
+    swagger-ui-bundle), never from a CDN: every src and href of the page is local, and each
+    one answers."""
+    import re
+
+    from tests.service.conftest import make_client
+
+    for client in make_client(bundle_copy):
+        page = client.get("/docs")
+        assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+        links = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+        assert links and all(link.startswith("/") and not link.startswith("//") for link in links)
+        assert "'/openapi.json'" in page.text or '"/openapi.json"' in page.text
+        for link in links:
+            asset = client.get(link)
+            assert asset.status_code == 200 and len(asset.content) > 100, link
+        assert client.get("/openapi.json").json()["info"]["title"] == "Image retrieval"
