@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -402,3 +403,34 @@ def test_calibration_of_a_bundle_from_families_of_copies(gallery, bundle_copy: P
     update_manifest(bundle_copy, duplicates=found)
     verify_files(bundle_copy, read_manifest(bundle_copy))
     assert read_manifest(bundle_copy)["duplicates"]["threshold"] == found["threshold"]
+
+
+def test_bundle_items_with_relative_uris_are_read_from_the_bundle_folder(
+    bundle_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An item uri relative to the bundle (what a bundle moved with its pictures holds) names
+    the file under the bundle's folder, wherever the command runs: its size and pixels are
+    read there, and that is the path a move would act on."""
+    import sqlite3
+
+    from retrieval.search import Retriever
+
+    with sqlite3.connect(bundle_copy / "items.sqlite") as db:
+        label = db.execute("SELECT label FROM items WHERE removed_seq IS NULL").fetchone()[0]
+        rows = db.execute(
+            "SELECT id, uri FROM items WHERE removed_seq IS NULL AND label = ? LIMIT 2", (label,)
+        ).fetchall()
+        (bundle_copy / "pics").mkdir()
+        for item_id, uri in rows:
+            relative = f"pics/{Path(uri).name}"
+            shutil.copyfile(uri, bundle_copy / relative)
+            db.execute("UPDATE items SET uri = ? WHERE id = ?", (relative, item_id))
+    monkeypatch.chdir(tmp_path)  # not the bundle's folder
+    with Retriever.load(bundle_copy, read_only=True) as retriever:
+        report = retriever.duplicates(threshold=0.3)  # two pictures of one label: grouped
+    members = [m for group in report.groups for m in group.members]
+    moved = [m for m in members if "/pics/" in str(m.path)]
+    assert moved, "the items with relative uris are in no group"
+    for member in moved:
+        assert Path(member.path).is_file() and Path(member.path).is_relative_to(bundle_copy)
+        assert member.width is not None and member.bytes is not None

@@ -449,7 +449,7 @@ def _bundle_duplicates(
     chosen = choose_threshold(calibration, threshold, precision, str(folder))
     items = IndexedItems.open(folder, read_only=True)
     try:
-        return item_duplicates(items, chosen, keep, protect, k, progress)
+        return item_duplicates(items, chosen, keep, protect, k, progress, folder=Path(folder))
     finally:
         items.close()
 
@@ -461,10 +461,12 @@ def item_duplicates(
     protect: Sequence[str | Path] = (),
     k: int = 32,
     progress: Callable[[int], Any] | None = None,
+    folder: Path | None = None,
 ) -> DuplicateReport:
     """The duplicate groups of the active items of a bundle's item store (``IndexedItems``),
     from their stored vectors, sizes and dates read from their files where those still exist;
-    ``threshold``: from :func:`choose_threshold`. The report's
+    ``threshold``: from :func:`choose_threshold`; ``folder``: the bundle's, which relative item
+    uris start from (each member's path is the file the uri leads to). The report's
     ``ids`` give each row's item id (a member's ``row``)."""
     from retrieval.bundle.items import IndexedItems
 
@@ -477,7 +479,8 @@ def item_duplicates(
     records = [items.store.get(ids[i : i + 10_000].tolist()) for i in range(0, len(ids), 10_000)]
     flat = [r for chunk in records for r in chunk]
     folders = [Path(f).resolve() for f in protect]
-    facts = protect_files([_item_facts(r.uri, r.content_sha256) for r in flat], folders)
+    root = (folder or Path(".")).resolve()
+    facts = protect_files([_item_facts(root, r.uri, r.content_sha256) for r in flat], folders)
     dim = int(items.dim)
     vectors = np.stack([r.vector for r in flat]) if flat else np.zeros((0, dim), np.float32)
     pixels = _pixels_checker(facts)
@@ -489,17 +492,24 @@ def item_duplicates(
     return report
 
 
-def _item_facts(uri: str, sha256: str | None) -> FileFacts:
-    """What the file of a bundle item tells, as far as it still exists."""
-    path = Path(uri)
+def _item_facts(root: Path, uri: str, sha256: str | None) -> FileFacts:
+    """What the file of a bundle item (of the bundle folder ``root``) tells, as far as it
+    still exists; its path is where the uri leads (a relative uri under ``root``)."""
+    from retrieval.bundle.format import BundleError
+    from retrieval.bundle.item_folder import item_path
+
+    try:
+        path = item_path(root, uri)
+    except BundleError:  # a uri leading out of the folder names no file of the bundle's
+        return FileFacts(uri, sha256=sha256)
     try:
         stat = path.stat()
         with Image.open(path) as image:
             width, height, date = image.width, image.height, exif_date(image)
     except (OSError, ValueError):
-        return FileFacts(uri, sha256=sha256)
+        return FileFacts(str(path), sha256=sha256)
     when = date if date is not None else stat.st_mtime
-    return FileFacts(uri, stat.st_size, width, height, when, sha256)
+    return FileFacts(str(path), stat.st_size, width, height, when, sha256)
 
 
 def calibration(

@@ -283,7 +283,7 @@ class Retriever:
         chosen = choose_threshold(
             self.manifest.get("duplicates"), threshold, precision, str(self.folder)
         )
-        return item_duplicates(self.items, chosen, keep, protect, k)
+        return item_duplicates(self.items, chosen, keep, protect, k, folder=self.folder)
 
     def verify(self) -> list[str]:
         """Problems found, ``[]`` when healthy: file checksums (and every file a bundle
