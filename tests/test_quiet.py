@@ -5,6 +5,7 @@ module in eval mode), W&B's anonymous-setting warning."""
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from functools import partial
 
@@ -103,3 +104,29 @@ def test_wandb_logger_gives_no_anonymous_setting_warning(tmp_path, monkeypatch, 
     assert "wandb:" not in out + err, out + err
     assert line.startswith(f"W&B run saved offline in {tmp_path}") and "wandb sync" in line
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_lightning_records_print_once_where_the_app_configured_the_console(capsys) -> None:
+    """Imported after Hydra set up the console, Lightning's loggers propagate to the root
+    logger, through ``lightning``'s own handler: every line came twice."""
+    from retrieval.training import quiet
+
+    root, lightning = logging.getLogger(), logging.getLogger("lightning")
+    console = logging.StreamHandler(sys.stderr)
+    own = logging.StreamHandler(sys.stderr)
+    own.setFormatter(logging.Formatter("INFO: %(message)s"))
+    saved = (list(lightning.handlers), root.level)
+    root.addHandler(console)
+    lightning.addHandler(own)
+    root.setLevel(logging.INFO)
+    try:
+        quiet.quiet_third_party()
+        logging.getLogger("lightning.a_child_of_it").info("Seed set to 42")
+    finally:
+        root.removeHandler(console)
+        root.setLevel(saved[1])
+        for handler in saved[0]:
+            if handler not in lightning.handlers:
+                lightning.addHandler(handler)
+    printed = capsys.readouterr().err.splitlines()
+    assert printed.count("Seed set to 42") == 1 and "INFO: Seed set to 42" not in printed

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from retrieval.tasks.config import compose_config
@@ -100,7 +101,7 @@ def test_train_py_resumes_with_the_run_config_and_starts_the_best_afresh(tmp_pat
     (run,) = [p for p in runs.iterdir() if not p.is_symlink()]
     assert (runs / "latest").resolve() == run.resolve()
     first = json.loads((run / "metrics.json").read_text())
-    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt = runs / "latest" / "checkpoints" / "last.ckpt"  # as the README writes it
     out = train_py(f"ckpt_path={ckpt}", "trainer.max_epochs=2", "data.max_labels=10")
     assert f"resuming {run} with its config (debug=fast " in out
     assert "  trainer.max_epochs: 1 -> 2" in out and "  data.max_labels: 8 -> 10" in out
@@ -112,6 +113,7 @@ def test_train_py_resumes_with_the_run_config_and_starts_the_best_afresh(tmp_pat
     assert first["best/val/recall@1"] != pytest.approx(metrics["val/recall@1"])
     saved = yaml.safe_load((second / ".hydra" / "overrides.yaml").read_text())
     assert saved[0] == "debug=fast" and "trainer.max_epochs=2" in saved
+    assert f"ckpt_path={run.resolve() / 'checkpoints' / 'last.ckpt'}" in saved  # the file itself
     # the console in one format, and kept in the run's train.log
     assert not re.search(r"^\[\d{4}-\d\d-\d\d ", out, re.MULTILINE), out
     log = (second / "train.log").read_text()
@@ -120,18 +122,24 @@ def test_train_py_resumes_with_the_run_config_and_starts_the_best_afresh(tmp_pat
 
 
 class Interrupt(Callback):
-    """Ctrl-C after ``step`` optimizer steps."""
+    """Ctrl-C (``KeyboardInterrupt``), or a SIGTERM as Lightning's loops raise it, after
+    ``step`` optimizer steps."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, sigterm: bool = False) -> None:
+        self.step, self.sigterm = step, sigterm
 
     def on_train_batch_end(self, trainer, *args: object) -> None:
         if trainer.global_step == self.step:
-            raise KeyboardInterrupt
+            raise SIGTERMException() if self.sigterm else KeyboardInterrupt
 
 
+@pytest.mark.parametrize(("sigterm", "code"), [(False, 1), (True, 143)])
 def test_ctrl_c_leaves_last_ckpt_and_prints_how_to_resume(
-    small_demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    small_demo: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    sigterm: bool,
+    code: int,
 ) -> None:
     cfg = fast_cfg(
         small_demo,
@@ -142,11 +150,17 @@ def test_ctrl_c_leaves_last_ckpt_and_prints_how_to_resume(
         "data.max_labels=10",
     )
     with open_dict(cfg):
-        cfg.callbacks.interrupt = {"_target_": f"{__name__}.Interrupt", "step": 3}
-    with pytest.raises(SystemExit):
+        cfg.callbacks.interrupt = {
+            "_target_": f"{__name__}.Interrupt",
+            "step": 3,
+            "sigterm": sigterm,
+        }
+    with pytest.raises(SystemExit) as stopped:
         train(cfg)
+    assert stopped.value.code == code  # never 0: "train.py && export.py" must stop
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     err = capsys.readouterr().err
     assert f"interrupted at epoch 0, step 3; the last checkpoint is {last}" in err
     assert f"resume with: python train.py ckpt_path={last}" in err
+    assert "weights_only" not in err
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3

@@ -149,14 +149,21 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
         lambda overrides: compose(name, overrides=overrides),
     )
     print("\n".join(plan.lines()), flush=True)
+    # the file itself: logs/train/runs/latest moves to this run as soon as training starts
+    checkpoint = str(Path(str(cfg.ckpt_path)).resolve())
+    resumed = cfg if plan.config is None else plan.config
+    with open_dict(resumed):
+        resumed.ckpt_path = checkpoint
     if plan.config is None:
-        return cfg
-    resumed = plan.config
+        return resumed
     if not plan.carry_best and "model_checkpoint" in (resumed.get("callbacks") or {}):
         with open_dict(resumed):
             resumed.callbacks.model_checkpoint.carry_best = False
     saved = Path(hydra_cfg.runtime.output_dir) / str(hydra_cfg.output_subdir) / "overrides.yaml"
     if saved.parent.is_dir():
         with atomic_write(saved, "w", encoding="utf-8") as handle:
-            handle.write(OmegaConf.to_yaml(OmegaConf.create(plan.overrides)))
+            named = [
+                o if _key(o) != "ckpt_path" else f"ckpt_path={checkpoint}" for o in plan.overrides
+            ]
+            handle.write(OmegaConf.to_yaml(OmegaConf.create(named)))
     return resumed

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from retrieval.evaluation import evaluate_protocol
@@ -125,7 +127,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if cfg.get("baseline_untrained", True):
             baseline = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
             metrics.update({k.replace("val/", "baseline/"): v for k, v in baseline.items()})
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SIGTERMException:  # last.ckpt written and the resume printed (RunCheckpoint)
+        raise SystemExit(128 + signal.SIGTERM) from None  # not 0: "train && export" stops
     metrics.update(
         {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     )

@@ -183,7 +183,7 @@ class RunCheckpoint(ModelCheckpoint):
                 print(f"\ninterrupted at {where}: nothing trained yet", file=sys.stderr)
             return
         path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a full state: training resumes from it
         if trainer.is_global_zero:
             print(
                 f"\ninterrupted at {where}; the last checkpoint is {path}\n"

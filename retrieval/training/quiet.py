@@ -40,7 +40,14 @@ _DROP_TIPS = _DropTips()
 
 
 def quiet_third_party() -> None:
-    """Install the filters (idempotent; process-wide, as warnings filters are)."""
+    """Install the filters (idempotent; process-wide, as warnings filters are). Where the
+    application has configured the console (Hydra's handlers on the root logger), Lightning's
+    own console handler on the ``lightning`` logger goes: its records reach the root's handler
+    anyway, and were printed twice, once as ``INFO: ...``."""
+    if logging.getLogger().handlers:
+        lightning = logging.getLogger("lightning")
+        for handler in list(lightning.handlers):
+            lightning.removeHandler(handler)
     for name in _RANK_ZERO_LOGGERS:
         logger = logging.getLogger(name)
         if _DROP_TIPS not in logger.filters:
