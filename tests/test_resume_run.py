@@ -164,3 +164,26 @@ def test_ctrl_c_leaves_last_ckpt_and_prints_how_to_resume(
     assert f"resume with: python train.py ckpt_path={last}" in err
     assert "weights_only" not in err
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
+
+
+def test_a_finished_run_resumed_without_more_epochs_says_how_to_train_on(
+    small_demo: Path, tmp_path: Path
+) -> None:
+    from retrieval.tasks.resume import _check_epochs_left, epochs_trained
+
+    cfg = fast_cfg(
+        small_demo,
+        tmp_path,
+        "backbone.pretrained=false",
+        "baseline_pretrained=false",
+        "baseline_untrained=false",
+        "data.max_labels=10",
+        "trainer.max_epochs=2",
+    )
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert epochs_trained(last) == 2
+    with pytest.raises(ValueError, match=r"has trained 2 epochs.*trainer.max_epochs=3"):
+        _check_epochs_left(str(last), 2)
+    _check_epochs_left(str(last), 3)  # one more to train: no complaint
+    assert epochs_trained(tmp_path / "nothing.ckpt") is None

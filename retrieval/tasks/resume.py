@@ -130,6 +130,30 @@ def plan_resume(
     return Resume(run_dir, overrides, config, changed, carry_best=_same_validation(changed))
 
 
+def epochs_trained(checkpoint: str | Path) -> int | None:
+    """Epochs whose training a Lightning checkpoint had finished (its fit loop's processed
+    epochs: an interrupted epoch does not count); None when the file does not say."""
+    import torch
+
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        return int(state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except Exception:  # not a Lightning checkpoint of this layout: Lightning itself will say
+        return None
+
+
+def _check_epochs_left(checkpoint: str, max_epochs: Any) -> None:
+    """Refuse, with the override that trains on, a resume that has nothing left to train."""
+    done = epochs_trained(checkpoint)
+    if done is None or max_epochs in (None, -1) or done < int(max_epochs):
+        return
+    raise ValueError(
+        f"{checkpoint} has trained {done} epochs, all that trainer.max_epochs={max_epochs} asks "
+        f"for, so there is nothing to resume; train longer with e.g. "
+        f"trainer.max_epochs={done + max(1, done // 2)}"
+    )
+
+
 def resumed_config(cfg: DictConfig) -> DictConfig:
     """Inside ``train.py``'s Hydra app: ``cfg`` itself when it resumes nothing; else the config
     :func:`plan_resume` composes, what differs printed, the run folder's saved overrides made
@@ -152,6 +176,7 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
     # the file itself: logs/train/runs/latest moves to this run as soon as training starts
     checkpoint = str(Path(str(cfg.ckpt_path)).resolve())
     resumed = cfg if plan.config is None else plan.config
+    _check_epochs_left(checkpoint, resumed.trainer.get("max_epochs"))
     with open_dict(resumed):
         resumed.ckpt_path = checkpoint
     if plan.config is None:
