@@ -156,6 +156,17 @@ def test_score_checks_the_manifest_before_loading(tmp_path: Path) -> None:
     assert outcome == "2 none" and "manifest file does not exist" in err
 
 
+def train_py(cwd: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    """``python train.py OVERRIDES`` in a fresh process, run from ``cwd``."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
 def test_a_failed_start_is_marked_and_never_becomes_latest(tmp_path: Path) -> None:
     from PIL import Image
 
@@ -167,20 +178,13 @@ def test_a_failed_start_is_marked_and_never_becomes_latest(tmp_path: Path) -> No
                 tmp_path / "photos" / f"l{label}" / f"{index}.png"
             )
     logs = tmp_path / "logs"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "data=folder",
-            f"data.root={tmp_path / 'photos'}",
-            f"paths.log_dir={logs}",
-            f"paths.data_dir={tmp_path / 'data'}",
-            "logger=csv",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
+    done = train_py(
+        tmp_path,
+        "data=folder",
+        f"data.root={tmp_path / 'photos'}",
+        f"paths.log_dir={logs}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "logger=csv",
     )
     assert done.returncode == 2, done.stderr[-2000:]
     (run,) = [p for p in (logs / "train" / "runs").iterdir() if not p.is_symlink()]
@@ -217,22 +221,15 @@ def test_too_little_data_is_said_at_once_with_the_settings_of_a_run_that_works(
 ) -> None:
     import re
 
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "data=manifest",
-            f"data.manifest={tiny_manifest(tmp_path)}",
-            f"paths.log_dir={tmp_path / 'logs'}",
-            "logger=csv",
-            "baseline_pretrained=false",
-            "trainer.max_epochs=1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    common = [
+        "data=manifest",
+        f"data.manifest={tiny_manifest(tmp_path)}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "logger=csv",
+        "baseline_pretrained=false",
+        "trainer.max_epochs=1",
+    ]
+    done = train_py(tmp_path, *common)
     assert done.returncode == 2, done.stderr[-2000:]
     (line,) = [x for x in done.stderr.splitlines() if x.startswith("error: ")]
     assert "sampler needs labels_per_batch=8 labels with at least 2 images" in line
@@ -240,24 +237,7 @@ def test_too_little_data_is_said_at_once_with_the_settings_of_a_run_that_works(
     fixes = re.findall(r"use (sampler\.labels_per_batch=\d+ sampler\.samples_per_label=\d+)", line)
     assert fixes == ["sampler.labels_per_batch=2 sampler.samples_per_label=3"]
     assert "+data.val_split=train" in line
-    again = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "data=manifest",
-            f"data.manifest={tmp_path / 'manifest.csv'}",
-            f"paths.log_dir={tmp_path / 'logs'}",
-            "logger=csv",
-            "baseline_pretrained=false",
-            "trainer.max_epochs=1",
-            *fixes[0].split(),
-            "+data.val_split=train",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    again = train_py(tmp_path, *common, *fixes[0].split(), "+data.val_split=train")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "best val/recall@1 = " in again.stdout
 

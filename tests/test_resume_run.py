@@ -121,6 +121,19 @@ def test_train_py_resumes_with_the_run_config_and_starts_the_best_afresh(tmp_pat
     assert (run.parent / "latest").resolve() == second.resolve()
 
 
+def short_run(manifest: Path, tmp_path: Path, *extra: str) -> DictConfig:
+    """A few steps on 10 labels of the demo slice, no baselines."""
+    return fast_cfg(
+        manifest,
+        tmp_path,
+        "backbone.pretrained=false",
+        "baseline_pretrained=false",
+        "baseline_untrained=false",
+        "data.max_labels=10",
+        *extra,
+    )
+
+
 class Interrupt(Callback):
     """Ctrl-C (``KeyboardInterrupt``), or a SIGTERM as Lightning's loops raise it, after
     ``step`` optimizer steps."""
@@ -141,14 +154,7 @@ def test_ctrl_c_leaves_last_ckpt_and_prints_how_to_resume(
     sigterm: bool,
     code: int,
 ) -> None:
-    cfg = fast_cfg(
-        small_demo,
-        tmp_path,
-        "backbone.pretrained=false",
-        "baseline_pretrained=false",
-        "baseline_untrained=false",
-        "data.max_labels=10",
-    )
+    cfg = short_run(small_demo, tmp_path)
     with open_dict(cfg):
         cfg.callbacks.interrupt = {
             "_target_": f"{__name__}.Interrupt",
@@ -171,15 +177,7 @@ def test_a_finished_run_resumed_without_more_epochs_says_how_to_train_on(
 ) -> None:
     from retrieval.tasks.resume import _check_epochs_left, epochs_trained
 
-    cfg = fast_cfg(
-        small_demo,
-        tmp_path,
-        "backbone.pretrained=false",
-        "baseline_pretrained=false",
-        "baseline_untrained=false",
-        "data.max_labels=10",
-        "trainer.max_epochs=2",
-    )
+    cfg = short_run(small_demo, tmp_path, "trainer.max_epochs=2")
     train(cfg)
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     assert epochs_trained(last) == 2
