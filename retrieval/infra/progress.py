@@ -91,11 +91,15 @@ class LineProgress(ProgressBar):
         self.print(f"{self._epoch(trainer)}  validated  {shown}  ({spent:.0f} s)")
 
 
+def _on_terminal(stream: IO[str]) -> bool:
+    """Whether ``stream`` is a terminal (a bar redraws there; elsewhere plain lines)."""
+    isatty = getattr(stream, "isatty", None)
+    return bool(callable(isatty) and isatty())
+
+
 def progress_bar(stream: IO[str] | None = None, every_s: float = 30.0) -> ProgressBar:
     """tqdm's bar when ``stream`` (default stderr) is a terminal, else :class:`LineProgress`."""
-    target = stream or sys.stderr
-    isatty = getattr(target, "isatty", None)
-    if callable(isatty) and isatty():
+    if _on_terminal(stream or sys.stderr):
         return TQDMProgressBar()
     return LineProgress(every_s=every_s, stream=stream)
 
@@ -163,8 +167,7 @@ def progress(
     if quiet:
         yield _Silent()
         return
-    isatty = getattr(target, "isatty", None)
-    if callable(isatty) and isatty():
+    if _on_terminal(target):
         from tqdm import tqdm
 
         with tqdm(total=total, desc=description, unit=unit, file=target) as bar:
