@@ -24,7 +24,7 @@ ALLOWED = {
     "models": {"infra", "data", "postprocess"},
     "index": {"infra"},
     "evaluation": {"infra", "data", "index", "postprocess"},
-    "training": {"infra", "data", "models", "evaluation"},
+    "training": {"infra", "data", "models", "postprocess", "evaluation"},
     "bundle": {"infra", "data", "models", "index", "postprocess"},
     "backends": {"infra", "bundle"},
     "search": {

@@ -170,6 +170,13 @@ class InstanceBatchSampler(_EpochBatches):
     twice except as its K views. Distributed ranks take every ``num_replicas``-th global batch
     from ``rank``, so they see different images and the same number of batches.
 
+    Hard-negative batches (:meth:`use_neighbours`, set by
+    :class:`~retrieval.training.neighbour_batches.NeighbourBatches`): a batch is then groups of
+    ``group_size`` images, each group one image of the permutation and ``group_size - 1`` drawn
+    at random from its nearest neighbours in the model's own embedding space, so the images a
+    view must be told apart from are the look-alikes a copy detector confuses, not P random
+    photos. The permutation still decides which images lead the groups.
+
     Args:
         labels: label of each dataset item, length N; only its length is used.
         images_per_batch: P, distinct images per batch (at most N).
@@ -210,21 +217,61 @@ class InstanceBatchSampler(_EpochBatches):
             )
         total = batches_per_epoch or self.num_images // images_per_batch
         self._setup(images_per_batch, views_per_image, total, seed, num_replicas, rank)
+        self.neighbours: np.ndarray | None = None
+        self.group_size = 1
+
+    def use_neighbours(self, neighbours: np.ndarray | None, group_size: int) -> None:
+        """Build the next epochs' batches from groups: each image of the permutation with
+        ``group_size - 1`` images drawn from its row of ``neighbours`` ((N, m) dataset indices,
+        nearest first, never the image itself); ``None`` returns to plain random batches."""
+        if neighbours is not None:
+            neighbours = np.asarray(neighbours, dtype=np.int64)
+            if neighbours.ndim != 2 or len(neighbours) != self.num_images:
+                raise ValueError(
+                    f"neighbours must be ({self.num_images}, m) dataset indices, "
+                    f"got shape {neighbours.shape}"
+                )
+            if not 2 <= group_size <= min(self.p, neighbours.shape[1] + 1):
+                raise ValueError(
+                    f"group_size must be 2..{min(self.p, neighbours.shape[1] + 1)} (the batch's "
+                    f"{self.p} images, {neighbours.shape[1]} neighbours each), got {group_size}"
+                )
+        self.neighbours, self.group_size = neighbours, group_size
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        per_permutation = self.num_images // self.p
-        order = np.empty(0, dtype=np.int64)
+        batches = self._random(rng) if self.neighbours is None else self._grouped(rng)
         for step in self._steps():
-            start = (step % per_permutation) * self.p
-            if start == 0:
-                order = rng.permutation(self.num_images)
+            chosen = next(batches)  # every rank draws every batch: one stream for all
             if step % self.num_replicas == self.rank:
-                chosen = [int(i) for i in order[start : start + self.p]]
                 if self.numbered_views:
                     yield [(i, v) for i in chosen for v in range(self.k)]  # type: ignore[misc]
                 else:
                     yield [i for i in chosen for _ in range(self.k)]
+
+    def _random(self, rng: np.random.Generator) -> Iterator[list[int]]:
+        """P images at a time from fresh permutations, the last N % P of each left out."""
+        while True:
+            order = rng.permutation(self.num_images)
+            for start in range(0, self.num_images - self.p + 1, self.p):
+                yield [int(i) for i in order[start : start + self.p]]
+
+    def _grouped(self, rng: np.random.Generator) -> Iterator[list[int]]:
+        """P distinct images in groups: a leader from the permutations, then its neighbours
+        not yet in the batch, drawn at random, up to ``group_size`` images a group."""
+        assert self.neighbours is not None
+        leaders = (int(i) for _ in iter(int, 1) for i in rng.permutation(self.num_images))
+        while True:
+            chosen: list[int] = []
+            while len(chosen) < self.p:
+                leader = next(leaders)
+                if leader in chosen:
+                    continue
+                room = min(self.group_size, self.p - len(chosen)) - 1
+                drawn = [int(j) for j in rng.permutation(self.neighbours[leader])]
+                mates = [j for j in dict.fromkeys(drawn) if j != leader and j not in chosen]
+                chosen += [leader, *mates[:room]]
+            yield chosen
 
 
 class ShapeBatchSampler(Sampler[list[int]]):

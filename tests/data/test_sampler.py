@@ -167,3 +167,61 @@ def test_instance_numbered_views_give_each_view_its_number_over_the_same_images(
     )
     assert [[i for i, _ in batch] for batch in numbered] == plain
     assert all([v for _, v in batch] == [0, 1, 2] * 6 for batch in numbered)
+
+
+def _ring_neighbours(n: int, m: int) -> np.ndarray:
+    """Image i's neighbours are i+1 .. i+m (mod n): groups are runs of nearby indices."""
+    return (np.arange(n)[:, None] + np.arange(1, m + 1)[None, :]) % n
+
+
+def test_neighbour_batches_are_groups_of_an_image_and_its_neighbours():
+    sampler = InstanceBatchSampler(IMAGES, images_per_batch=8, views_per_image=2, seed=5)
+    sampler.use_neighbours(_ring_neighbours(60, 3), group_size=4)
+    result = batches(sampler)
+    assert len(result) == len(sampler) == 60 // 8
+    for batch in result:
+        images = batch[::2]
+        assert batch == [i for i in images for _ in range(2)]
+        assert len(set(images)) == 8
+        for start in range(0, 8, 4):
+            leader, *mates = images[start : start + 4]
+            assert {(j - leader) % 60 for j in mates} == {1, 2, 3}  # all of its 3 neighbours
+    leaders = [b[::2][s] for b in result for s in (0, 4)]
+    assert len(set(leaders)) == len(leaders)  # leaders come from the permutation
+
+
+def test_neighbour_batches_draw_at_random_among_more_neighbours_and_never_repeat():
+    sampler = InstanceBatchSampler(IMAGES, images_per_batch=6, views_per_image=2, seed=1)
+    sampler.use_neighbours(_ring_neighbours(60, 10), group_size=3)
+    first, again = batches(sampler, 0), batches(sampler, 0)
+    assert first == again  # seeded by (seed, epoch)
+    assert first != batches(sampler, 1)
+    offsets = set()
+    for batch in first:
+        images = batch[::2]
+        assert len(set(images)) == 6
+        for start in (0, 3):
+            leader, *mates = images[start : start + 3]
+            offsets |= {(j - leader) % 60 for j in mates}
+    assert offsets <= set(range(1, 11)) and len(offsets) > 4  # drawn from all ten
+    sampler.use_neighbours(None, 1)  # back to random batches, the same as never grouped
+    assert batches(sampler) == batches(InstanceBatchSampler(IMAGES, 6, 2, seed=1))
+
+
+def test_neighbour_groups_split_over_ranks_like_random_batches():
+    def sampler(rank: int, replicas: int) -> InstanceBatchSampler:
+        s = InstanceBatchSampler(IMAGES, 4, 2, seed=0, num_replicas=replicas, rank=rank)
+        s.use_neighbours(_ring_neighbours(60, 4), group_size=2)
+        return s
+
+    per_rank = [batches(sampler(r, 3), 1) for r in range(3)]
+    single = batches(sampler(0, 1), 1)
+    assert [per_rank[i % 3][i // 3] for i in range(15)] == single
+
+
+def test_neighbours_of_the_wrong_shape_or_group_fail_clearly():
+    sampler = InstanceBatchSampler(IMAGES, images_per_batch=4, views_per_image=2)
+    with pytest.raises(ValueError, match=r"neighbours must be \(60, m\)"):
+        sampler.use_neighbours(np.zeros((59, 3), dtype=int), 2)
+    with pytest.raises(ValueError, match="group_size must be 2..4"):
+        sampler.use_neighbours(_ring_neighbours(60, 3), 5)
