@@ -60,19 +60,13 @@ def _instance_run(tmp_path, extra: list[str]):
     return build(compose_train(overrides, tmp_path))
 
 
-CALLBACK = (
-    "+callbacks.neighbour_batches._target_=retrieval.training.neighbour_batches.NeighbourBatches"
-)
-
-
 @pytest.mark.filterwarnings("ignore:.*could not find the monitored key")
 def test_the_callback_gives_the_sampler_the_models_neighbours_before_the_epoch(tmp_path, capsys):
     objects = _instance_run(
         tmp_path,
         [
-            CALLBACK,
-            "+callbacks.neighbour_batches.group_size=4",
-            "+callbacks.neighbour_batches.neighbours=6",
+            "callbacks=neighbour_batches",  # conf/callbacks/neighbour_batches.yaml
+            "callbacks.neighbour_batches.neighbours=6",
         ],
     )
     trainer, module, datamodule = objects["trainer"], objects["module"], objects["datamodule"]
