@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Train every benchmark recipe (conf/experiment/{cub200,cars196,sop,inshop}_{resnet50,vit_small})
-# on a GPU machine and write their table to experiments/YYYY-MM-DD_benchmarks_gpu.md.
+# on a GPU machine and write their table to experiments/YYYY-MM-DD_benchmarks_gpu.md; then score
+# the evaluation recipes on Revisited Oxford / Paris (conf/experiment/revisited_*.yaml, run as
+# {roxford5k,rparis6k}_{resnet50_gem,dinov2_gem}; their E/M/H table is in each run's log).
 #
 #   DATA_ROOT=/data bash scripts/reproduce_benchmarks.sh                     # all eight
 #   DATA_ROOT=/data bash scripts/reproduce_benchmarks.sh --only cub200_resnet50 --only sop_vit_small
 #   DATA_ROOT=/data DRY_RUN=1 bash scripts/reproduce_benchmarks.sh           # print the commands
 #
 # DATA_ROOT holds the datasets in their official layouts (data/README.md): CUB_200_2011/,
-# cars196/, Stanford_Online_Products/, InShop/. A missing dataset skips its recipes with a
+# cars196/, Stanford_Online_Products/, InShop/, roxford5k/, rparis6k/. A missing dataset skips its recipes with a
 # message; the others still run. Environment: RUNS (run folders, default
 # logs/benchmarks/<date_time>), OUT (the table), WORKERS (data.num_workers, default 8),
 # OVERRIDES (more train.py overrides, e.g. "logger=csv trainer.devices=4"). Pretrained weights
@@ -18,6 +20,8 @@ cd "$(dirname "$0")/.."
 
 RECIPES=(cub200_resnet50 cub200_vit_small cars196_resnet50 cars196_vit_small
          sop_resnet50 sop_vit_small inshop_resnet50 inshop_vit_small)
+# evaluation recipes: <dataset>_<recipe> runs evaluate.py experiment=revisited_<recipe> data=<dataset>
+EVALUATIONS=(roxford5k_resnet50_gem roxford5k_dinov2_gem rparis6k_resnet50_gem rparis6k_dinov2_gem)
 STAMP=$(date +%Y-%m-%d_%H-%M-%S)
 RUNS=${RUNS:-logs/benchmarks/$STAMP}
 OUT=${OUT:-experiments/$(date +%Y-%m-%d)_benchmarks_gpu.md}
@@ -36,13 +40,20 @@ while [ $# -gt 0 ]; do
     esac
 done
 if [ ${#only[@]} -gt 0 ]; then
+    chosen=()
+    chosen_evaluations=()
     for name in "${only[@]}"; do
-        if [ ! -f "conf/experiment/$name.yaml" ] || [[ " ${RECIPES[*]} " != *" $name "* ]]; then
-            echo "--only $name: not a benchmark recipe; choose from: ${RECIPES[*]}" >&2
+        if [ -f "conf/experiment/$name.yaml" ] && [[ " ${RECIPES[*]} " == *" $name "* ]]; then
+            chosen+=("$name")
+        elif [[ " ${EVALUATIONS[*]} " == *" $name "* ]]; then
+            chosen_evaluations+=("$name")
+        else
+            echo "--only $name: not a benchmark recipe; choose from: ${RECIPES[*]} ${EVALUATIONS[*]}" >&2
             exit 2
         fi
     done
-    RECIPES=("${only[@]}")
+    RECIPES=("${chosen[@]}")
+    EVALUATIONS=("${chosen_evaluations[@]}")
 fi
 if [ -z "${DATA_ROOT:-}" ]; then
     echo "set DATA_ROOT to the folder holding CUB_200_2011/, cars196/, Stanford_Online_Products/, InShop/" >&2
@@ -56,6 +67,7 @@ folder_of() {
         cars196) echo cars196 ;;
         sop) echo Stanford_Online_Products ;;
         inshop) echo InShop ;;
+        roxford5k|rparis6k) echo "$1" ;;
     esac
 }
 layout_ok() {  # dataset root -> 0 when the official layout's index file is there
@@ -64,6 +76,7 @@ layout_ok() {  # dataset root -> 0 when the official layout's index file is ther
         cars196) [ -f "$2/cars_annos.mat" ] || [ -f "$2/cars_annos.csv" ] ;;
         sop) [ -f "$2/Ebay_train.txt" ] && [ -f "$2/Ebay_test.txt" ] ;;
         inshop) [ -f "$2/list_eval_partition.txt" ] || [ -f "$2/Eval/list_eval_partition.txt" ] ;;
+        roxford5k|rparis6k) [ -f "$2/gnd_$1.pkl" ] && [ -d "$2/jpg" ] ;;
     esac
 }
 layout_hint() {
@@ -72,6 +85,7 @@ layout_hint() {
         cars196) echo "cars_annos.mat (or cars_annos.csv), car_ims/" ;;
         sop) echo "Ebay_train.txt, Ebay_test.txt, <category>_final/" ;;
         inshop) echo "list_eval_partition.txt (or Eval/), img/" ;;
+        roxford5k|rparis6k) echo "jpg/, gnd_$1.pkl" ;;
     esac
 }
 
@@ -116,12 +130,38 @@ for name in "${RECIPES[@]}"; do
     fi
 done
 
+for name in "${EVALUATIONS[@]}"; do
+    dataset=${name%%_*}
+    root="$DATA_ROOT/$(folder_of "$dataset")"
+    dir="$RUNS/$name"
+    if ! layout_ok "$dataset" "$root"; then
+        echo "skipping $name: $root does not hold the $dataset layout ($(layout_hint "$dataset")); see data/README.md" >&2
+        continue
+    fi
+    # shellcheck disable=SC2086  # OVERRIDES is a list of words
+    command=(python evaluate.py "experiment=revisited_${name#*_}" "data=$dataset" "data.root=$root"
+             "data.num_workers=$WORKERS" "hydra.run.dir=$dir" $OVERRIDES)
+    ran=$((ran + 1))
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "+ ${command[*]} > $dir/evaluate.log"
+        continue
+    fi
+    mkdir -p "$dir"
+    echo "== $name (log: $dir/evaluate.log)"
+    if ! "${command[@]}" > "$dir/evaluate.log" 2>&1; then
+        echo "   FAILED: see $dir/evaluate.log" >&2
+        failed=1
+    fi
+done
+
 if [ $ran = 0 ]; then
     echo "no recipe could run: none of their datasets is under DATA_ROOT=$DATA_ROOT" >&2
     failed=1
 fi
 described="DATA_ROOT=$DATA_ROOT bash scripts/reproduce_benchmarks.sh"
 for name in "${only[@]}"; do described+=" --only $name"; done
-run python scripts/benchmark_table.py "$RUNS" --recipes "${RECIPES[@]}" --output "$OUT" \
-    --command "$described"
+if [ ${#RECIPES[@]} -gt 0 ]; then
+    run python scripts/benchmark_table.py "$RUNS" --recipes "${RECIPES[@]}" --output "$OUT" \
+        --command "$described"
+fi
 exit $failed

@@ -13,7 +13,7 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-EVALUATE_ONLY = {"index", "inference", "postprocess"}
+EVALUATE_ONLY = {"distractors", "index", "inference", "postprocess"}
 
 
 @pytest.mark.parametrize(
@@ -117,3 +117,17 @@ def test_unknown_keys_and_options_fail(tmp_path):
         compose_train(["loss=nope"], tmp_path)
     with pytest.raises(ConfigCompositionException, match="optimizer.lrr"):
         compose_train(["optimizer.lrr=0.1"], tmp_path)
+
+
+def test_distractors_compose_onto_evaluate_only_when_asked(tmp_path):
+    from retrieval.tasks.config import compose_config
+
+    base = [f"paths.output_dir={tmp_path}", f"paths.log_dir={tmp_path}/logs"]
+    assert compose_config(base, name="evaluate").get("distractors") is None
+    cfg = compose_config(
+        [*base, "data=roxford5k", "data.root=/d", "+distractors=r1m", "distractors.root=/r"],
+        name="evaluate",
+    )
+    assert cfg.distractors.root == "/r" and cfg.distractors.list_file == "revisitop1m.txt"
+    assert cfg.distractors.name == "R1M" and cfg.distractors.shard_size == 10000
+    assert cfg.distractors.shards_dir == f"{tmp_path}/logs/cache/distractors"

@@ -183,3 +183,19 @@ def test_reproduce_script_skips_missing_datasets_and_prints_commands(tmp_path):
     assert run_script(tmp_path, "--only", "nope", data_root=data).returncode == 2
     assert "DATA_ROOT" in run_script(tmp_path).stderr
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def test_reproduce_script_scores_the_revisited_recipes_where_their_data_is(tmp_path):
+    data = tmp_path / "data"
+    (data / "roxford5k" / "jpg").mkdir(parents=True)
+    (data / "roxford5k" / "gnd_roxford5k.pkl").write_bytes(b"")
+    done = run_script(tmp_path, data_root=data)
+    assert done.returncode == 0, done.stderr
+    for recipe in ("resnet50_gem", "dinov2_gem"):
+        command = f"python evaluate.py experiment=revisited_{recipe} data=roxford5k"
+        assert f"{command} data.root={data}/roxford5k" in done.stdout
+        assert f"skipping rparis6k_{recipe}" in done.stderr
+    only = run_script(tmp_path, "--only", "roxford5k_dinov2_gem", data_root=data)
+    assert only.returncode == 0 and "experiment=revisited_dinov2_gem" in only.stdout
+    assert "python train.py" not in only.stdout and "benchmark_table.py" not in only.stdout
+    assert not (tmp_path / "runs").exists()

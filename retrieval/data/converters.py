@@ -14,8 +14,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from retrieval.data.copydetect import prepare_copydetect
-from retrieval.data.images import IMAGE_EXTENSIONS, list_images
+from retrieval.data.gnd import QueryTruth, read_gnd
+from retrieval.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, list_images, open_checked
 from retrieval.data.manifest import ManifestError, ManifestRow, read_manifest, write_manifest
+from retrieval.infra.io import atomic_write
 
 _README = "see data/README.md for the expected layout"
 
@@ -211,6 +213,167 @@ def image_folder(
     return _finish(rows, base, output, "folder")
 
 
+def _crop_query(source: Path, box: QueryTruth, target: Path, gnd_file: Path, index: int) -> None:
+    """Write the query's region (its bbx, each coordinate rounded as Pillow's crop rounds it)
+    as a lossless PNG, so the embedded query is those pixels exactly."""
+    try:
+        image = open_checked(source, DEFAULT_MAX_PIXELS, str(source)).convert("RGB")
+    except Exception as err:
+        raise ManifestError(f"{source}: cannot read the query image ({err})") from None
+    x1, y1, x2, y2 = (int(round(v)) for v in box.bbx)
+    width, height = image.size
+    if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+        raise ManifestError(
+            f"{gnd_file}, gnd[{index}], field 'bbx': {box.bbx} is outside the {width}x{height} "
+            f"image {source.name}; the gnd file does not belong to these images (fetch both "
+            "from the same release)"
+        )
+    with atomic_write(target, "wb") as handle:
+        image.crop((x1, y1, x2, y2)).save(handle, format="PNG")
+
+
+def _revisited(name: str, root: str | Path, output: str | Path | None) -> Path:
+    """Revisited Oxford / Paris: ``jpg/<name>.jpg`` and ``gnd_<name>.pkl``. Gallery rows are
+    the ``imlist`` images; query rows are the ``qimlist`` images cropped to their bounding
+    boxes (written beside the manifest, in ``<manifest stem>_queries/``) with the columns
+    ``gnd_easy``, ``gnd_hard`` and ``gnd_junk`` listing gallery labels (image names)."""
+    base = _root(root, name)
+    layout = f"jpg/<image>.jpg and gnd_{name}.pkl"
+    gnd_file = _need(base, [f"gnd_{name}.pkl"], name, layout)
+    images = _need(base, ["jpg"], name, layout)
+    truth = read_gnd(gnd_file)
+    out = Path(output).expanduser() if output is not None else base / "manifest.csv"
+    crops = out.parent / f"{out.stem}_queries"
+    known = set(truth.imlist)
+    rows = [ManifestRow(images / f"{n}.jpg", n, "test", False, True) for n in truth.imlist]
+    for index, (query, box) in enumerate(zip(truth.qimlist, truth.gnd, strict=True)):
+        source = images / f"{query}.jpg"
+        if not source.is_file():
+            raise ManifestError(
+                f"{gnd_file}, qimlist[{index}]: query image {query!r} is not in {images}; "
+                "extract the full jpg archive of the benchmark there"
+            )
+        if query in known:
+            raise ManifestError(
+                f"{gnd_file}, qimlist[{index}]: query {query!r} is also in imlist; the revisited "
+                "protocol keeps queries out of the gallery (use the revisited gnd file)"
+            )
+        target = crops / f"{query}.png"
+        _crop_query(source, box, target, gnd_file, index)
+        extra = {
+            f"gnd_{kind}": " ".join(truth.imlist[i] for i in getattr(box, kind).tolist())
+            for kind in ("easy", "hard", "junk")
+        }
+        rows.append(ManifestRow(target, query, "test", True, False, extra=extra))
+    return _finish(rows, base, out, name)
+
+
+def roxford5k(root: str | Path, output: str | Path | None = None) -> Path:
+    """Revisited Oxford 5k (ROxford5k): see :func:`_revisited`."""
+    return _revisited("roxford5k", root, output)
+
+
+def rparis6k(root: str | Path, output: str | Path | None = None) -> Path:
+    """Revisited Paris 6k (RParis6k): see :func:`_revisited`."""
+    return _revisited("rparis6k", root, output)
+
+
+def _csv_column(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+    """Rows of a CSV with a header holding ``columns``, with their 1-based row numbers."""
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ManifestError(f"{path}, row 1: needs the column(s) {', '.join(columns)}")
+        return [(n, row) for n, row in enumerate(reader, start=2)]
+
+
+def _gldv2_path(base: Path, folder: str, image_id: str) -> Path:
+    return base / folder / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+
+
+_GLDV2_USAGE = {"private": {"Private"}, "public": {"Public"}, "all": {"Private", "Public"}}
+
+
+def gldv2(root: str | Path, output: str | Path | None = None, usage: str = "private") -> Path:
+    """Google Landmarks v2, retrieval track: ``index.csv`` and ``test.csv`` (column ``id``),
+    ``retrieval_solution_v2.1.csv`` (``id,images,Usage``: the relevant index ids of each test
+    query, space-separated) and the images at ``index/a/b/c/<id>.jpg`` and
+    ``test/a/b/c/<id>.jpg``. Queries of the chosen ``usage`` (``private``: the test set papers
+    report, ``public``: the validation set, ``all``) become query rows with the column
+    ``gnd_relevant``; ``Ignored`` queries are left out."""
+    if usage not in _GLDV2_USAGE:
+        raise ManifestError(f"gldv2: usage must be one of {', '.join(_GLDV2_USAGE)}, got {usage!r}")
+    base = _root(root, "gldv2")
+    layout = "index.csv, test.csv, retrieval_solution_v2.1.csv, index/a/b/c/<id>.jpg, test/..."
+    index = _csv_column(_need(base, ["index.csv"], "gldv2", layout), ["id"])
+    tests = {
+        r["id"].strip() for _, r in _csv_column(_need(base, ["test.csv"], "gldv2", layout), ["id"])
+    }
+    solution = _need(base, ["retrieval_solution_v2.1.csv"], "gldv2", layout)
+    ids = [r["id"].strip() for _, r in index]
+    known = set(ids)
+    rows = [ManifestRow(_gldv2_path(base, "index", i), i, "test", False, True) for i in ids]
+    for number, row in _csv_column(solution, ["id", "images", "Usage"]):
+        if row["Usage"].strip() not in _GLDV2_USAGE[usage]:
+            continue
+        query, relevant = row["id"].strip(), row["images"].split()
+        where = f"{solution}, row {number}"
+        if query not in tests:
+            raise ManifestError(
+                f"{where}: query {query!r} is not in test.csv; use the matching test.csv"
+            )
+        if unknown := [i for i in relevant if i not in known]:
+            raise ManifestError(
+                f"{where}: index id {unknown[0]!r} is not in index.csv; use the matching index.csv"
+            )
+        extra = {"gnd_relevant": " ".join(relevant)}
+        rows.append(
+            ManifestRow(_gldv2_path(base, "test", query), query, "test", True, False, extra=extra)
+        )
+    return _finish(rows, base, output, "gldv2")
+
+
+def _images_by_id(folder: Path) -> dict[str, Path]:
+    return {p.stem: p for p in list_images(folder)}
+
+
+def disc21(root: str | Path, output: str | Path | None = None) -> Path:
+    """DISC2021 (copy detection): query images in ``queries/`` (or ``dev_queries/``,
+    ``final_queries/``), references in ``references/``, optional ``training/``, and the public
+    ground truth ``public_ground_truth.csv`` (or ``dev_ground_truth.csv``) with the columns
+    ``query_id,reference_id`` (empty reference: the query has no match). A query's label is its
+    reference's id, or its own id when it has none, so µAP counts it with only false
+    positives. Training images are the ``train`` split: the background ``score_norm`` uses."""
+    base = _root(root, "disc21")
+    layout = "queries/, references/, [training/], public_ground_truth.csv"
+    queries = _images_by_id(
+        _need(base, ["queries", "dev_queries", "final_queries"], "disc21", layout)
+    )
+    references = _images_by_id(_need(base, ["references"], "disc21", layout))
+    truth_file = _need(base, ["public_ground_truth.csv", "dev_ground_truth.csv"], "disc21", layout)
+    match: dict[str, str] = {}
+    for number, row in _csv_column(truth_file, ["query_id", "reference_id"]):
+        query, reference = row["query_id"].strip(), (row["reference_id"] or "").strip()
+        where = f"{truth_file}, row {number}"
+        if query not in queries:
+            raise ManifestError(f"{where}: query {query!r} has no image in the queries folder")
+        if reference and reference not in references:
+            raise ManifestError(f"{where}: reference {reference!r} has no image in references/")
+        if reference:
+            match[query] = reference
+    rows = [ManifestRow(p, r, "test", False, True) for r, p in sorted(references.items())]
+    rows += [
+        ManifestRow(p, match.get(q, q), "test", True, False) for q, p in sorted(queries.items())
+    ]
+    if (base / "training").is_dir():
+        rows += [
+            ManifestRow(p, t, "train", False, True)
+            for t, p in sorted(_images_by_id(base / "training").items())
+        ]
+    return _finish(rows, base, output, "disc21")
+
+
 CONVERTERS: dict[str, Callable[..., Path]] = dict(
     cub200=cub200,
     cars196=cars196,
@@ -218,6 +381,10 @@ CONVERTERS: dict[str, Callable[..., Path]] = dict(
     inshop=inshop,
     folder=image_folder,
     copydetect=prepare_copydetect,
+    roxford5k=roxford5k,
+    rparis6k=rparis6k,
+    gldv2=gldv2,
+    disc21=disc21,
 )
 
 

@@ -20,7 +20,7 @@ import torch
 
 from retrieval.infra.checks import int_array, positive_int, vectors
 
-__all__ = ["relevant_ranks"]
+__all__ = ["item_ranks", "relevant_ranks"]
 
 
 def _use_sort(num_items: int, ng: int) -> bool:
@@ -136,3 +136,49 @@ def relevant_ranks(
                 js = js[js != self_[q]]
             ranks[q, : js.size] = np.sort(_count_before(row, js)) + 1
     return ranks, num_relevant
+
+
+def item_ranks(
+    xq: np.ndarray,
+    xg: np.ndarray,
+    items: list[np.ndarray],
+    chunk_size: int = 512,
+) -> list[np.ndarray]:
+    """1-based positions of chosen gallery items in each query's full ranking.
+
+    The ranking is the one of :func:`relevant_ranks` (inner product, descending, exact ties by
+    ascending gallery index); the items are named per query rather than by a label, as in
+    benchmarks whose ground truth lists them (Revisited Oxford/Paris, GLDv2). Memory as in
+    :func:`relevant_ranks`: a float32 (chunk_size, ng) score block, never (nq, ng) at once.
+
+    Args:
+        xq: (nq, d) float query embeddings; xg: (ng, d) float gallery embeddings.
+        items: nq integer arrays of gallery indices in [0, ng) (any order, empty allowed).
+        chunk_size: queries scored per matrix product, >= 1.
+
+    Returns:
+        nq int64 arrays: ``out[q][i]`` is the 1-based rank of gallery item ``items[q][i]``.
+
+    Raises:
+        ValueError: bad embeddings, ``len(items) != nq``, an index outside [0, ng), or
+            chunk_size < 1.
+    """
+    xq_, xg_ = vectors(xq, "xq", integers=False), vectors(xg, "xg", integers=False)
+    nq, ng = xq_.shape[0], xg_.shape[0]
+    if xq_.shape[1] != xg_.shape[1]:
+        raise ValueError(f"xq has dimension {xq_.shape[1]} but xg has {xg_.shape[1]}")
+    if len(items) != nq:
+        raise ValueError(f"items must hold one array per query ({nq}), got {len(items)}")
+    positive_int(chunk_size, "chunk_size")
+    wanted = [np.asarray(i, dtype=np.int64).reshape(-1) for i in items]
+    if any(w.size and (w.min() < 0 or w.max() >= ng) for w in wanted):
+        raise ValueError(f"items must be gallery indices in [0, ng={ng})")
+    out = [np.zeros(0, dtype=np.int64) for _ in wanted]
+    xg_t = torch.from_numpy(xg_)
+    for start in range(0, nq, chunk_size):
+        stop = min(start + chunk_size, nq)
+        block = torch.mm(torch.from_numpy(xq_[start:stop]), xg_t.T).numpy()
+        for i, q in enumerate(range(start, stop)):
+            if wanted[q].size:
+                out[q] = _count_before(block[i], wanted[q]) + 1
+    return out

@@ -18,7 +18,7 @@ finished folder.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, islice
 from pathlib import Path
@@ -162,6 +162,27 @@ class ShardSet:
         for shard, path in enumerate(self.files):
             if sha256_file(path) != self._record(shard)["npy_sha256"]:
                 raise ShardError(f"{path} changed since it was written: embed that shard again")
+
+    def shard_vectors(self) -> Iterator[np.ndarray]:
+        """Each shard's (rows, dim) float32 vectors, in shard order, memory-mapped: one shard
+        is read at a time (rows numbered consecutively across shards, as :meth:`items_at`)."""
+        for path in self.files:
+            yield np.load(path, mmap_mode="r", allow_pickle=False)
+
+    def items_at(self, rows: Sequence[int]) -> list[ShardItem]:
+        """The items of rows ``rows`` (0-based over all shards, in shard order), reading only
+        the shards that hold them.
+
+        Raises:
+            IndexError: a row outside ``[0, count)``.
+        """
+        starts = np.cumsum([0, *self.counts])
+        wanted = [int(r) for r in rows]
+        if any(not 0 <= r < self.count for r in wanted):
+            raise IndexError(f"rows must lie in [0, {self.count}) of {self.folder}")
+        shards = np.searchsorted(starts, wanted, side="right") - 1
+        read = {int(s): self.items(int(s)) for s in set(shards.tolist())}
+        return [read[int(s)][r - int(starts[s])] for r, s in zip(wanted, shards, strict=True)]
 
     def iter_chunks(
         self, chunk_rows: int = 100_000

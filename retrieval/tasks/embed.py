@@ -38,7 +38,7 @@ from retrieval.tasks.common import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["embed", "model_fingerprint"]
+__all__ = ["ShardEmbedder", "embed", "model_fingerprint"]
 
 
 def preprocessing_of(cfg: DictConfig, model: LoadedModel) -> Preprocessing:
@@ -80,18 +80,26 @@ def _device(cfg: DictConfig) -> torch.device:
     return device
 
 
-class _ShardEmbedder:
-    """Embeds one shard's items: unreadable ones skipped (or an error when strict)."""
+class ShardEmbedder:
+    """Embeds one shard's items (``(shard, items) -> ShardContent``, what
+    :func:`~retrieval.index.shard_writer.embed_shards` calls): unreadable ones skipped with a
+    warning, or an error when ``strict`` (its message ends with ``fix``)."""
 
     def __init__(
         self,
-        cfg: DictConfig,
         embedder: torch.nn.Module,
         dim: int,
         pre: Preprocessing,
         device: torch.device,
+        batch_size: int,
+        num_workers: int,
+        precision: str,
+        strict: bool = False,
+        fix: str = "fix or remove them",
     ) -> None:
-        self.cfg, self.embedder, self.dim, self.device = cfg, embedder, dim, device
+        self.embedder, self.dim, self.device = embedder, dim, device
+        self.batch_size, self.num_workers, self.precision = batch_size, num_workers, precision
+        self.strict, self.fix = strict, fix
         self.transform = eval_transform(pre)
 
     def __call__(self, shard: int, items: list[ShardItem]) -> ShardContent:
@@ -100,8 +108,8 @@ class _ShardEmbedder:
         if reasons:
             first = "; ".join(f"{p} ({r})" for p, r in list(reasons.items())[:5])
             where = f"{len(reasons)} of {len(paths)} images of shard {shard}"
-            if self.cfg.strict_images:
-                raise ImageLoadError(f"{where} cannot be read: {first}; fix or remove them")
+            if self.strict:
+                raise ImageLoadError(f"{where} cannot be read: {first}; {self.fix}")
             warnings.warn(
                 f"skipping {where} that cannot be read: {first}; strict_images=true makes "
                 "this an error",
@@ -115,16 +123,12 @@ class _ShardEmbedder:
         rows = [ManifestRow(Path(i.uri), i.label or "", "gallery") for i in kept]
         loader = eval_loader(
             ImageDataset(rows, self.transform),
-            int(self.cfg.inference.batch_size),
-            int(self.cfg.num_workers),
+            self.batch_size,
+            self.num_workers,
             pin_memory=self.device.type == "cuda",
         )
         vectors = embed_loader(
-            self.embedder,
-            loader,
-            self.device,
-            inference_precision(self.cfg, self.device),
-            description=f"shard {shard}",
+            self.embedder, loader, self.device, self.precision, description=f"shard {shard}"
         ).vectors
         done = [ShardItem(i.uri, i.label, i.extra, sha256_file(i.uri)) for i in kept]
         return ShardContent(vectors, done, [(str(p), r) for p, r in reasons.items()])
@@ -160,7 +164,16 @@ def embed(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     out = Path(cfg.out_dir)
     log.info("worker %d of %d: %d shards of %d images", rank, world, plan.num_shards, len(items))
     runner = inference_embedder(cfg, model, pre, device)
-    shard_embedder = _ShardEmbedder(cfg, runner, int(model.embedder.embedding_dim), pre, device)
+    shard_embedder = ShardEmbedder(
+        runner,
+        int(model.embedder.embedding_dim),
+        pre,
+        device,
+        batch_size=int(cfg.inference.batch_size),
+        num_workers=int(cfg.num_workers),
+        precision=precision,
+        strict=bool(cfg.strict_images),
+    )
     done = embed_shards(out, plan, header, shard_embedder, rank, world)
     summary = {
         "out_dir": str(out),

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from retrieval.evaluation import RetrievalResult, evaluate_embeddings, evaluate_protocol
+from retrieval.evaluation.listed import evaluate_listed, listed_protocol
 from retrieval.evaluation.npz import read_embeddings_npz, write_embeddings_npz
 from retrieval.infra.io import package_versions, sha256_file
 from retrieval.models.extract import resolve_device
@@ -29,6 +30,7 @@ from retrieval.tasks.common import (
     load_model,
     model_preprocessing,
 )
+from retrieval.tasks.distractors import EmbeddingRun, distractors_of
 from retrieval.tasks.evaluate_report import EvalInputs, write_report
 from retrieval.tasks.postprocess import fit_steps, ms_per_image, postprocess_config
 
@@ -50,6 +52,11 @@ def _options(cfg: DictConfig, ks: list[int]) -> dict[str, Any]:
 
 def _from_npz(cfg: DictConfig) -> EvalInputs:
     path = Path(cfg.embeddings)
+    if cfg.get("distractors"):
+        raise ValueError(
+            f"+distractors needs the model to embed the distractors, but embeddings={path} are "
+            "precomputed: evaluate the checkpoint (ckpt_path=) or the backbone instead"
+        )
     data = read_embeddings_npz(path)
     ks = list(cfg.ks or [1, 2, 4, 8])
     steps = postprocess_config(cfg)
@@ -115,9 +122,19 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
     paths = np.array([str(row.path) for row in dataset.rows])
     device = resolve_device(cfg.inference.device)
     steps = postprocess_config(cfg)
+    listed = listed_protocol(dataset.rows)
+    distractors = distractors_of(cfg, listed, steps)  # checked before anything is embedded
     runner = inference_embedder(cfg, model, datamodule.preprocessing, device)
     preprocessing = datamodule.preprocessing.to_dict()
     batch_size = int(cfg.inference.batch_size or datamodule.eval_batch_size)
+    run = EmbeddingRun(
+        datamodule.preprocessing,
+        device,
+        batch_size,
+        datamodule.num_workers,
+        inference_precision(cfg, device),
+        cfg.inference.runtime,
+    )
     embeddings, cache = embed_dataset(
         cfg,
         runner,
@@ -152,16 +169,21 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
     def score(chosen: Postprocess) -> RetrievalResult:
         nonlocal q_rows, g_rows
         vectors = stepped.vectors if chosen.tta else embeddings.vectors
-        result, q_rows, g_rows = evaluate_protocol(
-            vectors,
-            names,
-            embeddings.is_query,
-            embeddings.is_gallery,
+        options = {
             **_options(cfg, ks),
-            postprocess=chosen,
-            whitening=fitted.whitening if chosen.whiten else None,
-            background=fitted.background if chosen.score_norm else None,
-        )
+            "postprocess": chosen,
+            "whitening": fitted.whitening if chosen.whiten else None,
+            "background": fitted.background if chosen.score_norm else None,
+        }
+        if distractors is not None:  # embedded by the same model as the gallery just scored
+            pair = (fitted.embedder, fitted.embedder) if chosen.tta else (model.embedder, runner)
+            options["distractors"] = distractors.blocks(*pair, run)
+        if listed is not None:  # the benchmark lists each query's gallery items
+            result, q_rows, g_rows = evaluate_listed(vectors, dataset.rows, **options)
+        else:
+            result, q_rows, g_rows = evaluate_protocol(
+                vectors, names, embeddings.is_query, embeddings.is_gallery, **options
+            )
         return result
 
     result, ablation = _ablation(steps, score, int(embeddings.is_query.sum()), embed_ms)
@@ -179,7 +201,7 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
     protocol["data"] = {
         "dataset": str(datamodule.manifest),
         "split": cfg.split,
-        "protocol": "leave-one-out" if loo else "query/gallery",
+        "protocol": listed or ("leave-one-out" if loo else "query/gallery"),
         "images": len(names),
         "labels": int(np.unique(names).size),
         "queries": len(q_rows),
@@ -194,8 +216,15 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
     }
     if steps:
         protocol["postprocess"] = {"steps": steps.to_dict(), "fitted_on": fitted.fitted_on}
+    gallery_labels, gallery_paths = names[g_rows], paths[g_rows]
+    if distractors is not None:  # "revisited+R1M"; first results among them shown too
+        protocol["data"]["protocol"] += f"+{distractors.name}"
+        protocol["distractors"] = distractors.describe()
+        result, gallery_labels, gallery_paths = distractors.with_neighbours(
+            result, gallery_labels, gallery_paths
+        )
     return EvalInputs(
-        result, names[q_rows], names[g_rows], paths[q_rows], paths[g_rows], ks, protocol, ablation
+        result, names[q_rows], gallery_labels, paths[q_rows], gallery_paths, ks, protocol, ablation
     )
 
 

@@ -53,6 +53,24 @@ def _table(metrics: dict[str, float], exact: dict[str, float] | None, index: dic
     return text_table(header, rows)
 
 
+def _setups_table(metrics: dict[str, float]) -> str:
+    """Revisited Oxford/Paris: one row per setup (E, M, H), mAP and mP@k x 100 as the papers
+    print them (rules in retrieval/evaluation/revisited.py)."""
+    ks = sorted({int(n.rsplit("@", 1)[1]) for n in metrics if n.startswith("mp_")})
+    rows = [
+        [
+            setup[0].upper(),
+            *(
+                100 * metrics[f"{m}_{setup}{at}"]
+                for m, at in [("map", "")] + [("mp", f"@{k}") for k in ks]
+            ),
+        ]
+        for setup in ("easy", "medium", "hard")
+        if f"map_{setup}" in metrics
+    ]
+    return text_table(["setup", "mAP", *(f"mP@{k}" for k in ks)], rows, decimals=2)
+
+
 def _ablation_table(rows: list[dict[str, Any]]) -> str:
     """Each metric with no steps and with the steps added one at a time, side by side, and
     the extra milliseconds per query of each column."""
@@ -187,6 +205,8 @@ def write_report(
         handle.write("\n")
 
     lines = [_table(result.metrics, result.exact_metrics, result.index)]
+    if "map_medium" in result.metrics:
+        lines = [_setups_table(result.metrics)]
     if inputs.ablation:
         lines.append("search-time steps, added one at a time (postprocess=):")
         lines.append(_ablation_table(inputs.ablation))

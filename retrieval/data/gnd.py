@@ -1,0 +1,169 @@
+"""The ground truth of Revisited Oxford and Paris (``gnd_roxford5k.pkl``, ``gnd_rparis6k.pkl``),
+read without running anything the file could ask for.
+
+The files are Python pickles: a dict with ``imlist`` (gallery image names), ``qimlist`` (query
+image names) and ``gnd``, one dict per query with ``bbx`` (x1, y1, x2, y2 of the query's
+region, in pixels), ``easy``, ``hard`` and ``junk`` (0-based positions in ``imlist``); lists
+or numpy arrays. A plain ``pickle.load`` would import and call whatever the file names, so a
+crafted file runs code. :func:`read_gnd` unpickles with a reader that resolves only the numpy
+names arrays are rebuilt from (and ``_codecs.encode`` for latin1 text, how pickle protocols 0-2
+store an array's bytes) and refuses any other import with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval.data.manifest import ManifestError
+
+__all__ = ["QueryTruth", "RevisitedTruth", "read_gnd"]
+
+# (module, name) pairs a pickled numpy array or scalar needs, under numpy 1 and numpy 2 names
+_NUMPY_NAMES = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+_FIX = "use the file the benchmark's authors publish, or rebuild it from plain lists and arrays"
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """What protocols 0-2 pickle bytes (an array's buffer) as: ``_codecs.encode(text,
+    "latin1")``, allowed for that use only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is allowed only for latin1 text")
+    return text.encode("latin1")
+
+
+def _numpy_object(module: str, name: str) -> Any:
+    """The numpy object a pickle names, from numpy 2's private core when it exists."""
+    if module == "numpy":
+        return getattr(np, name)
+    tail = module.rsplit(".", 1)[-1]
+    for candidate in (f"numpy._core.{tail}", f"numpy.core.{tail}"):
+        try:
+            return getattr(importlib.import_module(candidate), name)
+        except (ImportError, AttributeError):
+            continue
+    raise pickle.UnpicklingError(f"numpy has no {module}.{name}")
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles builtins (dict, list, str, numbers) and numpy arrays; refuses every other
+    global (``os.system``, ``builtins.eval``...) before it is imported."""
+
+    def __init__(self, handle: io.BufferedIOBase, path: Path) -> None:
+        super().__init__(handle)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _NUMPY_NAMES:
+            return _numpy_object(module, name)
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
+        raise ManifestError(
+            f"{self.path}: refused to load {module}.{name}; a gnd file holds only lists, "
+            f"numbers and numpy arrays ({_FIX})"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise ManifestError(f"{self.path}: refused a persistent object id ({_FIX})")
+
+
+@dataclass(frozen=True)
+class QueryTruth:
+    """One query: its region and its gallery items by 0-based position in ``imlist``."""
+
+    bbx: tuple[float, float, float, float]
+    easy: np.ndarray
+    hard: np.ndarray
+    junk: np.ndarray
+
+
+@dataclass(frozen=True)
+class RevisitedTruth:
+    """A gnd file's content: ``imlist`` (gallery names), ``qimlist`` (query names) and one
+    :class:`QueryTruth` per query, in ``qimlist`` order."""
+
+    imlist: list[str]
+    qimlist: list[str]
+    gnd: list[QueryTruth]
+
+
+def _names(value: Any, where: str) -> list[str]:
+    if not isinstance(value, (list, tuple, np.ndarray)) or not all(
+        isinstance(n, (str, np.str_)) for n in value
+    ):
+        raise ManifestError(f"{where}: expected a list of image names ({_FIX})")
+    return [str(n) for n in value]
+
+
+def _positions(value: Any, where: str, size: int) -> np.ndarray:
+    array = np.asarray(value if value is not None else [])
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise ManifestError(f"{where}: expected a list of integer positions in imlist ({_FIX})")
+    if array.min() < 0 or array.max() >= size:
+        raise ManifestError(f"{where}: positions must lie in [0, {size}) of imlist ({_FIX})")
+    return array.astype(np.int64)
+
+
+def _query(entry: Any, where: str, size: int) -> QueryTruth:
+    if not isinstance(entry, dict):
+        raise ManifestError(f"{where}: expected a dict with bbx, easy, hard, junk ({_FIX})")
+    box = np.asarray(entry.get("bbx", []), dtype=object).reshape(-1)
+    try:
+        bbx = tuple(float(v) for v in box)
+    except (TypeError, ValueError):
+        bbx = ()
+    if len(bbx) != 4:
+        raise ManifestError(f"{where}, field 'bbx': expected 4 numbers x1, y1, x2, y2 ({_FIX})")
+    lists = {
+        k: _positions(entry.get(k), f"{where}, field '{k}'", size) for k in ("easy", "hard", "junk")
+    }
+    return QueryTruth((bbx[0], bbx[1], bbx[2], bbx[3]), lists["easy"], lists["hard"], lists["junk"])
+
+
+def read_gnd(path: str | Path) -> RevisitedTruth:
+    """Read a revisited gnd pickle safely (see the module docstring) and check its shape.
+
+    Raises:
+        ManifestError: a missing file, a file that is not a pickle, one naming anything but
+            numpy's array types, or content without the keys and types above; one line each,
+            naming the file.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ManifestError(
+            f"{file}: ground-truth file missing; put the benchmark's gnd_<name>.pkl beside its "
+            "jpg/ folder (see data/README.md)"
+        )
+    try:
+        with open(file, "rb") as handle:
+            data = _PlainDataUnpickler(handle, file).load()
+    except ManifestError:
+        raise
+    except Exception as err:
+        raise ManifestError(f"{file}: not a readable gnd pickle ({err}); {_FIX}") from None
+    if not isinstance(data, dict) or not {"imlist", "qimlist", "gnd"} <= set(data):
+        raise ManifestError(f"{file}: expected a dict with keys imlist, qimlist, gnd ({_FIX})")
+    imlist = _names(data["imlist"], f"{file}, key 'imlist'")
+    qimlist = _names(data["qimlist"], f"{file}, key 'qimlist'")
+    entries = data["gnd"]
+    if not isinstance(entries, (list, tuple)) or len(entries) != len(qimlist):
+        raise ManifestError(f"{file}, key 'gnd': expected one entry per query of qimlist ({_FIX})")
+    gnd = [_query(e, f"{file}, gnd[{i}]", len(imlist)) for i, e in enumerate(entries)]
+    return RevisitedTruth(imlist, qimlist, gnd)
