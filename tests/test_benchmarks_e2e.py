@@ -13,10 +13,10 @@ import pytest
 from retrieval.evaluation.listed import evaluate_relevant_lists
 from retrieval.evaluation.npz import read_embeddings_npz
 from retrieval.evaluation.revisited import revisited_rankings
-from retrieval.tasks.config import compose_config
 from retrieval.tasks.evaluate import evaluate
 from retrieval.tasks.runs import reported
 from tests.data.test_benchmark_converters import gldv2_tree, revisited_tree
+from tests.test_evaluate_task import compose_eval
 
 TINY = [
     "backbone=resnet18",
@@ -29,16 +29,15 @@ TINY = [
 
 
 def _compose(tmp_path: Path, *overrides: str):
-    return compose_config(
-        [
-            f"paths.data_dir={tmp_path}/data",
-            f"paths.output_dir={tmp_path}/out",
-            f"paths.log_dir={tmp_path}/logs",
-            *TINY,
-            *overrides,
-        ],
-        name="evaluate",
-    )
+    return compose_eval(tmp_path, *TINY, *overrides)
+
+
+def assert_prints_the_emh_table(printed: str) -> None:
+    """The E/M/H table: its header, then one row per setup in the papers' order."""
+    header = next(line for line in printed.splitlines() if line.startswith("setup"))
+    assert header.split() == ["setup", "mAP", "mP@1", "mP@5", "mP@10"]
+    rows = [line.split()[0] for line in printed.splitlines() if line[:2] in ("E ", "M ", "H ")]
+    assert rows == ["E", "M", "H"]
 
 
 @pytest.mark.parametrize("name", ["roxford5k", "rparis6k"])
@@ -46,13 +45,7 @@ def test_revisited_benchmark_end_to_end(tmp_path: Path, capsys, name: str) -> No
     root = revisited_tree(tmp_path / name, name=name, gallery=12)
     metrics, _ = evaluate(_compose(tmp_path, f"data={name}", f"data.root={root}"))
     printed = capsys.readouterr().out
-    header = next(line for line in printed.splitlines() if line.startswith("setup"))
-    assert header.split() == ["setup", "mAP", "mP@1", "mP@5", "mP@10"]
-    assert [line.split()[0] for line in printed.splitlines() if line[:2] in ("E ", "M ", "H ")] == [
-        "E",
-        "M",
-        "H",
-    ]
+    assert_prints_the_emh_table(printed)
     # the scores are revisitop's rules on the exact ranking of the saved embeddings
     saved = read_embeddings_npz(tmp_path / "out" / "embeddings.npz")
     assert saved.gallery is not None

@@ -43,7 +43,8 @@ def test_copydetect_experiment_composes_to_instance_training(tmp_path):
     assert cfg.data.resize_mode == "squash"
 
 
-def test_copydetect_experiment_builds_and_loads_instance_batches(tmp_path):
+def tiny_copydetect(tmp_path, *extra: str) -> dict:
+    """``build`` of experiment=copydetect on 44 generated photos, 32 px, batches of 8 images."""
     from retrieval.tasks.train import build
 
     _photos(tmp_path / "photos", 44)
@@ -55,8 +56,13 @@ def test_copydetect_experiment_builds_and_loads_instance_batches(tmp_path):
         "sampler.images_per_batch=8",
         "logger=csv",
         "trainer=cpu",
+        *extra,
     ]
-    objects = build(compose_train(overrides, tmp_path))
+    return build(compose_train(overrides, tmp_path))
+
+
+def test_copydetect_experiment_builds_and_loads_instance_batches(tmp_path):
+    objects = tiny_copydetect(tmp_path)
     datamodule = objects["datamodule"]
     anchor, edited = datamodule.train_set.view_transforms  # a plain view, an edited one
     assert not any(isinstance(step, CopyEditAugment) for step in anchor.transforms)

@@ -18,7 +18,7 @@ from retrieval.tasks.evaluate import evaluate
 from retrieval.tasks.preflight import problem_with
 from retrieval.tasks.runs import reported
 from tests.data.test_benchmark_converters import _noise_jpeg, gldv2_tree, revisited_tree
-from tests.test_benchmarks_e2e import _compose
+from tests.test_benchmarks_e2e import _compose, assert_prints_the_emh_table
 
 R1M_NAMES = [f"{i % 3}/{i:04d}" for i in range(7)]  # list lines, no extension, as released
 
@@ -48,13 +48,7 @@ def test_r1m_end_to_end_scores_the_gallery_with_the_distractors_appended(tmp_pat
     r1m = r1m_tree(tmp_path / "revisitop1m")
     metrics, _ = evaluate(_compose(tmp_path, *_overrides(root, r1m)))
     printed = capsys.readouterr().out
-    header = next(line for line in printed.splitlines() if line.startswith("setup"))
-    assert header.split() == ["setup", "mAP", "mP@1", "mP@5", "mP@10"]
-    assert [line.split()[0] for line in printed.splitlines() if line[:2] in ("E ", "M ", "H ")] == [
-        "E",
-        "M",
-        "H",
-    ]
+    assert_prints_the_emh_table(printed)
     assert "(revisited+R1M)" in printed
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["protocol"]["data"]["protocol"] == "revisited+R1M"

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from retrieval.training.neighbour_batches import NeighbourBatches, nearest_neighbours
-from tests.conftest import compose_train
-from tests.test_copydetect_experiment import _photos
+from tests.test_copydetect_experiment import tiny_copydetect
 
 
 def _naive_neighbours(vectors: np.ndarray, k: int, cap: float) -> list[list[int]]:
@@ -40,24 +39,14 @@ def test_nearest_neighbours_leave_out_likely_duplicates():
 
 
 def _instance_run(tmp_path, extra: list[str]):
-    from retrieval.tasks.train import build
-
-    _photos(tmp_path / "photos", 44)
-    overrides = [
-        "experiment=copydetect",
-        f"data.root={tmp_path}/photos",
-        "data.image_size=32",
-        "data.num_workers=0",
-        "sampler.images_per_batch=8",
+    return tiny_copydetect(
+        tmp_path,
         "sampler.batches_per_epoch=2",
-        "logger=csv",
-        "trainer=cpu",
         "trainer.precision=32",
         "+trainer.limit_val_batches=0",
         "+trainer.enable_progress_bar=false",
         *extra,
-    ]
-    return build(compose_train(overrides, tmp_path))
+    )
 
 
 @pytest.mark.filterwarnings("ignore:.*could not find the monitored key")

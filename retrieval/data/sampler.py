@@ -9,6 +9,7 @@ are left out of training with a warning.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -260,7 +261,7 @@ class InstanceBatchSampler(_EpochBatches):
         """P distinct images in groups: a leader from the permutations, then its neighbours
         not yet in the batch, drawn at random, up to ``group_size`` images a group."""
         assert self.neighbours is not None
-        leaders = (int(i) for _ in iter(int, 1) for i in rng.permutation(self.num_images))
+        leaders = (int(i) for _ in itertools.count() for i in rng.permutation(self.num_images))
         while True:
             chosen: list[int] = []
             while len(chosen) < self.p:
