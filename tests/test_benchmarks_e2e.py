@@ -15,7 +15,7 @@ from retrieval.evaluation.npz import read_embeddings_npz
 from retrieval.evaluation.revisited import revisited_rankings
 from retrieval.tasks.evaluate import evaluate
 from retrieval.tasks.runs import reported
-from tests.data.test_benchmark_converters import gldv2_tree, revisited_tree
+from tests.data.test_benchmark_converters import gldv2_tree, revisited_tree, sfm120k_tree
 from tests.test_evaluate_task import compose_eval
 
 TINY = [
@@ -89,3 +89,21 @@ def test_an_unknown_query_name_in_the_gnd_file_is_one_line(tmp_path: Path, capsy
     assert (
         error.count("\n") == 1 and "gnd_roxford5k.pkl, qimlist[0]: query image 'query_a'" in error
     )
+
+
+def test_the_whitening_is_learned_on_another_datas_training_split(tmp_path: Path) -> None:
+    """cirtorch's protocol: ROxford has no training split, so the learned whitening comes from
+    SfM-120k's 3D models (``+data@fit_data=sfm120k``), seen at ROxford's preprocessing (the
+    long side at data.image_size)."""
+    root = revisited_tree(tmp_path / "roxford5k", gallery=12)
+    sfm = sfm120k_tree(tmp_path / "sfm")
+    whiten = ["postprocess=[whiten]", "postprocess.whiten.method=learned"]
+    overrides = ["data=roxford5k", f"data.root={root}", *whiten]
+    with pytest.raises(Exception, match="train"):  # without it: no training split to fit on
+        evaluate(_compose(tmp_path / "alone", *overrides))
+    evaluate(_compose(tmp_path, *overrides, "+data@fit_data=sfm120k", f"fit_data.root={sfm}"))
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    fitted = report["protocol"]["postprocess"]["fitted_on"]["whiten"]
+    assert fitted == {"split": "train", "images": 4, "method": "learned"}  # SfM's train split
+    assert report["protocol"]["preprocessing"]["resize_mode"] == "long"
+    assert report["protocol"]["data"]["queries"] == 2

@@ -239,3 +239,32 @@ def test_the_default_export_sees_the_whole_image_at_the_backbones_size_and_white
         Retriever.load(bundle, runtime="eager", read_only=True) as eager,
     ):
         assert float(np.dot(onnx.embed([first])[0], eager.embed([first])[0])) > 0.9999
+
+
+def test_the_whitening_fits_on_another_datas_training_split(small_demo, tmp_path):
+    """``+data@fit_data=...``: the whitening of the bundle is fitted on that data's training
+    split (2 labels of 12 images here), not on the indexed data's (3 labels)."""
+    other = ["+data@fit_data=manifest", f"fit_data.manifest={small_demo}", "fit_data.max_labels=2"]
+    metrics, _ = export(compose_export(tmp_path, small_demo, "data.max_labels=3", *other))
+    fitted = read_manifest(Path(metrics["bundle"]))["postprocess"]["fitted_on"]["whiten"]
+    assert fitted["method"] == "edits" and fitted["images"] == 2 * 12
+
+
+def test_a_long_side_bundle_keeps_the_aspect_in_every_runtime(small_demo, tmp_path):
+    """``resize_mode=long`` (the papers' longest side): a model for any size, whose ONNX file
+    embeds a wide image as the PyTorch model does."""
+    overrides = ("resize_mode=long", "data.max_labels=3", "postprocess=[]")
+    metrics, _ = export(compose_export(tmp_path, small_demo, *overrides))
+    bundle = Path(metrics["bundle"])
+    stored = json.loads((bundle / "preprocessing.json").read_text())
+    assert (stored["input_size"], stored["resize_mode"]) == (64, "long")
+    assert json.loads((bundle / "model.json").read_text())["any_size"] is True
+    wide = tmp_path / "wide.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (70, 120, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(wide)
+    with (
+        Retriever.load(bundle, runtime="onnx") as onnx,
+        Retriever.load(bundle, runtime="eager", read_only=True) as eager,
+    ):
+        assert onnx.preprocessor.prepare(wide).shape == (3, 37, 64)  # 70 x 120 -> 37 x 64
+        assert float(np.dot(onnx.embed([wide])[0], eager.embed([wide])[0])) > 0.9999

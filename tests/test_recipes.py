@@ -195,7 +195,34 @@ def test_reproduce_script_scores_the_revisited_recipes_where_their_data_is(tmp_p
         command = f"python evaluate.py experiment=revisited_{recipe} data=roxford5k"
         assert f"{command} data.root={data}/roxford5k" in done.stdout
         assert f"skipping rparis6k_{recipe}" in done.stderr
+    # cirtorch's recipe needs its SfM-120k checkpoint; R1M needs the distractors
+    assert "skipping sfm120k_resnet101_gem" in done.stderr
+    assert "+distractors=r1m" not in done.stdout
     only = run_script(tmp_path, "--only", "roxford5k_dinov2_gem", data_root=data)
     assert only.returncode == 0 and "experiment=revisited_dinov2_gem" in only.stdout
     assert "python train.py" not in only.stdout and "benchmark_table.py" not in only.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_reproduce_script_trains_on_sfm120k_once_and_adds_r1m_where_it_is(tmp_path):
+    data = tmp_path / "data"
+    for name in ("roxford5k", "rparis6k"):
+        (data / name / "jpg").mkdir(parents=True)
+        (data / name / f"gnd_{name}.pkl").write_bytes(b"")
+    (data / "sfm120k" / "ims").mkdir(parents=True)
+    (data / "sfm120k" / "retrieval-SfM-120k.pkl").write_bytes(b"")
+    (data / "revisitop1m" / "jpg").mkdir(parents=True)
+    (data / "revisitop1m" / "revisitop1m.txt").write_text("")
+    done = run_script(tmp_path, data_root=data)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    train = [line for line in lines if "python train.py experiment=sfm120k_resnet101_gem" in line]
+    assert len(train) == 1 and f"data.root={data}/sfm120k" in train[0]
+    ckpt = f"ckpt_path={tmp_path}/runs/sfm120k_resnet101_gem/checkpoints/best.ckpt"
+    scored = [line for line in lines if "experiment=revisited_resnet101_gem" in line]
+    assert len(scored) == 4  # two datasets, each with and without R1M
+    assert all(ckpt in line and f"fit_data.root={data}/sfm120k" in line for line in scored)
+    assert lines.index(train[0]) < lines.index(scored[0])
+    with_r1m = f"+distractors=r1m distractors.root={data}/revisitop1m"
+    r1m = [line for line in lines if with_r1m in line]
+    assert len(r1m) == 6 and all("+r1m/evaluate.log" in line for line in r1m)

@@ -8,8 +8,9 @@ Memory, whatever the image's shape: :func:`prepare` refuses from the header an i
 pixel limit or over :data:`~retrieval.data.images.MAX_ASPECT_RATIO`; the decode then holds the
 image (and a reduced or converted copy), and the resize makes at most about
 :data:`RESIZE_PIXELS` pixels more: ``crop`` resizes only the square it keeps once resizing the
-whole image would make more; ``squash``, ``pad`` and ``short`` make at most ``2 * side**2``
-pixels, plus Pillow's first pass over an image already reduced to a few times that size.
+whole image would make more; ``squash``, ``pad``, ``short`` and ``long`` make at most
+``2 * side**2`` pixels, plus Pillow's first pass over an image already reduced to a few times
+that size.
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ rounded half to even, as torchvision does); ``"squash"`` resizes the whole image
 ``int(input_size * short / long)``, at least 1) and, after normalising, pads the short side with
 zeros (the mean colour), centred; ``"short"`` resizes the short side to ``input_size`` and keeps
 the aspect up to 2:1 (:func:`~retrieval.data.preprocessing.short_side_size`), so its output is
-``(3, h, w)`` with ``min(h, w) == input_size``. Pixels are scaled to [0, 1] and normalised
-with ``mean`` and ``std`` in float32.
+``(3, h, w)`` with ``min(h, w) == input_size``; ``"long"`` resizes the long side to
+``input_size`` and keeps the aspect up to 2:1
+(:func:`~retrieval.data.preprocessing.long_side_size`): ``max(h, w) == input_size``. Pixels
+are scaled to [0, 1] and normalised with ``mean`` and ``std`` in float32.
 :meth:`Preprocessor.prepare` decodes a file or encoded bytes straight to that input
 (:mod:`retrieval.bundle.decode`); :func:`retrieval.data.images.open_rgb` opens one as an RGB
 image with the same checks (pixel limit from the header before decoding, EXIF orientation);
@@ -33,7 +35,7 @@ from PIL import Image
 from retrieval.bundle import decode
 from retrieval.bundle.decode import FILTERS
 from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageInput
-from retrieval.data.preprocessing import RESIZE_MODES, short_side_size
+from retrieval.data.preprocessing import ANY_SIZE_MODES, RESIZE_MODES, kept_aspect_size
 from retrieval.data.rgb import to_rgb
 from retrieval.infra.checks import is_int, positive_int
 
@@ -71,8 +73,9 @@ class Preprocessor:
     Fields: ``input_size`` (side of the square output), ``resize`` (short side before cropping,
     at least ``input_size``; used by ``crop`` only), ``interpolation`` (``bilinear`` |
     ``bicubic`` | ``nearest``), ``mean`` / ``std`` (per channel, on the [0, 1] scale),
-    ``color_mode`` (only ``RGB``) and ``resize_mode`` (``crop`` | ``squash`` | ``pad``, see the
-    module doc). Every field is checked on construction; a bad one raises ValueError naming it.
+    ``color_mode`` (only ``RGB``) and ``resize_mode`` (``crop`` | ``squash`` | ``pad`` |
+    ``short`` | ``long``, see the module doc). Every field is checked on construction; a bad
+    one raises ValueError naming it.
     """
 
     input_size: int
@@ -138,15 +141,22 @@ class Preprocessor:
             raise ValueError(f"preprocessing lacks the fields {missing}")
         return cls(**dict(data))
 
+    @property
+    def any_size(self) -> bool:
+        """Whether inputs keep the image's aspect (``short``, ``long``): the model must then be
+        exported for any height and width."""
+        return self.resize_mode in ANY_SIZE_MODES
+
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) of a ``width`` x ``height`` image once resized, before it is cropped
         (``crop``: short side to ``resize``, as torchvision does) or padded (``pad``: long side
-        to ``input_size``); ``squash``: ``(input_size, input_size)``."""
+        to ``input_size``); ``squash``: ``(input_size, input_size)``; ``short`` and ``long``:
+        :func:`~retrieval.data.preprocessing.kept_aspect_size`."""
         side = self.input_size
         if self.resize_mode == "squash":
             return side, side
-        if self.resize_mode == "short":
-            return short_side_size(width, height, side)
+        if self.any_size:
+            return kept_aspect_size(width, height, side, self.resize_mode)
         if self.resize_mode == "pad":
             if width >= height:
                 return side, max(1, int(side * height / width))
@@ -158,7 +168,7 @@ class Preprocessor:
     def __call__(self, image: Image.Image) -> np.ndarray:
         """``image`` (any mode; non-RGB is converted like
         :func:`~retrieval.data.images.open_rgb` does) -> ``(3, input_size, input_size)``
-        float32 (``short``: ``(3, h, w)``, see :meth:`resized_size`)."""
+        float32 (``short`` and ``long``: ``(3, h, w)``, see :meth:`resized_size`)."""
         if not isinstance(image, Image.Image):
             raise TypeError(f"Preprocessor takes a PIL image, got {type(image).__name__}")
         rgb = image if image.mode == "RGB" else to_rgb(image)
@@ -166,7 +176,7 @@ class Preprocessor:
 
     def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
         """``B`` images -> ``(B, 3, input_size, input_size)`` float32; ``B`` may be 0. Under
-        ``short`` the images must come out in one shape (ValueError otherwise):
+        ``short`` and ``long`` the images must come out in one shape (ValueError otherwise):
         :meth:`Runtime.embed_many <retrieval.bundle.runtime.Runtime.embed_many>` embeds a mix."""
         if len(images) == 0:
             return np.zeros((0, 3, self.input_size, self.input_size), dtype=np.float32)

@@ -99,7 +99,7 @@ class Runtime:
         """``(B, 3, H, W)`` float32 (see :class:`~retrieval.bundle.preprocess.Preprocessor`)
         -> ``(B, D)`` float32 rows of unit L2 norm; ``B`` may be 0. ``H`` and ``W`` are the
         model's ``S`` x ``S`` input, except for a model exported for any size
-        (``resize_mode=short``), whose short side is ``S``.
+        (``resize_mode=short`` or ``long``), one of whose sides is ``S``.
 
         Raises TypeError for a non-array or non-float32 batch, ValueError for a wrong shape.
         """
@@ -123,9 +123,9 @@ class Runtime:
 
     def _check_shape(self, shape: tuple[int, ...]) -> None:
         side = self.input_size
-        if self.any_size:
-            fits = len(shape) == 4 and shape[1] == 3 and min(shape[2:]) == side
-            want = f"(B, 3, H, W) with min(H, W) = {side}"
+        if self.any_size:  # resize_mode short (the short side S) or long (the long side S)
+            fits = len(shape) == 4 and shape[1] == 3 and side in shape[2:]
+            want = f"(B, 3, H, W) with H or W = {side}"
         else:
             fits = len(shape) == 4 and shape[1:] == (3, side, side)
             want = f"(B, 3, {side}, {side})"
@@ -138,7 +138,7 @@ class Runtime:
     def embed_many(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """``len(images)`` prepared images, each ``(3, H, W)`` -> ``(len(images), D)`` rows in
         that order: images of one shape are embedded in one call, as :meth:`embed`
-        (``resize_mode=short`` gives images of several shapes)."""
+        (``resize_mode=short`` and ``long`` give images of several shapes)."""
         out = np.zeros((len(images), self.embedding_dim), dtype=np.float32)
         groups: dict[tuple[int, ...], list[int]] = {}
         for position, image in enumerate(images):

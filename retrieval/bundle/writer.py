@@ -197,7 +197,7 @@ def _write_into(
     """The body of :func:`write_bundle_chunks`: fill ``tmp``, then put it at ``output``."""
     try:
         pre = Preprocessor.from_preprocessing(preprocessing)
-        any_size = pre.resize_mode == "short"
+        any_size = pre.any_size
         files = list(
             export_model(embedder, tmp, model_config, pre.input_size, any_size=any_size).values()
         )

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from retrieval.data.copydetect import prepare_copydetect
-from retrieval.data.gnd import QueryTruth, read_gnd
+from retrieval.data.gnd import QueryTruth, read_gnd, read_sfm120k
 from retrieval.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, list_images, open_checked
 from retrieval.data.manifest import ManifestError, ManifestRow, read_manifest, write_manifest
 from retrieval.infra.io import atomic_write
@@ -278,6 +278,26 @@ def rparis6k(root: str | Path, output: str | Path | None = None) -> Path:
     return _revisited("rparis6k", root, output)
 
 
+def sfm120k(root: str | Path, output: str | Path | None = None) -> Path:
+    """cirtorch's SfM-120k training set (Radenović et al., TPAMI 2019), as its download lays it
+    out: ``retrieval-SfM-120k.pkl`` beside ``ims/``, each image at
+    ``ims/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>``. Every image's label is its 3D model
+    (``cluster``): the ``train`` split's images train, the ``val`` split's (other 3D models)
+    are the ``test`` split that validation searches. Labels are prefixed with their split, so
+    that a cluster number in both splits names two models."""
+    base = _root(root, "sfm120k")
+    layout = "retrieval-SfM-120k.pkl and ims/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>"
+    database = read_sfm120k(_need(base, ["retrieval-SfM-120k.pkl"], "sfm120k", layout))
+    images = _need(base, ["ims"], "sfm120k", layout)
+    rows = []
+    for name, split in (("train", "train"), ("val", "test")):
+        part = database[name]
+        for cid, cluster in zip(part.cids, part.cluster.tolist(), strict=True):
+            path = images / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid
+            rows.append(ManifestRow(path, f"{name}-{cluster}", split))
+    return _finish(rows, base, output, "sfm120k")
+
+
 def _csv_column(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
     """Rows of a CSV with a header holding ``columns``, with their 1-based row numbers."""
     with open(path, encoding="utf-8-sig", newline="") as handle:
@@ -385,6 +405,7 @@ CONVERTERS: dict[str, Callable[..., Path]] = dict(
     rparis6k=rparis6k,
     gldv2=gldv2,
     disc21=disc21,
+    sfm120k=sfm120k,
 )
 
 

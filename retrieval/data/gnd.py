@@ -1,5 +1,7 @@
-"""The ground truth of Revisited Oxford and Paris (``gnd_roxford5k.pkl``, ``gnd_rparis6k.pkl``),
-read without running anything the file could ask for.
+"""The pickles of the landmark-retrieval benchmarks, read without running anything the file
+could ask for: the ground truth of Revisited Oxford and Paris (``gnd_roxford5k.pkl``,
+``gnd_rparis6k.pkl``, :func:`read_gnd`) and cirtorch's SfM-120k training database
+(``retrieval-SfM-120k.pkl``, :func:`read_sfm120k`).
 
 The files are Python pickles: a dict with ``imlist`` (gallery image names), ``qimlist`` (query
 image names) and ``gnd``, one dict per query with ``bbx`` (x1, y1, x2, y2 of the query's
@@ -8,6 +10,10 @@ or numpy arrays. A plain ``pickle.load`` would import and call whatever the file
 crafted file runs code. :func:`read_gnd` unpickles with a reader that resolves only the numpy
 names arrays are rebuilt from (and ``_codecs.encode`` for latin1 text, how pickle protocols 0-2
 store an array's bytes) and refuses any other import with one line naming the file.
+
+The SfM-120k database is a dict with ``train`` and ``val``, each a dict with ``cids`` (image
+names), ``cluster`` (the 3D model each image belongs to), and ``qidxs`` / ``pidxs`` (the
+query-positive pairs its authors verified by structure-from-motion, as positions in ``cids``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import numpy as np
 
 from retrieval.data.manifest import ManifestError
 
-__all__ = ["QueryTruth", "RevisitedTruth", "read_gnd"]
+__all__ = ["QueryTruth", "RevisitedTruth", "SfmSplit", "read_gnd", "read_sfm120k"]
 
 # (module, name) pairs a pickled numpy array or scalar needs, under numpy 1 and numpy 2 names
 _NUMPY_NAMES = {
@@ -64,9 +70,9 @@ class _PlainDataUnpickler(pickle.Unpickler):
     """Unpickles builtins (dict, list, str, numbers) and numpy arrays; refuses every other
     global (``os.system``, ``builtins.eval``...) before it is imported."""
 
-    def __init__(self, handle: io.BufferedIOBase, path: Path) -> None:
+    def __init__(self, handle: io.BufferedIOBase, path: Path, kind: str) -> None:
         super().__init__(handle)
-        self.path = path
+        self.path, self.kind = path, kind
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _NUMPY_NAMES:
@@ -74,7 +80,7 @@ class _PlainDataUnpickler(pickle.Unpickler):
         if (module, name) == ("_codecs", "encode"):
             return _latin1_bytes
         raise ManifestError(
-            f"{self.path}: refused to load {module}.{name}; a gnd file holds only lists, "
+            f"{self.path}: refused to load {module}.{name}; a {self.kind} file holds only lists, "
             f"numbers and numpy arrays ({_FIX})"
         )
 
@@ -137,6 +143,21 @@ def _query(entry: Any, where: str, size: int) -> QueryTruth:
     return QueryTruth((bbx[0], bbx[1], bbx[2], bbx[3]), lists["easy"], lists["hard"], lists["junk"])
 
 
+def _load_plain(file: Path, kind: str, missing: str) -> Any:
+    """Unpickle ``file`` (a ``kind`` pickle) with :class:`_PlainDataUnpickler`: ManifestError
+    naming the file when it is missing (``missing`` says what to do), unreadable or names
+    anything else."""
+    if not file.is_file():
+        raise ManifestError(f"{file}: {missing} (see data/README.md)")
+    try:
+        with open(file, "rb") as handle:
+            return _PlainDataUnpickler(handle, file, kind).load()
+    except ManifestError:
+        raise
+    except Exception as err:
+        raise ManifestError(f"{file}: not a readable {kind} pickle ({err}); {_FIX}") from None
+
+
 def read_gnd(path: str | Path) -> RevisitedTruth:
     """Read a revisited gnd pickle safely (see the module docstring) and check its shape.
 
@@ -146,18 +167,8 @@ def read_gnd(path: str | Path) -> RevisitedTruth:
             naming the file.
     """
     file = Path(path)
-    if not file.is_file():
-        raise ManifestError(
-            f"{file}: ground-truth file missing; put the benchmark's gnd_<name>.pkl beside its "
-            "jpg/ folder (see data/README.md)"
-        )
-    try:
-        with open(file, "rb") as handle:
-            data = _PlainDataUnpickler(handle, file).load()
-    except ManifestError:
-        raise
-    except Exception as err:
-        raise ManifestError(f"{file}: not a readable gnd pickle ({err}); {_FIX}") from None
+    where = "ground-truth file missing; put the benchmark's gnd_<name>.pkl beside its jpg/ folder"
+    data = _load_plain(file, "gnd", where)
     if not isinstance(data, dict) or not {"imlist", "qimlist", "gnd"} <= set(data):
         raise ManifestError(f"{file}: expected a dict with keys imlist, qimlist, gnd ({_FIX})")
     imlist = _names(data["imlist"], f"{file}, key 'imlist'")
@@ -167,3 +178,43 @@ def read_gnd(path: str | Path) -> RevisitedTruth:
         raise ManifestError(f"{file}, key 'gnd': expected one entry per query of qimlist ({_FIX})")
     gnd = [_query(e, f"{file}, gnd[{i}]", len(imlist)) for i, e in enumerate(entries)]
     return RevisitedTruth(imlist, qimlist, gnd)
+
+
+@dataclass(frozen=True)
+class SfmSplit:
+    """One split of the SfM-120k database: image names, their 3D-model clusters and the
+    verified (query, positive) pairs as positions in ``cids``."""
+
+    cids: list[str]
+    cluster: np.ndarray
+    qidxs: np.ndarray
+    pidxs: np.ndarray
+
+
+def _sfm_split(value: Any, where: str) -> SfmSplit:
+    if not isinstance(value, dict) or not {"cids", "cluster", "qidxs", "pidxs"} <= set(value):
+        raise ManifestError(f"{where}: expected a dict with cids, cluster, qidxs, pidxs ({_FIX})")
+    cids = _names(value["cids"], f"{where}, key 'cids'")
+    cluster = np.asarray(value["cluster"])
+    if cluster.shape != (len(cids),) or not np.issubdtype(cluster.dtype, np.integer):
+        raise ManifestError(f"{where}, key 'cluster': expected one integer per cid ({_FIX})")
+    qidxs = _positions(value["qidxs"], f"{where}, key 'qidxs'", len(cids))
+    pidxs = _positions(value["pidxs"], f"{where}, key 'pidxs'", len(cids))
+    if len(qidxs) != len(pidxs):
+        raise ManifestError(f"{where}: qidxs and pidxs differ in length ({_FIX})")
+    return SfmSplit(cids, cluster.astype(np.int64), qidxs, pidxs)
+
+
+def read_sfm120k(path: str | Path) -> dict[str, SfmSplit]:
+    """Read cirtorch's ``retrieval-SfM-120k.pkl`` safely (see the module docstring):
+    ``{"train": SfmSplit, "val": SfmSplit}``.
+
+    Raises:
+        ManifestError: as :func:`read_gnd`, one line naming the file.
+    """
+    file = Path(path)
+    where = "SfM-120k database missing; put cirtorch's retrieval-SfM-120k.pkl beside ims/"
+    data = _load_plain(file, "SfM-120k", where)
+    if not isinstance(data, dict) or not {"train", "val"} <= set(data):
+        raise ManifestError(f"{file}: expected a dict with keys train and val ({_FIX})")
+    return {name: _sfm_split(data[name], f"{file}, key {name!r}") for name in ("train", "val")}

@@ -11,7 +11,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
 from retrieval.data.copy_edits import CopyEditAugment, load_overlays
-from retrieval.data.preprocessing import Preprocessing, short_side_size
+from retrieval.data.preprocessing import Preprocessing, kept_aspect_size
 
 _INTERPOLATION = {
     "bilinear": T.InterpolationMode.BILINEAR,
@@ -44,17 +44,18 @@ class FitLongSide:
         return f"{type(self).__name__}(size={self.size}, interpolation={self.interpolation.value})"
 
 
-class ResizeShortSide:
-    """Resize a PIL image as ``resize_mode=short`` does
-    (:func:`~retrieval.data.preprocessing.short_side_size`): short side to ``size``, aspect
-    kept up to 2:1. :meth:`output_size` says the ``(height, width)`` it will produce for an
-    image of a given size, which batching by shape needs before loading."""
+class ResizeKeepAspect:
+    """Resize a PIL image as ``resize_mode=short`` or ``long`` does
+    (:func:`~retrieval.data.preprocessing.kept_aspect_size`): the short or the long side to
+    ``size``, aspect kept up to 2:1. :meth:`output_size` says the ``(height, width)`` it will
+    produce for an image of a given size, which batching by shape needs before loading."""
 
-    def __init__(self, size: int, interpolation: T.InterpolationMode) -> None:
-        self.size, self.interpolation = size, interpolation
+    def __init__(self, size: int, interpolation: T.InterpolationMode, mode: str = "short") -> None:
+        kept_aspect_size(1, 1, 1, mode)  # ValueError for a mode that does not keep the aspect
+        self.size, self.interpolation, self.mode = size, interpolation, mode
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
-        new_w, new_h = short_side_size(width, height, self.size)
+        new_w, new_h = kept_aspect_size(width, height, self.size, self.mode)
         return new_h, new_w
 
     def __call__(self, image: Image.Image) -> Image.Image:
@@ -62,7 +63,10 @@ class ResizeShortSide:
         return F.resize(image, size, interpolation=self.interpolation)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size}, interpolation={self.interpolation.value})"
+        return (
+            f"{type(self).__name__}(size={self.size}, interpolation={self.interpolation.value}, "
+            f"mode={self.mode})"
+        )
 
 
 class PadToSquare:
@@ -86,12 +90,13 @@ def eval_transform(pre: Preprocessing) -> T.Compose:
     """``pre.resize_mode`` to an ``input_size`` square, then normalise. ``crop``: resize the
     short side to ``input_size / crop_pct`` and centre-crop; ``squash``: resize the whole image
     to ``input_size`` x ``input_size``; ``pad``: :class:`FitLongSide`, then :class:`PadToSquare`
-    after normalising; ``short``: :class:`ResizeShortSide` (the output is not square). Images
+    after normalising; ``short`` and ``long``: :class:`ResizeKeepAspect` (the output is not
+    square). Images
     are resized by Pillow (antialiased) in every mode."""
     side, interpolation = pre.input_size, _interpolation(pre)
     normalise = [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
-    if pre.resize_mode == "short":
-        return T.Compose([ResizeShortSide(side, interpolation), *normalise])
+    if pre.any_size:
+        return T.Compose([ResizeKeepAspect(side, interpolation, pre.resize_mode), *normalise])
     if pre.resize_mode == "squash":
         return T.Compose([T.Resize((side, side), interpolation=interpolation), *normalise])
     if pre.resize_mode == "pad":

@@ -61,11 +61,11 @@ def _preprocessor(folder: Path, model: Runtime) -> Preprocessor:
             f"{path}: input_size {pre.input_size} does not match model.json, whose model takes "
             f"{model.input_size} px: the files come from different exports; re-export the bundle"
         )
-    if (pre.resize_mode == "short") != model.any_size:
+    if pre.any_size != model.any_size:
         raise BundleError(
             f"{path}: resize_mode {pre.resize_mode!r} does not fit model.json (any_size "
-            f"{str(model.any_size).lower()}): 'short' goes with a model exported for any size "
-            "(any_size true), the other modes with any_size false; re-export the bundle"
+            f"{str(model.any_size).lower()}): 'short' and 'long' go with a model exported for "
+            "any size (any_size true), the other modes with any_size false; re-export the bundle"
         )
     return pre
 

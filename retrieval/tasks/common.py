@@ -137,7 +137,7 @@ def inference_embedder(
         preprocessing.input_size,
         kind,
         device.type,
-        any_size=preprocessing.resize_mode == "short",
+        any_size=preprocessing.any_size,
     )
 
 

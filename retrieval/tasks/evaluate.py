@@ -32,7 +32,7 @@ from retrieval.tasks.common import (
 )
 from retrieval.tasks.distractors import EmbeddingRun, distractors_of
 from retrieval.tasks.evaluate_report import EvalInputs, write_report
-from retrieval.tasks.postprocess import fit_steps, ms_per_image, postprocess_config
+from retrieval.tasks.postprocess import fit_steps, fitting_split, ms_per_image, postprocess_config
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
     fitted = fit_steps(
         steps,
         model.embedder,
-        lambda edited: datamodule.split_eval_set(datamodule.splits[0], edited),
+        fitting_split(cfg, datamodule),
         embed,
     )
     stepped = embed(fitted.embedder, dataset) if steps.tta else embeddings

@@ -38,7 +38,7 @@ from retrieval.tasks.common import (
     model_config,
     model_preprocessing,
 )
-from retrieval.tasks.postprocess import fit_steps, postprocess_config
+from retrieval.tasks.postprocess import fit_steps, fitting_split, postprocess_config
 from retrieval.tasks.runs import point_latest
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     fitted = fit_steps(
         steps,
         model.embedder,
-        lambda edited: datamodule.split_eval_set(datamodule.splits[0], edited),
+        fitting_split(cfg, datamodule),
         embed_with,
     )
 

@@ -1,5 +1,6 @@
 """What evaluate and export share about the search-time stage (``postprocess=``): embedding with
-test-time augmentation, fitting the whitening on the training split, and timing the steps."""
+test-time augmentation, fitting the whitening on the training split (the data's own, or that
+of ``data@fit_data=``), and timing the steps."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from retrieval.data.dataset import ImageDataset
@@ -37,6 +39,19 @@ def postprocess_config(cfg: DictConfig) -> Postprocess:
             "use inference.runtime=eager with tta"
         )
     return steps
+
+
+def fitting_split(cfg: DictConfig, datamodule: Any) -> Callable[[bool], ImageDataset]:
+    """The training split search-time steps are fitted on, as ``train_set(edited)`` for
+    :func:`fit_steps`: that of ``cfg.fit_data`` when set (a data config, ``+data@fit_data=NAME``:
+    e.g. SfM-120k's 3D models for the whitening of Revisited Oxford, whose data has no training
+    split), seen with the evaluated data's preprocessing; else ``datamodule``'s own."""
+    source = datamodule
+    if cfg.get("fit_data") is not None:
+        source = instantiate(cfg.fit_data, _partial_=True)(
+            preprocessing=datamodule.preprocessing, image_size=None, resize_mode=None, seed=cfg.seed
+        )
+    return lambda edited: source.split_eval_set(source.splits[0], edited)
 
 
 @dataclass

@@ -41,7 +41,7 @@ def thin_png(width: int, height: int) -> bytes:
 
 
 @pytest.mark.usefixtures("decode_calls")  # any decode fails the test
-@pytest.mark.parametrize("mode", ["crop", "squash", "pad", "short"])
+@pytest.mark.parametrize("mode", ["crop", "squash", "pad", "short", "long"])
 @pytest.mark.parametrize("shape", [(40, 1_000_000), (1, 4_000_000), (4_000_000, 1)])
 def test_extreme_aspect_ratios_are_refused_from_the_header(
     shape: tuple[int, int], mode: str

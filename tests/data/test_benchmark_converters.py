@@ -154,3 +154,61 @@ def test_disc21_layout_labels_and_training_background(tmp_path: Path) -> None:
     _write_csv(root / "public_ground_truth.csv", ["query_id", "reference_id"], truth)
     with pytest.raises(ManifestError, match="row 2: reference 'R999999'"):
         converters.disc21(root)
+
+
+def sfm120k_tree(root: Path) -> Path:
+    """``root/retrieval-SfM-120k.pkl`` and ``root/ims/...``: 4 train images of 2 clusters, 2
+    val images of one, laid out as cirtorch's ``cid2filename``."""
+    splits = {
+        "train": (["a1b2c3d4", "e5f6a7b8", "99887766", "11223344"], [0, 0, 1, 1]),
+        "val": (["aabbccdd", "00ffeedd"], [0, 0]),
+    }
+    data = {}
+    for seed, (name, (cids, cluster)) in enumerate(splits.items()):
+        for i, cid in enumerate(cids):
+            path = root / "ims" / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid
+            _noise_jpeg(path, (16, 12), seed=10 * seed + i)
+        data[name] = {
+            "cids": cids,
+            "cluster": np.array(cluster),
+            "qidxs": [0, 2] if name == "train" else [0],
+            "pidxs": [1, 3] if name == "train" else [1],
+        }
+    (root / "retrieval-SfM-120k.pkl").write_bytes(pickle.dumps(data))
+    return root
+
+
+def test_sfm120k_clusters_are_labels_and_val_is_the_test_split(tmp_path: Path) -> None:
+    root = sfm120k_tree(tmp_path / "sfm")
+    rows = read_manifest(converters.sfm120k(root))
+    assert [(r.path.name, r.label, r.split) for r in rows] == [
+        ("a1b2c3d4", "train-0", "train"),
+        ("e5f6a7b8", "train-0", "train"),
+        ("99887766", "train-1", "train"),
+        ("11223344", "train-1", "train"),
+        ("aabbccdd", "val-0", "test"),  # cluster 0 of val is not cluster 0 of train
+        ("00ffeedd", "val-0", "test"),
+    ]
+    assert rows[0].path == root / "ims" / "d4" / "c3" / "b2" / "a1b2c3d4"
+
+
+def test_sfm120k_bad_input_names_the_file(tmp_path: Path) -> None:
+    root = sfm120k_tree(tmp_path / "sfm")
+    database = root / "retrieval-SfM-120k.pkl"
+    data = pickle.loads(database.read_bytes())
+    data["train"]["cluster"] = np.array([0, 1])  # one per cid is required
+    database.write_bytes(pickle.dumps(data))
+    with pytest.raises(ManifestError, match=r"retrieval-SfM-120k\.pkl, key 'train', key 'cluster'"):
+        converters.sfm120k(root)
+    data["train"]["cluster"], data["x"] = np.array([0, 0, 1, 1]), eval
+    database.write_bytes(pickle.dumps(data))
+    with pytest.raises(ManifestError, match="refused to load builtins.eval; a SfM-120k file"):
+        converters.sfm120k(root)
+    del data["x"]
+    database.write_bytes(pickle.dumps(data))
+    (root / "ims" / "44" / "33" / "22" / "11223344").unlink()
+    with pytest.raises(ManifestError, match="1 of 6 listed images are missing"):
+        converters.sfm120k(root)
+    database.unlink()
+    with pytest.raises(ManifestError, match="'retrieval-SfM-120k.pkl' missing under"):
+        converters.sfm120k(root)
