@@ -11,8 +11,9 @@ from retrieval.tasks.config import CONF_DIR, compose_config
 
 CONF = CONF_DIR
 
-# A real small bundle and its gallery, shared by the bundle and service tests.
-pytest_plugins = ["tests.bundle_fixtures"]
+# A real small bundle and its gallery, shared by the bundle and service tests; the Milvus
+# server the backend and service tests run on beside Milvus Lite.
+pytest_plugins = ["tests.bundle_fixtures", "tests.milvus_engines"]
 
 
 def compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:

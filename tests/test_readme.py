@@ -29,7 +29,7 @@ def test_readme_documents_the_main_commands():
     assert any("backbone=resnet50" in c and "data=cub200" in c and "data.root=" in c for c in train)
     text = (ROOT / "README.md").read_text()
     # the contributor's test command is what CI runs
-    tests = 'pip install -e ".[dev,milvus,openvino]" && python -m pytest'
+    tests = 'pip install -e ".[dev,milvus,milvus-server,openvino]" && python -m pytest'
     assert tests in text and tests in (ROOT / ".ci" / "run").read_text()
     cpu = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
     assert cpu in text and cpu in (ROOT / "pyproject.toml").read_text()

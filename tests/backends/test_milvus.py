@@ -1,7 +1,9 @@
-"""The Milvus backend against the bundle's own FAISS + SQLite store, on Milvus Lite.
+"""The Milvus backend against the bundle's own FAISS + SQLite store, on Milvus Lite and on a
+real Milvus server (:mod:`tests.milvus_engines`).
 
 Milvus Lite runs in the test process (``milvus-lite:PATH``) or as its own server process
-(``python -m milvus_lite server``, reached as ``milvus://127.0.0.1:PORT/COLLECTION``).
+(``python -m milvus_lite server``, reached as ``milvus://127.0.0.1:PORT/COLLECTION``); the
+server is a Milvus standalone server on loopback, reached the same way.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from retrieval.backends import BackendError, parse_backend
+from retrieval.bundle.records import ItemRecord
 from retrieval.search import Retriever
 from tests.bundle_fixtures import Gallery, new_images
+from tests.milvus_engines import ENGINES, collection_name, engine_target, fresh_collection
 from tests.service.conftest import AUTH, TOKEN, make_client
 
 pytest.importorskip("pymilvus", reason="the milvus extra (pymilvus) is not installed")
-pytest.importorskip("milvus_lite", reason="the milvus extra (milvus-lite) is not installed")
 
 from retrieval.backends.milvus import MilvusBackend, choose_index, push_bundle  # noqa: E402
 
@@ -42,16 +45,17 @@ def assert_same_results(
             assert i2[row, col] in i1[row, near], (row, col, i1[row], i2[row])
 
 
-@pytest.fixture
-def lite(tmp_path: Path) -> str:
-    return f"milvus-lite:{tmp_path / 'lite'}"
+@pytest.fixture(params=ENGINES)
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty collection on each engine."""
+    return engine_target(request.param, request, tmp_path / "lite")
 
 
 @pytest.fixture
-def pushed(bundle_copy: Path, lite: str) -> str:
-    report = push_bundle(bundle_copy, parse_backend(lite))
+def pushed(bundle_copy: Path, target: str) -> str:
+    report = push_bundle(bundle_copy, parse_backend(target))
     assert (report.pushed, report.present, report.total) == (40, 0, 40)
-    return lite
+    return target
 
 
 def test_search_equals_the_faiss_backend(bundle_copy: Path, gallery: Gallery, pushed: str) -> None:
@@ -86,7 +90,7 @@ def test_label_filters_agree(bundle_copy: Path, gallery: Gallery, pushed: str) -
             assert ids.shape == (2, 0)
 
 
-def test_equal_scores_come_by_ascending_id_across_the_kth_place(tmp_path: Path) -> None:
+def test_equal_scores_come_by_ascending_id_across_the_kth_place(target: str) -> None:
     """13 copies of one vector among 30 others: the top 5 are the 5 lowest ids of the copies
     (Milvus orders ties as it likes; the backend searches past them)."""
     rng = np.random.default_rng(3)
@@ -94,18 +98,10 @@ def test_equal_scores_come_by_ascending_id_across_the_kth_place(tmp_path: Path) 
     x[30:] = x[0]
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     ids = rng.permutation(np.arange(100, 143))
-    spec = parse_backend(f"milvus-lite:{tmp_path / 'ties'}")
+    spec = parse_backend(target)
     with MilvusBackend.connect(spec, 16, create=choose_index(len(x))) as backend:
         rows = [
-            {
-                "id": int(i),
-                "vector": v,
-                "label": "a",
-                "uri": f"/{i}.jpg",
-                "extra": {},
-                "content_sha256": None,
-                "added_at": "now",
-            }
+            backend.row(int(i), ItemRecord(f"/{i}.jpg", "a"), v, "now")
             for i, v in zip(ids, x, strict=True)
         ]
         backend._client.insert(spec.collection, rows)
@@ -122,9 +118,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def milvus_server(tmp_path: Path) -> Iterator[str]:
-    """A Milvus Lite server in its own process; yields ``milvus://127.0.0.1:PORT``."""
+@pytest.fixture(params=["milvus-lite-server", "milvus-server"])
+def milvus_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A Milvus Lite server in its own process, or the session's Milvus server; yields the
+    ``milvus://127.0.0.1:PORT/`` that names a fresh collection with a suffix."""
+    if request.param == "milvus-server":
+        address = request.getfixturevalue("milvus_standalone")
+        yield fresh_collection(address, collection_name(request))
+        return
+    pytest.importorskip("milvus_lite", reason="the milvus extra (milvus-lite) is not installed")
     port = free_port()
     server = subprocess.Popen(
         [
@@ -150,7 +152,7 @@ def milvus_server(tmp_path: Path) -> Iterator[str]:
                 assert server.poll() is None, "the Milvus Lite server stopped"
                 assert time.monotonic() < deadline, "the Milvus Lite server did not start"
                 time.sleep(0.2)
-        yield f"milvus://127.0.0.1:{port}"
+        yield f"milvus://127.0.0.1:{port}/items"
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -160,7 +162,7 @@ def test_writes_through_one_service_are_seen_by_another(
     bundle_copy: Path, milvus_server: str
 ) -> None:
     """Two services (as two replicas of retrieval serve) on one engine."""
-    spec = f"{milvus_server}/items"
+    spec = milvus_server
     push_bundle(bundle_copy, parse_backend(spec))
     (new,) = new_images(bundle_copy.parent / "incoming", 1)
     first = make_client(bundle_copy, spec, token=TOKEN)
@@ -209,7 +211,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_a_push_killed_midway_and_run_again_gives_every_item_once(
-    bundle_copy: Path, lite: str
+    bundle_copy: Path, target: str
 ) -> None:
     push = subprocess.Popen(
         [
@@ -218,7 +220,7 @@ def test_a_push_killed_midway_and_run_again_gives_every_item_once(
             PUSH_SLOWLY,
             "push",
             str(bundle_copy),
-            lite,
+            target,
             "--batch-size",
             "6",
             "--quiet",
@@ -233,15 +235,15 @@ def test_a_push_killed_midway_and_run_again_gives_every_item_once(
     push.kill()  # SIGKILL between two batches: no clean-up runs
     push.wait(timeout=30)
     assert push.returncode == -9
-    report = push_bundle(bundle_copy, parse_backend(lite))
+    report = push_bundle(bundle_copy, parse_backend(target))
     assert report.present >= 12 and report.pushed == 40 - report.present
     assert report.total == 40
-    with MilvusBackend.connect(parse_backend(lite), 1280) as backend:
+    with MilvusBackend.connect(parse_backend(target), 1280) as backend:
         rows = backend._client.query(
-            "retrieval", filter="id >= 0", output_fields=["id"], limit=1000
+            backend.spec.collection, filter="id >= 0", output_fields=["id"], limit=1000
         )
         assert sorted(int(r["id"]) for r in rows) == list(range(1, 41))
-    again = push_bundle(bundle_copy, parse_backend(lite))
+    again = push_bundle(bundle_copy, parse_backend(target))
     assert (again.pushed, again.present, again.total) == (0, 40, 40)
 
 
@@ -263,14 +265,14 @@ def test_unreachable_engine_wrong_dimension_and_missing_collection(
         BackendError, match=r"holds 1280-d vectors but the bundle's model gives 64-d"
     ):
         MilvusBackend.connect(parse_backend(pushed), 64)
-    with pytest.raises(BackendError, match=r"no collection 'other'.*retrieval push"):
-        Retriever.load(bundle_copy, backend=f"{pushed}#other")
+    other = f"{pushed}#other" if pushed.startswith("milvus-lite:") else f"{pushed}_other"
+    with pytest.raises(BackendError, match=r"no collection '.*other'.*retrieval push"):
+        Retriever.load(bundle_copy, backend=other)
 
 
-def test_cli_push_and_serve_errors(bundle_copy: Path, tmp_path: Path, capsys) -> None:
+def test_cli_push_and_serve_errors(bundle_copy: Path, target: str, capsys) -> None:
     from retrieval.cli import main
 
-    target = f"milvus-lite:{tmp_path / 'cli'}"
     assert main(["push", str(bundle_copy), target, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "pushed 40, already there 0, deleted 0" in out and "holds 40 items (HNSW" in out
@@ -298,12 +300,13 @@ def test_two_serve_processes_on_one_engine_share_writes(
 
     from tests.service.live import serve
 
-    spec = f"{milvus_server}/replicas"
+    spec = milvus_server
     push_bundle(bundle_copy, parse_backend(spec))
     (new,) = new_images(bundle_copy.parent / "incoming", 1, seed=11)
     flags = ("--backend", spec, "--token", TOKEN)
     with serve(bundle_copy, *flags) as one, serve(bundle_copy, *flags) as two:
-        assert httpx.get(f"{two}/stats").json()["backend"]["collection"] == "replicas"
+        collection = parse_backend(spec).collection
+        assert httpx.get(f"{two}/stats").json()["backend"]["collection"] == collection
         reply = httpx.post(
             f"{one}/items", files={"images": (new.name, new.read_bytes())}, headers=AUTH
         )
@@ -319,7 +322,7 @@ def test_two_serve_processes_on_one_engine_share_writes(
 
 
 def test_push_keeps_extra_fields_labels_and_hashes(
-    bundle_copy: Path, gallery: Gallery, lite: str
+    bundle_copy: Path, gallery: Gallery, target: str
 ) -> None:
     from retrieval.backends import SearchBackend
     from retrieval.bundle.items import IndexedItems
@@ -330,8 +333,8 @@ def test_push_keeps_extra_fields_labels_and_hashes(
         record = ItemRecord("/shop/a1.jpg", "shoes", extra, "ab" * 32)
         (new_id,) = items.add([record], gallery.vectors[:1]).added
         unlabelled = items.add([ItemRecord("/shop/x.jpg")], gallery.vectors[1:2]).added[0]
-    push_bundle(bundle_copy, parse_backend(lite))
-    with Retriever.load(bundle_copy) as bundle, Retriever.load(bundle_copy, backend=lite) as mv:
+    push_bundle(bundle_copy, parse_backend(target))
+    with Retriever.load(bundle_copy) as bundle, Retriever.load(bundle_copy, backend=target) as mv:
         assert isinstance(bundle.items, SearchBackend) and isinstance(mv.items, SearchBackend)
         for item_id in (new_id, unlabelled):
             a, b = bundle.item(item_id), mv.item(item_id)

@@ -1,6 +1,8 @@
-"""The Milvus backend after crashes and beside other writers, on Milvus Lite: a torn index
-repaired by ``retrieval push --repair``, removals through the engine that push keeps, the same
-images added by two replicas at once, labels of any characters, and one-line errors.
+"""The Milvus backend after crashes and beside other writers, on Milvus Lite and on a Milvus
+server (:mod:`tests.milvus_engines`): a torn or dropped index repaired by ``retrieval push
+--repair``, removals through the engine that push keeps, the same images added by two
+replicas at once, labels of any characters, one collection layout read by another, and
+one-line errors.
 
 A small generated bundle (manifest.json and items.sqlite of random 16-d vectors, no model:
 ``retrieval push`` reads only these) keeps each test to seconds.
@@ -24,9 +26,9 @@ from retrieval.bundle.item_table import ItemTable
 from retrieval.bundle.records import ItemRecord
 
 pytest.importorskip("pymilvus", reason="the milvus extra (pymilvus) is not installed")
-pytest.importorskip("milvus_lite", reason="the milvus extra (milvus-lite) is not installed")
 
 from retrieval.backends.milvus import MilvusBackend, push_bundle, push_store  # noqa: E402
+from tests.milvus_engines import ENGINES, engine_target, server_client  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DIM, COUNT = 16, 30
@@ -64,8 +66,15 @@ def bundle(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def lite(tmp_path: Path) -> str:
-    return f"milvus-lite:{tmp_path / 'lite'}"
+def lite(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A Milvus Lite folder (for what only Milvus Lite has: its index files, its lock)."""
+    return engine_target("milvus-lite", request, tmp_path / "lite")
+
+
+@pytest.fixture(params=ENGINES)
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty collection on each engine."""
+    return engine_target(request.param, request, tmp_path / "lite")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -109,14 +118,26 @@ def tear_index(target: str, lite_folder: Path) -> None:
 def drop_index(target: str, lite_folder: Path) -> None:
     """Leave what a kill between making the collection and building its index leaves."""
     with MilvusBackend.connect(parse_backend(target), DIM, read_only=True) as backend:
-        backend._client.release_collection("retrieval")
-        backend._client.drop_index("retrieval", "vector")
+        backend._client.release_collection(backend.spec.collection)
+        backend._client.drop_index(backend.spec.collection, "vector")
 
 
-@pytest.mark.parametrize("damage", [tear_index, drop_index])
-def test_push_repair_rebuilds_a_damaged_index_and_keeps_every_item_once(
-    bundle: Path, lite: str, tmp_path: Path, damage
+def test_push_repair_rebuilds_a_torn_index_file_and_keeps_every_item_once(
+    bundle: Path, lite: str, tmp_path: Path
 ) -> None:
+    check_repair(bundle, lite, tmp_path, tear_index)
+
+
+def test_push_repair_rebuilds_a_dropped_index_and_keeps_every_item_once(
+    bundle: Path, target: str, tmp_path: Path
+) -> None:
+    check_repair(bundle, target, tmp_path, drop_index)
+
+
+def check_repair(bundle: Path, target: str, tmp_path: Path, damage) -> None:
+    """After ``damage``, serve and push refuse with one line naming --repair, push --repair
+    rebuilds the index, and every item is there once."""
+    lite, collection = target, parse_backend(target).collection
     push_bundle(bundle, parse_backend(lite))
     expected = engine_changes(lite)
     damage(lite, tmp_path / "lite")
@@ -129,31 +150,33 @@ def test_push_repair_rebuilds_a_damaged_index_and_keeps_every_item_once(
     repaired = cli("push", str(bundle), lite, "--quiet", "--repair")
     assert repaired.returncode == 0 and repaired.stderr == "", repaired
     said = repaired.stdout.splitlines()
-    assert len(said) == 2 and said[0].startswith("repaired collection 'retrieval'"), said
+    assert len(said) == 2 and said[0].startswith(f"repaired collection '{collection}'"), said
     assert "rebuilt its HNSW index from its 31 stored vectors" in said[0]
     assert said[1].startswith("pushed 0, already there 29, deleted 0, left out 1"), said
     counts = stored(lite)
     assert set(counts) == expected and set(counts.values()) == {1}
 
 
-def test_push_does_not_bring_back_items_removed_through_the_engine(bundle: Path, lite: str) -> None:
-    spec = parse_backend(lite)
+def test_push_does_not_bring_back_items_removed_through_the_engine(
+    bundle: Path, target: str
+) -> None:
+    spec = parse_backend(target)
     push_bundle(bundle, spec)
     with MilvusBackend.connect(spec, DIM) as replica:
         assert replica.remove([3, 4]) == [3, 4]
     with ItemTable.open(bundle / "items.sqlite") as store:
         store.remove([5])
         report = push_store(store, spec)
-    assert set(stored(lite)) == set(range(1, COUNT + 1)) - {3, 4, 5}
+    assert set(stored(target)) == set(range(1, COUNT + 1)) - {3, 4, 5}
     assert (report.pushed, report.deleted, report.left_out, report.total) == (0, 1, 2, 27)
 
 
 def test_two_replicas_adding_the_same_images_at_once_store_each_once(
-    bundle: Path, lite: str, monkeypatch: pytest.MonkeyPatch
+    bundle: Path, target: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Replica b looks for the images' hashes before replica a has written them (the race of
     two replicas given the same images at once) and writes after it."""
-    spec = parse_backend(lite)
+    spec = parse_backend(target)
     push_bundle(bundle, spec)
     new, x = records(15, "upload"), unit_rows(15, 2)
     with MilvusBackend.connect(spec, DIM) as a, MilvusBackend.connect(spec, DIM) as b:
@@ -167,17 +190,15 @@ def test_two_replicas_adding_the_same_images_at_once_store_each_once(
 
 
 def test_an_image_whose_hash_id_another_image_holds_gets_the_next_id(
-    bundle: Path, lite: str
+    bundle: Path, target: str
 ) -> None:
-    from retrieval.backends.milvus.collection import row_of
-
-    spec = parse_backend(lite)
+    spec = parse_backend(target)
     push_bundle(bundle, spec)
     (record,) = records(1, "clash")
     taken = 2**52 + int(str(record.content_sha256)[:13], 16)
     other = ItemRecord("/other.jpg", "cat", {}, "f" * 64)
     with MilvusBackend.connect(spec, DIM) as backend:
-        backend.write_rows([row_of(taken, other, unit_rows(1, 4)[0], "then")])
+        backend.write_rows([backend.row(taken, other, unit_rows(1, 4)[0], "then")])
         assert backend.add([record], unit_rows(1, 5)).added == [taken + 1]
         assert backend.find_by_sha256("f" * 64) == [taken]
 
@@ -187,7 +208,7 @@ ODD = ["a\nb", "cat\n", "\rcat", "x\x00y", "", "c" * 5000, 'cat" || label != "',
 
 
 def test_labels_of_any_characters_find_what_the_bundle_finds_and_never_fail(
-    tmp_path: Path, lite: str
+    tmp_path: Path, target: str
 ) -> None:
     from retrieval.bundle.items import IndexedItems
 
@@ -195,8 +216,8 @@ def test_labels_of_any_characters_find_what_the_bundle_finds_and_never_fail(
     x = unit_rows(12, 3)
     with IndexedItems.create(tmp_path / "items", DIM) as items:
         items.add(records(12, "labels", stored_labels), x)
-        push_store(items.store, parse_backend(lite))
-        with MilvusBackend.connect(parse_backend(lite), DIM, read_only=True) as milvus:
+        push_store(items.store, parse_backend(target))
+        with MilvusBackend.connect(parse_backend(target), DIM, read_only=True) as milvus:
             for label in LABELS + ODD:
                 try:
                     expected = items.search(x[:2], 5, label=label)[1]
@@ -207,15 +228,28 @@ def test_labels_of_any_characters_find_what_the_bundle_finds_and_never_fail(
 
 
 def test_push_checks_its_batch_size_before_touching_the_engine(
-    bundle: Path, lite: str, tmp_path: Path
+    bundle: Path, target: str, tmp_path: Path
 ) -> None:
-    refused = cli("push", str(bundle), lite, "--batch-size", "0", "--quiet")
+    refused = cli("push", str(bundle), target, "--batch-size", "0", "--quiet")
     assert refused.returncode == 2, refused
     assert refused.stderr == "error: --batch-size must be a positive integer, got 0\n"
-    assert not (tmp_path / "lite").exists()
+    assert not touched(target, tmp_path)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got -1"):
-        push_bundle(bundle, parse_backend(lite), batch_size=-1)
-    assert not (tmp_path / "lite").exists()
+        push_bundle(bundle, parse_backend(target), batch_size=-1)
+    assert not touched(target, tmp_path)
+
+
+def touched(target: str, tmp_path: Path) -> bool:
+    """Whether the engine of ``target`` holds anything of it: Milvus Lite's folder, or the
+    server's collection."""
+    spec = parse_backend(target)
+    if spec.kind == "milvus-lite":
+        return (tmp_path / "lite").exists()
+    client = server_client(spec.uri.removeprefix("http://"))
+    try:
+        return bool(client.has_collection(spec.collection))
+    finally:
+        client.close()
 
 
 HOLD = """

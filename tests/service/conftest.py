@@ -12,6 +12,7 @@ from PIL import Image
 
 from retrieval.search import Retriever
 from retrieval.service import ServiceSettings, create_app
+from tests.milvus_engines import ENGINES, engine_target
 
 TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -41,18 +42,17 @@ def make_client(
         retriever.close()
 
 
-@pytest.fixture(params=["bundle", "milvus-lite"])
+@pytest.fixture(params=["bundle", *ENGINES])
 def backend(request: pytest.FixtureRequest, bundle_copy: Path) -> str | None:
-    """Where the service searches: the bundle itself, or a Milvus Lite collection that the
-    bundle was pushed to (skipped where pymilvus / milvus-lite cannot be imported)."""
+    """Where the service searches: the bundle itself, or a collection of Milvus Lite or of a
+    Milvus server that the bundle was pushed to (skipped where the engine is missing, see
+    :mod:`tests.milvus_engines`)."""
     if request.param == "bundle":
         return None
-    pytest.importorskip("pymilvus", reason="the milvus extra is not installed")
-    pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
+    spec = engine_target(request.param, request, bundle_copy.parent / "lite")
     from retrieval.backends import parse_backend
     from retrieval.backends.milvus import push_bundle
 
-    spec = f"milvus-lite:{bundle_copy.parent / 'lite'}"
     push_bundle(bundle_copy, parse_backend(spec))
     return spec
 

@@ -1,8 +1,10 @@
 """The Milvus backend: a bundle's items searched in a Milvus collection through ``pymilvus``.
 
+Milvus servers from 2.3 on and Milvus Lite: the server's version is read when connecting.
 One collection per bundle, one row per active item: ``id`` (INT64 primary key, the bundle's
-ids), ``vector`` (FLOAT_VECTOR, metric IP), ``label`` and ``content_sha256`` (VARCHAR, may be
-null), ``uri``, ``added_at`` (VARCHAR) and ``extra`` (JSON). Collections are created with
+ids), ``vector`` (FLOAT_VECTOR, metric IP), ``label`` and ``content_sha256`` (VARCHAR, null
+or, on servers without nullable fields, empty text for none), ``uri``, ``added_at`` (VARCHAR)
+and ``extra`` (JSON). Collections are created with
 ``Strong`` consistency and searched and queried with it, so every process that points at the
 engine sees a write once it has returned: replicas of ``retrieval serve`` share adds and
 removals. Rows are written by id (upserts): a row written twice is there once. Removed items
@@ -24,12 +26,15 @@ Milvus Lite writes its index files in place, so a process killed while writing o
 torn and the collection cannot be loaded; ``retrieval push --repair`` rebuilds the index from
 the stored vectors (every row, those added through the engine included, is kept).
 
-Modules: :mod:`~retrieval.backends.milvus.engine` (the client, Milvus Lite servers),
+Modules: :mod:`~retrieval.backends.milvus.engine` (the client, the server's version, Milvus
+Lite servers),
 :mod:`~retrieval.backends.milvus.collection` (fields, index, rows),
 :mod:`~retrieval.backends.milvus.removals` (the record of removed items),
 :mod:`~retrieval.backends.milvus.search` (ranked search with the tie rule),
-:mod:`~retrieval.backends.milvus.backend` (:class:`MilvusBackend`) and
-:mod:`~retrieval.backends.milvus.push` (``retrieval push``).
+:mod:`~retrieval.backends.milvus.backend` (:class:`MilvusBackend`),
+:mod:`~retrieval.backends.milvus.push` (``retrieval push``) and
+:mod:`~retrieval.backends.milvus.standalone` (a Milvus server on loopback, for tests and
+benchmarks).
 """
 
 from retrieval.backends.milvus.backend import MilvusBackend

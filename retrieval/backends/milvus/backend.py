@@ -21,11 +21,18 @@ from retrieval.backends.milvus.collection import (
     chunks,
     item_of,
     label_filter,
+    nullable_text,
     open_collection,
     quote,
     row_of,
 )
-from retrieval.backends.milvus.engine import engine_logs_held, open_client, release
+from retrieval.backends.milvus.engine import (
+    ServerVersion,
+    engine_logs_held,
+    open_client,
+    release,
+    server_version,
+)
 from retrieval.backends.milvus.removals import (
     drop_removals,
     open_removals,
@@ -50,10 +57,18 @@ class MilvusBackend:
     :meth:`connect`. Thread-safe (pymilvus clients are); writes are serialised per process."""
 
     def __init__(
-        self, spec: BackendSpec, client: Any, dim: int, index: dict[str, Any], read_only: bool
+        self,
+        spec: BackendSpec,
+        client: Any,
+        dim: int,
+        index: dict[str, Any],
+        read_only: bool,
+        version: ServerVersion,
+        nullable: bool,
     ) -> None:
         self.spec, self._client, self._dim = spec, client, dim
         self._index, self._read_only = index, read_only
+        self.version, self._nullable = version, nullable
         self._write = threading.Lock()
         self._last_id = 0
         self._closed = False
@@ -80,15 +95,19 @@ class MilvusBackend:
         with engine_logs_held():
             client = open_client(spec, timeout_s)
             try:
+                version = server_version(client)
                 if create is not None and not client.has_collection(spec.collection):
                     drop_removals(client, spec.collection)  # of a former collection
-                index, note = open_collection(client, spec, dim, create, repair)
+                index, note = open_collection(
+                    client, spec, dim, create, repair, nullable=version.nullable
+                )
+                nullable = nullable_text(client, spec.collection)
                 notes = [note, "" if read_only else open_removals(client, spec, repair)]
             except BaseException:
                 client.close()
                 release(spec)
                 raise
-        backend = cls(spec, client, dim, index, read_only)
+        backend = cls(spec, client, dim, index, read_only, version, nullable)
         backend.repaired = [line for line in notes if line]
         return backend
 
@@ -139,18 +158,31 @@ class MilvusBackend:
             new_ids = self._new_ids([records[i].content_sha256 for i in plan.fresh])
             now = _now()
             rows = [
-                row_of(new_id, records[i], x[i], now)
+                self.row(new_id, records[i], x[i], now)
                 for i, new_id in zip(plan.fresh, new_ids, strict=True)
             ]
             self.write_rows(rows)
         return plan.result(new_ids)
 
+    def row(
+        self, item_id: int, record: ItemRecord, vector: np.ndarray, added_at: str
+    ) -> dict[str, Any]:
+        """The row of an item in this collection's layout
+        (:func:`~retrieval.backends.milvus.collection.row_of`)."""
+        return row_of(item_id, record, vector, added_at, self._nullable)
+
     def write_rows(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Write collection rows (see :func:`~retrieval.backends.milvus.collection.row_of`),
-        each replacing any row of its id: writing a row twice, from one process or from two
-        at once, leaves it once."""
+        """Write collection rows (see :meth:`row`), each replacing any row of its id: writing
+        a row twice, from one process or from two at once, leaves it once."""
         for chunk in chunks(list(rows)):
             self._client.upsert(self.spec.collection, list(chunk))
+
+    def seal(self) -> None:
+        """Flush the collection's rows into sealed segments, which the server then indexes:
+        after a push, so that searches use the collection's index (a server searches
+        unsealed rows through a coarse interim index of its own, Milvus 2.3's IVF, whose
+        results differ from the index's)."""
+        self._client.flush(self.spec.collection)
 
     def _new_ids(self, shas: Sequence[str | None]) -> list[int]:
         """An id for each new item of these distinct sha256s (None: an item without one)
@@ -172,7 +204,7 @@ class MilvusBackend:
                     output_fields=["id", "content_sha256"],
                     consistency_level="Strong",
                 )
-                held.update((int(r["id"]), r.get("content_sha256")) for r in rows)
+                held.update((int(r["id"]), r.get("content_sha256") or None) for r in rows)
             moved = False
             for sha, item_id in ids.items():
                 if held.setdefault(item_id, sha) != sha:
@@ -279,6 +311,7 @@ class MilvusBackend:
         return {
             "kind": self.spec.kind,
             **place,
+            "server": self.version.text,
             "collection": self.spec.collection,
             "index_type": self._index["index_type"],
             "params": dict(self._index.get("params", {})),

@@ -1,6 +1,13 @@
 """The item collection: its fields and vector index (made, checked, loaded, and rebuilt from
 the stored vectors when it cannot be loaded), rows to and from items, and the filter literals
-and request batches that reads and writes use."""
+and request batches that reads and writes use.
+
+Two layouts of the text fields: where the server has nullable fields (Milvus 2.5 on, Milvus
+Lite) ``label`` and ``content_sha256`` are nullable and an item without one holds null; on
+older servers (2.3, 2.4) they are plain VARCHAR and "none" is stored as empty text, which no
+label (1 or more characters) and no sha256 (64) can be. A collection's layout is read from its
+schema when it is opened, so one made by either is read right by every version of the backend;
+equality filters on a label or a hash find the same items in both."""
 
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ __all__ = [
     "item_of",
     "label_filter",
     "load_problem",
+    "nullable_text",
     "open_collection",
     "quote",
     "rebuild_index",
@@ -92,7 +100,7 @@ def chunks(values: Sequence[Any], size: int = BATCH) -> Iterator[Sequence[Any]]:
 
 
 def item_of(row: dict[str, Any]) -> Item:
-    """The item a collection row holds."""
+    """The item a collection row holds (empty text or null: no label, no sha256)."""
     vector = np.asarray(row["vector"], dtype=np.float32)
     extra = row.get("extra") or {}
     if isinstance(extra, str):
@@ -100,24 +108,28 @@ def item_of(row: dict[str, Any]) -> Item:
     return Item(
         int(row["id"]),
         str(row["uri"]),
-        row.get("label"),
+        row.get("label") or None,
         dict(extra),
-        row.get("content_sha256"),
+        row.get("content_sha256") or None,
         str(row.get("added_at") or ""),
         None,
         vector,
     )
 
 
-def row_of(item_id: int, record: ItemRecord, vector: np.ndarray, added_at: str) -> dict[str, Any]:
-    """The collection row of an item."""
+def row_of(
+    item_id: int, record: ItemRecord, vector: np.ndarray, added_at: str, nullable: bool = True
+) -> dict[str, Any]:
+    """The collection row of an item; no label or sha256 is null in a ``nullable`` layout,
+    empty text in the other (see the module doc)."""
+    none = None if nullable else ""
     return {
         "id": int(item_id),
         "vector": vector,
-        "label": record.label,
+        "label": none if record.label is None else record.label,
         "uri": record.uri,
         "extra": dict(record.extra),
-        "content_sha256": record.content_sha256,
+        "content_sha256": none if record.content_sha256 is None else record.content_sha256,
         "added_at": added_at,
     }
 
@@ -134,17 +146,21 @@ def index_params(client: Any, index: IndexChoice, field: str = "vector") -> Any:
 _UTF8 = 4  # the most bytes a character takes in UTF-8
 
 
-def _create_collection(client: Any, name: str, dim: int, index: IndexChoice) -> None:
+def _create_collection(
+    client: Any, name: str, dim: int, index: IndexChoice, nullable: bool
+) -> None:
     from pymilvus import DataType
 
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.INT64, is_primary=True)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+    # nullable is left out on servers without it (older ones refuse the field's schema)
+    may_be_null = {"nullable": True} if nullable else {}
     # Milvus counts a VARCHAR's max_length in UTF-8 bytes, the item store in characters
-    schema.add_field("label", DataType.VARCHAR, max_length=_UTF8 * MAX_LABEL, nullable=True)
+    schema.add_field("label", DataType.VARCHAR, max_length=_UTF8 * MAX_LABEL, **may_be_null)
     schema.add_field("uri", DataType.VARCHAR, max_length=_UTF8 * MAX_URI)
     schema.add_field("extra", DataType.JSON)
-    schema.add_field("content_sha256", DataType.VARCHAR, max_length=64, nullable=True)
+    schema.add_field("content_sha256", DataType.VARCHAR, max_length=64, **may_be_null)
     schema.add_field("added_at", DataType.VARCHAR, max_length=64)
     client.create_collection(
         name, schema=schema, index_params=index_params(client, index), consistency_level="Strong"
@@ -172,6 +188,13 @@ def vector_index(client: Any, name: str, field: str = "vector") -> dict[str, Any
         "params": {k: int(v) for k, v in params.items() if str(v).isdigit()},
         "metric": str(index.get("metric_type", "IP")).upper(),
     }
+
+
+def nullable_text(client: Any, name: str) -> bool:
+    """Whether the collection's ``label`` and ``content_sha256`` take null (its layout, see
+    the module doc)."""
+    fields = {f["name"]: f for f in client.describe_collection(name)["fields"]}
+    return bool(fields["label"].get("nullable", False))
 
 
 def check_collection(client: Any, spec: BackendSpec, dim: int) -> dict[str, Any] | None:
@@ -223,9 +246,15 @@ def rebuild_index(client: Any, name: str, index: IndexChoice, field: str = "vect
 
 
 def open_collection(
-    client: Any, spec: BackendSpec, dim: int, create: IndexChoice | None, repair: bool = False
+    client: Any,
+    spec: BackendSpec,
+    dim: int,
+    create: IndexChoice | None,
+    repair: bool = False,
+    nullable: bool = True,
 ) -> tuple[dict[str, Any], str]:
-    """Check (with ``create``, first make if missing) and load the collection of ``spec``:
+    """Check (with ``create``, first make if missing, its text fields ``nullable`` where the
+    server has that) and load the collection of ``spec``:
     its vector index description (see :func:`check_collection`) and what was repaired ("" if
     nothing). A collection whose vector index is missing or cannot be loaded (a Milvus Lite
     index file torn by a process killed while writing it) is a BackendError naming
@@ -236,7 +265,7 @@ def open_collection(
             raise BackendError(
                 f"no {spec.where}: fill it first with 'retrieval push BUNDLE {spec.text}'"
             )
-        _create_collection(client, spec.collection, dim, create)
+        _create_collection(client, spec.collection, dim, create, nullable)
     index = check_collection(client, spec, dim)
     problem = load_problem(client, spec.collection, index is not None)
     if not problem:

@@ -1,20 +1,42 @@
-"""Reaching a Milvus engine: the ``pymilvus`` client, this process's Milvus Lite servers
-(one per data folder, shared by every backend that opens it and stopped with the last), and
-the engine's own logs of errors that the backend reports itself."""
+"""Reaching a Milvus engine: the ``pymilvus`` client, the server's version (what the collection
+layout may use; servers older than 2.3 are refused), this process's Milvus Lite servers (one
+per data folder, shared by every backend that opens it and stopped with the last), and the
+engine's own logs of errors that the backend reports itself."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
+import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from retrieval.backends.base import BackendError
 from retrieval.backends.spec import BackendSpec
 
-__all__ = ["engine_logs_held", "open_client", "release"]
+__all__ = [
+    "TOKEN_VARIABLE",
+    "ServerVersion",
+    "engine_logs_held",
+    "open_client",
+    "release",
+    "server_version",
+]
+
+#: the environment variable whose value a Milvus server is given as credentials
+TOKEN_VARIABLE = "RETRIEVAL_MILVUS_TOKEN"
+
+#: the oldest Milvus the backend works with: upserts, JSON fields and count(*) queries
+OLDEST = (2, 3, 0)
+#: the first Milvus whose fields may be null; on older servers a collection stores "no label"
+#: and "no hash" as empty text (:mod:`~retrieval.backends.milvus.collection`)
+NULLABLE_FROM = (2, 5, 0)
+_RELEASE = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)")
 
 _lite_users: dict[Path, int] = {}  # Milvus Lite folders opened in this process -> backends
 _lite_lock = threading.Lock()
@@ -116,18 +138,83 @@ def release(spec: BackendSpec) -> None:
         _release_lite(spec.path)
 
 
+@dataclass(frozen=True)
+class ServerVersion:
+    """What a Milvus engine says it is: ``text`` as it says it (``v2.3.5``, ``milvus_lite-3.2.2``),
+    ``release`` its (major, minor, patch) for a server, None for Milvus Lite (which has every
+    feature the backend uses) or a version that does not read as one."""
+
+    text: str
+    release: tuple[int, int, int] | None
+    lite: bool
+
+    @property
+    def nullable(self) -> bool:
+        """Whether new collections may have fields that take null (Milvus 2.5 on, Lite)."""
+        return self.lite or (self.release is not None and self.release >= NULLABLE_FROM)
+
+    @property
+    def name(self) -> str:
+        return f"Milvus Lite ({self.text})" if self.lite else f"Milvus {self.text}"
+
+
+def server_version(client: Any) -> ServerVersion:
+    """The version of the engine ``client`` is connected to."""
+    text = str(client.get_server_version()).strip()
+    if text.startswith("milvus_lite"):
+        return ServerVersion(text, None, True)
+    found = _RELEASE.match(text)
+    release = tuple(int(part) for part in found.groups()) if found else None
+    return ServerVersion(text, release, False)  # type: ignore[arg-type]
+
+
+def _check_version(client: Any, spec: BackendSpec) -> None:
+    version = server_version(client)
+    if version.release is not None and version.release < OLDEST:
+        oldest = ".".join(str(part) for part in OLDEST)
+        raise BackendError(
+            f"{version.name} at {spec.where} is older than {oldest}, the oldest the backend "
+            "works with (it needs upserts, JSON fields and count queries): upgrade the server"
+        )
+
+
+def _answers(uri: str) -> bool:
+    """Whether something accepts TCP connections at ``http://HOST:PORT``."""
+    host, _, port = uri.removeprefix("http://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def open_client(spec: BackendSpec, timeout_s: float) -> Any:
     """A ``MilvusClient`` connected to the engine of ``spec`` (its Milvus Lite server started
-    if needed; :func:`release` it after closing the client). Raises BackendError: pymilvus or
-    milvus-lite missing, or the engine unreachable."""
+    if needed; :func:`release` it after closing the client). A server is given the token of
+    :data:`TOKEN_VARIABLE` (``USER:PASSWORD``, or an API key) when it is set. Raises
+    BackendError: pymilvus or milvus-lite missing, the engine unreachable, the credentials
+    refused, or a server older than :data:`OLDEST`."""
     pymilvus = _import_pymilvus(spec)
     uri = _lite_uri(spec) if spec.kind == "milvus-lite" else spec.uri
+    token = os.environ.get(TOKEN_VARIABLE, "") if spec.kind == "milvus" else ""
     try:
-        client = pymilvus.MilvusClient(uri=uri, timeout=timeout_s)
+        client = pymilvus.MilvusClient(uri=uri, token=token, timeout=timeout_s)
         client.list_collections()
     except Exception as err:  # grpc / pymilvus errors of every kind
         release(spec)
         reason = getattr(err, "message", None) or str(err) or type(err).__name__
         reason = str(reason).splitlines()[0]
+        if spec.kind == "milvus" and _answers(uri):  # a listener that refused the client
+            raise BackendError(
+                f"Milvus for {spec.where} answers but refused the connection ({reason}): "
+                f"wrong or missing credentials? set {TOKEN_VARIABLE}=USER:PASSWORD (or an API "
+                "key), or check that HOST:PORT is Milvus's gRPC port"
+            ) from None
         raise BackendError(f"cannot reach Milvus for {spec.where}: {reason}") from None
+    try:
+        _check_version(client, spec)
+    except BaseException:
+        client.close()
+        release(spec)
+        raise
     return client

@@ -9,7 +9,7 @@ from typing import Any
 
 from retrieval.backends.base import BackendError
 from retrieval.backends.milvus.backend import MilvusBackend
-from retrieval.backends.milvus.collection import BATCH, choose_index, chunks, row_of
+from retrieval.backends.milvus.collection import BATCH, choose_index, chunks
 from retrieval.backends.spec import BackendSpec
 from retrieval.bundle.item_table import ItemTable
 from retrieval.bundle.records import ItemRecord
@@ -96,7 +96,7 @@ def push_store(
             if missing:
                 backend.write_rows(
                     [
-                        row_of(
+                        backend.row(
                             it.id,
                             ItemRecord(it.uri, it.label, it.extra, it.content_sha256),
                             it.vector,
@@ -108,5 +108,7 @@ def push_store(
                 pushed += len(missing)
             if progress is not None:
                 progress(len(ids))
+        if pushed or gone:
+            backend.seal()
         total, described = backend.ntotal, backend.describe()
         return PushReport(pushed, present, len(gone), total, described, left_out, backend.repaired)
