@@ -60,6 +60,11 @@ class SearchBackend(Protocol):
     def get(self, ids: Sequence[int]) -> dict[int, Item]:
         """The active items among ``ids`` by id (unknown and removed ids left out)."""
 
+    def hit_records(self, ids: Sequence[int]) -> dict[int, Item]:
+        """The records of the hits ``ids`` of this thread's last :meth:`search`, as
+        :meth:`get` gives them but whose ``vector`` may be empty: what a result shows. A
+        backend may read them with the search (one round trip to an engine instead of two)."""
+
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         """(len(ids), dim) float32 stored vectors in the order asked; KeyError if unknown."""
 

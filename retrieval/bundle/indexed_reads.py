@@ -182,6 +182,10 @@ class IndexedReads:
                     continue
         return {item.id: item for item in found if item.active}
 
+    def hit_records(self, ids: Sequence[int]) -> dict[int, Item]:
+        """:meth:`get`: the store is local, a second read costs nothing."""
+        return self.get(ids)
+
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         """(len(ids), dim) float32 stored vectors (removed items' too); KeyError if unknown."""
         return self._store.vectors(ids)

@@ -224,7 +224,7 @@ class Retriever:
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
         """The hits of one result row, without empty slots and without items removed since
         the index was searched (the index lock is released before the rows are read)."""
-        return row_hits(scores, ids, self.items.get([int(i) for i in ids if i >= 0]))
+        return row_hits(scores, ids, self.items.hit_records([int(i) for i in ids if i >= 0]))
 
     def add(
         self,

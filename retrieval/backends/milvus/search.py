@@ -4,6 +4,7 @@ and searches deeper while a group of equal scores straddles the ``k``-th place."
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,12 +26,21 @@ def search_params(index_type: str, params: dict[str, Any], limit: int) -> dict[s
 
 
 def ranked_search(
-    client: Any, collection: str, index: dict[str, Any], xq: np.ndarray, k: int, where: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(scores, ids)`` of the ``k`` (at most :data:`MAX_TOPK`) best rows of ``collection``
-    that pass the filter ``where`` for each row of ``xq``, best first, equal scores by
-    ascending id; ``index`` is the collection's vector index description."""
+    client: Any,
+    collection: str,
+    index: dict[str, Any],
+    xq: np.ndarray,
+    k: int,
+    where: str,
+    fields: Sequence[str] = (),
+) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
+    """``(scores, ids, rows)`` of the ``k`` (at most :data:`MAX_TOPK`) best rows of
+    ``collection`` that pass the filter ``where`` for each row of ``xq``, best first, equal
+    scores by ascending id, and the ``fields`` of every row found (by id; the same request,
+    so no second round trip reads them); ``index`` is the collection's vector index
+    description."""
     k = min(int(k), MAX_TOPK)
+    rows: dict[int, dict[str, Any]] = {}
     found: list[list[tuple[float, int]]] = [[] for _ in range(len(xq))]
     todo = list(range(len(xq)))
     want = min(MAX_TOPK, k + max(8, k // 4))
@@ -40,7 +50,7 @@ def ranked_search(
             data=[xq[row] for row in todo],
             limit=want,
             filter=where,
-            output_fields=[],
+            output_fields=list(fields),
             search_params={
                 "metric_type": "IP",
                 "params": search_params(index["index_type"], index.get("params", {}), want),
@@ -50,6 +60,8 @@ def ranked_search(
         left = []
         for row, hits in zip(todo, answer, strict=True):
             pairs = sorted((-float(h["distance"]), int(h["id"])) for h in hits)
+            if fields:
+                rows.update((int(h["id"]), {**h["entity"], "id": int(h["id"])}) for h in hits)
             found[row] = pairs
             straddles = len(pairs) > k and pairs[k - 1][0] == pairs[-1][0]
             if straddles and len(pairs) == want and want < MAX_TOPK:
@@ -62,4 +74,4 @@ def ranked_search(
         best = pairs[:width]
         scores[row, : len(best)] = [-s for s, _ in best]
         ids[row, : len(best)] = [i for _, i in best]
-    return scores, ids
+    return scores, ids, rows

@@ -6,13 +6,15 @@ A server is started in a folder (its data, configuration and logs), answers on
 ``127.0.0.1:PORT`` (``milvus://127.0.0.1:PORT/COLLECTION``) and is stopped by the process that
 started it. Its internal ports (etcd's among them) are fixed, so one runs on a machine at a
 time. ``python -m retrieval.backends.milvus.standalone DIR`` runs one in the foreground until
-Ctrl+C and prints its address.
+Ctrl+C or SIGTERM and prints its address.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -97,11 +99,17 @@ class StandaloneServer:
                 return lines[-1][:300]
         return f"no log in {log.parent}"
 
-    def stop(self) -> None:
-        """Stop the server (nothing when it is not running)."""
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop the server, given ``grace_s`` seconds to shut down cleanly (so that it starts
+        again on the same folder) before it is killed; nothing when it is not running."""
         if self._server is not None:
             server, self._server = self._server, None
-            server.stop()
+            process = server.server_proc
+            if process is not None and process.poll() is None:
+                process.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=grace_s)
+            server.stop()  # kills it if it is still running, closes its log files
 
     def __enter__(self) -> StandaloneServer:
         self.start()
@@ -126,7 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StandaloneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"Milvus {server.version} answers on milvus://{address}/COLLECTION (Ctrl+C stops it)")
+    print(
+        f"Milvus {server.version} answers on milvus://{address}/COLLECTION "
+        "(Ctrl+C or SIGTERM stops it)",
+        flush=True,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # as Ctrl+C: stop the server
     try:
         while True:
             time.sleep(1)
