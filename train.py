@@ -25,7 +25,7 @@ def objective(cfg: DictConfig) -> float:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from retrieval.infra.console import console_copy, first_process
+    from retrieval.infra.progress import console_copy, first_process
 
     # RUN/train.log holds what the console shows (the first process of a distributed run).
     # In a multirun a failed job writes error.txt in its run directory, returns None (Optuna:

@@ -1,5 +1,5 @@
 """Benchmark: building IVF-PQ indexes from embedding shards on disk, at 1,000,000 and
-10,000,000 vectors, chunk by chunk as ``export.py shards=`` builds them (``retrieval.index.build``:
+10,000,000 vectors, chunk by chunk as ``export.py shards=`` builds them (``retrieval.index.shards``:
 a training sample across the shards, then their rows in chunks); then search QPS and
 recall@10 against exact search, per nprobe. ``--part bundle``: the same shards streamed into
 a whole bundle (items.sqlite + index) by ``write_bundle_chunks``, as ``export.py shards=``.
@@ -125,7 +125,7 @@ def _files(folder: Path) -> list[Path]:
 def child_truth(a: argparse.Namespace) -> dict[str, Any]:
     """Exact top-K of the queries over all shards, one Flat chunk at a time, merged."""
     from retrieval.index import EmbeddingIndex
-    from retrieval.index.build import iter_chunks
+    from retrieval.index.shards import iter_chunks
 
     folder = Path(a.dir)
     xq = np.load(folder / "queries.npy")
@@ -148,7 +148,7 @@ def child_build(a: argparse.Namespace) -> dict[str, Any]:
     """The chunked build (``training_sample``, ``train``, ``add`` per ``iter_chunks``), timed
     per phase."""
     from retrieval.index import EmbeddingIndex
-    from retrieval.index.build import iter_chunks, training_sample
+    from retrieval.index.shards import iter_chunks, training_sample
 
     folder, files = Path(a.dir), _files(Path(a.dir))
     dim = np.load(files[0], mmap_mode="r").shape[1]
@@ -204,9 +204,13 @@ def child_bundle(a: argparse.Namespace) -> dict[str, Any]:
     Retriever: each of 5 stored vectors must find its own item."""
     from retrieval.bundle.writer import GalleryItem, write_bundle_chunks
     from retrieval.index import ShardSet
-    from retrieval.index.build import training_sample
-    from retrieval.index.shard_writer import ShardContent, write_shard
-    from retrieval.index.shards import PLAN_FILE, ShardItem
+    from retrieval.index.shards import (
+        PLAN_FILE,
+        ShardContent,
+        ShardItem,
+        training_sample,
+        write_shard,
+    )
     from retrieval.models import Embedder, create_backbone
     from retrieval.search import Retriever
 
@@ -333,7 +337,7 @@ def report(a: argparse.Namespace, results: list[dict[str, Any]], started: str) -
         "same mixture, not in the base; exact top-10 by brute force over the shards",
         f"- indexes: {factories}, each trained on {a.max_train:,} rows sampled across the "
         f"shards, then the shards added {a.chunk_rows:,} rows at a time "
-        "(retrieval.index.build); every step in its own process: peak RSS = ru_maxrss "
+        "(retrieval.index.shards); every step in its own process: peak RSS = ru_maxrss "
         "(VmHWM), sampled = max VmRSS every 50 ms",
         "",
         "| n | index | build s (sample + train + add) | build peak RSS MB (sampled) | "

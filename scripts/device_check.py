@@ -192,7 +192,7 @@ def part_search(size: dict[str, Any], dry_run: bool) -> dict[str, Any]:
     import torch
 
     from retrieval.index import EmbeddingIndex
-    from retrieval.index._faiss import gpu_available, import_faiss
+    from retrieval.index.faiss_runtime import gpu_available, import_faiss
 
     device, _ = device_and_autocast(dry_run)
     n, dim, nq, chunk = size["vectors"], size["dim"], size["queries"], size["query_chunk"]

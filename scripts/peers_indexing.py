@@ -242,7 +242,7 @@ def decode_table(paths: list[Path], pre: Any, repeats: int, title: str) -> list[
     medians of ``repeats`` passes over ``paths`` (read into memory first)."""
     import io
 
-    from retrieval.bundle.decode import REDUCING_GAP
+    from retrieval.bundle.preprocess import REDUCING_GAP
     from retrieval.data.images import open_rgb
 
     datas = [p.read_bytes() for p in paths]

@@ -305,10 +305,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    # train.py keeps freed memory for reuse (retrieval.infra.allocator); the setting is
+    # train.py keeps freed memory for reuse (retrieval.infra.hardware); the setting is
     # process-wide, so it is made first and holds for every way alike
     # (RETRIEVAL_KEEP_FREED_MEMORY=0: none)
-    from retrieval.infra.allocator import keep_freed_memory
+    from retrieval.infra.hardware import keep_freed_memory
 
     args.kept_freed_memory = keep_freed_memory()
     work = Path(tempfile.mkdtemp(prefix="peers_training_"))
@@ -347,7 +347,7 @@ def describe(args: argparse.Namespace, losses: dict[str, float]) -> list[str]:
         f"main process; {args.warmup} warm-up steps, {args.steps} timed, {args.repeats} rounds "
         "taking turns",
         f"- the loss of one fixed batch through each way: {losses}",
-        "- freed memory kept for reuse (retrieval.infra.allocator, as train.py does), "
+        "- freed memory kept for reuse (retrieval.infra.hardware, as train.py does), "
         "for every way: "
         f"{'yes' if args.kept_freed_memory else 'no (RETRIEVAL_KEEP_FREED_MEMORY=0 or no glibc)'}",
         f"- `python scripts/peers_training.py --steps {args.steps} --repeats {args.repeats}`",

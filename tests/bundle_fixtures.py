@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from retrieval.bundle.writer import GalleryItem, write_bundle
-from retrieval.data.demo_render import render_demo_image
+from retrieval.data.demo import render_demo_image
 from retrieval.data.images import open_rgb as load_rgb
 from retrieval.data.preprocessing import Preprocessing
 from retrieval.data.transforms import eval_transform

@@ -10,8 +10,7 @@ Both follow :class:`SearchBackend`. :func:`open_backend` opens one from its spec
 pymilvus is imported only then, so the base install works without it.
 """
 
-from retrieval.backends.base import BackendError, SearchBackend
-from retrieval.backends.spec import BackendSpec, parse_backend
+from retrieval.backends.base import BackendError, BackendSpec, SearchBackend, parse_backend
 
 __all__ = ["BackendError", "BackendSpec", "SearchBackend", "open_backend", "parse_backend"]
 

@@ -1,17 +1,23 @@
 """The interface every search backend follows: one embedding convention (L2-normalised
-float32, scored by inner product), one tie rule (equal scores by ascending id)."""
+float32, scored by inner product), one tie rule (equal scores by ascending id).
+
+A backend is named by a spec string (:func:`parse_backend`): ``milvus://HOST:PORT/COLLECTION``
+or ``milvus-lite:PATH[#COLLECTION]``.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from retrieval.bundle.additions import AddResult
-from retrieval.bundle.records import Item, ItemRecord
+from retrieval.bundle.records import AddResult, Item, ItemRecord
 
-__all__ = ["BackendError", "SearchBackend"]
+__all__ = ["BackendError", "BackendSpec", "DEFAULT_COLLECTION", "SearchBackend", "parse_backend"]
 
 
 class BackendError(ValueError):
@@ -85,3 +91,70 @@ class SearchBackend(Protocol):
 
     def close(self) -> None:
         """Release the backend (idempotent)."""
+
+
+#: the collection of a ``milvus-lite:PATH`` spec without ``#COLLECTION``
+DEFAULT_COLLECTION = "retrieval"
+
+
+# Milvus's rule for names (at most 255), less room for the removal record beside it
+# (NAME__removed: see retrieval.backends.milvus.collection)
+_COLLECTION = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,245}")
+
+
+_FORMS = "milvus://HOST:PORT/COLLECTION or milvus-lite:PATH[#COLLECTION]"
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A parsed spec: ``kind`` ``"milvus"`` (``uri`` is ``http://HOST:PORT``) or
+    ``"milvus-lite"`` (``path``: the Milvus Lite data folder), and the collection."""
+
+    kind: str
+    collection: str
+    uri: str = ""
+    path: Path | None = None
+    text: str = ""
+
+    @property
+    def where(self) -> str:
+        """The engine and collection, as messages name them."""
+        place = self.uri if self.kind == "milvus" else f"Milvus Lite at {self.path}"
+        return f"collection '{self.collection}' on {place}"
+
+
+def _collection(name: str, spec: str) -> str:
+    if not _COLLECTION.fullmatch(name):
+        raise BackendError(
+            f"backend {spec!r}: collection name {name!r} must start with a letter or '_' "
+            "and hold only letters, digits and '_' (at most 246)"
+        )
+    return name
+
+
+def parse_backend(spec: str) -> BackendSpec:
+    """Parse ``milvus://HOST:PORT/COLLECTION`` or ``milvus-lite:PATH[#COLLECTION]``
+    (collection default :data:`DEFAULT_COLLECTION`). Raises BackendError naming the spec
+    and the part that is wrong."""
+    if spec.startswith("milvus://"):
+        match = re.fullmatch(r"milvus://(\[[0-9A-Fa-f:.]+\]|[^/:\[\]]+):(\d{1,5})/([^/]*)/?", spec)
+        if match is None:
+            raise BackendError(f"backend {spec!r} is not of the form milvus://HOST:PORT/COLLECTION")
+        host, port, name = match.groups()
+        if not 0 < int(port) < 65536:
+            raise BackendError(f"backend {spec!r}: port {port} is not between 1 and 65535")
+        if not name:
+            raise BackendError(
+                f"backend {spec!r} names no collection (milvus://HOST:PORT/COLLECTION)"
+            )
+        return BackendSpec(
+            "milvus", _collection(name, spec), uri=f"http://{host}:{port}", text=spec
+        )
+    if spec.startswith("milvus-lite:"):
+        rest = spec.removeprefix("milvus-lite:")
+        path, _, name = rest.partition("#")
+        if not path:
+            raise BackendError(f"backend {spec!r} names no folder (milvus-lite:PATH)")
+        collection = _collection(name, spec) if name else DEFAULT_COLLECTION
+        return BackendSpec("milvus-lite", collection, path=Path(path).resolve(), text=spec)
+    raise BackendError(f"backend {spec!r}: unknown backend; use {_FORMS}")

@@ -22,16 +22,14 @@ folder while it works: :func:`stale_exports` finds the ones a killed export left
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from retrieval.infra.io import atomic_write, sha256_file
+from retrieval.infra.locks import folder_lock
 
 __all__ = [
     "BACKGROUND",
@@ -42,7 +40,6 @@ __all__ = [
     "MANIFEST",
     "BundleError",
     "REQUIRED_FILES",
-    "export_lock",
     "read_manifest",
     "stale_exports",
     "verify_files",
@@ -178,28 +175,6 @@ def _export_pattern(target: Path) -> re.Pattern[str]:
     return re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-[0-9a-f]{{8}}")
 
 
-@contextlib.contextmanager
-def export_lock(folder: str | Path, wait: bool = False) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on ``folder`` (a directory) while the block runs; yields
-    whether it was taken (False: another open file holds it, and ``wait`` is false). Where
-    ``flock`` does not exist it yields False (the folder counts as in use)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield False
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except OSError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def stale_exports(target: str | Path, now: float | None = None) -> list[Path]:
     """Folders that an interrupted export to ``target`` left beside it: named exactly
     ``.{target name}.tmp-XXXXXXXX`` or ``.old-XXXXXXXX`` (8 hex digits), older than
@@ -217,7 +192,7 @@ def stale_exports(target: str | Path, now: float | None = None) -> list[Path]:
         try:
             if now - sibling.stat().st_mtime < STALE_AFTER_S:
                 continue
-            with export_lock(sibling) as free:
+            with folder_lock(sibling) as free:
                 if free:
                     found.append(sibling)
         except OSError:  # removed meanwhile

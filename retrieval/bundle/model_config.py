@@ -43,7 +43,7 @@ from retrieval.bundle.format import BundleError, read_json
 from retrieval.bundle.preprocess import MAX_INPUT_SIZE
 from retrieval.infra.checks import is_int
 from retrieval.models import Embedder, create_backbone
-from retrieval.models.pooling import POOLINGS
+from retrieval.models.embedder import POOLINGS
 from retrieval.models.weights import state_mismatch
 from retrieval.postprocess import TTA
 

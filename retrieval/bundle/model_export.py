@@ -12,6 +12,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,43 @@ def export_model(
     3:2 input too, as a ``short`` resize mode needs.
     """
     root = Path(folder)
+    _check_export(root, embedder, input_size, onnx_exporter)
+    config, text = _filled_config(model_config, embedder, input_size, any_size)
+    module = copy.deepcopy(embedder).cpu().float().eval()
+    module.channels_last = False
+    module.backbone.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    probe = _Probe.of(module, input_size, any_size)
+    traceable = _Images(module).eval()
+
+    from safetensors.torch import save_file
+
+    with _staged(root) as stage, quiet_tracing(), torch.no_grad():
+        stage(MODEL_CONFIG).write_text(text, encoding="utf-8")
+        save_file(state, str(stage(WEIGHTS)), metadata={"format": "pt"})
+        if config["backbone"]["source"] != "torchscript":  # model.json cannot rebuild that
+            rebuilt = build_embedder(config, stage(WEIGHTS))
+            _agree("weights with model.json", rebuilt(probe.check).numpy(), probe.expected)
+        traced = torch.jit.trace(traceable, probe.example, check_inputs=[(probe.check,)])
+        torch.jit.save(traced, str(stage(TORCHSCRIPT)))
+        script = torch.jit.load(str(stage(TORCHSCRIPT)))
+        probe.agree("TorchScript", lambda x: script(torch.from_numpy(x)).numpy())
+        # the legacy exporter traces again: from the traced module, as a module holding a
+        # TorchScript backbone cannot be traced twice
+        source = traced if onnx_exporter == "legacy" else traceable
+        _export_onnx(source, probe.example, stage(ONNX), onnx_exporter, any_size)
+        if onnxruntime_module() is not None:
+            session = onnx_session(stage(ONNX), ["CPUExecutionProvider"], threads=None)
+            probe.agree("ONNX model", lambda x: session.run(None, {"images": x})[0])
+    return {
+        "model_config": MODEL_CONFIG,
+        "weights": WEIGHTS,
+        "torchscript": TORCHSCRIPT,
+        "onnx": ONNX,
+    }
+
+
+def _check_export(root: Path, embedder: Any, input_size: int, onnx_exporter: str) -> None:
     if not root.is_dir():
         raise BundleError(f"export folder {root} does not exist or is not a folder")
     if not isinstance(embedder, Embedder):
@@ -150,61 +188,53 @@ def export_model(
         raise ValueError(
             f"onnx_exporter must be one of {sorted(ONNX_OPSET)}, got {onnx_exporter!r}"
         )
+
+
+def _filled_config(
+    model_config: Mapping[str, Any], embedder: Embedder, input_size: int, any_size: bool
+) -> tuple[dict[str, Any], str]:
+    """``model_config`` checked, with the export's ``input_size``, ``output_dim`` (and
+    ``any_size``) filled in, and as the JSON text of ``model.json``."""
     config = check_model_config(model_config)
     filled = [("input_size", input_size), ("output_dim", embedder.embedding_dim)]
     for key, value in filled + ([("any_size", True)] if any_size else []):
         if config.setdefault(key, value) != value:
             raise BundleError(f"model config field '{key}' is {config[key]}, the export {value}")
     try:
-        text = json.dumps(config, indent=2) + "\n"
+        return config, json.dumps(config, indent=2) + "\n"
     except TypeError as err:
         raise BundleError(f"model config is not JSON-able ({err}): fix backbone.kwargs") from None
 
-    module = copy.deepcopy(embedder).cpu().float().eval()
-    module.channels_last = False
-    module.backbone.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    traceable = _Images(module).eval()
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn(2, 3, input_size, input_size, generator=generator)
-    check = torch.randn(3, 3, input_size, input_size, generator=generator)
-    # with any_size, a 3:2 image too (one that kept its aspect: dynamic spatial axes)
-    wide = torch.randn(1, 3, input_size, input_size * 3 // 2, generator=generator)
-    with torch.no_grad():
-        expected = module(check).numpy()
-        expected_wide = module(wide).numpy() if any_size else None
 
-    from safetensors.torch import save_file
+@dataclass
+class _Probe:
+    """Seeded inputs every exported file is checked on: ``example`` (what tracing sees),
+    ``check`` (a batch of 3) and, for an any-size model, ``wide`` (a 3:2 image: dynamic
+    spatial axes), with the PyTorch model's outputs on them."""
 
-    files = {
-        "model_config": MODEL_CONFIG,
-        "weights": WEIGHTS,
-        "torchscript": TORCHSCRIPT,
-        "onnx": ONNX,
-    }
-    with _staged(root) as stage, quiet_tracing(), torch.no_grad():
-        stage(MODEL_CONFIG).write_text(text, encoding="utf-8")
-        save_file(state, str(stage(WEIGHTS)), metadata={"format": "pt"})
-        if config["backbone"]["source"] != "torchscript":  # model.json cannot rebuild that
-            rebuilt = build_embedder(config, stage(WEIGHTS))
-            _agree("weights with model.json", rebuilt(check).numpy(), expected)
-        traced = torch.jit.trace(traceable, example, check_inputs=[(check,)])
-        torch.jit.save(traced, str(stage(TORCHSCRIPT)))
-        script = torch.jit.load(str(stage(TORCHSCRIPT)))
-        _agree("TorchScript", script(check).numpy(), expected)
-        if any_size:
-            _agree("TorchScript (3:2 input)", script(wide).numpy(), expected_wide)  # type: ignore[arg-type]
-        # the legacy exporter traces again: from the traced module, as a module holding a
-        # TorchScript backbone cannot be traced twice
-        source = traced if onnx_exporter == "legacy" else traceable
-        _export_onnx(source, example, stage(ONNX), onnx_exporter, any_size)
-        if onnxruntime_module() is not None:
-            session = onnx_session(stage(ONNX), ["CPUExecutionProvider"], threads=None)
-            _agree("ONNX model", session.run(None, {"images": check.numpy()})[0], expected)
-            if any_size:
-                got = session.run(None, {"images": wide.numpy()})[0]
-                _agree("ONNX model (3:2 input)", got, expected_wide)  # type: ignore[arg-type]
-    return files
+    example: torch.Tensor
+    check: torch.Tensor
+    expected: np.ndarray
+    wide: torch.Tensor | None
+    expected_wide: np.ndarray | None
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, input_size: int, any_size: bool) -> _Probe:
+        generator = torch.Generator().manual_seed(0)
+        example = torch.randn(2, 3, input_size, input_size, generator=generator)
+        check = torch.randn(3, 3, input_size, input_size, generator=generator)
+        wide = torch.randn(1, 3, input_size, input_size * 3 // 2, generator=generator)
+        with torch.no_grad():
+            expected = module(check).numpy()
+            expected_wide = module(wide).numpy() if any_size else None
+        return cls(example, check, expected, wide if any_size else None, expected_wide)
+
+    def agree(self, what: str, run: Callable[[np.ndarray], np.ndarray]) -> None:
+        """``run`` (images -> embeddings) agrees with the PyTorch model on ``check`` (and on
+        ``wide``)."""
+        _agree(what, run(self.check.numpy()), self.expected)
+        if self.wide is not None and self.expected_wide is not None:
+            _agree(f"{what} (3:2 input)", run(self.wide.numpy()), self.expected_wide)
 
 
 def compiled_embedder(

@@ -23,13 +23,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrieval.bundle.records import StoreError
+from retrieval.bundle.records import Snapshot, StoreError
 from retrieval.index import EmbeddingIndex, sample_positions
 from retrieval.infra.io import fsync_dir, sha256_file
 from retrieval.infra.locks import file_lock
@@ -42,7 +41,6 @@ __all__ = [
     "PENDING_FILE",
     "SNAPSHOT_LOCK_FILE",
     "IndexStateError",
-    "Snapshot",
     "build_from_table",
     "load_index",
     "load_index_read_only",
@@ -57,22 +55,6 @@ SNAPSHOT_LOCK_FILE = ".snapshot.lock"
 
 class IndexStateError(ValueError):
     """The index file is missing, damaged or does not match the item store."""
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """An index file as written: it holds, in id order, the items with ``id <= max_id`` not
-    removed by removal ``removal_seq`` (``ntotal`` of them). ``id`` / ``created_at`` are
-    filled in by :meth:`ItemTable.record_snapshot`."""
-
-    index_sha256: str
-    ntotal: int
-    max_id: int
-    removal_seq: int
-    factory: str
-    search_params: str
-    created_at: str = ""
-    id: int = 0
 
 
 @contextmanager

@@ -22,7 +22,6 @@ import numpy as np
 from retrieval.bundle.format import (
     BACKGROUND,
     BundleError,
-    export_lock,
     stale_exports,
     write_manifest,
 )
@@ -32,18 +31,17 @@ from retrieval.bundle.preprocess import Preprocessor
 from retrieval.bundle.records import ItemRecord
 from retrieval.data.preprocessing import Preprocessing
 from retrieval.infra.io import atomic_write, package_versions
+from retrieval.infra.locks import folder_lock
 from retrieval.models import Embedder
 
 __all__ = [
     "GalleryItem",
-    "hold_export_lock",
     "remove_stale_exports",
     "write_bundle",
     "write_bundle_chunks",
 ]
 
 log = logging.getLogger(__name__)
-hold_export_lock = export_lock  # what a running export holds on its folders
 
 
 @dataclass(frozen=True)
@@ -107,7 +105,7 @@ def remove_stale_exports(target: Path) -> list[Path]:
     return them."""
     removed = []
     for folder in stale_exports(target):
-        with export_lock(folder) as free:  # not taken meanwhile by a running export
+        with folder_lock(folder) as free:  # not taken meanwhile by a running export
             if free:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder)
@@ -160,7 +158,7 @@ def write_bundle_chunks(
     remove_stale_exports(output)
     tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    with export_lock(tmp, wait=True):  # marks it in use until the export ends
+    with folder_lock(tmp, wait=True):  # marks it in use until the export ends
         _write_into(
             tmp,
             output,
@@ -207,48 +205,22 @@ def _write_into(
         if background is not None:
             np.save(tmp / BACKGROUND, np.ascontiguousarray(background, dtype=np.float32))
             files.append(BACKGROUND)
-        state = IndexedItems.create(
-            tmp,
-            dim,
-            factory,
-            search_params,
-            train_vectors=train_vectors,
-            snapshot_every=None,  # one snapshot, at close
-            max_train=max_train,
-        )
-        try:
-            for items, vectors, *base in chunks:
-                if len(items) != len(vectors):
-                    raise ValueError(f"a chunk has {len(items)} items but {len(vectors)} vectors")
-                records = [ItemRecord(i.uri, i.label, i.extra, i.content_sha256) for i in items]
-                state.add(records, vectors, base_vectors=base[0] if base else None)
-        except BaseException:
-            with contextlib.suppress(Exception):  # release the folder; the error is the news
-                state.close()
-            raise
-        count = state.ntotal  # items with the same content_sha256 are stored once
-        state.close()  # writes the index snapshot
-        write_manifest(
-            tmp,
-            {
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                    timespec="seconds"
-                ),
-                "embedding_dim": dim,
-                "metric": "inner_product",
-                "normalized": True,
-                "index": {"factory": factory, "search_params": search_params},
-                "items": count,
-                "versions": package_versions(
-                    ("retrieval", "torch", "timm", "faiss-cpu", "onnxruntime", "numpy")
-                ),
-                **(description or {}),
-            },
-            files,
-        )
+        count = _fill_items(tmp, chunks, dim, factory, search_params, train_vectors, max_train)
+        manifest = {
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "embedding_dim": dim,
+            "metric": "inner_product",
+            "normalized": True,
+            "index": {"factory": factory, "search_params": search_params},
+            "items": count,
+            "versions": package_versions(
+                ("retrieval", "torch", "timm", "faiss-cpu", "onnxruntime", "numpy")
+            ),
+        }
+        write_manifest(tmp, {**manifest, **(description or {})}, files)
         if output.exists():
             old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-            with export_lock(output, wait=True):  # the lock moves with the folder
+            with folder_lock(output, wait=True):  # the lock moves with the folder
                 output.rename(old)
                 tmp.rename(output)
                 shutil.rmtree(old)
@@ -257,3 +229,38 @@ def _write_into(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fill_items(
+    folder: Path,
+    chunks: Iterable[tuple[Sequence[GalleryItem], np.ndarray] | tuple[Any, ...]],
+    dim: int,
+    factory: str,
+    search_params: str,
+    train_vectors: np.ndarray | None,
+    max_train: int,
+) -> int:
+    """Create the items of ``folder`` (table and index) from ``chunks`` and close them (one
+    snapshot); returns how many items there are (the same content_sha256 is stored once)."""
+    state = IndexedItems.create(
+        folder,
+        dim,
+        factory,
+        search_params,
+        train_vectors=train_vectors,
+        snapshot_every=None,  # one snapshot, at close
+        max_train=max_train,
+    )
+    try:
+        for items, vectors, *base in chunks:
+            if len(items) != len(vectors):
+                raise ValueError(f"a chunk has {len(items)} items but {len(vectors)} vectors")
+            records = [ItemRecord(i.uri, i.label, i.extra, i.content_sha256) for i in items]
+            state.add(records, vectors, base_vectors=base[0] if base else None)
+    except BaseException:
+        with contextlib.suppress(Exception):  # release the folder; the error is the news
+            state.close()
+        raise
+    count = state.ntotal
+    state.close()  # writes the index snapshot
+    return count

@@ -15,7 +15,7 @@ search and index alike. Exit codes: 0 done, 1 problems found (verify), 2 an erro
 ``error:`` line on stderr).
 
 Commands by module: :mod:`~retrieval.cli.search` (search, score), :mod:`~retrieval.cli.bundle`
-(index, info, verify), :mod:`~retrieval.cli.serve` and :mod:`~retrieval.cli.push`.
+(index, info, verify), :mod:`~retrieval.cli.serve` and :mod:`~retrieval.cli.bundle`.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import sys
 from collections.abc import Sequence
 
 from retrieval.bundle.format import BundleBusyError, BundleError, ReadOnlyError
-from retrieval.cli.bundle import add_index, add_info, add_verify
+from retrieval.cli.bundle import add_index, add_info, add_push, add_verify
 from retrieval.cli.common import EXIT_CODES, EXIT_ERROR, EXIT_INTERRUPTED, version
 from retrieval.cli.duplicates import add_duplicates
-from retrieval.cli.push import add_push
 from retrieval.cli.search import add_score, add_search
 from retrieval.cli.serve import add_serve
 from retrieval.data.images import ImageLoadError
+from retrieval.infra.checks import error_line
 
 __all__ = ["EXPECTED_ERRORS", "build_parser", "main"]
 
@@ -68,8 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except EXPECTED_ERRORS as err:
-        text = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {text}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.csv:
         _write_csv(report, Path(args.csv))
     if args.html:
-        from retrieval.search.duplicate_page import write_page
+        from retrieval.search.duplicate_finder import write_page
 
         page = write_page(report.groups, args.html, report.threshold)
         print(f"page: {page}", file=sys.stderr)

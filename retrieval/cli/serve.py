@@ -27,8 +27,8 @@ def _serve_on(listener: socket.socket, args: argparse.Namespace) -> int:
     if args.backend:
         parse_backend(args.backend)  # a malformed spec fails before the model loads
 
+    from retrieval.infra.hardware import return_freed_images_to_the_os
     from retrieval.service import ServiceSettings, create_app
-    from retrieval.service.budget import return_freed_images_to_the_os
 
     return_freed_images_to_the_os()
 
@@ -131,6 +131,16 @@ def add_serve(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="most queries embedded together")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="wait for a batch to fill")
     p.add_argument("--uploads", default=None, help="folder for added images (BUNDLE/uploads)")
+    _add_limits(p)
+    p.add_argument(
+        "--cors-origin", action="append", default=[], help="web origin allowed to call the API"
+    )
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info"))
+    p.set_defaults(run=_serve)
+
+
+def _add_limits(p: Any) -> None:
+    """The options that bound what a flood of requests may hold: decodes, uploads, bodies."""
     p.add_argument(
         "--decode-slots",
         type=int,
@@ -163,8 +173,3 @@ def add_serve(sub: Any) -> None:
         help="KiB/s a request body must keep after --body-grace seconds; slower gets 408",
     )
     p.add_argument("--body-grace", type=float, default=5.0, help="seconds before the rate counts")
-    p.add_argument(
-        "--cors-origin", action="append", default=[], help="web origin allowed to call the API"
-    )
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info"))
-    p.set_defaults(run=_serve)

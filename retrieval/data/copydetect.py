@@ -198,6 +198,23 @@ def prepare_copydetect(
         _replace_queries(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    write_manifest(_rows(base, held, pool, folder, names), manifest, root=base)
+    summary = {"fingerprint": key, **params, "originals": len(held), "pool": len(pool)}
+    summary.update(queries=len(paths), overlays=len(overlays))
+    with atomic_write(record, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(summary, indent=2) + "\n")
+    return manifest
+
+
+def _rows(
+    base: Path,
+    held: list[Path],
+    pool: list[Path],
+    folder: Path,
+    names: list[list[tuple[str, str]]],
+) -> list[ManifestRow]:
+    """The manifest: the pool trains; the test gallery is the held-out originals and the
+    pool; each original's edited copies (in ``folder``) query it."""
     rows = [ManifestRow(p, _label(p, base), "train", False, False) for p in pool]
     rows += [ManifestRow(p, _label(p, base), "test", False, True) for p in held + pool]
     rows += [
@@ -205,15 +222,4 @@ def prepare_copydetect(
         for original, queries in zip(held, names, strict=True)
         for name, kind in queries
     ]
-    write_manifest(rows, manifest, root=base)
-    summary = {
-        "fingerprint": key,
-        **params,
-        "originals": len(held),
-        "pool": len(pool),
-        "queries": len(paths),
-        "overlays": len(overlays),
-    }
-    with atomic_write(record, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(summary, indent=2) + "\n")
-    return manifest
+    return rows

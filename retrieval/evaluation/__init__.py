@@ -1,22 +1,23 @@
 """Evaluation: embeddings -> EmbeddingIndex -> ranked results -> metrics."""
 
-from retrieval.evaluation.ap import average_precision, micro_average_precision
-from retrieval.evaluation.clustering import nmi
-from retrieval.evaluation.core import (
+from retrieval.evaluation.evaluate import (
     ALL_METRICS,
     DEFAULT_METRICS,
+    RetrievalResult,
     evaluate_embeddings,
     evaluate_protocol,
 )
+from retrieval.evaluation.gallery_search import search_excluding_self
 from retrieval.evaluation.metrics import (
+    average_precision,
     map_at_k,
     map_at_r,
+    micro_average_precision,
+    nmi,
     precision_at_k,
     r_precision,
     recall_at_k,
 )
-from retrieval.evaluation.result import RetrievalResult
-from retrieval.evaluation.search import search_excluding_self
 
 __all__ = [
     "ALL_METRICS",

@@ -22,10 +22,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from retrieval.evaluation.inputs import l2_normalised
-from retrieval.infra.checks import positive_int, vectors
+from retrieval.evaluation.evaluate import l2_normalised
+from retrieval.infra.checks import checked_vectors, positive_int
+from retrieval.infra.ties import by_score_then_id, top_k_columns
 from retrieval.postprocess import Postprocess
-from retrieval.postprocess.steps import top_k_by_score
 
 __all__ = ["DistractorScan", "check_distractor_steps", "merge_top", "scan_distractors"]
 
@@ -76,9 +76,8 @@ def merge_top(
     """
     s = np.concatenate([np.asarray(x, dtype=np.float32) for x in scores], axis=1)
     i = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids], axis=1)
-    s = np.where(i < 0, -np.inf, s).astype(np.float32)
-    order = np.lexsort((np.where(i < 0, np.iinfo(np.int64).max, i), -s), axis=-1)[:, :keep]
-    return np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1)
+    s, i = by_score_then_id(np.where(i < 0, -np.inf, s).astype(np.float32), i)
+    return s[:, :keep], i[:, :keep]
 
 
 def _searched(
@@ -86,7 +85,7 @@ def _searched(
 ) -> np.ndarray:
     """One block checked, L2-normalised and moved into the searched space by ``transform``."""
     name = f"distractor block {number}"
-    x = vectors(block, name, dim=dim, integers=False)
+    x = checked_vectors(block, name, dim=dim, integers=False)
     if x.shape[0] == 0:
         return x
     if not x.flags.writeable:  # a memory-mapped shard: torch wants an array of its own
@@ -121,7 +120,7 @@ def _scan_block(
         s = torch.mm(torch.from_numpy(x[start:stop]), xd_t.T).numpy()
         _count_above(s, wanted[start:stop], found.above[start:stop])
         if keep:
-            cols = top_k_by_score(s, keep)
+            cols = top_k_columns(s, keep)
             merged = merge_top(
                 [found.top_scores[start:stop], np.take_along_axis(s, cols, axis=1)],
                 [found.top_ids[start:stop], cols + found.count],
@@ -158,7 +157,7 @@ def scan_distractors(
         ValueError: bad queries or blocks (shape, non-finite values, zero rows), a block
             that ``transform`` does not map to d, ``len(targets) != nq``, chunk_size < 1.
     """
-    x = vectors(xq, "xq", integers=False)
+    x = checked_vectors(xq, "xq", integers=False)
     nq, d = x.shape
     if len(targets) != nq:
         raise ValueError(f"targets must hold one array per query ({nq}), got {len(targets)}")

@@ -5,12 +5,17 @@ ties broken by gallery index **ascending** (the smaller index first), the one ti
 search path in the project: ``EmbeddingIndex.search`` re-orders FAISS's results so (FAISS's
 ``IndexFlatIP`` itself lists equal scores by descending index), and pytorch-metric-learning's
 FAISS ``IndexFlatL2`` search orders them so too. Tested against both in
-``tests/test_ranking.py`` and ``tests/test_ties.py``.
+``tests/evaluation/test_ranking.py`` and ``tests/index/test_ties.py``.
 
 Scores are float32 matrix products computed here with torch; FAISS computes its own and may
 differ in the last bit, so scores equal to within ~1e-7 but not exactly equal may be ordered
 differently by FAISS. Full average precision only needs these ranks (see
-``retrieval.evaluation.ap.average_precision``), never an nq x ng matrix or a full sort.
+``retrieval.evaluation.metrics.average_precision``), never an nq x ng matrix or a full sort.
+
+Cost of :func:`relevant_ranks`: one (chunk, d) x (d, ng) product per chunk of queries, then
+per query one pass over its ng scores per relevant item or, when cheaper (about R > 8 on
+CUB-sized galleries, R > 17 on SOP-sized ones), one sort of them and binary searches. Extra
+memory: a float32 (chunk_size, ng) score buffer and per-row temporaries of ng scores.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from retrieval.infra.checks import int_array, positive_int, vectors
+from retrieval.infra.checks import checked_vectors, int_array, positive_int
 
 __all__ = ["item_ranks", "relevant_ranks"]
 
@@ -55,6 +60,30 @@ def _count_before(row: np.ndarray, js: np.ndarray) -> np.ndarray:
     return out
 
 
+def _checked(
+    xq: np.ndarray,
+    xg: np.ndarray,
+    query_codes: np.ndarray,
+    gallery_codes: np.ndarray,
+    self_ids: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The inputs of :func:`relevant_ranks` checked: float32 vectors, int64 codes and self ids."""
+    xq_, xg_ = checked_vectors(xq, "xq", integers=False), checked_vectors(xg, "xg", integers=False)
+    nq, ng = xq_.shape[0], xg_.shape[0]
+    if xq_.shape[1] != xg_.shape[1]:
+        raise ValueError(f"xq has dimension {xq_.shape[1]} but xg has {xg_.shape[1]}")
+    qc = int_array(query_codes, nq, "query_codes")
+    gc = int_array(gallery_codes, ng, "gallery_codes")
+    if self_ids is None:
+        return xq_, xg_, qc, gc, None
+    self_ = int_array(self_ids, nq, "self_ids")
+    if nq and (self_.min() < 0 or self_.max() >= ng):
+        raise ValueError(f"self_ids must lie in [0, ng={ng})")
+    if np.any(gc[self_] != qc):
+        raise ValueError("self_ids must point at gallery items with the query's own code")
+    return xq_, xg_, qc, gc, self_
+
+
 def relevant_ranks(
     xq: np.ndarray,
     xg: np.ndarray,
@@ -72,12 +101,6 @@ def relevant_ranks(
     is removed from query q's ranking (positions count the other ng - 1 items) and is not
     relevant; exact duplicates of the query stay ordinary gallery items.
 
-    Cost: one (chunk, d) x (d, ng) product per chunk of queries, then per query one pass
-    over its ng scores per relevant item or, when cheaper (about R > 8 on CUB-sized
-    galleries, R > 17 on SOP-sized ones), one sort of them and binary searches. Extra
-    memory: a float32 (chunk_size, ng) score buffer and per-row temporaries of ng scores;
-    never an (nq, ng) matrix.
-
     Args:
         xq: (nq, d) float query embeddings (L2-normalised; converted to float32).
         xg: (ng, d) float gallery embeddings (L2-normalised; converted to float32).
@@ -91,28 +114,16 @@ def relevant_ranks(
         ``(ranks, num_relevant)``: ``num_relevant`` (nq,) int64 R_q, and ``ranks``
         (nq, max R) int64 (0 columns if nq == 0 or every R_q == 0) holding in row q its
         R_q ranks ascending, then zeros; a query with R_q == 0 gets an all-zero row.
-        Feed the rows with R_q >= 1 to ``retrieval.evaluation.ap.average_precision``.
+        Feed the rows with R_q >= 1 to ``retrieval.evaluation.metrics.average_precision``.
 
     Raises:
         ValueError: non-2-D, non-float or non-finite embeddings, dimension mismatch, bad
             code or self_ids shapes or dtypes, self_ids out of range or with another code,
             or chunk_size < 1.
     """
-    xq_, xg_ = vectors(xq, "xq", integers=False), vectors(xg, "xg", integers=False)
-    nq, ng = xq_.shape[0], xg_.shape[0]
-    if xq_.shape[1] != xg_.shape[1]:
-        raise ValueError(f"xq has dimension {xq_.shape[1]} but xg has {xg_.shape[1]}")
-    qc = int_array(query_codes, nq, "query_codes")
-    gc = int_array(gallery_codes, ng, "gallery_codes")
+    xq_, xg_, qc, gc, self_ = _checked(xq, xg, query_codes, gallery_codes, self_ids)
     positive_int(chunk_size, "chunk_size")
-    self_ = None
-    if self_ids is not None:
-        self_ = int_array(self_ids, nq, "self_ids")
-        if nq and (self_.min() < 0 or self_.max() >= ng):
-            raise ValueError(f"self_ids must lie in [0, ng={ng})")
-        if np.any(gc[self_] != qc):
-            raise ValueError("self_ids must point at gallery items with the query's own code")
-
+    nq, ng = xq_.shape[0], xg_.shape[0]
     order = np.argsort(gc, kind="stable")  # gallery indices grouped by code, ascending
     lo = np.searchsorted(gc[order], qc, side="left")
     hi = np.searchsorted(gc[order], qc, side="right")
@@ -126,16 +137,21 @@ def relevant_ranks(
     for start in range(0, nq, chunk_size):
         stop = min(start + chunk_size, nq)
         scores = torch.mm(torch.from_numpy(xq_[start:stop]), xg_t.T, out=buf[: stop - start])
-        block = scores.numpy()
         for i, q in enumerate(range(start, stop)):
-            if num_relevant[q] == 0:
-                continue
-            row, js = block[i], order[lo[q] : hi[q]]
-            if self_ is not None:
-                row[self_[q]] = -np.inf  # never before anything: out of the ranking
-                js = js[js != self_[q]]
-            ranks[q, : js.size] = np.sort(_count_before(row, js)) + 1
+            if num_relevant[q] > 0:
+                skip = None if self_ is None else int(self_[q])
+                js = order[lo[q] : hi[q]]
+                ranks[q, : js.size - (skip is not None)] = _row_ranks(scores[i].numpy(), js, skip)
     return ranks, num_relevant
+
+
+def _row_ranks(row: np.ndarray, js: np.ndarray, skip: int | None) -> np.ndarray:
+    """Ascending 1-based ranks of the items ``js`` in the scores ``row`` (changed in place),
+    without the item ``skip`` (the query itself)."""
+    if skip is not None:
+        row[skip] = -np.inf  # never before anything: out of the ranking
+        js = js[js != skip]
+    return np.sort(_count_before(row, js)) + 1
 
 
 def item_ranks(
@@ -163,7 +179,7 @@ def item_ranks(
         ValueError: bad embeddings, ``len(items) != nq``, an index outside [0, ng), or
             chunk_size < 1.
     """
-    xq_, xg_ = vectors(xq, "xq", integers=False), vectors(xg, "xg", integers=False)
+    xq_, xg_ = checked_vectors(xq, "xq", integers=False), checked_vectors(xg, "xg", integers=False)
     nq, ng = xq_.shape[0], xg_.shape[0]
     if xq_.shape[1] != xg_.shape[1]:
         raise ValueError(f"xq has dimension {xq_.shape[1]} but xg has {xg_.shape[1]}")

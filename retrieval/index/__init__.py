@@ -2,14 +2,13 @@
 
 - :class:`EmbeddingIndex`: inner-product index over L2-normalised float32 embeddings, built
   from a FAISS factory string; search, add, remove, save / load with checksums, GPU placement
-  (:mod:`retrieval.index.placement`).
+  in one class.
 - :func:`kmeans`: k-means cluster assignments of embeddings (for NMI).
 - :func:`knn_recall`: recall of an approximate index's neighbours against exact search.
-- :mod:`retrieval.index.build`: ``.npy`` shards larger than memory read for an index: a
-  training sample drawn across them (:func:`~retrieval.index.build.training_sample`) and
-  their rows chunk by chunk (:func:`~retrieval.index.build.iter_chunks`).
-- :mod:`retrieval.index.shards`: the folder of ``embed.py`` shards, and :class:`ShardSet`,
-  a finished one; :mod:`retrieval.index.shard_writer` writes them.
+- :mod:`retrieval.index.shards`: the folder of ``embed.py`` shards, written by resumable
+  workers and read back as :class:`ShardSet`; shards larger than memory give an index a
+  training sample drawn across them (:func:`~retrieval.index.shards.training_sample`) and
+  their rows chunk by chunk (:func:`~retrieval.index.shards.iter_chunks`).
 - :func:`sample_positions`: the rows of a training sample, the one draw every training
   sample of the package uses.
 - :func:`exact_self_knn`: exact leave-one-out neighbours of a set of vectors at half the
@@ -20,10 +19,8 @@ faiss is imported lazily, so the rest of the package imports without it and a mi
 install fails with a clear ImportError only when an index is used.
 """
 
-from retrieval.index._checks import sample_positions
-from retrieval.index.embedding_index import EmbeddingIndex
+from retrieval.index.embedding_index import EmbeddingIndex, knn_recall, sample_positions
 from retrieval.index.kmeans import kmeans
-from retrieval.index.quality import knn_recall
 from retrieval.index.self_knn import drop_self, exact_self_knn, self_join_pays_off
 from retrieval.index.shards import ShardSet
 

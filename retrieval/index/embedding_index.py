@@ -1,26 +1,34 @@
-"""EmbeddingIndex: an inner-product FAISS index over L2-normalised float32 embeddings."""
+"""EmbeddingIndex: an inner-product FAISS index over L2-normalised float32 embeddings.
+
+Beside it, :func:`knn_recall`: how good an approximate index's neighbours are against
+exact search's.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from retrieval.index import _structure
-from retrieval.index._checks import as_ids, sample_positions
-from retrieval.index._faiss import check_temp_memory, import_faiss, to_cpu
-from retrieval.index.placement import PlacedIndex
+from retrieval.index import structure
+from retrieval.index.faiss_runtime import check_temp_memory, import_faiss, place, to_cpu
 from retrieval.index.self_knn import drop_self, exact_self_knn
-from retrieval.index.ties import search_ties_resolved
-from retrieval.infra.checks import positive_int, vectors
+from retrieval.infra.checks import checked_vectors, positive_int
+from retrieval.infra.io import fsync_dir, sha256_file
+from retrieval.infra.ties import by_score_then_id
 
-__all__ = ["EmbeddingIndex"]
+__all__ = ["EmbeddingIndex", "knn_recall", "search_ties_resolved", "ties_by_ascending_id"]
+
 
 log = logging.getLogger(__name__)
 
 
-class EmbeddingIndex(PlacedIndex):
+class EmbeddingIndex:
     """Nearest-neighbour index over L2-normalised float32 vectors, scored by inner product.
 
     The index is fully described by its dimension, a FAISS factory string (``"Flat"``,
@@ -45,10 +53,9 @@ class EmbeddingIndex(PlacedIndex):
     With more than one GPU (and ``use_gpu`` not False) the index is sharded over all of
     them instead of GPU 0 (Flat, IVF-Flat, IVF-SQ, IVF-PQ). Such an index is for searching:
     ``train`` / ``add`` / ``remove_ids`` copy it to the CPU and back (O(ntotal) each), so
-    build it with ``use_gpu=False`` (e.g. trained on :func:`retrieval.index.build.training_sample`
-    and filled from :func:`~retrieval.index.build.iter_chunks`), save it and load it onto the
-    GPUs. Placement and ``save`` / ``load`` with checksums come from
-    :class:`~retrieval.index.placement.PlacedIndex`.
+    build it with ``use_gpu=False`` (e.g. trained on :func:`retrieval.index.shards.training_sample`
+    and filled from :func:`~retrieval.index.shards.iter_chunks`), save it and load it onto the
+    GPUs. ``save`` writes the CPU form with a sha256 checksum and ``load`` checks it.
 
     Raises:
         ImportError: faiss is not installed.
@@ -72,8 +79,108 @@ class EmbeddingIndex(PlacedIndex):
             index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as err:
             raise ValueError(f"invalid FAISS factory string {factory!r}: {err}") from err
-        _structure.apply_search_params(faiss, index, search_params, factory)
+        structure.apply_search_params(faiss, index, search_params, factory)
         self._setup(faiss, index, factory, search_params, use_gpu, temp_memory)
+
+    _index: Any
+    _gpu_resources: Any
+
+    def _setup(
+        self,
+        faiss: Any,
+        cpu_index: Any,
+        factory: str,
+        search_params: str,
+        use_gpu: bool | None,
+        temp_memory: int | None,
+    ) -> None:
+        """Hold ``cpu_index`` (built or read from disk), on GPU 0 if asked and possible."""
+        self._dim = int(cpu_index.d)
+        self._factory = factory
+        self._search_params = search_params
+        self._use_gpu = use_gpu
+        self._temp_memory = temp_memory
+        self._bytes_per_vector = structure.bytes_per_vector(faiss, cpu_index)
+        self._min_train_rows = structure.min_train_rows(faiss, cpu_index)  # GPU forms hide it
+        self._place(faiss, cpu_index)
+
+    def _place(self, faiss: Any, cpu_index: Any) -> None:
+        """Put ``cpu_index`` where ``use_gpu`` asks: sharded over all GPUs when there are
+        several, else per :func:`~retrieval.index.faiss_runtime.to_gpu`."""
+        args = (faiss, cpu_index, self._use_gpu, self._temp_memory, self._factory)
+        self._index, self._gpu_resources = place(*args)
+
+    @property
+    def _sharded(self) -> bool:
+        """Whether the index is split over several GPUs (``to_all_gpus``)."""
+        return isinstance(self._gpu_resources, list)
+
+    def _through_cpu(self, change: Callable[[Any], None]) -> None:
+        """Apply ``change`` to the CPU form of the index, then place it again."""
+        faiss = import_faiss()
+        cpu_index = to_cpu(faiss, self._index, self.on_gpu)
+        change(cpu_index)
+        if self.on_gpu:
+            self._place(faiss, cpu_index)
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the index lives on a GPU."""
+        return self._gpu_resources is not None
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        dim: int | None = None,
+        factory: str | None = None,
+        use_gpu: bool | None = None,
+        search_params: str = "",
+        sha256: str | None = None,
+        gpu_temp_memory: int | None = None,
+    ) -> EmbeddingIndex:
+        """Read an index written by :meth:`save`.
+
+        Args:
+            path: the index file.
+            dim: expected dimension; ``None`` accepts the file's.
+            factory: the factory string to report as :attr:`factory` (faiss files do not
+                store it); ``None`` derives one from the index (e.g. ``"IVF64,PQ8x8"``).
+            use_gpu, gpu_temp_memory: as for the constructor.
+            search_params: applied after reading. faiss files keep ``nprobe`` / ``efSearch``
+                as they were when saved, and ``""`` keeps those.
+            sha256: the hex digest :meth:`save` returned; when given, the file is checked
+                against it before faiss parses it.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: checksum mismatch; a truncated, corrupt or non-faiss file; an index
+                whose metric is not inner product or whose dimension is not ``dim``; bad
+                ``search_params``; and the constructor's GPU errors. Messages name the file.
+        """
+        faiss = import_faiss()
+        expected_dim = None if dim is None else positive_int(dim, "dim")
+        temp_memory = check_temp_memory(gpu_temp_memory)
+        index = read_checked(faiss, path, sha256, expected_dim)
+        what = factory if factory is not None else structure.describe(faiss, index)
+        structure.apply_search_params(faiss, index, search_params, what)
+        loaded = cls.__new__(cls)
+        loaded._setup(faiss, index, what, search_params, use_gpu, temp_memory)
+        return loaded
+
+    def save(self, path: str | os.PathLike[str]) -> str:
+        """Write the CPU form of the index to ``path`` atomically; return its sha256 hex.
+
+        The file is written to a temporary file in the same folder, fsynced and renamed over
+        ``path``, so a failure leaves any previous file at ``path`` intact and no temporary
+        file behind. A GPU index is copied to the CPU for writing (memory for one more copy).
+
+        Raises:
+            FileNotFoundError: the folder of ``path`` does not exist.
+            OSError, RuntimeError: writing failed (nothing at ``path`` changed).
+        """
+        faiss = import_faiss()
+        return write_atomically(faiss, to_cpu(faiss, self._index, self.on_gpu), path)
 
     @property
     def dim(self) -> int:
@@ -92,7 +199,7 @@ class EmbeddingIndex(PlacedIndex):
         index is compared through a CPU copy."""
         faiss = import_faiss()
         cpu_index = to_cpu(faiss, self._index, self.on_gpu)
-        return _structure.structure_mismatch(faiss, cpu_index, factory)
+        return structure.structure_mismatch(faiss, cpu_index, factory)
 
     @property
     def search_params(self) -> str:
@@ -121,7 +228,7 @@ class EmbeddingIndex(PlacedIndex):
         """Bytes one stored vector costs: e.g. ``4 * dim`` for Flat, ``m + 8`` for IVF-PQm.
 
         Code, id and (for HNSW, on average) graph links; fixed costs such as IVF centroids
-        and PQ codebooks are left out. See ``retrieval.index._structure.bytes_per_vector``.
+        and PQ codebooks are left out. See ``retrieval.index.structure.bytes_per_vector``.
         """
         return self._bytes_per_vector
 
@@ -140,7 +247,7 @@ class EmbeddingIndex(PlacedIndex):
         """
         if self.is_trained:
             return
-        x = vectors(xb, "xb", dim=self._dim)
+        x = checked_vectors(xb, "xb", dim=self._dim)
         x = x[sample_positions(x.shape[0], positive_int(max_train, "max_train"), seed)]
         if x.shape[0] < self._min_train_rows:
             raise ValueError(
@@ -150,7 +257,7 @@ class EmbeddingIndex(PlacedIndex):
         faiss = import_faiss()
 
         def train(index: Any) -> None:
-            note = _structure.few_training_rows(faiss, index, x.shape[0], self._factory)
+            note = structure.few_training_rows(faiss, index, x.shape[0], self._factory)
             if note is not None:  # said once, instead of faiss's line per k-means run
                 log.warning(note)
             index.train(x)
@@ -174,7 +281,7 @@ class EmbeddingIndex(PlacedIndex):
         Raises:
             ValueError: bad shape, non-finite values, or too few rows to train.
         """
-        x = vectors(xb, "xb", dim=self._dim)
+        x = checked_vectors(xb, "xb", dim=self._dim)
         if x.shape[0] == 0:
             return
         if not self.is_trained:
@@ -207,7 +314,7 @@ class EmbeddingIndex(PlacedIndex):
             return 0
         faiss = import_faiss()
         self._through_cpu(
-            lambda index: _structure.remove_ids(faiss, index, to_remove, self._factory)
+            lambda index: structure.remove_ids(faiss, index, to_remove, self._factory)
         )
         return int(to_remove.size)
 
@@ -243,7 +350,7 @@ class EmbeddingIndex(PlacedIndex):
             raise ValueError("cannot search an empty index: add vectors first")
         k_eff = min(positive_int(k, "k"), self.ntotal)
         positive_int(chunk_size, "chunk_size")
-        x = vectors(xq, "xq", dim=self._dim)
+        x = checked_vectors(xq, "xq", dim=self._dim)
         nq = x.shape[0]
         scores = np.empty((nq, k_eff), dtype=np.float32)
         ids = np.empty((nq, k_eff), dtype=np.int64)
@@ -300,3 +407,198 @@ class EmbeddingIndex(PlacedIndex):
             found = self.search(xq, k + 1, chunk_size)
             scores[start:stop], ids[start:stop] = drop_self(*found, np.arange(start, stop))
         return scores, ids
+
+
+def ties_by_ascending_id(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Search results with equal scores re-ordered by ascending id (missing slots, id -1,
+    stay last); rows already ordered by score stay so."""
+    if scores.shape[1] < 2:
+        return scores, ids
+    return by_score_then_id(scores, ids)
+
+
+def search_ties_resolved(index: Any, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` results per row of ``x`` in the faiss ``index``, with equal scores by ascending
+    id, also when a group of equal scores straddles the k-th place: FAISS then keeps an
+    arbitrary part of the group, so one more result is searched, and rows whose k-th score
+    still equals their last one are searched again with twice as many until the group ends
+    inside (or ``ntotal``)."""
+    n = int(index.ntotal)
+    want = min(n, k + 1)
+    scores, ids = ties_by_ascending_id(*index.search(x, want))
+    open_rows = np.flatnonzero((scores[:, k - 1] == scores[:, -1]) & (ids[:, -1] >= 0))
+    while want < n and open_rows.size:
+        want = min(n, 2 * want)
+        more_scores, more_ids = ties_by_ascending_id(*index.search(x[open_rows], want))
+        scores[open_rows], ids[open_rows] = (
+            more_scores[:, : scores.shape[1]],
+            more_ids[:, : scores.shape[1]],
+        )
+        still = (more_scores[:, k - 1] == more_scores[:, -1]) & (more_ids[:, -1] >= 0)
+        open_rows = open_rows[still]
+    return scores[:, :k], ids[:, :k]
+
+
+def _hash_and_sync(path: Path) -> str:
+    """sha256 hex of the file at ``path``, after flushing it to disk with fsync."""
+    with open(path, "r+b") as f:
+        os.fsync(f.fileno())
+    return sha256_file(path)
+
+
+def write_atomically(faiss: Any, cpu_index: Any, path: str | os.PathLike[str]) -> str:
+    """Write ``cpu_index`` to ``path`` all-or-nothing; return the file's sha256 hex.
+
+    Raises:
+        FileNotFoundError: the folder of ``path`` does not exist.
+        OSError / RuntimeError: writing failed; any previous file at ``path`` is unchanged
+            and no temporary file is left behind.
+    """
+    dest = Path(path)
+    folder = dest.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot save index to {dest}: folder {folder} does not exist")
+    tmp = folder / f".{dest.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        faiss.write_index(cpu_index, str(tmp))
+        sha256 = _hash_and_sync(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(folder)
+    return sha256
+
+
+def check_sha256(sha256: str) -> str:
+    """Validate a sha256 hex digest (64 hex digits, any case); return it lower-case."""
+    if not isinstance(sha256, str) or len(sha256) != 64:
+        raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
+    try:
+        int(sha256, 16)
+    except ValueError:
+        raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}") from None
+    return sha256.lower()
+
+
+def read_checked(
+    faiss: Any, path: str | os.PathLike[str], sha256: str | None, dim: int | None
+) -> Any:
+    """Read the faiss index at ``path``: sha256 first (when given), then metric and ``dim``.
+
+    The file is hashed, then parsed by faiss: whoever can replace the file between the two
+    steps could defeat the check, so keep index files in folders only you write to.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: checksum mismatch, or a file faiss cannot read (truncated, corrupt or
+            not a faiss index); an index whose metric is not inner product or whose
+            dimension is not ``dim`` (when given). Messages name the file.
+    """
+    src = Path(path)
+    if not src.is_file():
+        raise FileNotFoundError(f"no index file at {src}")
+    if sha256 is not None:
+        expected = check_sha256(sha256)
+        actual = sha256_file(src)
+        if actual != expected:
+            raise ValueError(
+                f"index file {src} has sha256 {actual}, expected {expected}: the file was "
+                "changed or damaged since it was written; re-export it"
+            )
+    try:
+        index = faiss.read_index(str(src))
+    except (RuntimeError, MemoryError) as err:
+        raise ValueError(
+            f"cannot read the index file {src}: it is truncated, corrupt or not a faiss index "
+            f"({err})"
+        ) from err
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        metric = "L2" if index.metric_type == faiss.METRIC_L2 else str(index.metric_type)
+        raise ValueError(
+            f"index at {src} uses metric {metric}, expected inner product: "
+            "EmbeddingIndex searches L2-normalised embeddings by inner product"
+        )
+    if dim is not None and index.d != dim:
+        raise ValueError(f"index at {src} has dim {index.d}, expected {dim}")
+    return index
+
+
+def as_ids(ids: Any, ntotal: int) -> np.ndarray:
+    """Validate ``ids`` as a 1-D integer array of ids in ``[0, ntotal)``.
+
+    Returns:
+        The distinct ids, sorted, as C-contiguous int64 (duplicates count once).
+    """
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        raise ValueError(f"ids must be a 1-D array, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"ids must be integers, got dtype {arr.dtype}")
+    if arr.min() < 0 or arr.max() >= ntotal:
+        raise ValueError(
+            f"ids must lie in [0, {ntotal}) (the index holds {ntotal} vectors), "
+            f"got ids from {arr.min()} to {arr.max()}"
+        )
+    return np.ascontiguousarray(np.unique(arr), dtype=np.int64)
+
+
+def sample_positions(n: int, max_rows: int, seed: int = 0) -> np.ndarray:
+    """Sorted row numbers of a training sample of ``n`` rows: all of ``0 .. n-1`` when
+    ``n <= max_rows``, else ``max_rows`` of them drawn without replacement by
+    ``numpy.random.default_rng(seed)``. Every training sample in the package is drawn so.
+
+    >>> sample_positions(3, 5).tolist()
+    [0, 1, 2]
+    """
+    positive_int(max_rows, "max_rows")
+    if n <= max_rows:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
+
+
+_CHUNK_ELEMENTS = 1 << 22  # bound on the (rows, k_found, k) comparison block
+
+
+def knn_recall(found_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Recall@k of an index against exact search: mean over queries of |found ∩ exact| / k.
+
+    ``k`` is ``exact_ids.shape[1]``. Ids are compared as sets per query, so order within a
+    row does not matter and a duplicate in ``found_ids`` counts once. Negative ids (faiss's
+    -1 for "no result") never match, in either array.
+
+    Args:
+        found_ids: (nq, k_found) integer ids returned by the index under test.
+        exact_ids: (nq, k) integer ids of the exact top k (e.g. a ``"Flat"`` index); the
+            non-negative ids of a row must be distinct.
+
+    Returns:
+        Recall in ``[0, 1]``.
+
+    Raises:
+        ValueError: non-2-D or non-integer arrays, different numbers of rows, ``nq == 0``,
+            ``k == 0``, or a repeated id in a row of ``exact_ids``.
+    """
+    found, exact = np.asarray(found_ids), np.asarray(exact_ids)
+    for name, arr in (("found_ids", found), ("exact_ids", exact)):
+        if arr.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (nq, k), got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    nq, k = exact.shape
+    if found.shape[0] != nq:
+        raise ValueError(f"found_ids has {found.shape[0]} rows but exact_ids has {nq}")
+    if nq == 0 or k == 0:
+        raise ValueError(f"knn_recall needs at least one query and k >= 1, got shape {exact.shape}")
+    ordered = np.sort(exact, axis=1)
+    if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any():
+        raise ValueError("exact_ids repeats an id within a row; pass the exact top-k ids")
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, k * found.shape[1]))
+    hits = 0
+    for start in range(0, nq, rows_per_chunk):
+        f = found[start : start + rows_per_chunk, :, None]
+        e = exact[start : start + rows_per_chunk, None, :]
+        hits += int(((f == e) & (e >= 0)).any(axis=1).sum())
+    return hits / (nq * k)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 
-from retrieval.index._faiss import import_faiss
-from retrieval.infra.checks import positive_int, vectors
+from retrieval.index.faiss_runtime import import_faiss
+from retrieval.infra.checks import checked_vectors, positive_int
 
 __all__ = ["kmeans"]
 
@@ -24,9 +25,8 @@ def kmeans(
 
     Centroids are not projected on the unit sphere (``spherical=False``). The result is
     deterministic for a given ``seed`` on a given machine (faiss's initial centroids and
-    subsample are seeded). faiss's default random initialisation often merges well-separated
-    clusters (with 8 clean clusters it found all 8 for 4 seeds in 50), so k-means++ is the
-    default (49 in 50).
+    subsample are seeded). k-means++ is the default: faiss's random initialisation often
+    merges well-separated clusters.
 
     Args:
         x: (n, d) real array, converted to C-contiguous float32; n >= 1.
@@ -35,9 +35,8 @@ def kmeans(
         niter: k-means iterations, >= 1.
         max_points_per_centroid: centroids are trained on at most ``k *`` this many rows,
             drawn with ``seed``; every row is then assigned to its nearest centroid.
-        init: ``"k-means++"`` or ``"random"`` (k random rows). Older faiss releases, without
-            ``ClusteringInitMethod``, have only ``"random"``; ``"k-means++"`` then falls
-            back to it with a warning.
+        init: ``"k-means++"`` or ``"random"`` (k random rows); a faiss without k-means++
+            falls back to random, with a warning.
 
     Returns:
         (n,) int64 cluster of each row, in ``[0, k)``.
@@ -46,7 +45,7 @@ def kmeans(
         ValueError: ``x`` not 2-D, empty or non-finite; ``k`` not in ``[1, n]``; ``niter``
             or ``max_points_per_centroid`` < 1; an unknown ``init``.
     """
-    xs = vectors(x, "x", empty=False)
+    xs = checked_vectors(x, "x", empty=False)
     n, d = xs.shape
     k = positive_int(k, "k")
     if k > n:
@@ -56,12 +55,7 @@ def kmeans(
     if init not in ("k-means++", "random"):
         raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
     faiss = import_faiss()
-    options = {}
-    plus_plus = getattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS", None)
-    if init == "k-means++" and plus_plus is None:
-        warnings.warn("this faiss has no k-means++; using random initialisation", stacklevel=2)
-    elif init == "k-means++":
-        options["init_method"] = plus_plus
+    options = _init_options(faiss, init)
     km = faiss.Kmeans(
         d,
         k,
@@ -76,3 +70,15 @@ def kmeans(
     km.train(xs)
     _, labels = km.index.search(xs, 1)
     return np.ascontiguousarray(labels[:, 0], dtype=np.int64)
+
+
+def _init_options(faiss: Any, init: str) -> dict[str, Any]:
+    """``faiss.Kmeans``'s option for ``init``; k-means++ falls back to random, with a warning,
+    where faiss lacks it."""
+    plus_plus = getattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS", None)
+    if init != "k-means++":
+        return {}
+    if plus_plus is None:
+        warnings.warn("this faiss has no k-means++; using random initialisation", stacklevel=3)
+        return {}
+    return {"init_method": plus_plus}

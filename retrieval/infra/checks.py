@@ -5,7 +5,7 @@
 >>> positive_int(True, "k")
 Traceback (most recent call last):
 ValueError: k must be a positive integer, got True
->>> vectors([[1, 0], [0, 1]], "xb", dim=2).dtype
+>>> checked_vectors([[1, 0], [0, 1]], "xb", dim=2).dtype
 dtype('float32')
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["int_array", "is_int", "positive_int", "unit_rows", "vectors"]
+__all__ = ["checked_vectors", "error_line", "int_array", "is_int", "positive_int", "unit_rows"]
 
 
 def is_int(value: Any) -> bool:
@@ -36,7 +36,7 @@ def positive_int(value: Any, name: str, *, maximum: int | None = None) -> int:
     return int(value)
 
 
-def vectors(
+def checked_vectors(
     x: Any,
     name: str,
     *,
@@ -107,3 +107,11 @@ def int_array(x: Any, n: int, name: str) -> np.ndarray:
             f"{name} must be an integer array of shape ({n},), got {arr.dtype} {arr.shape}"
         )
     return arr.astype(np.int64)
+
+
+def error_line(err: BaseException) -> str:
+    """How an expected error (bad input, a missing file) is reported, by the ``retrieval``
+    command and by the tasks alike: one ``error: ...`` line, a KeyError's message without the
+    quotes ``str`` puts around it."""
+    text = err.args[0] if isinstance(err, KeyError) and err.args else err
+    return f"error: {text}"

@@ -3,13 +3,14 @@ processes (POSIX only: where ``fcntl`` does not exist, the file locks lock nothi
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["LockHeldError", "ReadWriteLock", "file_lock", "hold_exclusive"]
+__all__ = ["LockHeldError", "ReadWriteLock", "file_lock", "folder_lock", "hold_exclusive"]
 
 
 class LockHeldError(OSError):
@@ -98,3 +99,26 @@ def file_lock(path: Path, exclusive: bool) -> Iterator[None]:
         yield
     finally:
         handle.close()  # releases the lock
+
+
+@contextmanager
+def folder_lock(folder: str | Path, wait: bool = False) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``folder`` (a directory) while the block runs; yields
+    whether it was taken (False: another open file holds it, and ``wait`` is false). Where
+    ``flock`` does not exist it yields False (the folder counts as in use). The lock moves
+    with the folder when it is renamed (an export in progress keeps it)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield False
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock

@@ -20,16 +20,20 @@ from retrieval.postprocess.config import (
     ScoreNorm,
     Whiten,
 )
-from retrieval.postprocess.query import search_with_steps
-from retrieval.postprocess.rerank import k_reciprocal_rerank
-from retrieval.postprocess.score_norm import (
+from retrieval.postprocess.query import (
     background_similarity,
+    k_reciprocal_rerank,
     normalize_scores,
     sample_background,
+    search_with_steps,
 )
-from retrieval.postprocess.steps import alpha_query_expansion, database_augment, dba_vectors_for
-from retrieval.postprocess.tta import tta_embed
-from retrieval.postprocess.whitening import Whitening, fit_whitening
+from retrieval.postprocess.steps import (
+    alpha_query_expansion,
+    database_augment,
+    dba_vectors_for,
+    tta_embed,
+)
+from retrieval.postprocess.whitening import Whitening, fit_whitening, whitening_for
 
 __all__ = [
     "AQE",
@@ -51,4 +55,5 @@ __all__ = [
     "sample_background",
     "search_with_steps",
     "tta_embed",
+    "whitening_for",
 ]

@@ -1,30 +1,39 @@
-"""Database-side augmentation and α-query expansion, as pure functions of float32 unit rows,
-and the ranking helpers the search-time steps share.
+"""The search-time steps that change vectors, as pure functions:
 
+- :func:`tta_embed`: test-time augmentation: an image embedded at several scales (and
+  mirrored), the unit embeddings summed and normalised. The views are made from the
+  preprocessed batch ``(B, 3, S, S)`` itself (bilinear resizing of the normalised pixels,
+  ``align_corners=False``, and a horizontal flip), so the same views come out of every
+  runtime: the augmentation is part of the exported model graph;
 - :func:`database_augment`: database-side augmentation (DBA): every gallery vector replaced by
   the weighted mean of itself and its nearest gallery neighbours (:func:`dba_vectors_for`
   gives the vectors of rows added later);
 - :func:`alpha_query_expansion`: α-query expansion (αQE, Radenović et al. 2018): the query
   replaced by the weighted mean of itself and its first results, then searched again.
 
-The other steps: test-time augmentation (:mod:`retrieval.postprocess.tta`), whitening
-(:mod:`retrieval.postprocess.whitening`) and k-reciprocal re-ranking
-(:mod:`retrieval.postprocess.rerank`).
-
-Neighbours are ranked by inner product with exact ties broken by ascending id, as everywhere in
-the project. Weights of neighbours are ``max(score, 0) ** alpha``; the vector itself weighs 1.
+The others: whitening (:mod:`retrieval.postprocess.whitening`), and k-reciprocal re-ranking
+and score normalisation around a search (:mod:`retrieval.postprocess.query`). Neighbours are
+ranked by inner product with exact ties broken by ascending id, as everywhere in the project.
+Weights of neighbours are ``max(score, 0) ** alpha``; the vector itself weighs 1.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+from retrieval.infra.ties import top_k_columns
 
 __all__ = [
     "alpha_query_expansion",
     "database_augment",
     "dba_vectors_for",
     "normalize_rows",
-    "top_k_by_score",
+    "tta_embed",
+    "tta_sizes",
 ]
 
 
@@ -33,34 +42,6 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
     return (x / np.maximum(norms, np.float32(1e-12))).astype(np.float32)
-
-
-def top_k_by_score(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
-    """Column indices of the ``k`` largest scores of each row, best first, equal scores by
-    ascending column; ``exclude`` (nq,) drops one column per row (a query's own position).
-
-    ``scores`` is (nq, n); returns (nq, min(k, n - (exclude is not None))) int64.
-    """
-    s = np.asarray(scores, dtype=np.float32)
-    nq, n = s.shape
-    if exclude is not None:
-        s = s.copy()
-        s[np.arange(nq), np.asarray(exclude, dtype=np.int64)] = -np.inf
-        n -= 1
-    k = max(0, min(int(k), n))
-    if k == 0:
-        return np.zeros((nq, 0), dtype=np.int64)
-    # the k-th largest score of each row; every column reaching it is a candidate (ties too)
-    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1]
-    out = np.empty((nq, k), dtype=np.int64)
-    for row in range(nq):
-        cand = np.flatnonzero(s[row] >= kth[row])
-        # lexsort: last key first; -score descending, then column ascending
-        out[row] = cand[np.lexsort((cand, -s[row, cand]))[:k]]
-    return out
-
-
-# ---------------------------------------------------------------- DBA and αQE
 
 
 def _weights(scores: np.ndarray, alpha: float) -> np.ndarray:
@@ -106,7 +87,7 @@ def _augment(
 ) -> np.ndarray:
     if neighbours <= 0:
         return normalize_rows(rows)
-    cols = top_k_by_score(scores, neighbours, exclude=exclude)
+    cols = top_k_columns(scores, neighbours, exclude=exclude)
     w = _weights(np.take_along_axis(scores, cols, axis=1), alpha)
     mixed = rows.astype(np.float64) + np.einsum("qk,qkd->qd", w, pool[cols].astype(np.float64))
     return normalize_rows(mixed)
@@ -131,3 +112,35 @@ def alpha_query_expansion(
         "qk,qkd->qd", w, np.asarray(neighbours, np.float64)
     )
     return normalize_rows(mixed)
+
+
+def tta_sizes(side: int, scales: Sequence[float], multiple: int = 1) -> list[int]:
+    """The square side of each view: ``side * scale`` rounded to a multiple of ``multiple``
+    (a ViT's patch size), at least ``multiple``."""
+    m = max(1, int(multiple))
+    return [max(m, int(round(side * float(s) / m)) * m) for s in scales]
+
+
+def tta_embed(
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    scales: Sequence[float],
+    flip: bool,
+    multiple: int = 1,
+) -> torch.Tensor:
+    """``normalize(sum of embed(view))`` over the views of ``images`` (B, 3, S, S).
+
+    ``embed`` maps a batch of any square size to unit rows; a scale of 1 uses the images as
+    they are, others resize them to :func:`tta_sizes`; ``flip`` adds each view mirrored.
+    """
+    side = int(images.shape[-1])
+    total: torch.Tensor | None = None
+    for size in tta_sizes(side, scales, multiple):
+        view = images
+        if size != side:
+            view = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        for v in (view, view.flip(-1)) if flip else (view,):
+            out = embed(v).float()
+            total = out if total is None else total + out
+    assert total is not None
+    return F.normalize(total, p=2.0, dim=-1)

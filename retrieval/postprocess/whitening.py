@@ -7,13 +7,17 @@ shrinkage of the covariance and dimension reduction. :func:`fit_whitening` fits 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from retrieval.infra.checks import positive_int
+
+if TYPE_CHECKING:
+    from retrieval.postprocess.config import Whiten
 from retrieval.postprocess.steps import normalize_rows
 
-__all__ = ["Whitening", "fit_whitening"]
+__all__ = ["Whitening", "fit_whitening", "whitening_for"]
 
 
 @dataclass(frozen=True)
@@ -148,3 +152,21 @@ def _pair_differences(x: np.ndarray, labels: np.ndarray, max_pairs: int = 200_00
         pick = np.random.default_rng(0).choice(len(a), max_pairs, replace=False)
         a, b = a[pick], b[pick]
     return x[a] - x[b]
+
+
+def whitening_for(whiten: Whiten, whitening: Whitening | None, gallery: np.ndarray) -> Whitening:
+    """The whitening a search with the step ``whiten`` uses: ``whitening``, fitted beforehand
+    on the training split, or with ``fit_on=gallery`` PCA-whitening fitted on ``gallery``
+    (the searched vectors) here. Evaluation and export both take it from here.
+
+    Raises:
+        ValueError: ``fit_on=train`` but no ``whitening`` given.
+    """
+    if whitening is not None:
+        return whitening
+    if whiten.fit_on != "gallery":
+        raise ValueError(
+            "postprocess.whiten.fit_on=train: pass the whitening fitted on the "
+            "training split (whitening=), or fit on the gallery (fit_on=gallery)"
+        )
+    return fit_whitening(gallery, dim=whiten.dim, shrinkage=whiten.shrinkage, method="pca")

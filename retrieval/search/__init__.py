@@ -7,7 +7,6 @@ preprocessing and items, or a search backend holding them) and answers ``search`
 ...     hits = retriever.search(["query.jpg"], k=5)[0]
 """
 
-from retrieval.search.results import AddReport, Hit
-from retrieval.search.retriever import Retriever
+from retrieval.search.retriever import AddReport, Hit, Retriever
 
 __all__ = ["AddReport", "Hit", "Retriever"]

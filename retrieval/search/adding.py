@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.bundle.item_checks import MAX_LABEL  # the longest label an item may have
-from retrieval.bundle.records import ItemRecord
+from retrieval.bundle.records import (
+    MAX_LABEL,  # the longest label an item may have
+    ItemRecord,
+)
 from retrieval.data.images import ImageLoadError
 from retrieval.search.prefetch import chunks, prefetched
-from retrieval.search.results import AddReport
 
 if TYPE_CHECKING:
     from retrieval.backends.base import SearchBackend
@@ -27,6 +28,17 @@ if TYPE_CHECKING:
     from retrieval.postprocess import DBA
 
 __all__ = ["MAX_LABEL", "LoadedFiles", "add_files", "load_files"]
+
+
+@dataclass
+class AddReport:
+    """What :meth:`Retriever.add <retrieval.search.retriever.Retriever.add>` did: ids of new
+    items, duplicates of items already in the bundle (``(path, existing id)``) and files that
+    could not be read (``(path, reason)``)."""
+
+    added: list[int] = field(default_factory=list)
+    duplicates: list[tuple[str, int]] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass

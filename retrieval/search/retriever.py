@@ -1,36 +1,228 @@
 """``Retriever``: load a bundle and search it from Python. No Hydra, no Lightning, no training
-code: the model runs through ONNX Runtime, TorchScript or a rebuilt PyTorch module.
+code: the model runs through ONNX Runtime, TorchScript or a rebuilt PyTorch module. What it
+answers: :class:`Hit` (one result of a search) and :class:`AddReport` (what an add did).
 
     with Retriever.load("bundle") as retriever:
         hits = retriever.search(["photo.jpg"], k=10)[0]
         retriever.add(["new1.jpg", "new2.jpg"])  # durable when it returns
+
+A bundle folder's parts are checked as they are opened, and :meth:`Retriever.verify` finds the
+problems of a whole bundle.
+
+A checksum shows a file is the one the manifest lists, not that the files belong together, so
+the parts are also checked against each other: the format version, the checksums, the search
+steps of the manifest (within their bounds), the preprocessing (its fields, and the input the
+model takes: ``input_size`` and, with ``resize_mode=short``, ``any_size``), the embedding
+widths, the manifest's ``index.factory`` (the factory string the item store records, which
+the index file must build) and the item uris (none may lead outside the folder).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from retrieval.backends.base import SearchBackend
-from retrieval.bundle.format import BundleError
+from retrieval.bundle.format import (
+    BACKGROUND,
+    BundleError,
+    read_json,
+    read_manifest,
+    stale_exports,
+    verify_files,
+)
+from retrieval.bundle.items import IndexedItems, check_item_uris, item_path
 from retrieval.bundle.preprocess import Preprocessor
 from retrieval.bundle.records import Item
-from retrieval.bundle.runtime import Runtime
+from retrieval.bundle.runtime import Runtime, load_runtime
 from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageInput
-from retrieval.infra.checks import positive_int, vectors
+from retrieval.infra.checks import checked_vectors, positive_int
 from retrieval.postprocess import Postprocess, Rerank, search_with_steps
-from retrieval.search.adding import add_files
+from retrieval.search.adding import AddReport, add_files
 from retrieval.search.duplicate_finder import DuplicateReport, choose_threshold, item_duplicates
-from retrieval.search.opening import bundle_problems, load_background, open_parts
 from retrieval.search.prefetch import chunks, prefetched
-from retrieval.search.results import AddReport, Hit, row_hits
 
-__all__ = ["Retriever"]
+if TYPE_CHECKING:
+    from retrieval.bundle.records import Item
+
+__all__ = [
+    "AddReport",
+    "Hit",
+    "Retriever",
+    "bundle_problems",
+    "item_path",
+    "load_background",
+    "manifest_steps",
+    "open_parts",
+    "row_hits",
+]
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the item's id, its score (cosine similarity) and what it points to."""
+
+    id: int
+    score: float
+    uri: str
+    label: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def row_hits(scores: np.ndarray, ids: np.ndarray, records: Mapping[int, Item]) -> list[Hit]:
+    """The hits of one result row ``(scores, ids)`` in its order, from the ``records`` read
+    for its ids: empty slots (-1) and items missing from ``records`` or no longer active
+    are left out."""
+    hits = []
+    for score, item_id in zip(scores, ids, strict=True):
+        item = records.get(int(item_id))
+        if item is None or not item.active:
+            continue
+        hits.append(Hit(item.id, float(score), item.uri, item.label, dict(item.extra)))
+    return hits
+
+
+def manifest_steps(folder: Path, manifest: dict[str, Any]) -> Postprocess:
+    """The search steps of the manifest (``postprocess.steps``; none when absent). Raises
+    BundleError naming the manifest and the step setting that is unknown or out of bounds."""
+    try:
+        return Postprocess.from_dict((manifest.get("postprocess") or {}).get("steps"))
+    except (AttributeError, TypeError, ValueError) as err:
+        raise BundleError(f"{folder}/manifest.json: {err}") from err
+
+
+def _preprocessor(folder: Path, model: Runtime) -> Preprocessor:
+    """``preprocessing.json``, checked to make the input ``model`` takes."""
+    path = folder / "preprocessing.json"
+    fields = read_json(path, missing=f"{path} does not exist")
+    try:
+        pre = Preprocessor.from_dict(fields)
+    except ValueError as err:
+        raise BundleError(f"{path}: {err}") from err
+    if pre.input_size != model.input_size:
+        raise BundleError(
+            f"{path}: input_size {pre.input_size} does not match model.json, whose model takes "
+            f"{model.input_size} px: the files come from different exports; re-export the bundle"
+        )
+    if pre.any_size != model.any_size:
+        raise BundleError(
+            f"{path}: resize_mode {pre.resize_mode!r} does not fit model.json (any_size "
+            f"{str(model.any_size).lower()}): 'short' and 'long' go with a model exported for "
+            "any size (any_size true), the other modes with any_size false; re-export the bundle"
+        )
+    return pre
+
+
+def _check_items(folder: Path, manifest: dict[str, Any], items: IndexedItems) -> None:
+    """The manifest's index factory is the items' (whose file :class:`IndexedItems` checked
+    when it opened them), and no item uri leads outside ``folder``."""
+    index = manifest["index"]
+    factory = index.get("factory") if isinstance(index, dict) else None
+    if factory != items.factory:
+        raise BundleError(
+            f"{folder}/manifest.json: index.factory {factory!r} does not describe the bundle's "
+            f"index, a {items.factory!r} index (items.sqlite and index.faiss): the manifest was "
+            "altered; re-export the bundle"
+        )
+    check_item_uris(folder)
+
+
+def open_parts(
+    folder: Path,
+    runtime: str,
+    threads: int | None,
+    device: str,
+    read_only: bool,
+    backend: str | None,
+) -> tuple[dict[str, Any], Preprocessor, Runtime, SearchBackend]:
+    """``(manifest, preprocessor, model, items)`` of the bundle at ``folder``, opened as
+    :meth:`Retriever.load <retrieval.search.retriever.Retriever.load>` describes (its
+    arguments and errors)."""
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest)
+    manifest_steps(folder, manifest)
+    model = load_runtime(folder, kind=runtime, threads=threads, device=device)
+    pre = _preprocessor(folder, model)
+    if model.embedding_dim != manifest["embedding_dim"]:
+        raise BundleError(
+            f"{folder}: the model gives {model.embedding_dim}-d embeddings but the manifest "
+            f"says {manifest['embedding_dim']}"
+        )
+    if backend is None:
+        own = IndexedItems.open(folder, read_only=read_only)
+        try:
+            _check_items(folder, manifest, own)
+        except BaseException:
+            own.close()
+            raise
+        items: SearchBackend = own
+    else:
+        from retrieval.backends import open_backend
+
+        items = open_backend(backend, int(manifest["embedding_dim"]), read_only=read_only)
+    if items.dim != manifest["embedding_dim"]:
+        items.close()
+        raise BundleError(
+            f"{folder}: the index holds {items.dim}-d vectors, not {manifest['embedding_dim']}-d"
+        )
+    return manifest, pre, model, items
+
+
+def load_background(
+    folder: Path, manifest: dict[str, Any], steps: Postprocess, dim: int
+) -> np.ndarray | None:
+    """The score-normalisation background of the bundle, ``(n, dim)`` float32, when its steps
+    include ``score_norm`` (else None). The file is one the manifest checksums (checked when
+    the bundle was opened), read without unpickling.
+
+    Raises:
+        BundleError: the step is on but the file is not listed, or not an (n, dim) float32
+            array.
+    """
+    if steps.score_norm is None:
+        return None
+    path = folder / BACKGROUND
+    if BACKGROUND not in manifest.get("files", {}):
+        raise BundleError(
+            f"{folder}/manifest.json asks for score_norm but lists no {BACKGROUND}: re-export "
+            "the bundle"
+        )
+    try:
+        background = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{path} cannot be read ({err}): re-export the bundle") from None
+    if background.dtype != np.float32 or background.ndim != 2 or background.shape[1] != dim:
+        raise BundleError(
+            f"{path} holds {background.dtype} {background.shape}, not (n, {dim}) float32 "
+            "vectors: re-export the bundle"
+        )
+    return background
+
+
+def bundle_problems(folder: Path, manifest: dict[str, Any], items: SearchBackend) -> list[str]:
+    """What :meth:`Retriever.verify <retrieval.search.retriever.Retriever.verify>` reports:
+    the files against ``manifest``, ``items``' own check, and folders of interrupted exports
+    beside ``folder``; ``[]`` when healthy."""
+    problems = []
+    try:
+        verify_files(folder, manifest)
+    except BundleError as err:
+        problems.append(str(err))
+    problems += items.verify()
+    stale = stale_exports(folder)
+    if stale:
+        problems.append(
+            f"folders left by an interrupted export beside {folder}: "
+            f"{[p.name for p in stale]}; the next export to it removes them, or delete them"
+        )
+    return problems
+
 
 #: An image given by path, by its encoded bytes (or a binary file), or already decoded.
 ImageSource = ImageInput | Image.Image
@@ -115,22 +307,32 @@ class Retriever:
     def __len__(self) -> int:
         return self.items.ntotal
 
-    def prepare(self, image: ImageSource, max_pixels: int | None = None) -> np.ndarray:
-        """One image (path, encoded bytes or PIL image) decoded and preprocessed into the
-        model's input: (3, size, size) float32 (``resize_mode=short``: short side ``size``).
-        ``max_pixels`` lowers the bundle's pixel limit for this call. Files and bytes go
-        through :meth:`Preprocessor.prepare` (a large JPEG decoded at a reduced scale), as the
-        service's uploads do, so an image gives the same vector whether it is indexed,
-        searched here or uploaded. Raises ImageLoadError
-        (ImageTooLargeError over the pixel limit) naming the image."""
+    def prepare(
+        self,
+        image: ImageSource,
+        max_pixels: int | None = None,
+        name: str | None = None,
+        check: Callable[[str], None] | None = None,
+    ) -> np.ndarray:
+        """The first stage of a search: one image (path, encoded bytes or PIL image) decoded
+        and preprocessed into the model's input, (3, size, size) float32 (``resize_mode=short``:
+        short side ``size``). ``max_pixels`` lowers the bundle's pixel limit for this call;
+        ``name`` names the image in errors; ``check(stage)`` is called between the decode's
+        stages (a deadline's check raises there). Files and bytes go through
+        :meth:`Preprocessor.prepare` (a large JPEG decoded at a reduced scale), so an image
+        gives the same vector whether it is indexed, searched here or uploaded to the service,
+        which runs these same stages: :meth:`prepare`, :meth:`embed_pixels`, :meth:`search`
+        of the vectors. Raises ImageLoadError (ImageTooLargeError over the pixel limit)
+        naming the image."""
         if isinstance(image, Image.Image):  # converted to RGB (alpha onto white) as files are
             return self.preprocessor(image)
         limit = self.max_pixels if max_pixels is None else min(max_pixels, self.max_pixels)
-        return self.preprocessor.prepare(image, limit)
+        return self.preprocessor.prepare(image, limit, name, check)
 
     def embed_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
-        """Embeddings of preprocessed images (each as :meth:`prepare` returns it, shapes may
-        differ under ``resize_mode=short``): (B, dim) float32 unit rows, in order."""
+        """The second stage of a search: embeddings of preprocessed images (each as
+        :meth:`prepare` returns it, shapes may differ under ``resize_mode=short``): (B, dim)
+        float32 unit rows, in order."""
         return self.runtime.embed_many(pixels)
 
     def embed(self, images: Sequence[ImageSource], batch_size: int = 32) -> np.ndarray:
@@ -140,7 +342,7 @@ class Retriever:
             raise TypeError("pass a list of images, e.g. search([path]), not a single image")
         out = [np.empty((0, self.dim), np.float32)]
         for batch in prefetched(chunks(list(images), batch_size), self._prepare_all):
-            out.append(self.runtime.embed_many(batch))
+            out.append(self.embed_pixels(batch))
         return np.concatenate(out)
 
     def _prepare_all(self, images: Sequence[ImageSource]) -> list[np.ndarray]:
@@ -151,7 +353,7 @@ class Retriever:
     ) -> np.ndarray:
         if isinstance(queries, np.ndarray) and queries.dtype.kind == "f":
             x = queries.reshape(1, -1) if queries.ndim == 1 else queries
-            x = vectors(x, "query vectors", dim=self.dim)
+            x = checked_vectors(x, "query vectors", dim=self.dim)
             norms = np.linalg.norm(x, axis=1, keepdims=True)
             if (norms == 0).any():
                 raise ValueError("query vectors contain a zero vector")

@@ -3,7 +3,7 @@
 and index), and the hits' labels, stored with the bundle's items at export, decide what is relevant.
 
 The metric functions are those of :mod:`retrieval.evaluation.metrics` and
-:mod:`retrieval.evaluation.ap`, with the conventions of
+:mod:`retrieval.evaluation.metrics`, with the conventions of
 :func:`retrieval.evaluation.evaluate_embeddings`: queries whose label no bundle item has are
 left out of the recall values (and counted), but their hits still enter ``micro_ap@{k}`` as
 false positives.
@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.evaluation.ap import micro_average_precision
-from retrieval.evaluation.metrics import recall_at_k
+from retrieval.evaluation.metrics import micro_average_precision, recall_at_k
 from retrieval.infra.checks import positive_int
 
 if TYPE_CHECKING:
@@ -50,6 +49,32 @@ def bundle_label_counts(retriever: Retriever, chunk_size: int = 10_000) -> Count
     return counts
 
 
+def _num_relevant(retriever: Retriever, labels: list[str]) -> np.ndarray:
+    """How many of the bundle's items have each query label; some must."""
+    counts = bundle_label_counts(retriever)
+    num_relevant = np.array([counts.get(label, 0) for label in labels], dtype=np.int64)
+    if not (num_relevant > 0).any():
+        raise ValueError(
+            f"none of the {len(labels)} query labels is a label of the bundle's items: "
+            "check that the bundle was exported from the manifest's gallery"
+        )
+    return num_relevant
+
+
+def _result_codes(
+    hits: Sequence[Sequence[Any]], codes: dict[str, int], cols: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n, cols) label codes (-1: a label no query has, or none) and scores of the results,
+    empty slots -1 and -inf."""
+    neighbor = np.full((len(hits), cols), -1, dtype=np.int64)
+    scores = np.full((len(hits), cols), -np.inf)
+    for row, found in enumerate(hits):
+        for col, hit in enumerate(found[:cols]):
+            neighbor[row, col] = codes.get(hit.label, -1) if hit.label is not None else -1
+            scores[row, col] = hit.score
+    return neighbor, scores
+
+
 def score_bundle(
     retriever: Retriever,
     queries: Sequence[Query],
@@ -59,13 +84,9 @@ def score_bundle(
 ) -> dict[str, Any]:
     """Search every query image in the bundle and score the results.
 
-    Args:
-        retriever: an open bundle.
-        queries: ``(path, label, edit)`` per query; ``edit`` groups the per-edit recall
-            (any string, e.g. the copy-detection edit kind; "" for none).
-        k: results per query.
-        batch_size: images embedded per model call.
-        rerank: re-ranking on or off (``None``: as the bundle was exported).
+    ``queries``: ``(path, label, edit)`` per query; ``edit`` groups the per-edit recall (any
+    string, e.g. the copy-detection edit kind; "" for none). ``k`` results per query,
+    ``batch_size`` images per model call, ``rerank`` on or off (``None``: as exported).
 
     Returns:
         ``queries`` (number searched), ``scored`` (those whose label is in the bundle),
@@ -82,15 +103,9 @@ def score_bundle(
     if not queries:
         raise ValueError("no queries to score")
     positive_int(k, "k")
-    counts = bundle_label_counts(retriever)
     labels = [str(label) for _, label, _ in queries]
-    num_relevant = np.array([counts.get(label, 0) for label in labels], dtype=np.int64)
+    num_relevant = _num_relevant(retriever, labels)
     scored = num_relevant > 0
-    if not scored.any():
-        raise ValueError(
-            f"none of the {len(queries)} query labels is a label of the bundle's items: "
-            "check that the bundle was exported from the manifest's gallery"
-        )
     start = time.perf_counter()
     # Retriever decodes and embeds batch_size images at a time
     hits = retriever.search(
@@ -100,12 +115,7 @@ def score_bundle(
 
     cols = max(1, min(k, len(retriever)))
     codes = {label: code for code, label in enumerate(sorted(set(labels)))}
-    neighbor = np.full((len(queries), cols), -1, dtype=np.int64)
-    scores = np.full((len(queries), cols), -np.inf)
-    for row, found in enumerate(hits):
-        for col, hit in enumerate(found[:cols]):
-            neighbor[row, col] = codes.get(hit.label, -1) if hit.label is not None else -1
-            scores[row, col] = hit.score
+    neighbor, scores = _result_codes(hits, codes, cols)
     query_codes = np.array([codes[label] for label in labels], dtype=np.int64)
     relevant = neighbor == query_codes[:, None]
     r1 = recall_at_k(neighbor[scored], query_codes[scored], 1)

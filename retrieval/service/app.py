@@ -1,10 +1,9 @@
 """The HTTP API and the web page: ``create_app(retriever, settings)`` gives an ASGI app.
 
-Routes: ``GET /`` (the page, its icon at ``/favicon.ico``), ``POST /search``
-(:mod:`~retrieval.service.search_routes`), ``GET /items/{id}``, ``GET /items/{id}/similar``,
-``GET /items/{id}/thumbnail``, ``GET /items/{id}/image``
-(:mod:`~retrieval.service.item_routes`), ``POST /items`` and ``DELETE /items/{id}`` (bearer
-token, :mod:`~retrieval.service.write_routes`), ``GET /healthz``, ``GET /stats``; the OpenAPI
+Routes: ``GET /`` (the page, its icon at ``/favicon.ico``), ``POST /search``, ``GET
+/items/{id}``, ``GET /items/{id}/similar``, ``GET /items/{id}/thumbnail``, ``GET
+/items/{id}/image``, ``GET /duplicates``, ``POST /items`` and ``DELETE /items/{id}`` (bearer
+token; all in :mod:`~retrieval.service.routes`), ``GET /healthz``, ``GET /stats``; the OpenAPI
 schema at ``/openapi.json`` and its pages at ``/docs``. Errors are JSON ``{"detail": ...}``
 with a 4xx status for anything wrong with the request, 503 when busy, 507 when the disk is
 full, and 500 (the connection then closed) for a bug. Searches page through one ranking
@@ -24,12 +23,15 @@ from fastapi.staticfiles import StaticFiles
 from retrieval.data.images import ImageLoadError
 from retrieval.search import Retriever
 from retrieval.service.budget import Busy, DeadlineExceeded
-from retrieval.service.core import BadUpload, OutOfSpace, SearchService
 from retrieval.service.guard import RequestGuard
-from retrieval.service.item_routes import add_duplicate_routes, add_item_routes
-from retrieval.service.search_routes import add_search_routes
+from retrieval.service.routes import (
+    add_duplicate_routes,
+    add_item_routes,
+    add_search_routes,
+    add_write_routes,
+)
+from retrieval.service.search_service import BadUpload, OutOfSpace, SearchService
 from retrieval.service.settings import ServiceSettings
-from retrieval.service.write_routes import add_write_routes
 
 STATIC = Path(__file__).parent / "static"
 

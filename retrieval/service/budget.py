@@ -32,25 +32,6 @@ WORST_BYTES_PER_PIXEL = 8
 SMALL_PIXELS = 4_000_000
 
 
-def return_freed_images_to_the_os(threshold: int = 1 << 20) -> bool:
-    """Have glibc serve allocations of ``threshold`` bytes or more (decoded images, Pillow's
-    16 MiB blocks) by ``mmap``, so that freeing them gives the memory back to the system.
-
-    Without it glibc raises that threshold as it goes and keeps freed blocks in per-thread
-    arenas: a process whose decodes ran in many threads stays at several decodes' worth of
-    memory, beyond what the decode slots bound. Process-wide; True when applied (Linux glibc).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
 class Busy(Exception):
     """Too much work is waiting already: answered 503 with ``Retry-After: retry_after``."""
 

@@ -1,6 +1,6 @@
 """``+distractors=r1m`` (``conf/distractors/``): the distractor images of Revisited Oxford /
 Paris embedded once per model into shards, through the sharded embedding of ``embed.py``
-(:mod:`retrieval.index.shard_writer`: resumable, a rerun embeds only the unfinished shards),
+(:mod:`retrieval.index.shards`: resumable, a rerun embeds only the unfinished shards),
 then handed to the scoring one shard at a time (:mod:`retrieval.evaluation.distractors`).
 
 The shards of a model live in ``distractors.shards_dir/<name>-<key>/``, the key a digest of
@@ -22,13 +22,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from retrieval.data.distractors import distractor_images
+from retrieval.data.gnd import distractor_images
 from retrieval.data.images import ImageLoadError
 from retrieval.data.preprocessing import Preprocessing
 from retrieval.evaluation import RetrievalResult
 from retrieval.evaluation.distractors import check_distractor_steps
-from retrieval.index.shard_writer import ShardPlan, embed_shards
-from retrieval.index.shards import ShardItem, ShardSet
+from retrieval.index.shards import ShardItem, ShardPlan, ShardSet, embed_shards
 from retrieval.models import Embedder
 from retrieval.models.extract import model_fingerprint
 from retrieval.postprocess import Postprocess

@@ -18,20 +18,18 @@ from retrieval.data.images import ImageLoadError, find_unreadable, images_in_fol
 from retrieval.data.manifest import ManifestRow, folder_labels, read_manifest
 from retrieval.data.preprocessing import Preprocessing
 from retrieval.data.transforms import eval_transform
-from retrieval.index.shard_writer import ShardContent, ShardPlan, embed_shards, worker_identity
-from retrieval.index.shards import ShardItem
+from retrieval.index.shards import ShardContent, ShardItem, ShardPlan, embed_shards, worker_identity
 from retrieval.infra.io import sha256_file
 from retrieval.models.extract import (
     embed_loader,
     model_fingerprint,
     resolve_device,
 )
-from retrieval.tasks.common import (
+from retrieval.tasks.embedding import inference_embedder, inference_precision
+from retrieval.tasks.models import (
     LoadedModel,
     bundle_input,
     describe_model,
-    inference_embedder,
-    inference_precision,
     load_model,
     model_preprocessing,
 )
@@ -82,7 +80,7 @@ def _device(cfg: DictConfig) -> torch.device:
 
 class ShardEmbedder:
     """Embeds one shard's items (``(shard, items) -> ShardContent``, what
-    :func:`~retrieval.index.shard_writer.embed_shards` calls): unreadable ones skipped with a
+    :func:`~retrieval.index.shards.embed_shards` calls): unreadable ones skipped with a
     warning, or an error when ``strict`` (its message ends with ``fix``)."""
 
     def __init__(

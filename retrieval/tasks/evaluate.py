@@ -1,11 +1,17 @@
 """``evaluate(cfg)``: score a trained checkpoint, a pretrained backbone as-is, or a file of
-precomputed embeddings, and write the report. Called by ``evaluate.py`` and by tests."""
+precomputed embeddings, and write the report. Called by ``evaluate.py`` and by tests.
+
+The report of ``evaluate``: metrics.json, per-label CSV, the results picture, the printed
+table, and the same sent to the configured loggers (Weights & Biases, CSV).
+"""
 
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +23,28 @@ from omegaconf import DictConfig, OmegaConf
 from retrieval.evaluation import RetrievalResult, evaluate_embeddings, evaluate_protocol
 from retrieval.evaluation.listed import evaluate_listed, listed_protocol
 from retrieval.evaluation.npz import read_embeddings_npz, write_embeddings_npz
-from retrieval.infra.io import package_versions, sha256_file
-from retrieval.models.extract import resolve_device
-from retrieval.postprocess import Postprocess
-from retrieval.tasks.common import (
-    data_config,
-    describe_model,
-    embed_dataset,
-    embed_rows,
-    inference_embedder,
-    inference_precision,
-    load_model,
-    model_preprocessing,
+from retrieval.evaluation.reports import (
+    choose_queries,
+    per_label_table,
+    results_grid,
+    save_png,
+    text_table,
+    write_csv,
 )
+from retrieval.infra.io import atomic_write, package_versions, sha256_file
+from retrieval.models.extract import Embeddings
+from retrieval.postprocess import Postprocess
 from retrieval.tasks.distractors import EmbeddingRun, distractors_of
-from retrieval.tasks.evaluate_report import EvalInputs, write_report
-from retrieval.tasks.postprocess import fit_steps, fitting_split, ms_per_image, postprocess_config
+from retrieval.tasks.embedding import TaskEmbedding, inference_precision
+from retrieval.tasks.models import data_config, describe_model, load_model, model_preprocessing
+from retrieval.tasks.postprocess import (
+    FittedSteps,
+    fit_steps,
+    fitting_split,
+    ms_per_image,
+    postprocess_config,
+)
+from retrieval.training.loggers import describe_wandb, finish_wandb
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +71,7 @@ def _from_npz(cfg: DictConfig) -> EvalInputs:
         )
     data = read_embeddings_npz(path)
     ks = list(cfg.ks or [1, 2, 4, 8])
-    steps = postprocess_config(cfg)
-    if steps.tta is not None:
-        raise ValueError(
-            f"postprocess.tta needs the model, but embeddings={path} are precomputed: drop tta "
-            "or evaluate the checkpoint (ckpt_path=)"
-        )
-    if steps.whiten is not None and steps.whiten.fit_on == "train":
-        raise ValueError(
-            f"postprocess.whiten.fit_on=train needs the training split, but embeddings={path} "
-            "hold only the evaluated one: use postprocess.whiten.fit_on=gallery"
-        )
-    if steps.score_norm is not None:
-        raise ValueError(
-            f"postprocess.score_norm compares queries with the training split, but "
-            f"embeddings={path} hold only the evaluated one: drop score_norm"
-        )
+    steps = _precomputed_steps(cfg, path)
 
     def score(chosen: Postprocess) -> RetrievalResult:
         try:
@@ -113,6 +110,27 @@ def _from_npz(cfg: DictConfig) -> EvalInputs:
     )
 
 
+def _precomputed_steps(cfg: DictConfig, path: Path) -> Postprocess:
+    """The search-time steps, refusing those that need the model or the training split."""
+    steps = postprocess_config(cfg)
+    if steps.tta is not None:
+        raise ValueError(
+            f"postprocess.tta needs the model, but embeddings={path} are precomputed: drop tta "
+            "or evaluate the checkpoint (ckpt_path=)"
+        )
+    if steps.whiten is not None and steps.whiten.fit_on == "train":
+        raise ValueError(
+            f"postprocess.whiten.fit_on=train needs the training split, but embeddings={path} "
+            "hold only the evaluated one: use postprocess.whiten.fit_on=gallery"
+        )
+    if steps.score_norm is not None:
+        raise ValueError(
+            f"postprocess.score_norm compares queries with the training split, but "
+            f"embeddings={path} hold only the evaluated one: drop score_norm"
+        )
+    return steps
+
+
 def _from_model(cfg: DictConfig) -> EvalInputs:
     model = load_model(cfg)
     datamodule = instantiate(data_config(cfg, model.checkpoint), _partial_=True)(
@@ -120,100 +138,45 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
     )
     dataset = datamodule.eval_set()
     paths = np.array([str(row.path) for row in dataset.rows])
-    device = resolve_device(cfg.inference.device)
     steps = postprocess_config(cfg)
     listed = listed_protocol(dataset.rows)
     distractors = distractors_of(cfg, listed, steps)  # checked before anything is embedded
-    runner = inference_embedder(cfg, model, datamodule.preprocessing, device)
-    preprocessing = datamodule.preprocessing.to_dict()
-    batch_size = int(cfg.inference.batch_size or datamodule.eval_batch_size)
-    run = EmbeddingRun(
-        datamodule.preprocessing,
-        device,
-        batch_size,
-        datamodule.num_workers,
-        inference_precision(cfg, device),
-        cfg.inference.runtime,
-    )
-    embeddings, cache = embed_dataset(
-        cfg,
-        runner,
-        dataset,
-        {"paths": paths.tolist(), "labels": [r.label for r in dataset.rows], "pre": preprocessing},
-        batch_size=batch_size,
-        num_workers=datamodule.num_workers,
-        device=device,
-    )
-    names = dataset.label_names[embeddings.labels]
+    embed = TaskEmbedding.of(cfg, model, datamodule)
+    embeddings, cache = embed.cached(model.embedder, dataset)
+    fitted = fit_steps(steps, model.embedder, fitting_split(cfg, datamodule), embed)
     ks = list(cfg.ks or datamodule.eval_ks)
-
-    def embed(embedder: Any, images: Any) -> Any:
-        embedder = runner if embedder is model.embedder else embedder
-        return embed_rows(
-            cfg, embedder, images, preprocessing, batch_size, datamodule.num_workers, device
-        )
-
-    fitted = fit_steps(
-        steps,
-        model.embedder,
-        fitting_split(cfg, datamodule),
-        embed,
+    scorer = _ModelScorer(
+        cfg,
+        ks,
+        dataset.label_names[embeddings.labels],
+        embeddings,
+        embed(fitted.embedder, dataset) if steps.tta else embeddings,
+        fitted,
+        (model.embedder, embed.runner),
+        listed,
+        distractors,
+        dataset.rows,
+        EmbeddingRun(
+            datamodule.preprocessing,
+            embed.device,
+            embed.batch_size,
+            embed.num_workers,
+            inference_precision(cfg, embed.device),
+            cfg.inference.runtime,
+        ),
     )
-    stepped = embed(fitted.embedder, dataset) if steps.tta else embeddings
     embed_ms: dict[str, float] = {}
     if steps.tta:
-        plain_ms, tta_ms = ms_per_image([model.embedder, fitted.embedder], dataset, device)
+        plain_ms, tta_ms = ms_per_image([model.embedder, fitted.embedder], dataset, embed.device)
         embed_ms = {"none": plain_ms, "tta": tta_ms}
-    q_rows = g_rows = np.zeros(0, dtype=np.int64)
-
-    def score(chosen: Postprocess) -> RetrievalResult:
-        nonlocal q_rows, g_rows
-        vectors = stepped.vectors if chosen.tta else embeddings.vectors
-        options = {
-            **_options(cfg, ks),
-            "postprocess": chosen,
-            "whitening": fitted.whitening if chosen.whiten else None,
-            "background": fitted.background if chosen.score_norm else None,
-        }
-        if distractors is not None:  # embedded by the same model as the gallery just scored
-            pair = (fitted.embedder, fitted.embedder) if chosen.tta else (model.embedder, runner)
-            options["distractors"] = distractors.blocks(*pair, run)
-        if listed is not None:  # the benchmark lists each query's gallery items
-            result, q_rows, g_rows = evaluate_listed(vectors, dataset.rows, **options)
-        else:
-            result, q_rows, g_rows = evaluate_protocol(
-                vectors, names, embeddings.is_query, embeddings.is_gallery, **options
-            )
-        return result
-
-    result, ablation = _ablation(steps, score, int(embeddings.is_query.sum()), embed_ms)
+    result, ablation = _ablation(steps, scorer, int(embeddings.is_query.sum()), embed_ms)
+    q_rows, g_rows = scorer.q_rows, scorer.g_rows
+    names = scorer.names
     if cfg.save_embeddings:
-        _save_embeddings(
-            Path(cfg.paths.output_dir) / "embeddings.npz",
-            embeddings.vectors,
-            names,
-            paths,
-            q_rows,
-            g_rows,
-        )
-    protocol = describe_model(model, preprocessing)
-    loo = len(q_rows) == len(g_rows) == len(names) and bool(embeddings.is_query.all())
-    protocol["data"] = {
-        "dataset": str(datamodule.manifest),
-        "split": cfg.split,
-        "protocol": listed or ("leave-one-out" if loo else "query/gallery"),
-        "images": len(names),
-        "labels": int(np.unique(names).size),
-        "queries": len(q_rows),
-        "gallery": len(g_rows),
-        "embedding_cache": str(cache) if cache else None,
-    }
-    precision = inference_precision(cfg, device)
-    protocol["evaluation_device"] = {
-        "device": str(device),
-        "precision": precision,
-        "runtime": cfg.inference.runtime,
-    }
+        out = Path(cfg.paths.output_dir) / "embeddings.npz"
+        _save_embeddings(out, embeddings.vectors, names, paths, q_rows, g_rows)
+    sizes = _split_sizes(listed, q_rows, g_rows, names, embeddings.is_query)
+    protocol = _model_protocol(cfg, model, datamodule, embed, sizes, cache)
     if steps:
         protocol["postprocess"] = {"steps": steps.to_dict(), "fitted_on": fitted.fitted_on}
     gallery_labels, gallery_paths = names[g_rows], paths[g_rows]
@@ -226,6 +189,91 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
     return EvalInputs(
         result, names[q_rows], gallery_labels, paths[q_rows], gallery_paths, ks, protocol, ablation
     )
+
+
+@dataclass
+class _ModelScorer:
+    """Scores the evaluated split's embeddings with a choice of the search-time steps (one
+    call per row of the ablation), remembering the query and gallery rows of the last."""
+
+    cfg: DictConfig
+    ks: list[int]
+    names: np.ndarray
+    plain: Embeddings
+    stepped: Embeddings
+    fitted: FittedSteps
+    embedders: tuple[Any, Any]  # the model's embedder and the runner embedding with it
+    listed: str | None
+    distractors: Any
+    rows: list[Any]
+    run: EmbeddingRun
+    q_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    g_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def __call__(self, chosen: Postprocess) -> RetrievalResult:
+        vectors = self.stepped.vectors if chosen.tta else self.plain.vectors
+        fitted = self.fitted
+        options = {
+            **_options(self.cfg, self.ks),
+            "postprocess": chosen,
+            "whitening": fitted.whitening if chosen.whiten else None,
+            "background": fitted.background if chosen.score_norm else None,
+        }
+        if self.distractors is not None:  # embedded by the same model as the gallery scored
+            pair = (fitted.embedder, fitted.embedder) if chosen.tta else self.embedders
+            options["distractors"] = self.distractors.blocks(*pair, self.run)
+        if self.listed is not None:  # the benchmark lists each query's gallery items
+            result, self.q_rows, self.g_rows = evaluate_listed(vectors, self.rows, **options)
+        else:
+            result, self.q_rows, self.g_rows = evaluate_protocol(
+                vectors, self.names, self.plain.is_query, self.plain.is_gallery, **options
+            )
+        return result
+
+
+def _model_protocol(
+    cfg: DictConfig,
+    model: Any,
+    datamodule: Any,
+    embed: TaskEmbedding,
+    sizes: dict[str, Any],
+    cache: Path | None,
+) -> dict[str, Any]:
+    """What the report says of the model, the data (``sizes``: :func:`_split_sizes`) and the
+    device evaluated."""
+    protocol = describe_model(model, embed.preprocessing)
+    device = embed.device
+    protocol["data"] = {
+        "dataset": str(datamodule.manifest),
+        "split": cfg.split,
+        **sizes,
+        "embedding_cache": str(cache) if cache else None,
+    }
+    protocol["evaluation_device"] = {
+        "device": str(device),
+        "precision": inference_precision(cfg, device),
+        "runtime": cfg.inference.runtime,
+    }
+    return protocol
+
+
+def _split_sizes(
+    listed: str | None,
+    q_rows: np.ndarray,
+    g_rows: np.ndarray,
+    names: np.ndarray,
+    is_query: np.ndarray,
+) -> dict[str, Any]:
+    """The protocol the split was scored with, its numbers of images and labels, and of
+    queries and gallery items."""
+    loo = len(q_rows) == len(g_rows) == len(names) and bool(is_query.all())
+    return {
+        "protocol": listed or ("leave-one-out" if loo else "query/gallery"),
+        "images": len(names),
+        "labels": int(np.unique(names).size),
+        "queries": len(q_rows),
+        "gallery": len(g_rows),
+    }
 
 
 def _ablation(
@@ -308,3 +356,208 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node]
     metrics = write_report(inputs, cfg, output_dir, loggers)
     return metrics, {"inputs": inputs, "loggers": loggers}
+
+
+@dataclass
+class EvalInputs:
+    """What gets scored, with what the report needs to show it."""
+
+    result: RetrievalResult
+    query_labels: np.ndarray  # (nq,) label names of the whole query set
+    gallery_labels: np.ndarray  # (ng,)
+    query_paths: np.ndarray | None  # (nq,) image paths, when known
+    gallery_paths: np.ndarray | None
+    ks: list[int]
+    protocol: dict[str, Any] = field(default_factory=dict)
+    # with postprocess steps: one row per cumulative set of steps, "none" first (the result
+    # above is the last row's)
+    ablation: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _table(metrics: dict[str, float], exact: dict[str, float] | None, index: dict[str, Any]) -> str:
+    """Metrics one per line; with an approximate index, exact search beside it."""
+    if exact is None:
+        header, rows = ["metric", "value"], [[name, value] for name, value in metrics.items()]
+    else:
+        header = ["metric", index["factory"][:12], "exact"]
+        rows = [[name, value, exact.get(name, float("nan"))] for name, value in metrics.items()]
+    pad = [""] * (len(header) - 2)
+    rows += [["index " + n, v, *pad] for n, v in index.items() if n.startswith("knn_recall@")]
+    rows.append(["bytes per vector", f"{index['bytes_per_vector']:.1f}", *pad])
+    return text_table(header, rows)
+
+
+def _setups_table(metrics: dict[str, float]) -> str:
+    """Revisited Oxford/Paris: one row per setup (E, M, H), mAP and mP@k x 100 as the papers
+    print them (rules in retrieval/evaluation/listed.py)."""
+    ks = sorted({int(n.rsplit("@", 1)[1]) for n in metrics if n.startswith("mp_")})
+    rows = [
+        [
+            setup[0].upper(),
+            *(
+                100 * metrics[f"{m}_{setup}{at}"]
+                for m, at in [("map", "")] + [("mp", f"@{k}") for k in ks]
+            ),
+        ]
+        for setup in ("easy", "medium", "hard")
+        if f"map_{setup}" in metrics
+    ]
+    return text_table(["setup", "mAP", *(f"mP@{k}" for k in ks)], rows, decimals=2)
+
+
+def _ablation_table(rows: list[dict[str, Any]]) -> str:
+    """Each metric with no steps and with the steps added one at a time, side by side, and
+    the extra milliseconds per query of each column."""
+    names = [row["steps"] for row in rows]
+    labels = [names[0]] + ["+" + n.rsplit("+", 1)[-1] for n in names[1:]]
+    lines = [
+        [m, *(row["metrics"].get(m, float("nan")) for row in rows)] for m in rows[0]["metrics"]
+    ]
+    lines.append(["extra ms / query", *(f"{row['extra_ms_per_query']:.3f}" for row in rows)])
+    return text_table(["metric", *labels], lines)
+
+
+def _picture(inputs: EvalInputs, cfg: DictConfig, path: Path) -> bool:
+    """Draw N queries with their first results; False when the images are unknown."""
+    result = inputs.result
+    if inputs.query_paths is None or inputs.gallery_paths is None:
+        return False
+    if result.neighbor_ids is None or result.neighbor_scores is None or result.query_rows is None:
+        return False
+    ids = result.neighbor_ids
+    hits = None
+    if ids.shape[1]:
+        first = np.where(ids[:, 0] >= 0, inputs.gallery_labels[np.clip(ids[:, 0], 0, None)], None)
+        hits = first == inputs.query_labels[result.query_rows]
+    chosen = choose_queries(int(cfg.report.num_queries), result.num_queries, int(cfg.seed), hits)
+    rows, found = result.query_rows[chosen], ids[chosen]
+    safe = np.clip(found, 0, None)
+    image = results_grid(
+        inputs.query_paths[rows],
+        inputs.query_labels[rows],
+        np.where(found >= 0, inputs.gallery_paths[safe], ""),
+        np.where(found >= 0, inputs.gallery_labels[safe], "-"),
+        result.neighbor_scores[chosen],
+        thumb_size=int(cfg.report.thumb_size),
+    )
+    save_png(image, path)
+    return True
+
+
+def _query_table(inputs: EvalInputs, limit: int) -> tuple[list[str], list[list[Any]]]:
+    """Per-query rows (worst first by the first metric), for a W&B table."""
+    result = inputs.result
+    assert result.query_rows is not None and result.neighbor_ids is not None
+    names = list(result.per_query)
+    order = np.lexsort([result.per_query[n] for n in reversed(names)])[:limit]
+    columns = ["query", "label", "first results", *names]
+    data = []
+    for i in order:
+        row = result.query_rows[i]
+        found = [
+            str(inputs.gallery_labels[j]) if j >= 0 else "-" for j in result.neighbor_ids[i][:5]
+        ]
+        path = inputs.query_paths[row] if inputs.query_paths is not None else str(row)
+        values = [float(result.per_query[n][i]) for n in names]
+        data.append([str(path), str(inputs.query_labels[row]), " ".join(found), *values])
+    return columns, data
+
+
+def _log(
+    loggers: list[Any],
+    metrics: dict[str, float],
+    picture: Path | None,
+    inputs: EvalInputs,
+    cfg: DictConfig,
+) -> list[str]:
+    lines = []
+    for logger in loggers:
+        logger.log_metrics(metrics)
+        if logger.__class__.__name__ == "WandbLogger":
+            if picture is not None:
+                logger.log_image(key="results", images=[str(picture)])
+            columns, data = _query_table(inputs, int(cfg.report.table_rows))
+            logger.log_table(key="queries", columns=columns, data=data)
+            if inputs.ablation:
+                names = list(inputs.ablation[0]["metrics"])
+                logger.log_table(
+                    key="postprocess",
+                    columns=["steps", *names, "extra_ms_per_query"],
+                    data=[
+                        [
+                            row["steps"],
+                            *(row["metrics"][n] for n in names),
+                            row["extra_ms_per_query"],
+                        ]
+                        for row in inputs.ablation
+                    ],
+                )
+            lines.append(describe_wandb(logger))
+        logger.save()
+        if hasattr(logger, "finalize"):
+            logger.finalize("success")
+        if logger.__class__.__name__ == "WandbLogger":
+            finish_wandb(logger)
+    return lines
+
+
+def write_report(
+    inputs: EvalInputs, cfg: DictConfig, output_dir: Path, loggers: list[Any]
+) -> dict[str, Any]:
+    """Write and print the report; return the metrics named ``{split}/{name}``."""
+    result = inputs.result
+    split = cfg.split
+    metrics: dict[str, Any] = {f"{split}/{k}": v for k, v in result.metrics.items()}
+    counts = {"queries": result.num_queries, "excluded_queries": result.num_excluded}
+
+    assert result.query_rows is not None
+    label_rows = per_label_table(inputs.query_labels[result.query_rows], result.per_query)
+    write_csv(label_rows, output_dir / "per_label.csv")
+    picture: Path | None = output_dir / "results.png"
+    assert picture is not None
+    if not _picture(inputs, cfg, picture):
+        picture = None
+
+    payload = {
+        "metrics": metrics,
+        "exact_metrics": (
+            {f"{split}/{k}": v for k, v in result.exact_metrics.items()}
+            if result.exact_metrics is not None
+            else None
+        ),
+        "index": result.index,
+        **counts,
+        "protocol": inputs.protocol,
+        "postprocess_ablation": inputs.ablation or None,
+        "files": {
+            "per_label": "per_label.csv",
+            "picture": picture.name if picture else None,
+        },
+    }
+    with atomic_write(output_dir / "metrics.json", "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, default=str)
+        handle.write("\n")
+
+    lines = [_table(result.metrics, result.exact_metrics, result.index)]
+    if "map_medium" in result.metrics:
+        lines = [_setups_table(result.metrics)]
+    if inputs.ablation:
+        lines.append("search-time steps, added one at a time (postprocess=):")
+        lines.append(_ablation_table(inputs.ablation))
+    lines.append(
+        f"{result.num_queries} queries scored, {result.num_excluded} without a relevant "
+        f"gallery item left out ({inputs.protocol['data']['protocol']})"
+    )
+    if label_rows:
+        worst = label_rows[0]
+        lines.append(f"worst label: {worst['label']} (see per_label.csv)")
+    lines += _log(
+        loggers, {**metrics, **{f"{split}/{k}": v for k, v in counts.items()}}, picture, inputs, cfg
+    )
+    lines.append(f"report: {output_dir}")
+    print("\n".join(lines), flush=True)
+    return {
+        **metrics,
+        **{f"{split}/{k}": v for k, v in counts.items()},
+        "output_dir": str(output_dir),
+    }

@@ -22,23 +22,26 @@ from retrieval.data.manifest import ManifestRow, folder_labels
 from retrieval.data.preprocessing import Preprocessing
 from retrieval.data.transforms import eval_transform
 from retrieval.evaluation import evaluate_protocol
-from retrieval.index.build import training_sample
-from retrieval.index.shards import ShardError, ShardSet
+from retrieval.index.shards import ShardError, ShardSet, training_sample
 from retrieval.infra.io import sha256_file
-from retrieval.models.extract import model_fingerprint, resolve_device
-from retrieval.postprocess import Whitening, database_augment, fit_whitening
-from retrieval.tasks.common import (
+from retrieval.models.extract import model_fingerprint
+from retrieval.postprocess import Postprocess, Whitening, database_augment, whitening_for
+from retrieval.tasks.embedding import TaskEmbedding
+from retrieval.tasks.models import (
     LoadedModel,
     bundle_input,
     data_config,
     describe_model,
-    embed_rows,
-    inference_embedder,
     load_model,
     model_config,
     model_preprocessing,
 )
-from retrieval.tasks.postprocess import fit_steps, fitting_split, postprocess_config
+from retrieval.tasks.postprocess import (
+    FittedSteps,
+    fit_steps,
+    fitting_split,
+    postprocess_config,
+)
 from retrieval.tasks.runs import point_latest
 
 log = logging.getLogger(__name__)
@@ -162,20 +165,10 @@ def _calibrate_duplicates(
     )
 
 
-def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Export per ``cfg``; returns ``({"bundle": path, metrics...}, objects)``."""
-    model = load_model(cfg)
-    device = resolve_device(cfg.inference.device)
-    datamodule = instantiate(data_config(cfg, model.checkpoint), _partial_=True)(
-        preprocessing=model_preprocessing(model),
-        seed=cfg.seed,
-        val_split=cfg.split,
-        **bundle_input(cfg, model),
-    )
-    preprocessing = datamodule.preprocessing
+def _check_gallery_options(cfg: DictConfig, steps: Postprocess) -> None:
+    """One gallery source, and no step that shards (embedded without it) cannot follow."""
     if cfg.get("gallery") and cfg.get("shards"):
         raise ValueError("pass gallery=DIR or shards=DIR, not both")
-    steps = postprocess_config(cfg)
     gallery_fit = steps.whiten is not None and steps.whiten.fit_on == "gallery"
     if cfg.get("shards") and (steps.tta or steps.dba or gallery_fit):
         raise ValueError(
@@ -184,98 +177,68 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "the gallery): export from the images (drop shards=), or keep a whitening fitted on "
             "the training split and the query-time steps"
         )
-    shards = _open_shards(cfg, model, preprocessing) if cfg.get("shards") else None
-    batch_size = int(cfg.inference.batch_size or datamodule.eval_batch_size)
-    runner = inference_embedder(cfg, model, preprocessing, device)
 
-    def embed_with(embedder: Any, dataset: ImageDataset) -> Any:
-        return embed_rows(
-            cfg,
-            runner if embedder is model.embedder else embedder,
-            dataset,
-            preprocessing.to_dict(),
-            batch_size,
-            datamodule.num_workers,
-            device,
+
+def _image_gallery(
+    source: str,
+    rows: Sequence[ManifestRow],
+    vectors: np.ndarray,
+    steps: Postprocess,
+    fitted: FittedSteps,
+) -> _Gallery:
+    """The embedded images ``rows`` as the bundle's gallery, through the vector steps: the
+    whitening (fitted on this gallery when ``fit_on=gallery``), then DBA (the augmented
+    vectors searched, the plain ones kept beside them)."""
+    items = [
+        GalleryItem(
+            uri=str(row.path.resolve()),
+            label=row.label or None,
+            extra=dict(row.extra),
+            content_sha256=sha256_file(row.path),
         )
+        for row in rows
+    ]
+    vectors = np.ascontiguousarray(vectors)
+    if steps.whiten is not None:
+        if fitted.whitening is None:  # fit_on=gallery: this gallery
+            fitted.fitted_on["whiten"] = {"split": "gallery", "images": len(vectors)}
+        fitted.whitening = whitening_for(steps.whiten, fitted.whitening, vectors)
+        vectors = fitted.whitening.apply(vectors)
+    chunk: tuple[Any, ...] = (items, vectors)
+    if steps.dba is not None:
+        chunk = (items, database_augment(vectors, steps.dba.k, steps.dba.alpha), vectors)
+    # IVF / PQ train on the vectors they will hold (augmented, with DBA)
+    return _Gallery([chunk], chunk[1], int(vectors.shape[1]), {"source": source})
 
-    fitted = fit_steps(
-        steps,
-        model.embedder,
-        fitting_split(cfg, datamodule),
-        embed_with,
-    )
 
-    def embed(dataset: ImageDataset) -> Any:
-        return embed_with(fitted.embedder, dataset)
+def _summary(
+    bundle: Path, dim: int, duplicates: str | None, metrics: dict[str, float], note: str
+) -> str:
+    """What the export prints: the bundle, its figures and the next commands."""
+    lines = [f"bundle: {bundle}", f"items: {read_manifest(bundle)['items']}, dim {dim}"]
+    if duplicates is not None:
+        lines.append(duplicates)
+    lines.append(f"metrics {note}:")
+    lines += [f"  {name:<20}{value:.4f}" for name, value in metrics.items()]
+    lines += ["next: search it, or serve it to search from a browser:"]
+    lines += [f"  retrieval search {bundle} IMAGE.jpg", f"  retrieval serve {bundle}"]
+    return "\n".join(lines)
 
-    from_shards = None if shards is None else _shard_gallery(cfg, shards, fitted.whitening)
 
-    split = datamodule.eval_set()
-    split_embeddings = embed(split)
-    names = split.label_names[split_embeddings.labels]
-    ks = list(cfg.ks or datamodule.eval_ks)
-    result, _, gallery_rows = evaluate_protocol(
-        split_embeddings.vectors,
-        names,
-        split_embeddings.is_query,
-        split_embeddings.is_gallery,
-        ks=ks,
-        metrics=list(cfg.metrics),
-        postprocess=steps,
-        whitening=fitted.whitening,
-        background=fitted.background,
-    )
-    if from_shards is not None:
-        gallery = from_shards
-    else:
-        if cfg.get("gallery"):
-            dataset = _folder_gallery(cfg, eval_transform(preprocessing))
-            vectors, rows = embed(dataset).vectors, dataset.rows
-        else:
-            vectors = split_embeddings.vectors[gallery_rows]
-            rows = [split.rows[i] for i in gallery_rows]
-        items = [
-            GalleryItem(
-                uri=str(row.path.resolve()),
-                label=row.label or None,
-                extra=dict(row.extra),
-                content_sha256=sha256_file(row.path),
-            )
-            for row in rows
-        ]
-        vectors = np.ascontiguousarray(vectors)
-        source = {"source": str(cfg.gallery or f"{datamodule.manifest}:{cfg.split}")}
-        chunk: tuple[Any, ...] = (items, vectors)
-        if steps.whiten is not None:
-            if fitted.whitening is None:  # fit_on=gallery: this gallery
-                fitted.whitening = fit_whitening(
-                    vectors, dim=steps.whiten.dim, shrinkage=steps.whiten.shrinkage
-                )
-                fitted.fitted_on["whiten"] = {"split": "gallery", "images": len(vectors)}
-            vectors = fitted.whitening.apply(vectors)
-            chunk = (items, vectors)
-        if steps.dba is not None:
-            chunk = (items, database_augment(vectors, steps.dba.k, steps.dba.alpha), vectors)
-        # IVF / PQ train on the vectors they will hold (augmented, with DBA)
-        gallery = _Gallery([chunk], chunk[1], int(vectors.shape[1]), source)
-    protocol = describe_model(model, preprocessing.to_dict())
-    protocol["data"] = {"dataset": str(datamodule.manifest), "split": cfg.split}
-    metrics = {f"{cfg.split}/{k}": v for k, v in result.metrics.items()}
-    exported = model.embedder.with_search_steps(steps.tta, fitted.whitening)
+def _write(
+    cfg: DictConfig,
+    model: LoadedModel,
+    preprocessing: Preprocessing,
+    gallery: _Gallery,
+    fitted: FittedSteps,
+    description: dict[str, Any],
+) -> Path:
+    """The bundle of ``model`` with the fitted search-time steps over ``gallery``."""
+    exported = model.embedder.with_search_steps(fitted.steps.tta, fitted.whitening)
     background = fitted.background
     if background is not None and fitted.whitening is not None:
         background = fitted.whitening.apply(background)  # the bundle's searched space
-    measured_on = _metrics_data(cfg, str(datamodule.manifest), len(split), gallery.description)
-    description: dict[str, Any] = {
-        "metrics": metrics,
-        "metrics_measured_on": measured_on,
-        "protocol": protocol,
-        "gallery": gallery.description,
-    }
-    if steps:
-        description["postprocess"] = {"steps": steps.to_dict(), "fitted_on": fitted.fitted_on}
-    bundle = write_bundle_chunks(
+    return write_bundle_chunks(
         Path(cfg.bundle),
         exported,
         model_config(model, exported.search_steps()),
@@ -290,16 +253,82 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         overwrite=bool(cfg.overwrite),
         background=background,
     )
+
+
+def _description(
+    cfg: DictConfig,
+    model: LoadedModel,
+    preprocessing: dict[str, Any],
+    manifest: str,
+    gallery: _Gallery,
+    fitted: FittedSteps,
+    metrics: dict[str, float],
+    measured_on: dict[str, Any],
+) -> dict[str, Any]:
+    """What the bundle's manifest says of how it was made and measured."""
+    protocol = describe_model(model, preprocessing)
+    protocol["data"] = {"dataset": manifest, "split": cfg.split}
+    description: dict[str, Any] = {
+        "metrics": metrics,
+        "metrics_measured_on": measured_on,
+        "protocol": protocol,
+        "gallery": gallery.description,
+    }
+    if fitted.steps:
+        steps = fitted.steps.to_dict()
+        description["postprocess"] = {"steps": steps, "fitted_on": fitted.fitted_on}
+    return description
+
+
+def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Export per ``cfg``; returns ``({"bundle": path, metrics...}, objects)``."""
+    model = load_model(cfg)
+    datamodule = instantiate(data_config(cfg, model.checkpoint), _partial_=True)(
+        preprocessing=model_preprocessing(model),
+        seed=cfg.seed,
+        val_split=cfg.split,
+        **bundle_input(cfg, model),
+    )
+    preprocessing = datamodule.preprocessing
+    steps = postprocess_config(cfg)
+    _check_gallery_options(cfg, steps)
+    shards = _open_shards(cfg, model, preprocessing) if cfg.get("shards") else None
+    embed_with = TaskEmbedding.of(cfg, model, datamodule)
+    fitted = fit_steps(steps, model.embedder, fitting_split(cfg, datamodule), embed_with)
+    from_shards = None if shards is None else _shard_gallery(cfg, shards, fitted.whitening)
+    split = datamodule.eval_set()
+    split_embeddings = embed_with(fitted.embedder, split)
+    names = split.label_names[split_embeddings.labels]
+    result, _, gallery_rows = evaluate_protocol(
+        split_embeddings.vectors,
+        names,
+        split_embeddings.is_query,
+        split_embeddings.is_gallery,
+        ks=list(cfg.ks or datamodule.eval_ks),
+        metrics=list(cfg.metrics),
+        postprocess=steps,
+        whitening=fitted.whitening,
+        background=fitted.background,
+    )
+    if from_shards is not None:
+        gallery = from_shards
+    elif cfg.get("gallery"):
+        dataset = _folder_gallery(cfg, eval_transform(preprocessing))
+        vectors = embed_with(fitted.embedder, dataset).vectors
+        gallery = _image_gallery(str(cfg.gallery), dataset.rows, vectors, steps, fitted)
+    else:
+        rows = [split.rows[i] for i in gallery_rows]
+        vectors = split_embeddings.vectors[gallery_rows]
+        source = f"{datamodule.manifest}:{cfg.split}"
+        gallery = _image_gallery(source, rows, vectors, steps, fitted)
+    metrics = {f"{cfg.split}/{k}": v for k, v in result.metrics.items()}
+    manifest = str(datamodule.manifest)
+    measured_on = _metrics_data(cfg, manifest, len(split), gallery.description)
+    pre = preprocessing.to_dict()
+    description = _description(cfg, model, pre, manifest, gallery, fitted, metrics, measured_on)
+    bundle = _write(cfg, model, preprocessing, gallery, fitted, description)
     duplicates = _calibrate_duplicates(cfg, model, bundle, split_embeddings, fitted.whitening)
-    count = read_manifest(bundle)["items"]
     if Path(bundle).parent.resolve() == Path(cfg.paths.output_dir).resolve():
         point_latest(Path(bundle).parent)  # logs/export/runs/latest/bundle: the newest bundle
-    lines = [f"bundle: {bundle}", f"items: {count}, dim {gallery.dim}"]
-    if duplicates is not None:
-        lines.append(duplicates)
-    lines.append(f"metrics {measured_on['note']}:")
-    lines += [f"  {name:<20}{value:.4f}" for name, value in metrics.items()]
-    lines += ["next: search it, or serve it to search from a browser:"]
-    lines += [f"  retrieval search {bundle} IMAGE.jpg", f"  retrieval serve {bundle}"]
-    print("\n".join(lines), flush=True)
+    print(_summary(bundle, gallery.dim, duplicates, metrics, measured_on["note"]), flush=True)
     return {"bundle": str(bundle), **metrics}, {"model": model, "items": gallery.items}

@@ -16,7 +16,12 @@ that names the key and the fix instead of a traceback:
 Any other refusal of Hydra's while composing is its first line.
 
 Only plain override lists are checked; with flags (``-m``, ``--cfg`` ...) Hydra handles the
-command line alone. ``--help`` prints the task's own help (:mod:`retrieval.tasks.help`).
+command line alone. ``--help`` prints the task's own help:
+
+``python TASK.py --help``: the task's usage (its config file's opening comments), the config
+groups that task reads with their options, and the composed config. Hydra's own help lists
+every group under ``conf/``, so ``export.py --help`` would offer training-only groups (loss,
+miner, callbacks) that export ignores; ``--hydra-help`` still gives Hydra's flags.
 """
 
 from __future__ import annotations
@@ -36,9 +41,16 @@ from hydra.errors import ConfigCompositionException, HydraException, MissingConf
 from omegaconf import DictConfig, OmegaConf
 
 from retrieval.tasks.config import CONF_DIR
-from retrieval.tasks.help import task_groups
 
-__all__ = ["check_command_line", "install_problem", "installed_torch_problem", "problem_with"]
+__all__ = [
+    "check_command_line",
+    "install_problem",
+    "installed_torch_problem",
+    "problem_with",
+    "task_groups",
+    "task_help",
+]
+
 
 EXIT_USAGE = 2
 
@@ -390,7 +402,7 @@ def check_command_line(name: str, argv: Sequence[str] | None = None) -> None:
     ``argv`` (default ``sys.argv[1:]``); return otherwise."""
     args = list(sys.argv[1:] if argv is None else argv)
     if {"--help", "-h"} & set(args) and all(a in ("--help", "-h") or "=" in a for a in args):
-        from retrieval.tasks.help import task_help  # this task's groups, not all of conf/
+        from retrieval.tasks.preflight import task_help  # this task's groups, not all of conf/
 
         print(task_help(name, [a for a in args if "=" in a]))
         raise SystemExit(0)
@@ -406,3 +418,39 @@ def check_command_line(name: str, argv: Sequence[str] | None = None) -> None:
 if __name__ == "__main__":  # pragma: no cover - python -m retrieval.tasks.preflight train ...
     check_command_line(sys.argv[1], sys.argv[2:])
     print(Path(sys.argv[1]).name, "OK")
+
+
+def _usage(name: str) -> list[str]:
+    lines = []
+    for line in (CONF_DIR / f"{name}.yaml").read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.removeprefix("#").removeprefix(" "))
+    return lines or [f"python {name}.py [group=option ...] [key=value ...]"]
+
+
+def task_groups(name: str) -> list[str]:
+    """The config groups of ``conf/`` that task ``name`` composes: those of its defaults list
+    (overlays such as ``experiment`` included, and list groups such as ``postprocess``)."""
+    config = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{name}.yaml"))
+    defaults = config.get("defaults", []) if isinstance(config, dict) else []
+    named = {
+        str(key).removeprefix("override ").lstrip("/")
+        for entry in defaults
+        if isinstance(entry, dict)
+        for key in entry
+    }
+    return sorted(g for g in named if g != "hydra" and (CONF_DIR / g).is_dir())
+
+
+def task_help(name: str, overrides: Sequence[str] = ()) -> str:
+    """The help text of ``python {name}.py [overrides] --help``."""
+    lines = [*_usage(name), "", "== Configuration groups (group=option) ==", ""]
+    for group in task_groups(name):
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        lines.append(f"{group}: {', '.join(options)}")
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(name, overrides=list(overrides))
+    lines += ["", "== Config (override anything: key=value) ==", "", OmegaConf.to_yaml(cfg)]
+    lines.append("Hydra's own flags (-m, --cfg, --info ...): --hydra-help")
+    return "\n".join(lines)

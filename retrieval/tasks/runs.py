@@ -15,7 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from retrieval.infra.allocator import keep_freed_memory
+from retrieval.infra.checks import error_line
+from retrieval.infra.hardware import keep_freed_memory
 from retrieval.infra.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig, failed: Any = N
     trial): hydra-optuna-sweeper 1.2/1.3 aborts the whole study on a NaN result.
     Outside a multirun (a single run, a test calling it) the exception propagates unchanged.
     ``KeyboardInterrupt`` and ``SystemExit`` always propagate: they stop the whole sweep.
-    Freed memory is kept for reuse first (:func:`retrieval.infra.allocator.keep_freed_memory`)."""
+    Freed memory is kept for reuse first (:func:`retrieval.infra.hardware.keep_freed_memory`)."""
     keep_freed_memory()
     if not in_multirun():
         return task(cfg)
@@ -84,11 +85,11 @@ def reported(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
             cause = _input_error(err)
             if cause is None:
                 raise
-            text = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
-            print(f"error: {text}", file=sys.stderr, flush=True)
+            line = error_line(cause)
+            print(line, file=sys.stderr, flush=True)
             run_dir = _run_dir()
             if run_dir is not None:  # the run folder says it failed, and why
-                write_error(run_dir, f"error: {text}\n")
+                write_error(run_dir, f"{line}\n")
             _finish_open_wandb_run()
             raise SystemExit(2) from None
 

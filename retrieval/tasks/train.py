@@ -21,16 +21,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from retrieval.evaluation import evaluate_protocol
 from retrieval.evaluation.reports import text_table
-from retrieval.infra.allocator import keep_freed_memory
-from retrieval.infra.console import first_process
-from retrieval.infra.hardware import training_precision
+from retrieval.infra.hardware import keep_freed_memory, training_precision
 from retrieval.infra.io import atomic_write
-from retrieval.infra.progress import progress_bar
+from retrieval.infra.progress import first_process, progress_bar
 from retrieval.models import Embedder
 from retrieval.models.extract import embed_loader
 from retrieval.tasks.runs import point_latest
-from retrieval.training.loggers import describe_wandb, finish_wandb
-from retrieval.training.quiet import quiet_third_party
+from retrieval.training.loggers import describe_wandb, finish_wandb, quiet_third_party
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ soft targets: the target of row ``i`` on row ``j`` is how much picture the two h
 common, ``sum_u m_i(u) m_j(u)`` over the instances ``u``, ``m_i`` being row ``i``'s mix of
 instances; the targets of a row sum to one over the other rows. With nothing mixed and two
 views per instance this is exactly pytorch-metric-learning's ``NTXentLoss`` (one positive per
-row, every other row a negative); ``tests/test_mixing.py`` checks both against it.
+row, every other row a negative); ``tests/training/test_mixing.py`` checks both against it.
 :func:`mixed_loss` trains a mixed batch with NT-Xent alone or with other terms beside it
 (SSCD's KoLeo, ``loss=ntxent_koleo``).
 """

@@ -14,10 +14,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from retrieval.evaluation import evaluate_protocol
 from retrieval.models.embedder import Embedder
-from retrieval.training.layer_decay import layer_decay_groups
+from retrieval.training.loggers import expect_eval_modules
 from retrieval.training.losses import check_gatherable, compute_loss
 from retrieval.training.mixing import InstanceMix, check_mixable, mixed_loss
-from retrieval.training.quiet import expect_eval_modules
+from retrieval.training.schedules import layer_decay_groups
 
 
 class RetrievalModule(pl.LightningModule):
@@ -39,7 +39,7 @@ class RetrievalModule(pl.LightningModule):
         layer_decay: layer-wise learning-rate decay of a ViT backbone (e.g. 0.75): block ``i``
             of L trains at ``lr * layer_decay ** (L - i)``, the patch embedding at
             ``lr * layer_decay ** (L + 1)`` (see
-            :func:`retrieval.training.layer_decay.layer_decay_groups`);
+            :func:`retrieval.training.schedules.layer_decay_groups`);
             ``None``: one learning rate for the whole backbone. Other backbones raise ValueError.
         eval_ks: the k of recall@k reported by validation.
         eval_metrics: metric families validation reports (see

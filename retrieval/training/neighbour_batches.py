@@ -22,8 +22,9 @@ import numpy as np
 
 from retrieval.data.dataset import eval_loader
 from retrieval.data.sampler import InstanceBatchSampler
+from retrieval.infra.ties import top_k_columns
 from retrieval.models.extract import embed_loader
-from retrieval.postprocess.steps import normalize_rows, top_k_by_score
+from retrieval.postprocess.steps import normalize_rows
 
 
 def nearest_neighbours(
@@ -42,7 +43,7 @@ def nearest_neighbours(
         scores = unit[rows] @ unit.T
         scores[np.arange(len(rows)), rows] = -np.inf  # never itself
         scores[scores > max_similarity] = -np.inf
-        found = top_k_by_score(scores, k)
+        found = top_k_columns(scores, k)
         usable = np.take_along_axis(scores, found, axis=1) > -np.inf
         for i, (row, ok) in enumerate(zip(found, usable, strict=True)):
             kept = row[ok]

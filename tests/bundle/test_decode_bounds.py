@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.bundle import decode
+from retrieval.bundle import preprocess as decode
 from retrieval.bundle.preprocess import Preprocessor
 from retrieval.data.images import ImageLoadError
 from tests.bundle.test_cli import run

@@ -22,6 +22,7 @@ from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.model_config import build_embedder, check_model_config
 from retrieval.bundle.records import ItemRecord, StoreError
 from retrieval.cli import main
+from retrieval.infra.locks import folder_lock
 from retrieval.search import Retriever
 
 DIM = 16
@@ -246,7 +247,7 @@ def test_a_new_export_removes_and_reports_stale_folders_of_its_target(
 def test_a_folder_locked_by_a_running_export_is_not_removed(tmp_path, rng, monkeypatch):
     monkeypatch.setattr(writer, "export_model", fake_export_model)
     busy = stale_folder(tmp_path, ".bundle.tmp-00000000")
-    with writer.hold_export_lock(busy):  # as the export writing it holds it
+    with folder_lock(busy):  # as the export writing it holds it
         write(tmp_path / "bundle", rng)
         assert busy.exists()
     write(tmp_path / "bundle", rng, overwrite=True)

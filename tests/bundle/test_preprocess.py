@@ -16,7 +16,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFile, ImageFilter
 
 from retrieval.bundle.preprocess import Preprocessor
-from retrieval.data.demo_render import render_demo_image
+from retrieval.data.demo import render_demo_image
 from retrieval.data.images import ImageLoadError
 from retrieval.data.images import open_rgb as open_image
 from retrieval.data.preprocessing import RESIZE_MODES, Preprocessing

@@ -12,8 +12,7 @@ import pytest
 
 from retrieval.cli import main
 from retrieval.data.manifest import ManifestRow, write_manifest
-from retrieval.evaluation.ap import micro_average_precision
-from retrieval.evaluation.metrics import recall_at_k
+from retrieval.evaluation.metrics import micro_average_precision, recall_at_k
 from retrieval.search import Retriever
 from retrieval.search.score import bundle_label_counts, score_bundle
 from tests.bundle_fixtures import Gallery, new_images, transformed_copy

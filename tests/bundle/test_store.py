@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.bundle.additions import AddResult
 from retrieval.bundle.item_table import ItemTable
 from retrieval.bundle.items import IndexedItems
-from retrieval.bundle.records import ItemRecord, StoreError
+from retrieval.bundle.records import AddResult, ItemRecord, StoreError
 from retrieval.bundle.snapshot import IndexStateError
 
 DIM = 16
@@ -399,7 +398,8 @@ def test_readers_open_beside_the_writer_and_never_write(tmp_path, rng):
 def test_a_reader_loads_the_recorded_pending_snapshot_of_a_killed_writer(tmp_path, rng):
     """A writer killed between recording a snapshot and renaming its file: the reader loads
     the pending file it recorded (it cannot finish the rename); the next writer does."""
-    from retrieval.bundle.snapshot import INDEX_FILE, PENDING_FILE, Snapshot
+    from retrieval.bundle.records import Snapshot
+    from retrieval.bundle.snapshot import INDEX_FILE, PENDING_FILE
 
     folder = tmp_path / "b"
     with IndexedItems.create(folder, DIM) as writer:

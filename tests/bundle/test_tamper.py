@@ -169,7 +169,7 @@ def test_a_manifest_with_out_of_bounds_steps_is_refused(
 
 
 def test_item_path_keeps_relative_uris_inside_the_folder(tmp_path: Path) -> None:
-    from retrieval.bundle.item_folder import item_path
+    from retrieval.bundle.items import item_path
 
     assert item_path(tmp_path, "a/b.jpg") == tmp_path / "a/b.jpg"
     assert item_path(tmp_path, "a/../b.jpg") == tmp_path / "a/../b.jpg"

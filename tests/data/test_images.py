@@ -256,7 +256,7 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
     """A smooth picture with shapes and a little noise, like a photo at that size."""
-    from retrieval.data.demo_render import render_demo_image
+    from retrieval.data.demo import render_demo_image
 
     side = max(width, height)
     picture = render_demo_image(seed, 3, 2, image_size=min(side, 512)).resize(
@@ -351,8 +351,8 @@ def test_prepare_of_large_transparent_and_palette_images_is_within_a_few_grey_le
 
 def test_strip_conversion_equals_converting_the_whole_image() -> None:
     """16-bit scaling is decided from the whole image, not per strip."""
-    from retrieval.data.rgb import _to_rgb_whole
-    from retrieval.data.rgb import to_rgb as _to_rgb
+    from retrieval.data.images import _to_rgb_whole
+    from retrieval.data.images import to_rgb as _to_rgb
 
     values = np.zeros((1500, 1200), np.int32)
     values[-10:] = 60000  # only the last strip holds 16-bit values

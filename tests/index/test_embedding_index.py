@@ -133,7 +133,7 @@ def test_errors():
 
 
 def test_gpu_request_without_gpu_raises():
-    from retrieval.index._faiss import gpu_available, import_faiss
+    from retrieval.index.faiss_runtime import gpu_available, import_faiss
 
     if gpu_available(import_faiss()):
         pytest.skip("faiss sees a GPU")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from retrieval.index import EmbeddingIndex, knn_recall
-from retrieval.index._faiss import gpu_available, import_faiss
+from retrieval.index.faiss_runtime import gpu_available, import_faiss
 from tests.index.synthetic import brute_force, unit
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from retrieval.index import EmbeddingIndex
-from retrieval.index._faiss import import_faiss
+from retrieval.index.faiss_runtime import import_faiss
 from tests.index.synthetic import clustered, unit
 
 ROUND_TRIP = [

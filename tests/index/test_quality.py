@@ -22,7 +22,7 @@ def test_hand_examples():
 
 
 def test_chunking_gives_the_same_answer(monkeypatch):
-    import retrieval.index.quality as quality
+    import retrieval.index.embedding_index as quality
 
     rng = np.random.default_rng(0)
     exact = np.argsort(rng.random((50, 20)), axis=1)[:, :10]

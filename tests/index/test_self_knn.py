@@ -139,7 +139,7 @@ def test_the_join_pays_off_for_many_rows_and_few_neighbours() -> None:
 @pytest.fixture
 def join_always(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let the evaluation take the join on small test data."""
-    monkeypatch.setattr("retrieval.evaluation.search.self_join_pays_off", lambda *_: True)
+    monkeypatch.setattr("retrieval.evaluation.gallery_search.self_join_pays_off", lambda *_: True)
 
 
 @pytest.mark.usefixtures("join_always")

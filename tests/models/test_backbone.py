@@ -118,7 +118,7 @@ def test_frozen_batchnorm_keeps_statistics_and_parameters():
 
 
 def test_gem_between_average_and_max():
-    from retrieval.models.pooling import AvgPool, GeM, MaxPool
+    from retrieval.models.embedder import AvgPool, GeM, MaxPool
 
     x = torch.rand(2, 5, 4, 4)
     gem = GeM(p=3.0)(x)

@@ -397,7 +397,7 @@ def test_uploads_are_written_under_a_temp_name_then_renamed(
     name, and what it leaves on a kill is a temp name the start-up sweep recognises."""
     import os
 
-    from retrieval.service.uploads import _TEMP_NAME, UploadFolder
+    from retrieval.service.item_images import _TEMP_NAME, UploadFolder
 
     folder = UploadFolder(tmp_path / "up")
     seen: list[str] = []

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from retrieval.service.thumbnails import Thumbnails
+from retrieval.service.item_images import Thumbnails
 from tests.bundle.test_decode_bounds import thin_png
 from tests.service.conftest import AUTH, TOKEN, make_client
 from tests.service.test_api import search

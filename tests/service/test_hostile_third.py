@@ -247,7 +247,7 @@ def test_the_item_table_raises_a_full_disk_as_enospc(tmp_path: Path) -> None:
 def test_labels_as_long_as_the_store_takes_can_be_filtered_on(
     client: TestClient, bundle_copy: Path, tmp_path: Path, letter: str
 ) -> None:
-    from retrieval.bundle.item_checks import MAX_LABEL
+    from retrieval.bundle.records import MAX_LABEL
 
     (path,) = new_images(tmp_path / "new", 1, seed=12)
     label = letter * MAX_LABEL

@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.service.batching import MicroBatcher
-from retrieval.service.cache import ExpiringCache
+from retrieval.service.guard import ServiceStats
+from retrieval.service.item_images import UploadFolder, sniff_image
+from retrieval.service.search_service import ExpiringCache, MicroBatcher
 from retrieval.service.settings import TOKEN_ENV, ServiceSettings
-from retrieval.service.stats import ServiceStats
-from retrieval.service.uploads import UploadFolder, sniff_image
 
 
 class SlowModel:

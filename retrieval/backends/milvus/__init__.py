@@ -9,7 +9,7 @@ and ``extra`` (JSON). Collections are created with
 engine sees a write once it has returned: replicas of ``retrieval serve`` share adds and
 removals. Rows are written by id (upserts): a row written twice is there once. Removed items
 are deleted from the collection and recorded beside it
-(:mod:`~retrieval.backends.milvus.removals`), so ``retrieval push`` does not bring them back.
+(:mod:`~retrieval.backends.milvus.collection`), so ``retrieval push`` does not bring them back.
 
 Results follow the house rule: inner products of unit vectors, equal scores by ascending id
 (Milvus orders ties arbitrarily, so a search asks for more than ``k`` and searches deeper while
@@ -29,18 +29,17 @@ the stored vectors (every row, those added through the engine included, is kept)
 Modules: :mod:`~retrieval.backends.milvus.engine` (the client, the server's version, Milvus
 Lite servers),
 :mod:`~retrieval.backends.milvus.collection` (fields, index, rows),
-:mod:`~retrieval.backends.milvus.removals` (the record of removed items),
-:mod:`~retrieval.backends.milvus.search` (ranked search with the tie rule),
+:mod:`~retrieval.backends.milvus.collection` (the record of removed items),
+:mod:`~retrieval.backends.milvus.backend` (ranked search with the tie rule),
 :mod:`~retrieval.backends.milvus.backend` (:class:`MilvusBackend`),
 :mod:`~retrieval.backends.milvus.push` (``retrieval push``) and
 :mod:`~retrieval.backends.milvus.standalone` (a Milvus server on loopback, for tests and
 benchmarks).
 """
 
-from retrieval.backends.milvus.backend import MilvusBackend
+from retrieval.backends.milvus.backend import MAX_TOPK, MilvusBackend
 from retrieval.backends.milvus.collection import FIELDS, IndexChoice, choose_index
 from retrieval.backends.milvus.push import PushReport, push_bundle, push_store
-from retrieval.backends.milvus.search import MAX_TOPK
 
 __all__ = [
     "FIELDS",

@@ -1,6 +1,11 @@
 """The Milvus backend class: one collection of items, searched, read and written through a
 ``pymilvus`` client (see :mod:`retrieval.backends.milvus` for the collection's layout, the
-ids of added items and the record of removed ones)."""
+ids of added items and the record of removed ones).
+
+Searching the collection under the house rule: inner products of unit vectors, equal
+scores by ascending id. Milvus orders ties arbitrarily, so a search asks for more than ``k``
+and searches deeper while a group of equal scores straddles the ``k``-th place.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +18,21 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.backends.base import BackendError
+from retrieval.backends.base import BackendError, BackendSpec
 from retrieval.backends.milvus.collection import (
     FIELDS,
     IndexChoice,
     check_collection,
     chunks,
+    drop_removals,
     item_of,
     label_filter,
     nullable_text,
     open_collection,
+    open_removals,
     quote,
+    record_removals,
+    recorded_removals,
     row_of,
 )
 from retrieval.backends.milvus.engine import (
@@ -33,25 +42,25 @@ from retrieval.backends.milvus.engine import (
     release,
     server_version,
 )
-from retrieval.backends.milvus.removals import (
-    drop_removals,
-    open_removals,
-    record_removals,
-    recorded_removals,
-)
-from retrieval.backends.milvus.search import ranked_search
-from retrieval.backends.spec import BackendSpec
-from retrieval.bundle.additions import AddResult, plan_add
-from retrieval.bundle.item_checks import check_vectors
-from retrieval.bundle.records import Item, ItemRecord
+from retrieval.bundle.records import AddResult, Item, ItemRecord, check_vectors, plan_add
+from retrieval.index.faiss_runtime import keep_numpy_search_params
 
-__all__ = ["MilvusBackend"]
+__all__ = ["MAX_TOPK", "MilvusBackend", "ranked_search", "search_params"]
+
 
 _EPOCH = datetime(2020, 1, 1, tzinfo=timezone.utc).timestamp()
+
+
 _LOW_BITS = 21  # clock ids stay below _HASHED until 2088
+
+
 _HASHED = 1 << 52  # ids of images: _HASHED + 52 bits of their sha256, below 2**53
+
+
 #: how long the rows a search returned answer :meth:`MilvusBackend.hit_records` (seconds)
 _SEARCHED_S = 2.0
+
+
 _HIT_FIELDS = tuple(name for name in FIELDS if name != "vector")
 
 
@@ -135,6 +144,8 @@ class MilvusBackend:
         results, for :meth:`hit_records`: a search and its hits' records cost one round trip
         (a Strong one waits for the server's next time tick, 200 ms by default)."""
         xq = np.ascontiguousarray(vectors, dtype=np.float32)
+        if self.spec.kind == "milvus-lite":  # its FAISS indexes run in this process
+            keep_numpy_search_params()
         where = "" if label is None else label_filter(label)
         if where is None:  # a label no item can have
             return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
@@ -277,7 +288,7 @@ class MilvusBackend:
 
     def removed_through_engine(self, ids: Sequence[int]) -> set[int]:
         """The ids among ``ids`` whose removal through a backend is recorded (see
-        :mod:`~retrieval.backends.milvus.removals`): push does not bring them back."""
+        :mod:`~retrieval.backends.milvus.collection`): push does not bring them back."""
         return recorded_removals(self._client, self.spec.collection, ids)
 
     def get(self, ids: Sequence[int]) -> dict[int, Item]:
@@ -379,3 +390,69 @@ class MilvusBackend:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+MAX_TOPK = 16_384  # Milvus's largest search limit
+
+
+def search_params(index_type: str, params: dict[str, Any], limit: int) -> dict[str, Any]:
+    """Search parameters for an index as ``describe_index`` reports it."""
+    kind = index_type.upper()
+    if kind.startswith("HNSW"):
+        return {"ef": max(limit, 128)}
+    if kind.startswith("IVF"):
+        nlist = int(params.get("nlist", 1024))
+        return {"nprobe": min(nlist, max(16, nlist // 64))}
+    return {}
+
+
+def ranked_search(
+    client: Any,
+    collection: str,
+    index: dict[str, Any],
+    xq: np.ndarray,
+    k: int,
+    where: str,
+    fields: Sequence[str] = (),
+) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
+    """``(scores, ids, rows)`` of the ``k`` (at most :data:`MAX_TOPK`) best rows of
+    ``collection`` that pass the filter ``where`` for each row of ``xq``, best first, equal
+    scores by ascending id, and the ``fields`` of every row found (by id; the same request,
+    so no second round trip reads them); ``index`` is the collection's vector index
+    description."""
+    k = min(int(k), MAX_TOPK)
+    rows: dict[int, dict[str, Any]] = {}
+    found: list[list[tuple[float, int]]] = [[] for _ in range(len(xq))]
+    todo = list(range(len(xq)))
+    want = min(MAX_TOPK, k + max(8, k // 4))
+    while todo:
+        answer = client.search(
+            collection,
+            data=[xq[row] for row in todo],
+            limit=want,
+            filter=where,
+            output_fields=list(fields),
+            search_params={
+                "metric_type": "IP",
+                "params": search_params(index["index_type"], index.get("params", {}), want),
+            },
+            consistency_level="Strong",
+        )
+        left = []
+        for row, hits in zip(todo, answer, strict=True):
+            pairs = sorted((-float(h["distance"]), int(h["id"])) for h in hits)
+            if fields:
+                rows.update((int(h["id"]), {**h["entity"], "id": int(h["id"])}) for h in hits)
+            found[row] = pairs
+            straddles = len(pairs) > k and pairs[k - 1][0] == pairs[-1][0]
+            if straddles and len(pairs) == want and want < MAX_TOPK:
+                left.append(row)  # equal scores may go on past what was returned
+        todo, want = left, min(MAX_TOPK, want * 4)
+    width = max((min(k, len(p)) for p in found), default=0)
+    scores = np.full((len(xq), width), -np.inf, np.float32)
+    ids = np.full((len(xq), width), -1, np.int64)
+    for row, pairs in enumerate(found):
+        best = pairs[:width]
+        scores[row, : len(best)] = [-s for s, _ in best]
+        ids[row, : len(best)] = [i for _, i in best]
+    return scores, ids, rows

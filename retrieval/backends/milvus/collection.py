@@ -7,7 +7,20 @@ Lite) ``label`` and ``content_sha256`` are nullable and an item without one hold
 older servers (2.3, 2.4) they are plain VARCHAR and "none" is stored as empty text, which no
 label (1 or more characters) and no sha256 (64) can be. A collection's layout is read from its
 schema when it is opened, so one made by either is read right by every version of the backend;
-equality filters on a label or a hash find the same items in both."""
+equality filters on a label or a hash find the same items in both.
+
+The record of the items removed through the engine, so that ``retrieval push`` does not
+bring them back.
+
+Beside the item collection ``NAME`` the backend keeps ``NAME__removed``: one row per id removed
+through :meth:`MilvusBackend.remove <retrieval.backends.milvus.MilvusBackend.remove>` (``id``
+and ``removed_at``; Milvus collections need a vector field, so each row also holds a fixed 2-d
+placeholder ``mark``). A removal is recorded before the item's row is deleted, so every
+acknowledged removal has its record, and push leaves out the bundle items recorded here. The
+record is made with a new item collection (an older one left under the name is dropped first)
+or, beside a collection pushed by an older version, when the collection is first opened for
+writing.
+"""
 
 from __future__ import annotations
 
@@ -20,31 +33,37 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.backends.base import BackendError
-from retrieval.backends.spec import BackendSpec
-from retrieval.bundle.item_checks import MAX_LABEL, MAX_URI, text_problem
-from retrieval.bundle.records import Item, ItemRecord
+from retrieval.backends.base import BackendError, BackendSpec
+from retrieval.bundle.records import MAX_LABEL, MAX_URI, Item, ItemRecord, text_problem
 
 __all__ = [
     "BATCH",
     "FIELDS",
     "IndexChoice",
+    "SUFFIX",
     "check_collection",
-    "chunks",
     "choose_index",
+    "chunks",
+    "drop_removals",
     "index_params",
     "item_of",
     "label_filter",
     "load_problem",
     "nullable_text",
     "open_collection",
+    "open_removals",
     "quote",
     "rebuild_index",
+    "record_removals",
+    "recorded_removals",
     "row_of",
     "vector_index",
 ]
 
+
 FIELDS = ("id", "vector", "label", "uri", "extra", "content_sha256", "added_at")
+
+
 BATCH = 1000  # ids per get / query / insert request
 
 
@@ -83,7 +102,7 @@ def quote(text: str) -> str:
 
 def label_filter(label: str) -> str | None:
     """The filter on ``label``, or None for a label no item can have (not well-formed text as
-    :func:`~retrieval.bundle.item_checks.text_problem` says, or not encodable as UTF-8)."""
+    :func:`~retrieval.bundle.records.text_problem` says, or not encodable as UTF-8)."""
     try:
         label.encode("utf-8")
     except UnicodeEncodeError:
@@ -286,3 +305,81 @@ def open_collection(
         f"repaired {spec.where}: {problem}; rebuilt its {create.index_type} index from its "
         f"{int(rows[0]['count(*)'])} stored vectors"
     )
+
+
+SUFFIX = "__removed"
+
+
+_INDEX = IndexChoice("FLAT", {}, {})
+
+
+_MARK = [1.0, 0.0]
+
+
+def _name(collection: str) -> str:
+    return collection + SUFFIX
+
+
+def _create(client: Any, name: str) -> None:
+    from pymilvus import DataType
+
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("removed_at", DataType.VARCHAR, max_length=64)
+    schema.add_field("mark", DataType.FLOAT_VECTOR, dim=len(_MARK))
+    try:
+        client.create_collection(
+            name,
+            schema=schema,
+            index_params=index_params(client, _INDEX, "mark"),
+            consistency_level="Strong",
+        )
+    except Exception:
+        if not client.has_collection(name):
+            raise  # not another replica making it at the same moment
+
+
+def drop_removals(client: Any, collection: str) -> None:
+    """Drop the record kept beside ``collection`` (before a new collection of that name)."""
+    if client.has_collection(_name(collection)):
+        client.drop_collection(_name(collection))
+
+
+def open_removals(client: Any, spec: BackendSpec, repair: bool) -> str:
+    """Make (if missing) and load the record beside the collection of ``spec``; what was
+    repaired ("" if nothing). An index that cannot be loaded is a BackendError naming
+    ``retrieval push --repair``, or with ``repair`` is rebuilt."""
+    name = _name(spec.collection)
+    if not client.has_collection(name):
+        _create(client, name)
+    problem = load_problem(client, name, vector_index(client, name, "mark") is not None)
+    if not problem:
+        return ""
+    if not repair:
+        raise BackendError(
+            f"the removal record '{name}' of {spec.where} cannot be searched: {problem}: "
+            f"rebuild its index with 'retrieval push BUNDLE {spec.text} --repair'"
+        )
+    rebuild_index(client, name, _INDEX, "mark")
+    return f"repaired the removal record '{name}' of {spec.where}: {problem}; rebuilt its index"
+
+
+def record_removals(client: Any, collection: str, ids: Sequence[int], when: str) -> None:
+    """Record that ``ids`` were removed at ``when`` (durable when this returns)."""
+    for chunk in chunks([int(i) for i in ids]):
+        rows = [{"id": i, "removed_at": when, "mark": _MARK} for i in chunk]
+        client.upsert(_name(collection), rows)
+
+
+def recorded_removals(client: Any, collection: str, ids: Sequence[int]) -> set[int]:
+    """The ids among ``ids`` whose removal through the engine is recorded."""
+    out: set[int] = set()
+    for chunk in chunks([int(i) for i in ids]):
+        rows = client.query(
+            _name(collection),
+            filter=f"id in [{', '.join(str(i) for i in chunk)}]",
+            output_fields=["id"],
+            consistency_level="Strong",
+        )
+        out.update(int(r["id"]) for r in rows)
+    return out

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retrieval.backends.base import BackendError
-from retrieval.backends.spec import BackendSpec
+from retrieval.backends.base import BackendError, BackendSpec
 
 __all__ = [
     "TOKEN_VARIABLE",

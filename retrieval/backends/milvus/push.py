@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retrieval.backends.base import BackendError
+from retrieval.backends.base import BackendError, BackendSpec
 from retrieval.backends.milvus.backend import MilvusBackend
 from retrieval.backends.milvus.collection import BATCH, choose_index, chunks
-from retrieval.backends.spec import BackendSpec
 from retrieval.bundle.item_table import ItemTable
 from retrieval.bundle.records import ItemRecord
 from retrieval.infra.checks import positive_int
@@ -22,7 +21,7 @@ __all__ = ["PushReport", "push_bundle", "push_store"]
 class PushReport:
     """What :func:`push_bundle` did: items written now, found already there, deleted
     (removed from the bundle since an earlier push), left out (removed through the engine,
-    see :mod:`~retrieval.backends.milvus.removals`), the collection's count after, its index,
+    see :mod:`~retrieval.backends.milvus.collection`), the collection's count after, its index,
     and what was repaired before (one line each)."""
 
     pushed: int
@@ -55,7 +54,7 @@ def push_bundle(
     through the engine included, are kept.
     """
     from retrieval.bundle.format import read_manifest
-    from retrieval.bundle.item_folder import STORE_FILE
+    from retrieval.bundle.items import STORE_FILE
 
     positive_int(batch_size, "batch_size")
     folder = Path(bundle)
