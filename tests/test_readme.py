@@ -1,21 +1,17 @@
-"""The README's commands are true: every `python train.py ...` line composes as written."""
+"""The documented commands are true: every `python train.py ...` line of the README and the
+guides in docs/ composes as written."""
 
-import re
 import shlex
-from pathlib import Path
 
 import pytest
 
 from retrieval.tasks.config import compose_config
 from tests.conftest import compose_train
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.documents import ROOT, bash_lines
 
 
 def commands(script: str = "train") -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    lines = bash_lines()
     return [line.split("&&")[-1].strip() for line in lines if f"python {script}.py" in line]
 
 
@@ -38,7 +34,9 @@ def test_readme_documents_the_main_commands():
     assert "python evaluate.py" in evaluate
     for mode in ("ckpt_path=", "embeddings=", "index="):
         assert any(mode in c for c in evaluate), mode
-    assert "python -m pytest" in (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python -m pytest" in ci
+    assert "ruff check ." in ci and "ruff format --check ." in ci  # the house style, enforced
 
 
 @pytest.mark.parametrize(

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import shlex
-from pathlib import Path
 
 import pytest
 
 from retrieval.backends import BackendError, parse_backend
 from retrieval.cli import build_parser
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.documents import bash_lines
 
 
 @pytest.mark.parametrize(
@@ -46,10 +43,9 @@ def test_well_formed_specs() -> None:
 
 
 def test_the_readme_backend_commands_parse() -> None:
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
-    found = [line for line in lines if line.startswith(("retrieval push", "retrieval serve"))]
+    found = [
+        line for line in bash_lines() if line.startswith(("retrieval push", "retrieval serve"))
+    ]
     specs = []
     for line in found:
         args = build_parser().parse_args(shlex.split(line)[1:])

@@ -204,12 +204,9 @@ def test_searches_while_items_are_added(bundle_copy: Path, gallery: Gallery) -> 
 
 
 def _readme_lines(prefix: str) -> list[str]:
-    import re
+    from tests.documents import bash_lines
 
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
-    return [line for line in lines if prefix in line]
+    return [line for line in bash_lines() if prefix in line]
 
 
 def test_readme_serve_commands_parse() -> None:
