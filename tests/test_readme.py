@@ -26,7 +26,8 @@ def test_readme_documents_the_main_commands():
     text = (ROOT / "README.md").read_text()
     # the contributor's test command is what CI runs
     tests = 'pip install -e ".[dev,milvus,milvus-server,openvino]" && python -m pytest'
-    assert tests in text and tests in (ROOT / ".ci" / "run").read_text()
+    ci_tests = tests.replace(" && python -m pytest", " && mypy retrieval && python -m pytest")
+    assert tests in text and ci_tests in (ROOT / ".ci" / "run").read_text()
     cpu = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
     assert cpu in text and cpu in (ROOT / "pyproject.toml").read_text()
     assert "download.pytorch.org/whl/cu12" in text  # CUDA 12, as faiss-gpu-cu12
@@ -37,6 +38,7 @@ def test_readme_documents_the_main_commands():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "python -m pytest" in ci
     assert "ruff check ." in ci and "ruff format --check ." in ci  # the house style, enforced
+    assert "mypy retrieval" in ci
 
 
 @pytest.mark.parametrize(

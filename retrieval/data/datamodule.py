@@ -228,7 +228,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         module gathers the shards and drops the padding (see ``RetrievalModule._gather``)."""
         rank, world = self._rank()
         dataset = self.eval_set()
-        indices = None
+        indices: list[int] | None = None
         if world > 1:
             indices = list(DistributedSampler(dataset, world, rank, shuffle=False))
         return eval_loader(

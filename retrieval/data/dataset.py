@@ -105,7 +105,7 @@ class EditedCopies(ImageDataset):
         }
         return {**super().cache_description(), "edited": edited}
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
         from retrieval.data.copy_edits import SINGLE_KINDS, apply_edit
 
         row = self.rows[index]

@@ -233,9 +233,6 @@ class ShardSet:
             yield list(islice(items, vectors.shape[0])), vectors
 
 
-PathLike = str | Path
-
-
 def _open(path: PathLike) -> np.ndarray:
     """Memory-map a 2-D float32 ``.npy`` (read-only); ValueError naming the file otherwise."""
     try:

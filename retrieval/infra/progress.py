@@ -323,8 +323,8 @@ def console_copy(path: str | os.PathLike[str], enabled: bool = True) -> Iterator
         for h in root.handlers
         if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == target.resolve()
     ]
-    for handler in same_file:
-        root.removeHandler(handler)
+    for file_handler in same_file:
+        root.removeHandler(file_handler)
     lines = _Lines(target)
     out, err = sys.stdout, sys.stderr
     tees = {id(out): _Tee(out, lines), id(err): _Tee(err, lines)}
@@ -339,5 +339,5 @@ def console_copy(path: str | os.PathLike[str], enabled: bool = True) -> Iterator
         for handler, stream in handlers:
             handler.setStream(stream)
         lines.close()
-        for handler in same_file:
-            root.addHandler(handler)
+        for file_handler in same_file:
+            root.addHandler(file_handler)

@@ -485,7 +485,8 @@ class Retriever:
         chosen = choose_threshold(
             self.manifest.get("duplicates"), threshold, precision, str(self.folder)
         )
-        return item_duplicates(self.items, chosen, keep, protect, k, folder=self.folder)
+        folders = [Path(p) for p in protect]
+        return item_duplicates(self.items, chosen, keep, folders, k, folder=self.folder)
 
     def verify(self) -> list[str]:
         """Problems found, ``[]`` when healthy: file checksums (and every file a bundle

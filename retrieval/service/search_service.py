@@ -408,7 +408,7 @@ class SearchService:
         want = 11 if norm is None else max(11, norm.k + 1)
         hits = [h for h in self.retriever.search(vector[None, :], want, rerank=False)[0]]
         others = [h for h in hits if h.id != item_id][:10]
-        scores = np.array([h.score for h in others], dtype=np.float32)
+        scores: np.ndarray = np.array([h.score for h in others], dtype=np.float32)
         if norm is not None and others:
             own = _background(norm, [h.score for h in hits if h.id != item_id])
             found = self.retriever.search(

@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import Dataset
 
-from retrieval.data.dataset import eval_loader
+from retrieval.data.dataset import ImageDataset, eval_loader
 from retrieval.data.preprocessing import Preprocessing
 from retrieval.models.extract import (
     Embeddings,
@@ -88,7 +87,7 @@ def _read_cache(cache: Path, key: str) -> Embeddings | None:
 def embed_dataset(
     cfg: DictConfig,
     embedder: torch.nn.Module,
-    dataset: Dataset,
+    dataset: ImageDataset,
     description: dict[str, Any],
     batch_size: int,
     num_workers: int,

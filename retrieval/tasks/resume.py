@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -126,7 +126,11 @@ def plan_resume(
     )
     config = compose(overrides)
     new = OmegaConf.to_container(config, resolve=True)
-    changed = _differences(old, new) if isinstance(old, dict) and isinstance(new, dict) else {}
+    changed = (
+        _differences(old, cast(dict[str, Any], new))
+        if isinstance(old, dict) and isinstance(new, dict)
+        else {}
+    )
     return Resume(run_dir, overrides, config, changed, carry_best=_same_validation(changed))
 
 

@@ -106,7 +106,7 @@ class NeighbourBatches(pl.Callback):
     def _embed_training_images(self, trainer: pl.Trainer, module: Any) -> np.ndarray:
         """The training split as the model embeds it now (evaluation transform, in order);
         the module's train/eval modes are restored afterwards."""
-        datamodule: Any = trainer.datamodule
+        datamodule: Any = getattr(trainer, "datamodule")  # noqa: B009 - not in its stubs
         dataset = datamodule.split_eval_set(datamodule.splits[0])
         loader = eval_loader(dataset, self.batch_size, datamodule.num_workers)
         training = module.training
