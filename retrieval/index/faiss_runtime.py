@@ -144,14 +144,24 @@ def keep_numpy_search_params() -> int:
         faiss = import_faiss()
     except ImportError:
         return 0
+    # torch_utils replaces the search of faiss.Index along with its subclasses' (one test per
+    # call: this runs before every Milvus Lite search)
+    if _replaced(faiss.Index) is None:
+        return 0
     mended = 0
     for cls in vars(faiss).values():
-        search = cls.__dict__.get("search") if isinstance(cls, type) else None
-        if getattr(search, "__name__", "") != "torch_replacement_search":
-            continue
-        cls.search = _numpy_params_search(search)
-        mended += 1
+        search = _replaced(cls) if isinstance(cls, type) else None
+        if search is not None:
+            cls.search = _numpy_params_search(search)
+            mended += 1
     return mended
+
+
+def _replaced(cls: type) -> Any:
+    """``cls``'s own ``search`` when it is ``faiss.contrib.torch_utils``' replacement, else
+    None."""
+    search = cls.__dict__.get("search")
+    return search if getattr(search, "__name__", "") == "torch_replacement_search" else None
 
 
 def _numpy_params_search(torch_search: Any) -> Any:
