@@ -181,7 +181,6 @@ def child_indexing(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from retrieval.bundle.model_export import export_model
-    from retrieval.bundle.preprocess import Preprocessor
     from retrieval.bundle.runtime import load_runtime
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_search_"))
@@ -200,7 +199,7 @@ def child_indexing(args: argparse.Namespace) -> dict[str, Any]:
             "torchscript": load_runtime(tmp / "bundle", "torchscript", device="cpu").embed,
             "onnx": load_runtime(tmp / "bundle", "onnx", device="cpu").embed,
         }
-        preprocess = Preprocessor.from_preprocessing(pre)
+        preprocess = pre
         sizes = {args.warmup_images, len(paths) % BATCH} - {0}  # + the last batch's size
         for name in PATHS:  # warm-up: untimed
             for j, subset in enumerate(paths[:size] for size in sorted(sizes)):
@@ -524,7 +523,7 @@ def describe(args: argparse.Namespace) -> list[str]:
         f"per path in (a), {WARMUP_QUERIES} extra queries before each search measurement in (b))"
         f"; batch searches repeat until they took >= {args.batch_min_s:g} s in all.",
         "- (a): images rendered by retrieval.data.demo; per path open_rgb -> "
-        "Preprocessor.batch -> model -> IndexedItems.add (Flat index, SQLite store, fsync per "
+        "Preprocessing.batch -> model -> IndexedItems.add (Flat index, SQLite store, fsync per "
         "batch) and close (index snapshot); eager / channels_last run the Embedder under "
         "torch.inference_mode, TorchScript / ONNX the bundle's Runtime.embed; the four paths "
         "alternate (first one rotates per repeat).",

@@ -45,11 +45,11 @@ def main() -> int:
         return 2
     if args.model:
         from retrieval.bundle.format import read_json
-        from retrieval.bundle.preprocess import Preprocessor
         from retrieval.bundle.runtime import load_runtime
+        from retrieval.data.preprocessing import Preprocessing
 
         folder = Path(args.model)
-        pre = Preprocessor.from_dict(
+        pre = Preprocessing.from_json(
             read_json(folder / "preprocessing.json", "no preprocessing.json")
         )
         runtime = load_runtime(folder)

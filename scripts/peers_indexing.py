@@ -22,9 +22,9 @@ copy of the bundle for ours, so nothing is a duplicate); the median time gives i
 The vectors of ours and of the naive loop are compared (cosine per image).
 
 Decoding alone (``decode`` table): Pillow's full decode + RGB, Pillow's JPEG ``draft``
-(DCT scaling to 1/2, 1/4 or 1/8, as ``Preprocessor.prepare`` asks for when an image is at
+(DCT scaling to 1/2, 1/4 or 1/8, as ``Preprocessing.prepare`` asks for when an image is at
 least ``REDUCING_GAP`` x the size it needs) and simplejpeg (libjpeg-turbo), full and scaled,
-and to the model input: full decode then the Preprocessor, against ``Preprocessor.prepare``;
+and to the model input: full decode then the Preprocessing, against ``Preprocessing.prepare``;
 on the folder's photos and on ``--large`` camera-sized (12 MP) JPEGs.
 
     python scripts/peers_indexing.py --images 256 --repeats 3 --record experiments/FILE.md
@@ -161,7 +161,7 @@ class Ways:
 
         self.bundle, self.paths, self.batch, self.work = bundle, paths, batch_size, work
         with Retriever.load(bundle, read_only=True) as r:
-            self.pre = r.preprocessor
+            self.pre = r.preprocessing
             self.dim = r.dim
         self.transform = torchvision_transform(self.pre)
         self.module = eager_module(bundle)
@@ -242,11 +242,11 @@ def decode_table(paths: list[Path], pre: Any, repeats: int, title: str) -> list[
     medians of ``repeats`` passes over ``paths`` (read into memory first)."""
     import io
 
-    from retrieval.bundle.preprocess import REDUCING_GAP
     from retrieval.data.images import open_rgb
+    from retrieval.data.preprocessing import REDUCING_GAP
 
     datas = [p.read_bytes() for p in paths]
-    need = round(pre.resize * REDUCING_GAP)  # what Preprocessor.prepare decodes down to
+    need = round(pre.resize * REDUCING_GAP)  # what Preprocessing.prepare decodes down to
 
     def pillow_full() -> None:
         for data in datas:
@@ -285,8 +285,8 @@ def decode_table(paths: list[Path], pre: Any, repeats: int, title: str) -> list[
         ways[f"simplejpeg, scaled (>= {need} px)"] = sj_scaled
     except ImportError:
         log("simplejpeg is not installed: its rows are left out")
-    ways["to the model input: full decode, then Preprocessor"] = full_then_preprocess
-    ways["to the model input: Preprocessor.prepare (ours)"] = prepare
+    ways["to the model input: full decode, then Preprocessing"] = full_then_preprocess
+    ways["to the model input: Preprocessing.prepare (ours)"] = prepare
     times: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(repeats):
         for name, fn in ways.items():

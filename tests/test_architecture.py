@@ -209,7 +209,7 @@ def test_the_service_searches_through_the_retrievers_stages_only():
         f"{p.relative_to(ROOT)}:{node.lineno} .{node.attr}"
         for p in sorted((PACKAGE / "service").glob("*.py"))
         for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
-        if isinstance(node, ast.Attribute) and node.attr in ("preprocessor", "runtime")
+        if isinstance(node, ast.Attribute) and node.attr in ("preprocessing", "runtime")
     ]
     assert not reaching, reaching
 

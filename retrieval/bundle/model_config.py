@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from retrieval.bundle.format import BundleError, read_json
-from retrieval.bundle.preprocess import MAX_INPUT_SIZE
+from retrieval.data.preprocessing import MAX_INPUT_SIZE
 from retrieval.infra.checks import is_int
 from retrieval.models import Embedder, create_backbone
 from retrieval.models.embedder import POOLINGS

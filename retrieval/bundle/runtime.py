@@ -96,7 +96,7 @@ class Runtime:
         )
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        """``(B, 3, H, W)`` float32 (see :class:`~retrieval.bundle.preprocess.Preprocessor`)
+        """``(B, 3, H, W)`` float32 (see :class:`~retrieval.data.preprocessing.Preprocessing`)
         -> ``(B, D)`` float32 rows of unit L2 norm; ``B`` may be 0. ``H`` and ``W`` are the
         model's ``S`` x ``S`` input, except for a model exported for any size
         (``resize_mode=short`` or ``long``), one of whose sides is ``S``.
@@ -132,7 +132,7 @@ class Runtime:
         if not fits:
             raise ValueError(
                 f"embed takes images of shape {want}, got {shape}; prepare them with the "
-                "bundle's Preprocessor"
+                "bundle's Preprocessing"
             )
 
     def embed_many(self, images: Sequence[np.ndarray]) -> np.ndarray:

@@ -27,7 +27,6 @@ from retrieval.bundle.format import (
 )
 from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.model_export import export_model
-from retrieval.bundle.preprocess import Preprocessor
 from retrieval.bundle.records import ItemRecord
 from retrieval.data.preprocessing import Preprocessing
 from retrieval.infra.io import atomic_write, package_versions
@@ -194,13 +193,13 @@ def _write_into(
 ) -> None:
     """The body of :func:`write_bundle_chunks`: fill ``tmp``, then put it at ``output``."""
     try:
-        pre = Preprocessor.from_preprocessing(preprocessing)
+        pre = preprocessing
         any_size = pre.any_size
         files = list(
             export_model(embedder, tmp, model_config, pre.input_size, any_size=any_size).values()
         )
         with atomic_write(tmp / "preprocessing.json", "w", encoding="utf-8") as handle:
-            json.dump(pre.to_dict(), handle, indent=2)
+            json.dump(pre.to_json(), handle, indent=2)
         files.append("preprocessing.json")
         if background is not None:
             np.save(tmp / BACKGROUND, np.ascontiguousarray(background, dtype=np.float32))

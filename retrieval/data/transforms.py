@@ -13,15 +13,10 @@ from torchvision.transforms import functional as F
 from retrieval.data.copy_edits import CopyEditAugment, load_overlays
 from retrieval.data.preprocessing import Preprocessing, kept_aspect_size
 
-_INTERPOLATION = {
-    "bilinear": T.InterpolationMode.BILINEAR,
-    "bicubic": T.InterpolationMode.BICUBIC,
-    "nearest": T.InterpolationMode.NEAREST,
-}
-
 
 def _interpolation(pre: Preprocessing) -> T.InterpolationMode:
-    return _INTERPOLATION.get(pre.interpolation, T.InterpolationMode.BILINEAR)
+    """torchvision's mode of ``pre.interpolation`` (one of the same names)."""
+    return T.InterpolationMode(pre.interpolation)
 
 
 class FitLongSide:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from retrieval.data.preprocessing import Preprocessing
+from retrieval.data.preprocessing import INTERPOLATIONS, Preprocessing
 from retrieval.infra import io
 from retrieval.models import weights as W
 
@@ -105,7 +105,7 @@ def _timm_backbone(
         input_size=int(size if isinstance(size, int) else size[-1]),
         mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
         std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
-        interpolation=str(data.get("interpolation", "bilinear")),
+        interpolation=_evaluation_filter(str(data.get("interpolation", "bilinear"))),
         crop_pct=float(data.get("crop_pct", 0.875)),
     )
     return Backbone(
@@ -115,6 +115,12 @@ def _timm_backbone(
         name,
         int(getattr(net, "num_prefix_tokens", 0)),  # type: ignore[arg-type]
     )
+
+
+def _evaluation_filter(name: str) -> str:
+    """A weights' interpolation as an evaluation filter: a timm config may name one that only
+    training augmentation uses (``random``); evaluation then resizes bilinearly, as timm does."""
+    return name if name in INTERPOLATIONS else "bilinear"
 
 
 def _load_timm_weights(net: nn.Module, name: str, cfg: dict[str, Any], weights: str | None) -> None:

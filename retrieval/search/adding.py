@@ -23,8 +23,8 @@ from retrieval.search.prefetch import chunks, prefetched
 
 if TYPE_CHECKING:
     from retrieval.backends.base import SearchBackend
-    from retrieval.bundle.preprocess import Preprocessor
     from retrieval.bundle.runtime import Runtime
+    from retrieval.data.preprocessing import Preprocessing
     from retrieval.postprocess import DBA
 
 __all__ = ["MAX_LABEL", "LoadedFiles", "add_files", "load_files"]
@@ -52,7 +52,7 @@ class LoadedFiles:
 
 
 def load_files(
-    batch: Sequence[tuple[Any, str | None]], preprocessor: Preprocessor, max_pixels: int
+    batch: Sequence[tuple[Any, str | None]], preprocessing: Preprocessing, max_pixels: int
 ) -> LoadedFiles:
     """Read, hash and preprocess one batch of ``(path, label)``; a file that cannot be read
     or decoded, or a path or label the store would refuse, is listed as unreadable."""
@@ -62,7 +62,7 @@ def load_files(
         try:
             ItemRecord(uri=name, label=lab)  # a path or label the store would refuse
             data = Path(path).read_bytes()
-            loaded.pixels.append(preprocessor.prepare(data, max_pixels, name=name))
+            loaded.pixels.append(preprocessing.prepare(data, max_pixels, name=name))
         except (OSError, ImageLoadError, ValueError) as err:
             loaded.unreadable.append((name, str(err)))
             continue
@@ -74,7 +74,7 @@ def load_files(
 def add_files(
     items: SearchBackend,
     runtime: Runtime,
-    preprocessor: Preprocessor,
+    preprocessing: Preprocessing,
     max_pixels: int,
     dba: DBA | None,
     paths: Sequence[str | os.PathLike[str]],
@@ -83,14 +83,14 @@ def add_files(
     progress: Callable[[int], None] | None = None,
 ) -> AddReport:
     """Embed and add image files to ``items`` (see :meth:`Retriever.add
-    <retrieval.search.retriever.Retriever.add>`): preprocessed by ``preprocessor`` under
+    <retrieval.search.retriever.Retriever.add>`): preprocessed by ``preprocessing`` under
     ``max_pixels``, embedded by ``runtime``, augmented with ``dba`` when given."""
     if labels is not None and len(labels) != len(paths):
         raise ValueError(f"{len(labels)} labels for {len(paths)} paths")
     items.check_writable()  # before any image is embedded
     report = AddReport()
     pairs = list(zip(paths, labels or [None] * len(paths), strict=True))
-    load = partial(load_files, preprocessor=preprocessor, max_pixels=max_pixels)
+    load = partial(load_files, preprocessing=preprocessing, max_pixels=max_pixels)
     for loaded in prefetched(chunks(pairs, batch_size), load):
         report.unreadable += loaded.unreadable
         if loaded.records:

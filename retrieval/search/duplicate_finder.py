@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from retrieval.bundle.preprocess import Preprocessor
 from retrieval.bundle.runtime import Runtime
 from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, images_in_folder, open_rgb
+from retrieval.data.preprocessing import Preprocessing
 from retrieval.infra.io import atomic_write
 from retrieval.search.duplicates import (
     DuplicateGroup,
@@ -177,7 +177,7 @@ class _Loaded:
 
 def _load(
     batch: Sequence[tuple[int, Path]],
-    preprocessor: Preprocessor,
+    preprocessing: Preprocessing,
     cache: EmbeddingCache | None,
     max_pixels: int,
 ) -> _Loaded:
@@ -192,7 +192,7 @@ def _load(
                 loaded.done.append((position, *hit))
                 continue
             data = path.read_bytes()
-            pixels = preprocessor.prepare(data, max_pixels, name=name)
+            pixels = preprocessing.prepare(data, max_pixels, name=name)
             with Image.open(io.BytesIO(data)) as image:  # the header of the bytes read
                 width, height, date = image.width, image.height, exif_date(image)
         except (OSError, ImageLoadError, ValueError) as err:
@@ -207,7 +207,7 @@ def _load(
 
 def scan_files(
     paths: Sequence[str | Path],
-    preprocessor: Preprocessor,
+    preprocessing: Preprocessing,
     runtime: Runtime,
     cache: EmbeddingCache | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -221,7 +221,7 @@ def scan_files(
     found: dict[int, tuple[FileFacts, np.ndarray]] = {}
     unreadable: list[tuple[str, str]] = []
     embedded = 0
-    load = partial(_load, preprocessor=preprocessor, cache=cache, max_pixels=max_pixels)
+    load = partial(_load, preprocessing=preprocessing, cache=cache, max_pixels=max_pixels)
     for loaded in prefetched(chunks(resolved, batch_size), load):
         unreadable += loaded.unreadable
         found.update({pos: (facts, vec) for pos, facts, vec in loaded.done})
@@ -282,8 +282,8 @@ class DuplicateReport:
         }
 
 
-def default_model(threads: int | None = None) -> tuple[Preprocessor, Runtime, str]:
-    """``(preprocessor, runtime, cache key)`` of the default pretrained model: what
+def default_model(threads: int | None = None) -> tuple[Preprocessing, Runtime, str]:
+    """``(preprocessing, runtime, cache key)`` of the default pretrained model: what
     ``python export.py`` exports with no options (EfficientNet-Lite0 with its ImageNet
     weights, GeM pooling, no head, the whole image squashed to 224), run eagerly on the CPU,
     without the bundle's whitening (which is learned from a dataset)."""
@@ -298,7 +298,7 @@ def default_model(threads: int | None = None) -> tuple[Preprocessor, Runtime, st
     pre = embedder.preprocessing.with_size(None, "squash")
     config = {"output_dim": embedder.embedding_dim, "input_size": pre.input_size}
     runtime = Runtime("eager", "cpu", config, torch_runner(embedder, "cpu"))
-    return Preprocessor.from_preprocessing(pre), runtime, "default-lite0-gem-squash224-v1"
+    return pre, runtime, "default-lite0-gem-squash224-v1"
 
 
 def read_calibration(path: Path) -> dict[str, Any]:
@@ -430,8 +430,8 @@ def _pixels_checker(facts: Sequence[FileFacts]) -> Callable[[int, int], bool]:
 
 def _bundle_model(
     folder: Path, runtime: str, threads: int | None
-) -> tuple[Preprocessor, Runtime, str, dict[str, Any] | None]:
-    """A bundle's preprocessor and model (for embedding a folder), its cache key (the
+) -> tuple[Preprocessing, Runtime, str, dict[str, Any] | None]:
+    """A bundle's preprocessing and model (for embedding a folder), its cache key (the
     checksums of its model files) and its calibration, if it has one."""
     from retrieval.bundle.format import read_json, read_manifest, verify_files
     from retrieval.bundle.runtime import load_runtime
@@ -439,7 +439,7 @@ def _bundle_model(
     manifest = read_manifest(folder)
     verify_files(folder, manifest)
     pre_file = folder / "preprocessing.json"
-    pre = Preprocessor.from_dict(read_json(pre_file, missing=f"{pre_file} does not exist"))
+    pre = Preprocessing.from_json(read_json(pre_file, missing=f"{pre_file} does not exist"))
     run = load_runtime(folder, kind=runtime, threads=threads)
     files = manifest.get("files", {})
     model_files = sorted(f"{n}={d}" for n, d in files.items() if n.startswith(("model.", "pre")))

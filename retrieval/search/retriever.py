@@ -38,10 +38,10 @@ from retrieval.bundle.format import (
     verify_files,
 )
 from retrieval.bundle.items import IndexedItems, check_item_uris, item_path
-from retrieval.bundle.preprocess import Preprocessor
 from retrieval.bundle.records import Item
 from retrieval.bundle.runtime import Runtime, load_runtime
 from retrieval.data.images import DEFAULT_MAX_PIXELS, ImageInput
+from retrieval.data.preprocessing import Preprocessing
 from retrieval.infra.checks import checked_vectors, positive_int
 from retrieval.postprocess import Postprocess, Rerank, search_with_steps
 from retrieval.search.adding import AddReport, add_files
@@ -56,7 +56,6 @@ __all__ = [
     "Hit",
     "Retriever",
     "bundle_problems",
-    "item_path",
     "load_background",
     "manifest_steps",
     "open_parts",
@@ -97,12 +96,12 @@ def manifest_steps(folder: Path, manifest: dict[str, Any]) -> Postprocess:
         raise BundleError(f"{folder}/manifest.json: {err}") from err
 
 
-def _preprocessor(folder: Path, model: Runtime) -> Preprocessor:
+def _preprocessing(folder: Path, model: Runtime) -> Preprocessing:
     """``preprocessing.json``, checked to make the input ``model`` takes."""
     path = folder / "preprocessing.json"
     fields = read_json(path, missing=f"{path} does not exist")
     try:
-        pre = Preprocessor.from_dict(fields)
+        pre = Preprocessing.from_json(fields)
     except ValueError as err:
         raise BundleError(f"{path}: {err}") from err
     if pre.input_size != model.input_size:
@@ -140,15 +139,15 @@ def open_parts(
     device: str,
     read_only: bool,
     backend: str | None,
-) -> tuple[dict[str, Any], Preprocessor, Runtime, SearchBackend]:
-    """``(manifest, preprocessor, model, items)`` of the bundle at ``folder``, opened as
+) -> tuple[dict[str, Any], Preprocessing, Runtime, SearchBackend]:
+    """``(manifest, preprocessing, model, items)`` of the bundle at ``folder``, opened as
     :meth:`Retriever.load <retrieval.search.retriever.Retriever.load>` describes (its
     arguments and errors)."""
     manifest = read_manifest(folder)
     verify_files(folder, manifest)
     manifest_steps(folder, manifest)
     model = load_runtime(folder, kind=runtime, threads=threads, device=device)
-    pre = _preprocessor(folder, model)
+    pre = _preprocessing(folder, model)
     if model.embedding_dim != manifest["embedding_dim"]:
         raise BundleError(
             f"{folder}: the model gives {model.embedding_dim}-d embeddings but the manifest "
@@ -239,14 +238,14 @@ class Retriever:
         self,
         folder: Path,
         manifest: dict[str, Any],
-        preprocessor: Preprocessor,
+        preprocessing: Preprocessing,
         runtime: Runtime,
         items: SearchBackend,
         max_pixels: int,
     ) -> None:
         self.folder = folder
         self.manifest = manifest
-        self.preprocessor = preprocessor
+        self.preprocessing = preprocessing
         self.runtime = runtime
         self.items = items
         self.max_pixels = max_pixels
@@ -319,15 +318,15 @@ class Retriever:
         short side ``size``). ``max_pixels`` lowers the bundle's pixel limit for this call;
         ``name`` names the image in errors; ``check(stage)`` is called between the decode's
         stages (a deadline's check raises there). Files and bytes go through
-        :meth:`Preprocessor.prepare` (a large JPEG decoded at a reduced scale), so an image
+        :meth:`Preprocessing.prepare` (a large JPEG decoded at a reduced scale), so an image
         gives the same vector whether it is indexed, searched here or uploaded to the service,
         which runs these same stages: :meth:`prepare`, :meth:`embed_pixels`, :meth:`search`
         of the vectors. Raises ImageLoadError (ImageTooLargeError over the pixel limit)
         naming the image."""
         if isinstance(image, Image.Image):  # converted to RGB (alpha onto white) as files are
-            return self.preprocessor(image)
+            return self.preprocessing(image)
         limit = self.max_pixels if max_pixels is None else min(max_pixels, self.max_pixels)
-        return self.preprocessor.prepare(image, limit, name, check)
+        return self.preprocessing.prepare(image, limit, name, check)
 
     def embed_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """The second stage of a search: embeddings of preprocessed images (each as
@@ -446,7 +445,7 @@ class Retriever:
         return add_files(
             self.items,
             self.runtime,
-            self.preprocessor,
+            self.preprocessing,
             self.max_pixels,
             self.steps.dba,
             paths,
@@ -487,6 +486,11 @@ class Retriever:
         )
         folders = [Path(p) for p in protect]
         return item_duplicates(self.items, chosen, keep, folders, k, folder=self.folder)
+
+    def item_file(self, uri: str) -> Path:
+        """The file of an item's ``uri``: an absolute path as it is, a relative one under the
+        bundle folder. Raises BundleError for one that leads outside it."""
+        return item_path(self.folder, uri)
 
     def verify(self) -> list[str]:
         """Problems found, ``[]`` when healthy: file checksums (and every file a bundle

@@ -27,7 +27,6 @@ from PIL import Image
 
 from retrieval.data.images import open_checked, open_rgb
 from retrieval.infra.io import atomic_write
-from retrieval.search.retriever import item_path
 
 #: Leading bytes of the formats the service accepts, and the extension files get.
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (
@@ -147,18 +146,18 @@ JPEG_MAX_SIDE = 65_500
 class Thumbnails:
     """Thumbnails (longest side ``size_px``) of item images, least recently used evicted.
 
-    Item uris are paths written by export or by ``add`` (the bundle's own records); a
-    relative one is read relative to the bundle folder. Request input never reaches here.
+    Item uris are paths written by export or by ``add`` (the bundle's own records), turned
+    into files by ``path_of`` (:meth:`Retriever.item_file
+    <retrieval.search.retriever.Retriever.item_file>`). Request input never reaches here.
     """
 
-    def __init__(self, bundle: Path, size_px: int, max_pixels: int, entries: int = 1024) -> None:
-        self.bundle, self.size_px, self.max_pixels = Path(bundle), size_px, max_pixels
+    def __init__(
+        self, path_of: Callable[[str], Path], size_px: int, max_pixels: int, entries: int = 1024
+    ) -> None:
+        self.path_of, self.size_px, self.max_pixels = path_of, size_px, max_pixels
         self.entries = entries
         self._cache: OrderedDict[tuple[int, str], bytes] = OrderedDict()
         self._lock = threading.Lock()
-
-    def path_of(self, uri: str) -> Path:
-        return item_path(self.bundle, uri)
 
     def full(self, item_id: int, uri: str) -> tuple[Path, str | None]:
         """The item's file and its media type when browsers show its format, else None (send

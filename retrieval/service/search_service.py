@@ -233,7 +233,9 @@ class SearchService:
         self.cache: ExpiringCache[np.ndarray] = ExpiringCache(
             settings.cache_size, settings.cache_ttl_s
         )
-        self.thumbnails = Thumbnails(retriever.folder, settings.thumbnail_px, settings.max_pixels)
+        self.thumbnails = Thumbnails(
+            retriever.item_file, settings.thumbnail_px, settings.max_pixels
+        )
         self.uploads = UploadFolder(settings.uploads_dir or retriever.folder / "uploads")
         self._write_lock = threading.Lock()
         self._writes = 0  # adds and removals so far: what a cached grouping was computed at
@@ -277,7 +279,7 @@ class SearchService:
 
     def decode(self, data: bytes, name: str, check: Callable[[str], None]) -> np.ndarray:
         """The model input of an upload, (3, S, S) float32, large images decoded at a reduced
-        scale (see :meth:`Preprocessor.prepare`); runs in a lane's thread."""
+        scale (see :meth:`Preprocessing.prepare`); runs in a lane's thread."""
         with _bad_uploads(name):
             return self.retriever.prepare(data, self.max_pixels, name, check)
 

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from retrieval.bundle.model_export import export_model
-from retrieval.bundle.preprocess import Preprocessor
 from retrieval.bundle.runtime import load_runtime
 from retrieval.data.dataset import ImageDataset, eval_loader
 from retrieval.data.manifest import ManifestRow
@@ -108,12 +107,10 @@ def test_a_square_model_refuses_other_shapes_and_an_any_size_one_checks_a_side(
 
 
 @pytest.mark.parametrize("mode", ["short", "long"])
-def test_preprocessor_kept_aspect_modes_equal_the_eval_transform(
-    embedder: Embedder, mode: str
-) -> None:
+def test_numpy_kept_aspect_modes_equal_the_eval_transform(embedder: Embedder, mode: str) -> None:
     pre = embedder.preprocessing.with_size(SIDE, mode)
     transform = eval_transform(pre)
-    ours = Preprocessor.from_preprocessing(pre)
+    ours = pre
     rng = np.random.default_rng(0)
     for width, height in [(120, 80), (80, 200), (64, 64), (500, 40)]:
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))

@@ -1,4 +1,4 @@
-"""Hostile shapes through Preprocessor.prepare, Preprocessor(image) and ``retrieval search``:
+"""Hostile shapes through Preprocessing.prepare, Preprocessing(image) and ``retrieval search``:
 a shape beyond the aspect ratio limit is refused from its header, and a long image within it
 costs its decode and a fixed amount, not a resize of all of it."""
 
@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.bundle import preprocess as decode
-from retrieval.bundle.preprocess import Preprocessor
+from retrieval.data import preprocessing as decode
 from retrieval.data.images import ImageLoadError
+from retrieval.data.preprocessing import Preprocessing
 from tests.bundle.test_cli import run
-from tests.bundle.test_preprocess import (
+from tests.data.test_preprocessing import (
     _images,
     _scene,
     decode_calls,  # noqa: F401 (a fixture)
@@ -48,7 +48,7 @@ def test_extreme_aspect_ratios_are_refused_from_the_header(
 ) -> None:
     data = thin_png(*shape)
     assert len(data) < 100_000
-    pre = Preprocessor(224, 256 if mode == "crop" else 224, "bicubic", *HALF, resize_mode=mode)
+    pre = Preprocessing(224, *HALF, "bicubic", resize_mode=mode)
     ratio = max(shape) // min(shape)
     refused = rf"^tall\.png: {shape[0]}x{shape[1]} .*aspect ratio.* {ratio}:1\b.*limit of 1000:1"
     with pytest.raises(ImageLoadError, match=refused):
@@ -57,14 +57,14 @@ def test_extreme_aspect_ratios_are_refused_from_the_header(
 
 _PEAK_SCRIPT = """
 import sys
-from retrieval.bundle.preprocess import Preprocessor
+from retrieval.data.preprocessing import Preprocessing
 
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 
-pre = Preprocessor(224, 256, sys.argv[1], (0.5,) * 3, (0.5,) * 3)
+pre = Preprocessing(224, (0.5,) * 3, (0.5,) * 3, sys.argv[1])
 data = open(sys.argv[2], "rb").read()
 before = status("VmRSS")
 out = pre.prepare(data)
@@ -114,7 +114,7 @@ def _grey_levels(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_the_kept_square_is_within_a_grey_level_of_resizing_then_cropping(
     monkeypatch: pytest.MonkeyPatch, interpolation: str
 ) -> None:
-    pre = Preprocessor(64, 73, interpolation, *HALF)
+    pre = Preprocessing(64, *HALF, interpolation, crop_pct=64 / 73)
     images = [*_images(), _scene(30, 2000, 14)]
     whole = [pre(image) for image in images]  # small: resized whole, then cropped
     monkeypatch.setattr(decode, "RESIZE_PIXELS", 0)  # every crop: the kept square only

@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 from retrieval.bundle.format import BundleError
 from retrieval.bundle.model_config import build_embedder, check_model_config, read_model_config
 from retrieval.bundle.model_export import export_model
-from retrieval.bundle.preprocess import Preprocessor
 from retrieval.bundle.runtime import Runtime, load_runtime
 from retrieval.data.demo import render_demo_image
 from retrieval.models import Embedder, create_backbone
@@ -60,7 +59,7 @@ def bundle(embedder: Embedder, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="module")
 def images(embedder: Embedder) -> np.ndarray:
     """7 demo images prepared as the bundle would: (7, 3, 64, 64) float32."""
-    pre = Preprocessor.from_preprocessing(embedder.preprocessing.with_size(SIZE))
+    pre = embedder.preprocessing.with_size(SIZE)
     return pre.batch([render_demo_image(0, label, 0, image_size=96) for label in range(7)])
 
 

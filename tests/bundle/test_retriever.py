@@ -409,7 +409,7 @@ def test_a_bundle_written_before_resize_mode_loads_as_crop(
     manifest = read_manifest(bundle_copy)
     write_manifest(bundle_copy, manifest, list(manifest.pop("files")))
     with Retriever.load(bundle_copy, runtime="eager") as loaded:
-        assert loaded.preprocessor.resize_mode == "crop"
+        assert loaded.preprocessing.resize_mode == "crop"
         vectors = loaded.embed(gallery.paths[:3])
     np.testing.assert_allclose(vectors, gallery.vectors[:3], atol=1e-5)
 

@@ -16,13 +16,13 @@ import pytest
 from retrieval.bundle.format import BundleError, read_manifest, write_manifest
 from retrieval.bundle.items import IndexedItems
 from retrieval.bundle.model_config import check_model_config
-from retrieval.bundle.preprocess import Preprocessor
 from retrieval.bundle.records import ItemRecord
 from retrieval.bundle.snapshot import IndexStateError
 from retrieval.cli import main
+from retrieval.data.preprocessing import Preprocessing
 from retrieval.postprocess import Postprocess
 from retrieval.search import Retriever
-from tests.bundle.test_preprocess import GOOD as GOOD_PRE
+from tests.data.test_preprocessing import GOOD as GOOD_PRE
 
 GOOD_MODEL: dict[str, Any] = {
     "backbone": {"name": "resnet18"},
@@ -89,15 +89,15 @@ def test_preprocessing_resize_mode_must_fit_the_model(
 
 
 def test_input_sizes_are_bounded_in_preprocessing_and_model_json() -> None:
-    from retrieval.bundle.preprocess import MAX_INPUT_SIZE
+    from retrieval.data.preprocessing import MAX_INPUT_SIZE
 
-    Preprocessor.from_dict(GOOD_PRE)
+    Preprocessing.from_json(GOOD_PRE)
     check_model_config(GOOD_MODEL, complete=True)
     big = MAX_INPUT_SIZE + 1
     with pytest.raises(ValueError, match=rf"input_size.*{MAX_INPUT_SIZE}.*got {big}"):
-        Preprocessor.from_dict({**GOOD_PRE, "input_size": big, "resize": big})
+        Preprocessing.from_json({**GOOD_PRE, "input_size": big, "resize": big})
     with pytest.raises(ValueError, match=r"resize.*64.*got 65"):  # at most twice input_size
-        Preprocessor.from_dict({**GOOD_PRE, "resize": 65})
+        Preprocessing.from_json({**GOOD_PRE, "resize": 65})
     huge_vit = {**GOOD_MODEL["backbone"], "kwargs": {"img_size": 30000}}
     with pytest.raises(BundleError, match=rf"'img_size'.*{MAX_INPUT_SIZE}"):
         check_model_config({**GOOD_MODEL, "backbone": huge_vit}, complete=True)

@@ -249,7 +249,7 @@ def test_report_unreadable_silent_when_nothing_is_bad() -> None:
         report_unreadable([], total=9, strict=False, where="m.csv")
 
 
-# Decoding straight to the model input (Preprocessor.prepare): large images are reduced first.
+# Decoding straight to the model input (Preprocessing.prepare): large images are reduced first.
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -275,10 +275,9 @@ def _encoded(image: Image.Image, fmt: str, **kwargs: Any) -> bytes:
 
 
 def _pre(mode: str = "crop", interpolation: str = "bicubic") -> Any:
-    from retrieval.bundle.preprocess import Preprocessor
+    from retrieval.data.preprocessing import Preprocessing
 
-    resize = 73 if mode == "crop" else 64
-    return Preprocessor(64, resize, interpolation, *IMAGENET, resize_mode=mode)
+    return Preprocessing(64, *IMAGENET, interpolation, crop_pct=64 / 73, resize_mode=mode)
 
 
 def _grey_levels(pre: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -367,7 +366,7 @@ def test_strip_conversion_equals_converting_the_whole_image() -> None:
 _PEAK_SCRIPT = """
 import sys
 from pathlib import Path
-from retrieval.bundle.preprocess import Preprocessor
+from retrieval.data.preprocessing import Preprocessing
 from retrieval.data.images import open_rgb as open_image
 
 def status(key):
@@ -375,7 +374,7 @@ def status(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 
-pre = Preprocessor(224, 256, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+pre = Preprocessing(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
 data = Path(sys.argv[1]).read_bytes()
 before = status("VmRSS")
 pre.prepare(data) if sys.argv[2] == "prepare" else pre(open_image(data))
@@ -411,4 +410,4 @@ def test_decoding_a_large_rgba_png_holds_at_most_one_full_size_copy(tmp_path: Pa
     strips = 32 << 20  # a strip's conversion (4 MiB of pixels, a few copies) and the rest
     full, direct = peak("full"), peak("prepare")
     assert full <= 8.0, f"open_image: {full:.1f} bytes a pixel at its peak, beyond the strips"
-    assert direct <= 4.0, f"Preprocessor.prepare: {direct:.1f} bytes a pixel beyond the strips"
+    assert direct <= 4.0, f"Preprocessing.prepare: {direct:.1f} bytes a pixel beyond the strips"

@@ -277,7 +277,7 @@ def test_a_slow_decode_stage_gets_504_in_about_the_timeout_and_frees_its_slot(
     slow stage ends; the late query never reaches the model; its decode slot comes back."""
     import time
 
-    from retrieval.bundle.preprocess import Preprocessor
+    from retrieval.data.preprocessing import Preprocessing
 
     for client in make_client(bundle_copy, request_timeout_s=0.5, decode_slots=1):
         service = client.app.state.service  # type: ignore[attr-defined]
@@ -289,7 +289,7 @@ def test_a_slow_decode_stage_gets_504_in_about_the_timeout_and_frees_its_slot(
             return model(x)
 
         service.batcher.embed_fn = counted
-        done = _slow(monkeypatch, Preprocessor, "__call__", 1.5)
+        done = _slow(monkeypatch, Preprocessing, "__call__", 1.5)
         start = time.monotonic()
         response = search(client, gallery.paths[0].read_bytes())
         took = time.monotonic() - start
@@ -329,11 +329,11 @@ def test_large_decodes_beyond_the_queue_get_503_with_retry_after(
     import threading
     import time
 
-    from retrieval.bundle.preprocess import Preprocessor
+    from retrieval.data.preprocessing import Preprocessing
 
     big = png_bytes(Image.new("RGB", (2100, 2100), (90, 140, 200)))  # 4.4 M pixels
     for client in make_client(bundle_copy, decode_slots=1, decode_queue=0):
-        _slow(monkeypatch, Preprocessor, "prepare", 1.0)
+        _slow(monkeypatch, Preprocessing, "prepare", 1.0)
         first: list[int] = []
 
         def send_first(client: TestClient = client, first: list[int] = first) -> None:

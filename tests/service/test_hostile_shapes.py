@@ -83,8 +83,8 @@ def test_any_tiff_over_jpegs_side_limit_is_converted_to_a_png(tmp_path: Path) ->
     hold one): 20 x 70,000."""
     path = tmp_path / "strip.tif"
     path.write_bytes(tiff_bytes(long_picture(20, 70_000)))
-    data, media_type = Thumbnails(tmp_path, 256, 50_000_000).converted(path)
+    data, media_type = Thumbnails(tmp_path.joinpath, 256, 50_000_000).converted(path)
     assert media_type == "image/png" and Image.open(io.BytesIO(data)).size == (20, 70_000)
     path.write_bytes(tiff_bytes(long_picture(20, 65_500)))  # JPEG's longest side
-    data, media_type = Thumbnails(tmp_path, 256, 50_000_000).converted(path)
+    data, media_type = Thumbnails(tmp_path.joinpath, 256, 50_000_000).converted(path)
     assert media_type == "image/jpeg" and Image.open(io.BytesIO(data)).size == (20, 65_500)

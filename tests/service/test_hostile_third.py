@@ -139,11 +139,11 @@ def test_refusals_of_the_guard_are_counted_under_their_route(
 ) -> None:
     """A received upload holds one of ``max_requests``; the next one gets 503 at once; both
     that 503 and a 413 from the headers alone count under ``/search``."""
-    from retrieval.bundle.preprocess import Preprocessor
+    from retrieval.data.preprocessing import Preprocessing
     from tests.service.test_api import _slow
 
     for client in make_client(bundle_copy, max_requests=1, max_body_bytes=1024 * 1024):
-        _slow(monkeypatch, Preprocessor, "prepare", 1.5)
+        _slow(monkeypatch, Preprocessing, "prepare", 1.5)
         first: list[int] = []
 
         def send_first(c: TestClient = client, got: list[int] = first) -> None:

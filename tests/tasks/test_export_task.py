@@ -266,5 +266,5 @@ def test_a_long_side_bundle_keeps_the_aspect_in_every_runtime(small_demo, tmp_pa
         Retriever.load(bundle, runtime="onnx") as onnx,
         Retriever.load(bundle, runtime="eager", read_only=True) as eager,
     ):
-        assert onnx.preprocessor.prepare(wide).shape == (3, 37, 64)  # 70 x 120 -> 37 x 64
+        assert onnx.preprocessing.prepare(wide).shape == (3, 37, 64)  # 70 x 120 -> 37 x 64
         assert float(np.dot(onnx.embed([wide])[0], eager.embed([wide])[0])) > 0.9999

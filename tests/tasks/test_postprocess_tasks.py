@@ -122,7 +122,7 @@ def test_export_stores_the_steps_and_every_runtime_computes_tta_and_whitening(st
     assert exported["test/map@r"] == evaluated["test/map@r"]
     with Retriever.load(bundle) as retriever:
         uris = [item.uri for item in retriever.items.store.get([1, 2, 3])]
-        pixels = retriever.preprocessor.batch([Image.open(u).convert("RGB") for u in uris])
+        pixels = retriever.preprocessing.batch([Image.open(u).convert("RGB") for u in uris])
         # the stored base vectors came from the PyTorch model and the numpy whitening;
         # every runtime's graph (TTA views and whitening layer inside) gives them again
         _, base = retriever.items.store.active_base_vectors()

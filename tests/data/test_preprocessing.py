@@ -1,4 +1,5 @@
-"""Tests for retrieval.bundle.preprocess: parity with eval_transform and safe image opening."""
+"""Tests for retrieval.data.preprocessing: the one Preprocessing type, its NumPy pipeline's parity
+with eval_transform, its bundle file form, and safe image opening."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFile, ImageFilter
 
-from retrieval.bundle.preprocess import Preprocessor
 from retrieval.data.demo import render_demo_image
 from retrieval.data.images import ImageLoadError
 from retrieval.data.images import open_rgb as open_image
@@ -67,10 +67,9 @@ def _images() -> list[Image.Image]:
 @pytest.mark.parametrize("pre", PREPROCESSINGS, ids=lambda p: f"{p.interpolation}{p.input_size}")
 def test_matches_eval_transform(pre: Preprocessing) -> None:
     reference = eval_transform(pre)
-    preprocessor = Preprocessor.from_preprocessing(pre)
     for image in _images():
         expected = reference(image).numpy()
-        got = preprocessor(image)
+        got = pre(image)
         side = pre.input_size
         assert got.dtype == np.float32 and got.shape == expected.shape == (3, side, side)
         assert np.abs(got - expected).max() <= 1e-5, image.size
@@ -91,11 +90,9 @@ WHOLE_IMAGE = [
 )
 def test_whole_image_modes_match_eval_transform(pre: Preprocessing) -> None:
     reference = eval_transform(pre)
-    preprocessor = Preprocessor.from_preprocessing(pre)
-    assert preprocessor.resize_mode == pre.resize_mode
     for image in _images():
         expected = reference(image).numpy()
-        got = preprocessor(image)
+        got = pre(image)
         side = pre.input_size
         assert got.dtype == np.float32 and got.shape == expected.shape == (3, side, side)
         assert np.abs(got - expected).max() <= 1e-5, image.size
@@ -111,7 +108,7 @@ def _framed(width: int, height: int) -> Image.Image:
 @pytest.mark.parametrize("mode", RESIZE_MODES)
 def test_only_crop_cuts_the_frame_away(mode: str) -> None:
     pre = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), crop_pct=0.8, resize_mode=mode)
-    out = Preprocessor.from_preprocessing(pre)(_framed(120, 80))
+    out = pre(_framed(120, 80))
     red = np.array([1.0, -1.0, -1.0], dtype=np.float32)  # (255, 0, 0) normalised
     picture = out[:, 16, :]  # the middle row, left to right
     columns = [c for c in range(out.shape[2]) if np.abs(picture[:, c]).max() > 0]
@@ -123,12 +120,12 @@ def test_only_crop_cuts_the_frame_away(mode: str) -> None:
 def test_pad_centres_the_image_on_the_mean_colour() -> None:
     mean = (0.25, 0.5, 0.75)
     pre = Preprocessing(33, mean, (0.2, 0.2, 0.2), resize_mode="pad")
-    out = Preprocessor.from_preprocessing(pre)(Image.new("RGB", (99, 30), (255, 255, 255)))
+    out = pre(Image.new("RGB", (99, 30), (255, 255, 255)))
     # 99 x 30 -> 33 x 10: 23 rows of padding, 11 above and 12 below
     assert (out[:, :11] == 0).all() and (out[:, 21:] == 0).all()
     white = (1 - np.asarray(mean, dtype=np.float32)) / np.float32(0.2)
     np.testing.assert_allclose(out[:, 11:21], np.broadcast_to(white[:, None, None], (3, 10, 33)))
-    tall = Preprocessor.from_preprocessing(pre)(Image.new("RGB", (1, 500), (255, 255, 255)))
+    tall = pre(Image.new("RGB", (1, 500), (255, 255, 255)))
     assert (tall[:, :, :16] == 0).all() and (tall[:, :, 17:] == 0).all()  # at least 1 column
     assert (tall[:, :, 16] != 0).all()
 
@@ -163,14 +160,8 @@ def test_with_size_keeps_or_changes_the_resize_mode() -> None:
         Preprocessing(32, *IMAGENET, resize_mode="fill")
 
 
-def test_both_modules_know_the_same_resize_modes() -> None:
-    from retrieval.bundle import preprocess
-
-    assert preprocess.RESIZE_MODES == RESIZE_MODES
-
-
 def test_non_rgb_images_are_converted_like_the_loader() -> None:
-    pre = Preprocessor.from_preprocessing(PREPROCESSINGS[0])
+    pre = PREPROCESSINGS[0]
     rgb = _scene(90, 70, 7)
     grey = rgb.convert("L")
     np.testing.assert_array_equal(pre(grey), pre(grey.convert("RGB")))
@@ -180,7 +171,7 @@ def test_non_rgb_images_are_converted_like_the_loader() -> None:
 
 
 def test_batch_stacks_and_accepts_none() -> None:
-    pre = Preprocessor.from_preprocessing(PREPROCESSINGS[0])
+    pre = PREPROCESSINGS[0]
     images = _images()[:3]
     batch = pre.batch(images)
     assert batch.shape == (3, 3, 64, 64) and batch.dtype == np.float32
@@ -189,10 +180,10 @@ def test_batch_stacks_and_accepts_none() -> None:
     assert empty.shape == (0, 3, 64, 64) and empty.dtype == np.float32
 
 
-def test_from_preprocessing_and_dict_round_trip() -> None:
-    pre = Preprocessor.from_preprocessing(PREPROCESSINGS[1])
+def test_bundle_json_round_trip() -> None:
+    pre = PREPROCESSINGS[1]
     assert (pre.input_size, pre.resize, pre.interpolation) == (224, 236, "bicubic")
-    data = json.loads(json.dumps(pre.to_dict()))
+    data = json.loads(json.dumps(pre.to_json()))
     assert data == {
         "input_size": 224,
         "resize": 236,
@@ -202,31 +193,50 @@ def test_from_preprocessing_and_dict_round_trip() -> None:
         "color_mode": "RGB",
         "resize_mode": "crop",
     }
-    assert Preprocessor.from_dict(data) == pre
+    read = Preprocessing.from_json(data)
+    assert read.to_json() == data and read.crop_pct == pytest.approx(224 / 236)
     del data["color_mode"]  # optional: RGB
-    assert Preprocessor.from_dict(data) == pre
-    squash = Preprocessor.from_preprocessing(PREPROCESSINGS[1].with_size(None, "squash"))
+    assert Preprocessing.from_json(data).to_json() == read.to_json()
+    image = _scene(300, 200, 3)
+    np.testing.assert_array_equal(read(image), pre(image))
+    squash = pre.with_size(None, "squash")
     assert (squash.resize, squash.resize_mode) == (224, "squash")  # nothing is cropped
-    assert Preprocessor.from_dict(json.loads(json.dumps(squash.to_dict()))) == squash
+    back = Preprocessing.from_json(json.loads(json.dumps(squash.to_json())))
+    np.testing.assert_array_equal(back(image), squash(image))
 
 
 def test_preprocessing_json_written_before_resize_mode_loads_as_crop() -> None:
     old = {k: v for k, v in GOOD.items()}  # the fields bundles stored before resize_mode
     assert "resize_mode" not in old
-    pre = Preprocessor.from_dict(old)
+    pre = Preprocessing.from_json(old)
     assert pre.resize_mode == "crop"
     image = _scene(90, 60, 13)
     reference = Preprocessing(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), crop_pct=32 / 36)
     np.testing.assert_allclose(pre(image), eval_transform(reference)(image).numpy(), atol=1e-5)
 
 
-def test_unknown_interpolation_falls_back_to_bilinear_like_eval_transform() -> None:
-    pre = Preprocessing(32, *IMAGENET, interpolation="lanczos", crop_pct=0.875)
-    assert Preprocessor.from_preprocessing(pre).interpolation == "bilinear"
-    image = _scene(80, 60, 8)
-    np.testing.assert_allclose(
-        Preprocessor.from_preprocessing(pre)(image), eval_transform(pre)(image).numpy(), atol=1e-5
-    )
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"interpolation": "lanczos"}, "interpolation"),
+        ({"crop_pct": 0.4}, "crop_pct"),
+        ({"crop_pct": 1.01}, "crop_pct"),
+        ({"crop_pct": "0.9"}, "crop_pct"),
+        ({"input_size": 4096}, "input_size"),
+        ({"std": (0.5, 0.0, 0.5)}, "std"),
+    ],
+)
+def test_preprocessing_names_the_bad_field(change: dict[str, Any], field: str) -> None:
+    fields = {"input_size": 32, "mean": IMAGENET[0], "std": IMAGENET[1], **change}
+    with pytest.raises(ValueError, match=f"field '{field}'"):
+        Preprocessing(**fields)
+
+
+def test_a_weights_training_only_interpolation_evaluates_bilinearly() -> None:
+    from retrieval.models.backbone import _evaluation_filter
+
+    assert _evaluation_filter("random") == "bilinear"
+    assert _evaluation_filter("bicubic") == "bicubic"
 
 
 GOOD: dict[str, Any] = {
@@ -256,18 +266,18 @@ GOOD: dict[str, Any] = {
         ({"resize_mode": None}, "resize_mode"),
     ],
 )
-def test_from_dict_names_the_bad_field(change: dict[str, Any], field: str) -> None:
+def test_from_json_names_the_bad_field(change: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=f"field '{field}'"):
-        Preprocessor.from_dict({**GOOD, **change})
+        Preprocessing.from_json({**GOOD, **change})
 
 
-def test_from_dict_names_missing_and_unknown_fields() -> None:
+def test_from_json_names_missing_and_unknown_fields() -> None:
     with pytest.raises(ValueError, match=r"lacks the fields \['resize'\]"):
-        Preprocessor.from_dict({k: v for k, v in GOOD.items() if k != "resize"})
+        Preprocessing.from_json({k: v for k, v in GOOD.items() if k != "resize"})
     with pytest.raises(ValueError, match=r"unknown preprocessing fields \['crop_pct'\]"):
-        Preprocessor.from_dict({**GOOD, "crop_pct": 0.9})
+        Preprocessing.from_json({**GOOD, "crop_pct": 0.9})
     with pytest.raises(ValueError, match="mapping"):
-        Preprocessor.from_dict([1, 2])  # type: ignore[arg-type]
+        Preprocessing.from_json([1, 2])  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- open_image
@@ -374,9 +384,9 @@ def test_open_image_rejects_other_types() -> None:
         open_image(12)  # type: ignore[arg-type]
 
 
-def test_preprocess_module_does_not_import_torch() -> None:
+def test_preprocessing_module_does_not_import_torch() -> None:
     code = (
-        "import sys, retrieval.bundle.preprocess; "
+        "import sys, retrieval.data.preprocessing; "
         "assert 'torch' not in sys.modules and 'torchvision' not in sys.modules, 'torch imported'"
     )
     root = Path(__file__).resolve().parents[2]
