@@ -29,10 +29,8 @@ __all__ = ["item_ranks", "relevant_ranks"]
 
 
 def _use_sort(num_items: int, ng: int) -> bool:
-    """Whether one sort of an ng-score row beats ``num_items`` scans of it.
-
-    Measured costs (x86 with AVX-512, numpy 2): a scan ~ ng + 12_000, a sort ~ 20 ng + 30_000.
-    """
+    """Whether one sort of an ng-score row beats ``num_items`` scans of it, by a cost model: a
+    scan ~ ng + 12_000, a sort ~ 20 ng + 30_000 (experiments/2026-12-07_cost_models_cpu.md)."""
     return num_items * (ng + 12_000) > 20 * ng + 30_000
 
 

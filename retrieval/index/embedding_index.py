@@ -22,7 +22,7 @@ from retrieval.infra.checks import checked_vectors, positive_int
 from retrieval.infra.io import fsync_dir, sha256_file
 from retrieval.infra.ties import by_score_then_id
 
-__all__ = ["EmbeddingIndex", "knn_recall", "search_ties_resolved", "ties_by_ascending_id"]
+__all__ = ["EmbeddingIndex", "knn_recall", "search_ties_resolved"]
 
 
 log = logging.getLogger(__name__)
@@ -409,14 +409,6 @@ class EmbeddingIndex:
         return scores, ids
 
 
-def ties_by_ascending_id(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Search results with equal scores re-ordered by ascending id (missing slots, id -1,
-    stay last); rows already ordered by score stay so."""
-    if scores.shape[1] < 2:
-        return scores, ids
-    return by_score_then_id(scores, ids)
-
-
 def search_ties_resolved(index: Any, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``k`` results per row of ``x`` in the faiss ``index``, with equal scores by ascending
     id, also when a group of equal scores straddles the k-th place: FAISS then keeps an
@@ -425,11 +417,11 @@ def search_ties_resolved(index: Any, x: np.ndarray, k: int) -> tuple[np.ndarray,
     inside (or ``ntotal``)."""
     n = int(index.ntotal)
     want = min(n, k + 1)
-    scores, ids = ties_by_ascending_id(*index.search(x, want))
+    scores, ids = by_score_then_id(*index.search(x, want))
     open_rows = np.flatnonzero((scores[:, k - 1] == scores[:, -1]) & (ids[:, -1] >= 0))
     while want < n and open_rows.size:
         want = min(n, 2 * want)
-        more_scores, more_ids = ties_by_ascending_id(*index.search(x[open_rows], want))
+        more_scores, more_ids = by_score_then_id(*index.search(x[open_rows], want))
         scores[open_rows], ids[open_rows] = (
             more_scores[:, : scores.shape[1]],
             more_ids[:, : scores.shape[1]],

@@ -34,9 +34,8 @@ __all__ = ["drop_self", "exact_self_knn", "self_join_pays_off"]
 #: Most rows per block by default; 4096 x 4096 float32 scores take 64 MiB.
 MAX_BLOCK_SIZE = 4096
 _GROUP = 8  # rows screened together against their lowest threshold
-#: The join beats a FAISS search of every row when ``k * _JOIN_COST <= n * dim`` (measured
-#: on 2 CPU cores: 0.6x at 60,502 x 512 and k = 10, 0.7x at k = 30, 1.2x at k = 100;
-#: 0.8x at 50,000 x 128 and k = 10, 1.1x at k = 30; 1.2x at 10,000 x 128 and k = 10).
+#: The join beats a FAISS search of every row when ``k * _JOIN_COST <= n * dim``
+#: (experiments/2026-12-07_cost_models_cpu.md).
 _JOIN_COST = 500_000
 
 
@@ -151,9 +150,9 @@ def _scores(
 ) -> np.ndarray:
     """``x[rows] @ x[cols].T`` in ``buf``, padded with rows of -inf to whole groups.
 
-    ``torch.mm``, not numpy's OpenBLAS matmul (1.25x its FLOP/s here): OpenBLAS can round the
-    products of one row with two identical rows differently by where they fall in a block,
-    which would break the ties of exact duplicates (ascending id)."""
+    ``torch.mm``, not numpy's matmul: OpenBLAS can round the products of one row with two
+    identical rows differently by where they fall in a block, which would break the ties of
+    exact duplicates (ascending id)."""
     import torch
 
     nr, nc = rows[1] - rows[0], cols[1] - cols[0]

@@ -25,7 +25,7 @@ T = TypeVar("T")
 
 #: Bytes per pixel a decode holds at its peak, at worst: the decoded image (4 bytes a pixel
 #: for RGB, RGBA, CMYK and 32-bit modes) and one converted full-size copy of it (an image too
-#: small to reduce, converted or transposed); reduced decodes hold about half (measured).
+#: small to reduce, converted or transposed); reduced decodes hold about half.
 WORST_BYTES_PER_PIXEL = 8
 #: Images up to this many pixels decode in the small lane (cheap: queries from cameras
 #: and phones are resized well below it; a 2,000 x 2,000 image is 4 M pixels).
