@@ -102,7 +102,7 @@ def package_version(name: str) -> str:
 
 def write_jpegs(folder: Path, count: int) -> list[Path]:
     """``count`` demo scenes, 500 x 375 px (centre rows of a 500 px render), JPEG quality 90."""
-    from retrieval.data.demo import render_demo_image
+    from retrieval.datasets.demo import render_demo_image
 
     folder.mkdir(parents=True)
     paths = []
@@ -522,7 +522,7 @@ def describe(args: argparse.Namespace) -> list[str]:
         f"--repeats {args.repeats} runs after untimed warm-up runs ({args.warmup_images} images "
         f"per path in (a), {WARMUP_QUERIES} extra queries before each search measurement in (b))"
         f"; batch searches repeat until they took >= {args.batch_min_s:g} s in all.",
-        "- (a): images rendered by retrieval.data.demo; per path open_rgb -> "
+        "- (a): images rendered by retrieval.datasets.demo; per path open_rgb -> "
         "Preprocessing.batch -> model -> IndexedItems.add (Flat index, SQLite store, fsync per "
         "batch) and close (index snapshot); eager / channels_last run the Embedder under "
         "torch.inference_mode, TorchScript / ONNX the bundle's Runtime.embed; the four paths "

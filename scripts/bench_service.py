@@ -57,7 +57,7 @@ def log(message: str) -> None:
 
 
 def jpeg(seed: int, index: int, size: int) -> bytes:
-    from retrieval.data.demo import render_demo_image
+    from retrieval.datasets.demo import render_demo_image
 
     buffer = io.BytesIO()
     render_demo_image(seed, index, index % 7, image_size=size).save(buffer, "JPEG", quality=88)

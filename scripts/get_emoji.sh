@@ -2,10 +2,10 @@
 # Fetch the openly licensed emoji sets behind data=emoji and unpack them into DIR/packages/.
 #   bash scripts/get_emoji.sh data/emoji && python train.py experiment=emoji
 # Needs npm (it only talks to the npm registry); nothing is fetched at training time. The images
-# are rasterised and the manifest written by retrieval.data.emoji on first use.
+# are rasterised and the manifest written by retrieval.datasets.emoji on first use.
 set -euo pipefail
 dir=${1:?usage: bash scripts/get_emoji.sh DIR (e.g. data/emoji)}
-# name@version: the versions whose layout retrieval/data/emoji.py reads (see data/README.md)
+# name@version: the versions whose layout retrieval/datasets/emoji.py reads (see data/README.md)
 packages=(
     emoji-datasource-google@16.0.0   # Noto Color Emoji images, Apache-2.0
     emoji-datasource-twitter@16.0.0  # Twemoji images, CC-BY-4.0

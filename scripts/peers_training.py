@@ -52,7 +52,7 @@ def log(message: str) -> None:
 
 
 def demo_manifest(folder: Path) -> Path:
-    from retrieval.data.demo import prepare_demo
+    from retrieval.datasets.demo import prepare_demo
 
     return prepare_demo(folder / "demo", num_labels=60, images_per_label=12, image_size=IMAGE_SIZE)
 

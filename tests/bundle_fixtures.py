@@ -21,10 +21,10 @@ import torch
 from PIL import Image, ImageEnhance
 
 from retrieval.bundle.writer import GalleryItem, write_bundle
-from retrieval.data.demo import render_demo_image
 from retrieval.data.images import open_rgb as load_rgb
 from retrieval.data.preprocessing import Preprocessing
 from retrieval.data.transforms import eval_transform
+from retrieval.datasets.demo import render_demo_image
 from retrieval.models import Embedder, create_backbone
 
 INPUT_SIZE = 64
@@ -97,7 +97,7 @@ def gallery(
     tmp_path_factory: pytest.TempPathFactory, gallery_embedder: Embedder, gallery_pre: Preprocessing
 ) -> Gallery:
     """40 demo images (10 labels x 4, 96 px) and their PyTorch embeddings."""
-    from retrieval.data.demo import prepare_demo
+    from retrieval.datasets.demo import prepare_demo
 
     root = tmp_path_factory.mktemp("gallery").resolve() / "demo"
     manifest = prepare_demo(root, num_labels=NUM_LABELS, images_per_label=PER_LABEL, image_size=96)

@@ -26,7 +26,7 @@ def compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A slice of the demo dataset (60 labels x 12 images, 128 px), generated once per session."""
-    from retrieval.data.demo import prepare_demo
+    from retrieval.datasets.demo import prepare_demo
 
     root = tmp_path_factory.mktemp("demo")
     return prepare_demo(root / "demo", num_labels=60, images_per_label=12, image_size=128)

@@ -21,6 +21,7 @@ MAX_FUNCTION_LINES = 60
 ALLOWED = {
     "infra": set(),
     "data": {"infra"},
+    "datasets": {"infra", "data"},
     "postprocess": {"infra"},
     "models": {"infra", "data", "postprocess"},
     "index": {"infra"},
@@ -43,6 +44,7 @@ ALLOWED = {
     "tasks": {
         "infra",
         "data",
+        "datasets",  # the distractors task reads revisitop's distractor list
         "models",
         "training",
         "index",

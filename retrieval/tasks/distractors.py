@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from retrieval.data.gnd import distractor_images
 from retrieval.data.images import ImageLoadError
 from retrieval.data.preprocessing import Preprocessing
+from retrieval.datasets.gnd import distractor_images
 from retrieval.evaluation import RetrievalResult
 from retrieval.evaluation.distractors import check_distractor_steps
 from retrieval.index.shards import ShardItem, ShardPlan, ShardSet, embed_shards

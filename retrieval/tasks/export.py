@@ -147,7 +147,7 @@ def _calibrate_duplicates(
     setting = cfg.get("calibrate_duplicates", "auto")
     data = data_config(cfg, model.checkpoint)
     target = OmegaConf.select(data, "manifest._target_")
-    copies = target == "retrieval.data.copydetect.prepare_copydetect"
+    copies = target == "retrieval.datasets.copydetect.prepare_copydetect"
     if setting is False or (setting == "auto" and not copies):
         return None
     if setting not in ("auto", True):

@@ -4,7 +4,7 @@ report says of it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from hydra.utils import instantiate
@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from retrieval.data.preprocessing import Preprocessing
 from retrieval.models import Embedder
-from retrieval.tasks.config import CONF_DIR
+from retrieval.tasks.config import CONF_DIR, current_targets
 from retrieval.training.checkpoints import (
     TrainingCheckpoint,
     load_embedder_weights,
@@ -30,8 +30,11 @@ class LoadedModel:
 
 
 def load_model(cfg: DictConfig) -> LoadedModel:
-    """``ckpt_path`` -> the run's Embedder with the checkpoint's weights; else ``cfg.embedder``."""
+    """``ckpt_path`` -> the run's Embedder with the checkpoint's weights; else ``cfg.embedder``.
+    The checkpoint's run config names each ``_target_`` where it is now (``current_targets``)."""
     ckpt = read_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    if ckpt is not None:
+        ckpt = replace(ckpt, run_config=current_targets(ckpt.run_config))
     config = _embedder_config(cfg, ckpt)
     embedder = instantiate(config)
     if ckpt is not None:

@@ -6,7 +6,8 @@ again. What the command changes is printed, key by key. A best score measured on
 validation data (another ``data`` setting, e.g. ``debug=fast``'s first labels against all of
 them) is not carried over: the resumed run's best checkpoint starts afresh, and says so.
 Without the run's files (a checkpoint copied elsewhere) the command's config is used as given,
-with one line saying so.
+with one line saying so. A run's config that names a function by a module path it has since
+left (:data:`~retrieval.tasks.config.MOVED_TARGETS`) is read with the present path: no change.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any, cast
 
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from retrieval.tasks.config import current_targets
 
 __all__ = ["Resume", "plan_resume", "resumed_config"]
 
@@ -120,7 +123,7 @@ def plan_resume(
     given = {_key(o) for o in command}
     overrides = [str(o) for o in saved if _key(str(o)) not in given] + list(command)
     old = (
-        yaml.safe_load((run_dir / "config.yaml").read_text())
+        current_targets(yaml.safe_load((run_dir / "config.yaml").read_text()))
         if (run_dir / "config.yaml").is_file()
         else None
     )

@@ -18,7 +18,7 @@ from retrieval.bundle.format import BundleError
 from retrieval.bundle.model_config import build_embedder, check_model_config, read_model_config
 from retrieval.bundle.model_export import export_model
 from retrieval.bundle.runtime import Runtime, load_runtime
-from retrieval.data.demo import render_demo_image
+from retrieval.datasets.demo import render_demo_image
 from retrieval.models import Embedder, create_backbone
 from tests.bundle_fixtures import OPENVINO
 

@@ -256,7 +256,7 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
     """A smooth picture with shapes and a little noise, like a photo at that size."""
-    from retrieval.data.demo import render_demo_image
+    from retrieval.datasets.demo import render_demo_image
 
     side = max(width, height)
     picture = render_demo_image(seed, 3, 2, image_size=min(side, 512)).resize(

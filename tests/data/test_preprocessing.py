@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFile, ImageFilter
 
-from retrieval.data.demo import render_demo_image
 from retrieval.data.images import ImageLoadError
 from retrieval.data.images import open_rgb as open_image
 from retrieval.data.preprocessing import RESIZE_MODES, Preprocessing
 from retrieval.data.transforms import eval_transform
+from retrieval.datasets.demo import render_demo_image
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 PREPROCESSINGS = [

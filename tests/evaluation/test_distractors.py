@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.data.gnd import distractor_images
 from retrieval.data.manifest import ManifestError
+from retrieval.datasets.gnd import distractor_images
 from retrieval.evaluation.distractors import merge_top, scan_distractors
 from retrieval.evaluation.listed import evaluate_revisited
 from retrieval.index.shards import ShardContent, ShardItem, ShardPlan, ShardSet, embed_shards

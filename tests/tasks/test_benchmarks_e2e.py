@@ -14,7 +14,7 @@ from retrieval.evaluation.listed import evaluate_relevant_lists, revisited_ranki
 from retrieval.evaluation.npz import read_embeddings_npz
 from retrieval.tasks.evaluate import evaluate
 from retrieval.tasks.runs import reported
-from tests.data.test_benchmark_converters import gldv2_tree, revisited_tree, sfm120k_tree
+from tests.datasets.test_benchmark_converters import gldv2_tree, revisited_tree, sfm120k_tree
 from tests.tasks.test_evaluate_task import compose_eval
 
 TINY = [

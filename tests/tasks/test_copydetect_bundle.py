@@ -18,7 +18,7 @@ from retrieval.search.score import score_bundle
 from retrieval.tasks.config import compose_config
 from retrieval.tasks.evaluate import evaluate
 from retrieval.tasks.export import export
-from tests.data.test_copydetect import _benchmark
+from tests.datasets.test_copydetect import _benchmark
 
 STEPS = "postprocess=[whiten_edits,score_norm]"
 

@@ -120,7 +120,7 @@ def test_two_cpu_processes_validate_exactly_like_one_evaluation_of_the_checkpoin
     """``python train.py trainer=ddp_cpu``: 2 gloo processes, P x K batches split between them,
     the loss over both ranks' embeddings, validation sharded (25 images: one padding repeat, a
     partial last batch) and gathered; its metrics equal evaluate.py's on its checkpoint."""
-    from retrieval.data.demo import prepare_demo
+    from retrieval.datasets.demo import prepare_demo
     from retrieval.tasks.evaluate import evaluate
     from tests.tasks.test_evaluate_task import compose_eval
 

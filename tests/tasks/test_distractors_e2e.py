@@ -17,7 +17,7 @@ from retrieval.index.shards import ShardSet
 from retrieval.tasks.evaluate import evaluate
 from retrieval.tasks.preflight import problem_with
 from retrieval.tasks.runs import reported
-from tests.data.test_benchmark_converters import _noise_jpeg, gldv2_tree, revisited_tree
+from tests.datasets.test_benchmark_converters import _noise_jpeg, gldv2_tree, revisited_tree
 from tests.tasks.test_benchmarks_e2e import _compose, assert_prints_the_emh_table
 
 R1M_NAMES = [f"{i % 3}/{i:04d}" for i in range(7)]  # list lines, no extension, as released

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import retrieval.tasks.embed as embed_task
-from retrieval.data.demo import render_demo_image
 from retrieval.data.images import open_rgb as load_rgb
 from retrieval.data.transforms import eval_transform
+from retrieval.datasets.demo import render_demo_image
 from retrieval.index import ShardSet
 from retrieval.index.shards import ShardError, shard_files, shard_problem, worker_identity
 from retrieval.tasks.config import compose_config

@@ -303,7 +303,7 @@ def test_evaluate_with_steps_equals_the_steps_written_out(dataset, small_demo, t
         data = ["data=manifest", f"data.manifest={small_demo}", "data.image_size=64"]
         method = "pca"
     else:
-        from tests.data.test_emoji import _fake_packages
+        from tests.datasets.test_emoji import _fake_packages
 
         root = _fake_packages(tmp_path / "emoji")
         data = ["data=emoji", f"data.root={root}", "data.image_size=32"]

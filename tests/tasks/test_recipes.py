@@ -48,7 +48,7 @@ def test_recipe_is_what_its_header_says(name, tmp_path):
     text = header(name)
     assert re.search(r"^# Target: R@1 \d+\.\d - .+\(.+\)", text, flags=re.M), "names its figure"
     assert f"python train.py experiment={name} data.root=" in text
-    assert cfg.data.manifest._target_ == f"retrieval.data.converters.{dataset}"
+    assert cfg.data.manifest._target_ == f"retrieval.datasets.converters.{dataset}"
     assert cfg.data.image_size == 224
     assert cfg.trainer.accelerator == "gpu"
     assert cfg.sampler.labels_per_batch * cfg.sampler.samples_per_label == 180

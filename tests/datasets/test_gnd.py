@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.data.gnd import read_gnd
 from retrieval.data.manifest import ManifestError
+from retrieval.datasets.gnd import read_gnd
 
 
 def _gnd(**changes):

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.data import converters
 from retrieval.data.copy_edits import EDIT_KINDS
-from retrieval.data.copydetect import prepare_copydetect
 from retrieval.data.manifest import ManifestError, read_manifest
 from retrieval.data.preprocessing import Preprocessing
 from retrieval.data.transforms import eval_transform
+from retrieval.datasets import converters
+from retrieval.datasets.copydetect import prepare_copydetect
 
 
 def _photo(path: Path, seed: int, size: tuple[int, int] = (48, 40)) -> Path:

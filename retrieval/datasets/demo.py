@@ -1,6 +1,6 @@
 """The built-in demo dataset, generated on first use into a folder with its manifest.
 
-The images are drawn by :mod:`retrieval.data.demo`; their bytes depend only on (seed,
+The images are drawn by :mod:`retrieval.datasets.demo`; their bytes depend only on (seed,
 ``DEMO_VERSION``), so every machine trains and validates on the same data.
 
 Drawing of the demo dataset's images: object identities and cluttered scenes.

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.data import demo
-from retrieval.data.demo import DEMO_VERSION, prepare_demo, render_demo_image
+from retrieval.datasets import demo
+from retrieval.datasets.demo import DEMO_VERSION, prepare_demo, render_demo_image
 
 SMALL = {"num_labels": 6, "images_per_label": 3, "image_size": 64}
 

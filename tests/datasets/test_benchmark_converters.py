@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.data import converters
 from retrieval.data.manifest import ManifestError, read_manifest
+from retrieval.datasets import converters
 
 
 def _noise_jpeg(path: Path, size: tuple[int, int], seed: int) -> None:

@@ -1,4 +1,4 @@
-"""Tests for retrieval.data.emoji on tiny fake npm package trees."""
+"""Tests for retrieval.datasets.emoji on tiny fake npm package trees."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from retrieval.data.emoji import code_label, is_gendered, prepare_emoji, split_labels
 from retrieval.data.manifest import ManifestError, read_manifest
+from retrieval.datasets.emoji import code_label, is_gendered, prepare_emoji, split_labels
 
 # (hexcode as OpenMoji spells it, CLDR name, category)
 EMOJI = [

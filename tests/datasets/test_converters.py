@@ -1,4 +1,4 @@
-"""Tests for retrieval.data.converters on tiny fake trees in each official layout."""
+"""Tests for retrieval.datasets.converters on tiny fake trees in each official layout."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.data import converters
 from retrieval.data.manifest import ManifestError, ManifestRow, read_manifest
+from retrieval.datasets import converters
 
 
 def _jpeg(path: Path) -> Path:

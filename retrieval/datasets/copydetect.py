@@ -193,7 +193,7 @@ def prepare_copydetect(
     print(f"copydetect: writing {len(paths)} queries to {folder} ...")
     tmp = Path(tempfile.mkdtemp(prefix=".queries-", dir=out_dir))
     try:
-        (tmp / _MARK).write_text("written by retrieval.data.copydetect\n", encoding="utf-8")
+        (tmp / _MARK).write_text("written by retrieval.datasets.copydetect\n", encoding="utf-8")
         _write_queries(tmp, base, held, names, overlays, seed)
         _replace_queries(tmp, folder)
     finally:

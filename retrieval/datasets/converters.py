@@ -13,10 +13,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from retrieval.data.copydetect import prepare_copydetect
-from retrieval.data.gnd import QueryTruth, read_gnd, read_sfm120k
 from retrieval.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, list_images, open_checked
 from retrieval.data.manifest import ManifestError, ManifestRow, read_manifest, write_manifest
+from retrieval.datasets.copydetect import prepare_copydetect
+from retrieval.datasets.gnd import QueryTruth, read_gnd, read_sfm120k
 from retrieval.infra.io import atomic_write
 
 _README = "see data/README.md for the expected layout"
@@ -413,7 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line: convert, print the manifest path and the images and labels per split.
     Returns 0; bad arguments exit with status 2, a ManifestError exits with status 1."""
     about = "Write a manifest CSV from a dataset's official layout (see data/README.md)."
-    parser = argparse.ArgumentParser(prog="python -m retrieval.data.converters", description=about)
+    parser = argparse.ArgumentParser(
+        prog="python -m retrieval.datasets.converters", description=about
+    )
     parser.add_argument("dataset", choices=list(CONVERTERS))
     parser.add_argument("root", type=Path, help="dataset root folder")
     parser.add_argument("--output", type=Path, help="manifest path (default: ROOT/manifest.csv)")
