@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from retrieval.bundle.format import read_manifest
+from retrieval.bundle.model_config import model_architecture
 from retrieval.bundle.writer import GalleryItem, write_bundle_chunks
 from retrieval.data.dataset import ImageDataset
 from retrieval.data.images import find_unreadable, images_in_folder, report_unreadable
@@ -32,8 +33,8 @@ from retrieval.tasks.models import (
     bundle_input,
     data_config,
     describe_model,
+    embedder_arguments,
     load_model,
-    model_config,
     model_preprocessing,
 )
 from retrieval.tasks.postprocess import (
@@ -241,7 +242,7 @@ def _write(
     return write_bundle_chunks(
         Path(cfg.bundle),
         exported,
-        model_config(model, exported.search_steps()),
+        model_architecture(embedder_arguments(model)),
         preprocessing,
         gallery.chunks,
         gallery.dim,
