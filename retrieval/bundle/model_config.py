@@ -22,15 +22,22 @@ timm's ``checkpoint_path`` or ``pretrained_cfg_overlay`` would make loading it r
 ``embedder``: :class:`Embedder` arguments, ``embedding_dim`` (int or null = backbone features)
 and ``pooling`` required, ``head_bn`` default false, and the search-time layers ``tta``
 (``{"scales": [...], "flip": bool}`` or null) and ``whiten_dim`` (int or null, weights in the
-safetensors file) default null; ``input_size`` (S) and ``output_dim`` (D) are filled in by the
-export, and ``any_size`` (default false) when the model takes images of any height and width
-whose short side is S (``resize_mode=short``; the ONNX file's spatial axes are then dynamic).
-Every runtime returns L2-normalised float32 rows.
+safetensors file) default null; ``input_size`` (S), ``output_dim`` (D), and ``any_size``
+(default false) when the model takes images of any height and width whose short side is S
+(``resize_mode=short``; the ONNX file's spatial axes are then dynamic). Every runtime returns
+L2-normalised float32 rows.
+
+One function puts the file together, :func:`model_config_for`: the ``backbone`` and
+``embedder`` fields it is given (:func:`model_architecture` makes them from the arguments an
+Embedder was built with), the search-time layers the exported Embedder holds, and the
+export's input size, output dimension and ``any_size``; :func:`model_config_text` is the
+file's text.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -206,6 +213,76 @@ def check_model_config(
         (out[name] if name else out)[key] = copy.deepcopy(value)
     _check_backbone_kwargs(out["backbone"]["kwargs"], where)
     return out
+
+
+#: Embedder arguments that change how it trains, not what it computes: not in model.json
+TRAINING_ONLY = ("freeze_bn", "channels_last", "frozen_stages")
+#: create_backbone arguments naming where weights come from: a bundle's come from its own file
+_WEIGHT_SOURCES = ("pretrained", "weights")
+
+
+def model_architecture(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``backbone`` and ``embedder`` fields of ``model.json`` for an Embedder built with
+    ``arguments``: :class:`Embedder`'s keyword arguments, whose ``backbone`` holds those of
+    :func:`~retrieval.models.create_backbone` (``name``, ``source`` (default ``timm``),
+    ``pretrained``, ``weights`` and the backbone library's keywords) instead of a module.
+
+    Where weights come from and the settings of :data:`TRAINING_ONLY` are left out; a
+    TorchScript backbone keeps no keywords (a file, which model.json does not rebuild).
+    """
+    embedder = dict(arguments)
+    backbone = dict(embedder.pop("backbone"))
+    name, source = backbone.pop("name"), backbone.pop("source", "timm")
+    for key in _WEIGHT_SOURCES:
+        backbone.pop(key, None)
+    if source == "torchscript":
+        backbone = {}
+    return {
+        "backbone": {"name": name, "source": source, "kwargs": backbone},
+        "embedder": {k: v for k, v in embedder.items() if k not in TRAINING_ONLY},
+    }
+
+
+def _agreeing(where: str, stated: Any, value: Any) -> None:
+    if stated != value:
+        raise BundleError(f"model config field '{where}' is {stated}, the export {value}")
+
+
+def model_config_for(
+    embedder: Embedder, model_config: Mapping[str, Any], input_size: int, any_size: bool = False
+) -> dict[str, Any]:
+    """The content of ``model.json`` for exporting ``embedder`` (schema: module doc), checked,
+    with its defaults filled in and its fields in the schema's order.
+
+    ``model_config`` gives the ``backbone`` and ``embedder`` fields (see
+    :func:`model_architecture`); the rest comes from the export: the search-time layers
+    ``embedder`` holds (``tta``, ``whiten_dim``: :meth:`Embedder.search_steps`, written when
+    set), ``input_size``, ``output_dim`` (``embedder.embedding_dim``) and ``any_size`` (written
+    when true). A field ``model_config`` states must agree with the export's value (a null
+    search-time layer is filled in).
+
+    Raises:
+        BundleError: a bad ``model_config``, or a field it states that the export contradicts.
+    """
+    config = check_model_config(model_config)
+    fields = config["embedder"]
+    for key, value in embedder.search_steps().items():
+        if fields.get(key) is None and value is not None:
+            fields[key] = value
+        elif key in fields:
+            _agreeing(f"embedder.{key}", fields[key], value)
+    filled = [("input_size", input_size), ("output_dim", embedder.embedding_dim)]
+    for key, value in filled + ([("any_size", True)] if any_size else []):
+        _agreeing(key, config.setdefault(key, value), value)
+    return check_model_config(config, complete=True)
+
+
+def model_config_text(config: Mapping[str, Any]) -> str:
+    """The text of the ``model.json`` file holding ``config`` (from :func:`model_config_for`)."""
+    try:
+        return json.dumps(config, indent=2) + "\n"
+    except TypeError as err:
+        raise BundleError(f"model config is not JSON-able ({err}): fix backbone.kwargs") from None
 
 
 def read_model_config(path: str | Path) -> dict[str, Any]:

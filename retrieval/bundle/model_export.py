@@ -5,7 +5,6 @@ each checked against the PyTorch model as it is written (read back by
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import tempfile
@@ -29,7 +28,8 @@ from retrieval.bundle.model_config import (
     TORCHSCRIPT,
     WEIGHTS,
     build_embedder,
-    check_model_config,
+    model_config_for,
+    model_config_text,
     quiet_tracing,
 )
 from retrieval.bundle.runtime import (
@@ -131,19 +131,21 @@ def export_model(
     """Write the embedder's four model files into the existing ``folder``; return
     ``{role: file name}`` for roles ``model_config``, ``weights``, ``torchscript``, ``onnx``.
 
-    ``model_config`` must rebuild this embedder (schema in the module doc; ``input_size`` and
-    ``output_dim`` are filled in). A float32 CPU eval-mode copy is exported, so ``embedder`` is
-    left as it was. ``onnx_exporter``: ``legacy`` (TorchScript-based, opset 17, fast) or
-    ``dynamo`` (torch.export-based, opset 18, ~10x slower). Before anything is written, the
-    rebuilt eager model, the TorchScript file and (when onnxruntime is installed) the ONNX
-    file are run on a batch of 3 and must agree with the PyTorch model (row cosine >=
-    MIN_COSINE); all files then replace their previous versions at once. ``any_size``: the
-    model takes images of any height and width (ONNX with dynamic spatial axes), checked on a
-    3:2 input too, as a ``short`` resize mode needs.
+    ``model_config``: the ``backbone`` and ``embedder`` fields of ``model.json`` that rebuild
+    this embedder (:func:`~retrieval.bundle.model_config.model_architecture`); the file holds
+    what :func:`~retrieval.bundle.model_config.model_config_for` makes of them. A float32
+    CPU eval-mode copy is exported, so ``embedder`` is left as it was. ``onnx_exporter``:
+    ``legacy`` (TorchScript-based, opset 17, fast) or ``dynamo`` (torch.export-based, opset
+    18, ~10x slower). Before anything is written, the rebuilt eager model, the TorchScript
+    file and (when onnxruntime is installed) the ONNX file are run on a batch of 3 and must
+    agree with the PyTorch model (row cosine >= MIN_COSINE); all files then replace their
+    previous versions at once. ``any_size``: the model takes images of any height and width
+    (ONNX with dynamic spatial axes), checked on a 3:2 input too, as a ``short`` resize mode
+    needs.
     """
     root = Path(folder)
     _check_export(root, embedder, input_size, onnx_exporter)
-    config, text = _filled_config(model_config, embedder, input_size, any_size)
+    config = model_config_for(embedder, model_config, input_size, any_size)
     module = copy.deepcopy(embedder).cpu().float().eval()
     module.channels_last = False
     module.backbone.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
@@ -154,7 +156,7 @@ def export_model(
     from safetensors.torch import save_file
 
     with _staged(root) as stage, quiet_tracing(), torch.no_grad():
-        stage(MODEL_CONFIG).write_text(text, encoding="utf-8")
+        stage(MODEL_CONFIG).write_text(model_config_text(config), encoding="utf-8")
         save_file(state, str(stage(WEIGHTS)), metadata={"format": "pt"})
         if config["backbone"]["source"] != "torchscript":  # model.json cannot rebuild that
             rebuilt = build_embedder(config, stage(WEIGHTS))
@@ -188,22 +190,6 @@ def _check_export(root: Path, embedder: Any, input_size: int, onnx_exporter: str
         raise ValueError(
             f"onnx_exporter must be one of {sorted(ONNX_OPSET)}, got {onnx_exporter!r}"
         )
-
-
-def _filled_config(
-    model_config: Mapping[str, Any], embedder: Embedder, input_size: int, any_size: bool
-) -> tuple[dict[str, Any], str]:
-    """``model_config`` checked, with the export's ``input_size``, ``output_dim`` (and
-    ``any_size``) filled in, and as the JSON text of ``model.json``."""
-    config = check_model_config(model_config)
-    filled = [("input_size", input_size), ("output_dim", embedder.embedding_dim)]
-    for key, value in filled + ([("any_size", True)] if any_size else []):
-        if config.setdefault(key, value) != value:
-            raise BundleError(f"model config field '{key}' is {config[key]}, the export {value}")
-    try:
-        return config, json.dumps(config, indent=2) + "\n"
-    except TypeError as err:
-        raise BundleError(f"model config is not JSON-able ({err}): fix backbone.kwargs") from None
 
 
 @dataclass

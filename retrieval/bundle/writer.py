@@ -69,7 +69,9 @@ def write_bundle(
 
     Args:
         embedder: the model; exported as safetensors, TorchScript and ONNX.
-        model_config: how to rebuild it (``model.json``).
+        model_config: the ``backbone`` and ``embedder`` fields of ``model.json`` that rebuild
+            it (:func:`~retrieval.bundle.model_config.model_architecture`); the export
+            fills in the rest (:func:`~retrieval.bundle.model_config.model_config_for`).
         preprocessing: what the model expects (``preprocessing.json``).
         items: one per row of ``vectors``.
         vectors: (n, dim) float32 L2-normalised embeddings of the items.

@@ -176,7 +176,8 @@ class Embedder(nn.Module):
         return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
 
     def search_steps(self) -> dict[str, Any]:
-        """This embedder's search-time layers as model.json fields (``tta``, ``whiten_dim``)."""
+        """This embedder's search-time layers as the arguments that rebuild them (``tta``,
+        ``whiten_dim``; None when absent): they change its outputs beyond its weights."""
         return {
             "tta": None
             if self.tta is None

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterable, Mapping, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,12 +21,16 @@ from torch import nn
 
 from retrieval.infra.io import atomic_write
 
+if TYPE_CHECKING:
+    from retrieval.data.dataset import ImageDataset
+
 __all__ = [
     "Embeddings",
     "embed_loader",
     "fingerprint",
     "load_cached",
     "model_fingerprint",
+    "ms_per_image",
     "resolve_device",
     "resolve_precision",
     "save_cached",
@@ -141,6 +146,29 @@ def embed_loader(
         is_query=np.concatenate(parts["q"]).astype(bool)[order],
         is_gallery=np.concatenate(parts["g"]).astype(bool)[order],
     )
+
+
+def ms_per_image(
+    embedders: list[nn.Module], dataset: ImageDataset, device: torch.device, images: int = 16
+) -> list[float]:
+    """Median milliseconds per image of each embedder on the first ``images`` of ``dataset``:
+    one batch, 5 timed runs of each after a warm-up, the embedders taking turns (a shared
+    machine's noise falls on all of them alike)."""
+    count = min(images, len(dataset))
+    if count == 0:
+        return [float("nan")] * len(embedders)
+    batch = torch.stack([dataset[i]["image"] for i in range(count)]).to(device)
+    models = [e.to(device).eval() for e in embedders]
+    times: list[list[float]] = [[] for _ in models]
+    with torch.inference_mode():
+        for model in models:
+            model(batch)
+        for _ in range(5):
+            for model, spent in zip(models, times, strict=True):
+                start = time.perf_counter()
+                model(batch)
+                spent.append(time.perf_counter() - start)
+    return [1000.0 * float(np.median(t)) / count for t in times]
 
 
 def fingerprint(model: nn.Module, description: Mapping[str, Any]) -> str:

@@ -1,7 +1,8 @@
 """The search-time stage: test-time augmentation, whitening, database-side augmentation,
 α-query expansion, k-reciprocal re-ranking and score normalisation, as pure functions
 (:mod:`.tta`, :mod:`.whitening`, :mod:`.steps`, :mod:`.rerank`, :mod:`.score_norm`, run around
-a search by :mod:`.query`) chosen by one config (:class:`Postprocess`).
+a search by :mod:`.query`) chosen by one config (:class:`Postprocess`) and fitted on embeddings
+by :mod:`.fitting`.
 
 Where each runs: TTA and whitening are layers of the model (so every runtime of an exported
 bundle computes them, parity-checked at export); DBA rewrites the gallery's vectors (a bundle
@@ -19,6 +20,11 @@ from retrieval.postprocess.config import (
     Rerank,
     ScoreNorm,
     Whiten,
+)
+from retrieval.postprocess.fitting import (
+    FittedSteps,
+    fit_on_training_split,
+    needs_training_split,
 )
 from retrieval.postprocess.query import (
     background_similarity,
@@ -38,6 +44,7 @@ from retrieval.postprocess.whitening import Whitening, fit_whitening, whitening_
 __all__ = [
     "AQE",
     "DBA",
+    "FittedSteps",
     "STEPS",
     "TTA",
     "Postprocess",
@@ -49,8 +56,10 @@ __all__ = [
     "background_similarity",
     "database_augment",
     "dba_vectors_for",
+    "fit_on_training_split",
     "fit_whitening",
     "k_reciprocal_rerank",
+    "needs_training_split",
     "normalize_scores",
     "sample_background",
     "search_with_steps",

@@ -25,7 +25,7 @@ from retrieval.models.extract import (
     resolve_precision,
     save_cached,
 )
-from retrieval.tasks.models import LoadedModel, model_config
+from retrieval.tasks.models import LoadedModel, embedder_arguments
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,12 @@ def inference_embedder(
             f"inference.runtime={kind} computes in float32, but inference.precision="
             f"{cfg.inference.precision}: use inference.precision=fp32 or inference.runtime=eager"
         )
+    from retrieval.bundle.model_config import model_architecture
     from retrieval.bundle.model_export import compiled_embedder
 
     return compiled_embedder(
         model.embedder,
-        model_config(model),
+        model_architecture(embedder_arguments(model)),
         preprocessing.input_size,
         kind,
         device.type,

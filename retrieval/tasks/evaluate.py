@@ -32,18 +32,12 @@ from retrieval.evaluation.reports import (
     write_csv,
 )
 from retrieval.infra.io import atomic_write, package_versions, sha256_file
-from retrieval.models.extract import Embeddings
-from retrieval.postprocess import Postprocess
+from retrieval.models.extract import Embeddings, ms_per_image
+from retrieval.postprocess import FittedSteps, Postprocess
 from retrieval.tasks.distractors import EmbeddingRun, distractors_of
 from retrieval.tasks.embedding import TaskEmbedding, inference_precision
 from retrieval.tasks.models import data_config, describe_model, load_model, model_preprocessing
-from retrieval.tasks.postprocess import (
-    FittedSteps,
-    fit_steps,
-    fitting_split,
-    ms_per_image,
-    postprocess_config,
-)
+from retrieval.tasks.postprocess import fit_steps, fitting_split, postprocess_config
 from retrieval.training.loggers import describe_wandb, finish_wandb
 
 log = logging.getLogger(__name__)
@@ -143,16 +137,17 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
     distractors = distractors_of(cfg, listed, steps)  # checked before anything is embedded
     embed = TaskEmbedding.of(cfg, model, datamodule)
     embeddings, cache = embed.cached(model.embedder, dataset)
-    fitted = fit_steps(steps, model.embedder, fitting_split(cfg, datamodule), embed)
+    tta_embedder, fitted = fit_steps(steps, model.embedder, fitting_split(cfg, datamodule), embed)
     ks = list(cfg.ks or datamodule.eval_ks)
     scorer = _ModelScorer(
         cfg,
         ks,
         dataset.label_names[embeddings.labels],
         embeddings,
-        embed(fitted.embedder, dataset) if steps.tta else embeddings,
+        embed(tta_embedder, dataset) if steps.tta else embeddings,
         fitted,
         (model.embedder, embed.runner),
+        tta_embedder,
         listed,
         distractors,
         dataset.rows,
@@ -167,7 +162,7 @@ def _from_model(cfg: DictConfig) -> EvalInputs:
     )
     embed_ms: dict[str, float] = {}
     if steps.tta:
-        plain_ms, tta_ms = ms_per_image([model.embedder, fitted.embedder], dataset, embed.device)
+        plain_ms, tta_ms = ms_per_image([model.embedder, tta_embedder], dataset, embed.device)
         embed_ms = {"none": plain_ms, "tta": tta_ms}
     result, ablation = _ablation(steps, scorer, int(embeddings.is_query.sum()), embed_ms)
     q_rows, g_rows = scorer.q_rows, scorer.g_rows
@@ -203,6 +198,7 @@ class _ModelScorer:
     stepped: Embeddings
     fitted: FittedSteps
     embedders: tuple[Any, Any]  # the model's embedder and the runner embedding with it
+    tta_embedder: Any  # the model's embedder with the TTA of the steps
     listed: str | None
     distractors: Any
     rows: list[Any]
@@ -220,7 +216,7 @@ class _ModelScorer:
             "background": fitted.background if chosen.score_norm else None,
         }
         if self.distractors is not None:  # embedded by the same model as the gallery scored
-            pair = (fitted.embedder, fitted.embedder) if chosen.tta else self.embedders
+            pair = (self.tta_embedder, self.tta_embedder) if chosen.tta else self.embedders
             options["distractors"] = self.distractors.blocks(*pair, self.run)
         if self.listed is not None:  # the benchmark lists each query's gallery items
             result, self.q_rows, self.g_rows = evaluate_listed(vectors, self.rows, **options)

@@ -5,43 +5,36 @@ re-embedded). Called by ``export.py`` and by tests."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from retrieval.bundle.format import read_manifest
-from retrieval.bundle.writer import GalleryItem, write_bundle_chunks
+from retrieval.bundle.gallery import Gallery, image_gallery, shard_gallery
+from retrieval.bundle.model_config import model_architecture
+from retrieval.bundle.writer import write_bundle_chunks
 from retrieval.data.dataset import ImageDataset
 from retrieval.data.images import find_unreadable, images_in_folder, report_unreadable
 from retrieval.data.manifest import ManifestRow, folder_labels
 from retrieval.data.preprocessing import Preprocessing
 from retrieval.data.transforms import eval_transform
 from retrieval.evaluation import evaluate_protocol
-from retrieval.index.shards import ShardError, ShardSet, training_sample
-from retrieval.infra.io import sha256_file
+from retrieval.index.shards import ShardError, ShardSet
 from retrieval.models.extract import model_fingerprint
-from retrieval.postprocess import Postprocess, Whitening, database_augment, whitening_for
+from retrieval.postprocess import FittedSteps, Postprocess, Whitening
 from retrieval.tasks.embedding import TaskEmbedding
 from retrieval.tasks.models import (
     LoadedModel,
     bundle_input,
     data_config,
     describe_model,
+    embedder_arguments,
     load_model,
-    model_config,
     model_preprocessing,
 )
-from retrieval.tasks.postprocess import (
-    FittedSteps,
-    fit_steps,
-    fitting_split,
-    postprocess_config,
-)
+from retrieval.tasks.postprocess import fit_steps, fitting_split, postprocess_config
 from retrieval.tasks.runs import point_latest
 
 log = logging.getLogger(__name__)
@@ -57,21 +50,6 @@ def _folder_gallery(cfg: DictConfig, transform: Any) -> ImageDataset:
     labels = folder_labels(paths, root, cfg.labels)
     rows = [ManifestRow(p, label or "", "gallery") for p, label in zip(paths, labels, strict=True)]
     return ImageDataset(rows, transform)
-
-
-@dataclass
-class _Gallery:
-    """What the bundle indexes: ``(items, vectors)`` chunks, a training sample, the dim,
-    the manifest's ``gallery`` entry; ``items`` listed only when they fit in memory."""
-
-    chunks: Iterable[tuple[Sequence[GalleryItem], np.ndarray]]
-    train_vectors: np.ndarray
-    dim: int
-    description: dict[str, Any]
-
-    @property
-    def items(self) -> list[GalleryItem] | None:
-        return list(self.chunks[0][0]) if isinstance(self.chunks, list) else None
 
 
 def _open_shards(cfg: DictConfig, model: LoadedModel, preprocessing: Preprocessing) -> ShardSet:
@@ -94,25 +72,15 @@ def _open_shards(cfg: DictConfig, model: LoadedModel, preprocessing: Preprocessi
     return shards
 
 
-def _shard_gallery(cfg: DictConfig, shards: ShardSet, whitening: Whitening | None) -> _Gallery:
-    """The gallery of ``shards``, streamed from disk, each chunk whitened by ``whitening``
-    when given (a linear map of the very vectors the model gives)."""
-
-    def mapped(vectors: np.ndarray) -> np.ndarray:
-        return vectors if whitening is None else whitening.apply(vectors)
-
-    chunks = (
-        ([GalleryItem(i.uri, i.label, dict(i.extra), i.sha256) for i in items], mapped(vectors))
-        for items, vectors in shards.iter_chunks(int(cfg.chunk_rows))
-    )
-    description = {
-        "source": str(shards.header["source"]),
-        "shards": str(Path(cfg.shards).resolve()),
-        "skipped_unreadable": len(shards.skipped()),
-    }
-    train = mapped(training_sample(shards.files, int(cfg.max_train)))
-    dim = shards.dim if whitening is None else whitening.dim_out
-    return _Gallery(chunks, train, dim, description)
+def _shard_gallery(
+    cfg: DictConfig, shards: ShardSet | None, whitening: Whitening | None
+) -> Gallery | None:
+    """The gallery of ``shards`` (None without), ``cfg.chunk_rows`` vectors a chunk and a
+    training sample of ``cfg.max_train``, whitened by the whitening fitted on the training
+    split."""
+    if shards is None:
+        return None
+    return shard_gallery(shards, int(cfg.chunk_rows), int(cfg.max_train), whitening)
 
 
 def _metrics_data(
@@ -179,38 +147,6 @@ def _check_gallery_options(cfg: DictConfig, steps: Postprocess) -> None:
         )
 
 
-def _image_gallery(
-    source: str,
-    rows: Sequence[ManifestRow],
-    vectors: np.ndarray,
-    steps: Postprocess,
-    fitted: FittedSteps,
-) -> _Gallery:
-    """The embedded images ``rows`` as the bundle's gallery, through the vector steps: the
-    whitening (fitted on this gallery when ``fit_on=gallery``), then DBA (the augmented
-    vectors searched, the plain ones kept beside them)."""
-    items = [
-        GalleryItem(
-            uri=str(row.path.resolve()),
-            label=row.label or None,
-            extra=dict(row.extra),
-            content_sha256=sha256_file(row.path),
-        )
-        for row in rows
-    ]
-    vectors = np.ascontiguousarray(vectors)
-    if steps.whiten is not None:
-        if fitted.whitening is None:  # fit_on=gallery: this gallery
-            fitted.fitted_on["whiten"] = {"split": "gallery", "images": len(vectors)}
-        fitted.whitening = whitening_for(steps.whiten, fitted.whitening, vectors)
-        vectors = fitted.whitening.apply(vectors)
-    chunk: tuple[Any, ...] = (items, vectors)
-    if steps.dba is not None:
-        chunk = (items, database_augment(vectors, steps.dba.k, steps.dba.alpha), vectors)
-    # IVF / PQ train on the vectors they will hold (augmented, with DBA)
-    return _Gallery([chunk], chunk[1], int(vectors.shape[1]), {"source": source})
-
-
 def _summary(
     bundle: Path, dim: int, duplicates: str | None, metrics: dict[str, float], note: str
 ) -> str:
@@ -229,7 +165,7 @@ def _write(
     cfg: DictConfig,
     model: LoadedModel,
     preprocessing: Preprocessing,
-    gallery: _Gallery,
+    gallery: Gallery,
     fitted: FittedSteps,
     description: dict[str, Any],
 ) -> Path:
@@ -241,7 +177,7 @@ def _write(
     return write_bundle_chunks(
         Path(cfg.bundle),
         exported,
-        model_config(model, exported.search_steps()),
+        model_architecture(embedder_arguments(model)),
         preprocessing,
         gallery.chunks,
         gallery.dim,
@@ -260,7 +196,7 @@ def _description(
     model: LoadedModel,
     preprocessing: dict[str, Any],
     manifest: str,
-    gallery: _Gallery,
+    gallery: Gallery,
     fitted: FittedSteps,
     metrics: dict[str, float],
     measured_on: dict[str, Any],
@@ -294,10 +230,12 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     _check_gallery_options(cfg, steps)
     shards = _open_shards(cfg, model, preprocessing) if cfg.get("shards") else None
     embed_with = TaskEmbedding.of(cfg, model, datamodule)
-    fitted = fit_steps(steps, model.embedder, fitting_split(cfg, datamodule), embed_with)
-    from_shards = None if shards is None else _shard_gallery(cfg, shards, fitted.whitening)
+    tta_embedder, fitted = fit_steps(
+        steps, model.embedder, fitting_split(cfg, datamodule), embed_with
+    )
+    from_shards = _shard_gallery(cfg, shards, fitted.whitening)
     split = datamodule.eval_set()
-    split_embeddings = embed_with(fitted.embedder, split)
+    split_embeddings = embed_with(tta_embedder, split)
     names = split.label_names[split_embeddings.labels]
     result, _, gallery_rows = evaluate_protocol(
         split_embeddings.vectors,
@@ -312,15 +250,18 @@ def export(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     if from_shards is not None:
         gallery = from_shards
-    elif cfg.get("gallery"):
-        dataset = _folder_gallery(cfg, eval_transform(preprocessing))
-        vectors = embed_with(fitted.embedder, dataset).vectors
-        gallery = _image_gallery(str(cfg.gallery), dataset.rows, vectors, steps, fitted)
     else:
-        rows = [split.rows[i] for i in gallery_rows]
-        vectors = split_embeddings.vectors[gallery_rows]
-        source = f"{datamodule.manifest}:{cfg.split}"
-        gallery = _image_gallery(source, rows, vectors, steps, fitted)
+        if cfg.get("gallery"):
+            dataset = _folder_gallery(cfg, eval_transform(preprocessing))
+            source, rows = str(cfg.gallery), dataset.rows
+            vectors = embed_with(tta_embedder, dataset).vectors
+        else:
+            source = f"{datamodule.manifest}:{cfg.split}"
+            rows = [split.rows[i] for i in gallery_rows]
+            vectors = split_embeddings.vectors[gallery_rows]
+        # the whitening fitted on this gallery with fit_on=gallery, then DBA
+        whitening = fitted.gallery_whitening(vectors)
+        gallery = image_gallery(source, rows, vectors, whitening, steps.dba)
     metrics = {f"{cfg.split}/{k}": v for k, v in result.metrics.items()}
     manifest = str(datamodule.manifest)
     measured_on = _metrics_data(cfg, manifest, len(split), gallery.description)

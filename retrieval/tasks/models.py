@@ -1,5 +1,5 @@
 """The model a task's config describes: a trained checkpoint or a backbone as-is, with its
-preprocessing, the data config it was trained on, the model config a bundle stores, and what a
+preprocessing, the data config it was trained on, the arguments it was built with, and what a
 report says of it."""
 
 from __future__ import annotations
@@ -76,30 +76,16 @@ def bundle_input(cfg: DictConfig, loaded: LoadedModel) -> dict[str, Any]:
     return {key: value for key, value in chosen.items() if value is not None}
 
 
-# Embedder settings that change how it trains, not what it computes: not in model.json.
-_TRAINING_ONLY = ("freeze_bn", "channels_last", "frozen_stages")
-
-
-def model_config(loaded: LoadedModel, steps: dict[str, Any] | None = None) -> dict[str, Any]:
-    """How to rebuild the Embedder in plain Python (``model.json``), with its search-time
-    layers ``steps`` (``tta``, ``whiten_dim``) when set."""
-    config = OmegaConf.to_container(loaded.config, resolve=True)
-    assert isinstance(config, dict)
-    backbone = dict(config.pop("backbone"))
-    config.pop("_target_", None)
-    name, source = backbone.pop("name"), backbone.pop("source", "timm")
-    for key in ("_target_", "pretrained", "weights"):
-        backbone.pop(key, None)
-    if source == "torchscript":  # a file, not rebuilt from model.json (no URL in a bundle)
-        backbone = {}
-    return {
-        "backbone": {"name": name, "source": source, "kwargs": backbone},
-        # training-only settings do not change what the model computes
-        "embedder": {
-            **{k: v for k, v in config.items() if k not in _TRAINING_ONLY},
-            **{k: v for k, v in (steps or {}).items() if v is not None},
-        },
-    }
+def embedder_arguments(loaded: LoadedModel) -> dict[str, Any]:
+    """The arguments ``loaded.embedder`` was built with, as plain data: its config resolved,
+    without Hydra's ``_target_`` keys (what
+    :func:`~retrieval.bundle.model_config.model_architecture` describes in ``model.json``)."""
+    arguments = OmegaConf.to_container(loaded.config, resolve=True)
+    assert isinstance(arguments, dict)
+    arguments.pop("_target_", None)
+    backbone = dict(arguments["backbone"])
+    backbone.pop("_target_", None)
+    return {**arguments, "backbone": backbone}
 
 
 def data_config(cfg: DictConfig, ckpt: TrainingCheckpoint | None) -> DictConfig:
