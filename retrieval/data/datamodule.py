@@ -27,6 +27,11 @@ class RetrievalDataModule(pl.LightningDataModule):
         preprocessing: the backbone's preprocessing; ``image_size`` overrides its input size and
             ``resize_mode`` its resize policy (``crop`` | ``squash`` | ``pad``, see
             :class:`~retrieval.data.preprocessing.Preprocessing`; ``None`` keeps the backbone's).
+        train_image_size: the side training views are cut to, when smaller than the size the
+            model is validated and exported at (``None``: ``image_size``). Training at a lower
+            resolution costs about the square of the ratio less per step, and a network trained
+            on random crops sees the whole image larger at test time, which a larger test
+            input matches (Touvron et al., "Fixing the train-test resolution discrepancy").
         sampler: builds the batch sampler from ``labels``, ``seed``, ``num_replicas``, ``rank``;
             ``None`` when the module only evaluates.
         max_labels: keep only the first N labels (sorted) of each split, for quick runs.
@@ -54,6 +59,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         root: str | Path | None = None,
         image_size: int | None = None,
         resize_mode: str | None = None,
+        train_image_size: int | None = None,
         train_split: str = "train",
         val_split: str = "test",
         eval_batch_size: int = 64,
@@ -76,6 +82,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.manifest = Path(manifest)
         self.root = Path(root) if root is not None else None
         self.preprocessing = preprocessing.with_size(image_size, resize_mode)
+        self.train_preprocessing = self.preprocessing.with_size(train_image_size)
         self.sampler_factory = sampler
         self.splits = (train_split, val_split)
         self.eval_batch_size = eval_batch_size
@@ -110,7 +117,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             problems = [] if has_match(self.val_set.rows) else [self._no_match(rows)]
             train_rows = self._rows(rows, self.splits[0])
             augment = train_transform(
-                self.preprocessing,
+                self.train_preprocessing,
                 self.train_scale,
                 self.hflip,
                 self.color_jitter,
@@ -119,7 +126,8 @@ class RetrievalDataModule(pl.LightningDataModule):
                 num_edits=self.num_edits,
                 edit_p=self.edit_p,
             )
-            views = [anchor_transform(self.preprocessing), augment] if self.anchor_view else []
+            anchor = anchor_transform(self.train_preprocessing)
+            views = [anchor, augment] if self.anchor_view else []
             self.train_set = ImageDataset(train_rows, augment, self.max_pixels, views)
             try:  # fail now on a batch shape the data cannot fill
                 self._sampler(rank=0, num_replicas=1)

@@ -148,6 +148,27 @@ def test_data_configs_pass_resize_mode_to_the_module(small_demo, tmp_path):
     assert dm.preprocessing.resize_mode == "pad" and dm.preprocessing.input_size == 224
 
 
+@pytest.mark.parametrize("anchor_view", [False, True])
+def test_train_image_size_cuts_training_views_smaller_and_evaluates_at_image_size(
+    small_demo, anchor_view
+):
+    from retrieval.data.sampler import InstanceBatchSampler
+
+    sampler = (
+        partial(InstanceBatchSampler, images_per_batch=4, views_per_image=2)
+        if anchor_view
+        else partial(PKBatchSampler, labels_per_batch=4, samples_per_label=2)
+    )
+    dm = RetrievalDataModule(
+        small_demo, PRE, sampler, image_size=48, train_image_size=32, num_workers=0,
+        augment="copydetect", anchor_view=anchor_view,
+    )  # fmt: skip
+    dm.setup()
+    assert next(iter(dm.train_dataloader()))["image"].shape == (8, 3, 32, 32)
+    assert next(iter(dm.val_dataloader()))["image"].shape[1:] == (3, 48, 48)
+    assert dm.preprocessing.input_size == 48  # what export and evaluation take
+
+
 def test_anchor_view_gives_the_first_view_plain_and_needs_instance_batches(small_demo):
     from retrieval.data.copy_edits import CopyEditAugment
     from retrieval.data.sampler import InstanceBatchSampler

@@ -35,7 +35,9 @@ def test_copydetect_experiment_composes_to_instance_training(tmp_path):
     assert cfg.model.embedder.pooling == "gem" and cfg.model.embedder.embedding_dim == 512
     sampler = instantiate(cfg.sampler)(labels=range(80), seed=0, num_replicas=1, rank=0)
     assert isinstance(sampler, InstanceBatchSampler) and (sampler.p, sampler.k) == (64, 2)
-    assert cfg.data.anchor_view is True and cfg.model.embedder.frozen_stages == 5
+    assert cfg.data.anchor_view is True and cfg.model.embedder.frozen_stages == 4
+    # training views at 160 px, validation and export at the backbone's own size
+    assert cfg.data.train_image_size == 160 and cfg.data.image_size is None
     loss = instantiate(cfg.loss)
     assert isinstance(loss, NTXentLoss) and loss.temperature == pytest.approx(0.1)
     # an experiment's top-level keys win over train.yaml's own defaults
@@ -44,7 +46,8 @@ def test_copydetect_experiment_composes_to_instance_training(tmp_path):
 
 
 def tiny_copydetect(tmp_path, *extra: str) -> dict:
-    """``build`` of experiment=copydetect on 44 generated photos, 32 px, batches of 8 images."""
+    """``build`` of experiment=copydetect on 44 generated photos, trained at 24 px and
+    validated at 32, batches of 8 images."""
     from retrieval.tasks.train import build
 
     _photos(tmp_path / "photos", 44)
@@ -52,6 +55,7 @@ def tiny_copydetect(tmp_path, *extra: str) -> dict:
         "experiment=copydetect",
         f"data.root={tmp_path}/photos",
         "data.image_size=32",
+        "data.train_image_size=24",
         "data.num_workers=0",
         "sampler.images_per_batch=8",
         "logger=csv",
@@ -70,9 +74,10 @@ def test_copydetect_experiment_builds_and_loads_instance_batches(tmp_path):
     assert datamodule.num_train_labels == len(datamodule.train_set)  # every image its own label
     random.seed(0)
     batch = next(iter(datamodule.train_dataloader()))
-    assert batch["image"].shape == (16, 3, 32, 32)
+    assert batch["image"].shape == (16, 3, 24, 24)
     assert batch["label"][::2].tolist() == batch["label"][1::2].tolist()
     assert len(set(batch["label"].tolist())) == 8
+    assert next(iter(datamodule.val_dataloader()))["image"].shape[1:] == (3, 32, 32)
 
 
 def test_copydetect_experiment_with_too_few_images_names_the_fix(tmp_path):
