@@ -10,7 +10,8 @@ through an exported bundle). Runs the same commands a user types and writes one 
     python scripts/bench_quality.py --part copydetect sscd --trained-bundle BUNDLE
 
 Copy detection rows: the default export of the pretrained backbone, ``experiment=copydetect``
-trained and exported with ``postprocess=[whiten_edits,score_norm]`` (or ``--trained-bundle``),
+trained and exported with ``postprocess=[whiten_edits,score_norm]
+postprocess.whiten.shrinkage=0`` as the README says (or ``--trained-bundle``),
 and the peers SSCD and its MobileNetV4 student (``scripts/sscd_peer.py``).
 
 Each row: R@1 (the query's label first), MAP@R (leave-one-out, emoji), µAP over the top 10
@@ -161,6 +162,7 @@ def copydetect(work: Path, extra: list[str], trained: Path | None = None) -> lis
             "export.py",
             f"ckpt_path={ckpt}",
             "postprocess=[whiten_edits,score_norm]",
+            "postprocess.whiten.shrinkage=0",  # a trained embedding's whitening needs none
             f"bundle={work}/cd_trained",
             f"hydra.run.dir={work}/e1",
         ],
